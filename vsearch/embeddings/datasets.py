@@ -1,0 +1,214 @@
+"""Dataset readers: every source becomes a stream of `Row`s with stable ids.
+
+Sources and their ids:
+
+* CBVS-5M / CBVS-10M files (`title \\t url \\t ocr`, `\\N` for none, no id column):
+  id = `url_id(url)`, the first 16 hex digits of the SHA-1 of the url as written.
+* CBVS-20K (`query \\t docid \\t url \\t label`): id = docid; one row per distinct docid.
+* A folder of images: id = the file's path relative to the folder, without extension.
+* `demo`: the embedded demo, a CBVS-5M-format file shipped inside the package.
+
+A row's `uri` is where its cover image is read from: `<images>/<id>.jpg` when the dataset
+has an images folder (pre-downloaded covers; by default `<stem>-images/` beside the file),
+otherwise its url, resolved against the dataset file's folder when relative.
+Rows with an id seen before are skipped, so ids are unique within a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import PurePosixPath
+
+import fsspec
+
+from vsearch.errors import VsearchError
+from vsearch.workspace import Workspace
+
+NULL = "\\N"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEMO_FILE = "demo.txt"
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    title: str | None
+    ocr: str | None
+    uri: str | None
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    format: str
+    has_text: bool
+    _rows: Callable[[], Iterator[Row]] = field(repr=False)
+    duplicates: int = 0
+
+    def rows(self) -> Iterator[Row]:
+        """Yield rows with unique ids, counting the skipped repeats in `duplicates`."""
+        seen: set[str] = set()
+        self.duplicates = 0
+        for row in self._rows():
+            if row.id in seen:
+                self.duplicates += 1
+                continue
+            seen.add(row.id)
+            yield row
+
+
+def url_id(url: str) -> str:
+    return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
+
+
+def _join(base: str, relative: str) -> str:
+    return base.rstrip("/") + "/" + relative
+
+
+def _is_relative(url: str) -> bool:
+    return "://" not in url and not url.startswith("/")
+
+
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def _isdir(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isdir(path)
+
+
+def _lines(url: str) -> Iterator[list[str]]:
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                line = line.rstrip("\r\n")
+                if line:
+                    yield line.split("\t")
+    except (OSError, ValueError) as exc:
+        raise VsearchError(f"cannot read dataset {url}: {exc}") from exc
+
+
+def _value(field_: str) -> str | None:
+    field_ = field_.strip()
+    return None if field_ in ("", NULL) else field_
+
+
+def _image_locator(source: str, images: str | None) -> Callable[[str, str | None], str | None]:
+    """Return f(id, url) -> where that row's cover image is read from."""
+    base = _parent(source)
+    if images is None:
+        default = source.rsplit(".", 1)[0] + "-images"
+        images = default if _isdir(default) else None
+    if images is not None:
+        folder = images
+        return lambda id_, url: _join(folder, f"{id_}.jpg")
+
+    def from_url(id_: str, url: str | None) -> str | None:
+        if url is None:
+            return None
+        return _join(base, url) if _is_relative(url) else url
+
+    return from_url
+
+
+def cbvs_covers(source: str, name: str, images: str | None = None) -> Dataset:
+    """CBVS-5M / CBVS-10M: `title \\t url \\t ocr`; lines with fewer than 3 fields are skipped."""
+    locate = _image_locator(source, images)
+
+    def rows() -> Iterator[Row]:
+        for fields in _lines(source):
+            if len(fields) < 3 or _value(fields[1]) is None:
+                continue
+            url = fields[1].strip()
+            id_ = url_id(url)
+            yield Row(id_, _value(fields[0]), _value(fields[2]), locate(id_, url))
+
+    return Dataset(name, source, "cbvs-covers", True, rows)
+
+
+def cbvs20k(source: str, name: str, images: str | None = None) -> Dataset:
+    """CBVS-20K: `query \\t docid \\t url \\t label`; one row per distinct docid, no text."""
+    locate = _image_locator(source, images)
+
+    def rows() -> Iterator[Row]:
+        for fields in _lines(source):
+            if len(fields) < 4:
+                continue
+            docid, url = fields[1].strip(), _value(fields[2])
+            yield Row(docid, None, None, locate(docid, url))
+
+    return Dataset(name, source, "cbvs20k", False, rows)
+
+
+def image_folder(source: str, name: str) -> Dataset:
+    """A folder of images, searched recursively; id = relative path without extension."""
+    fs, root = fsspec.core.url_to_fs(source)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+    def rows() -> Iterator[Row]:
+        for path in sorted(fs.find(root)):
+            if not path.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            relative = PurePosixPath(path).relative_to(PurePosixPath(root).as_posix())
+            uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+            yield Row(str(relative.with_suffix("")), None, None, uri)
+
+    return Dataset(name, source, "image-folder", False, rows)
+
+
+def demo_source() -> str:
+    return str(resources.files("vsearch") / "demo_data" / DEMO_FILE)
+
+
+REGISTERED = {
+    "cbvs20k": "cbvs20k.txt",
+    "cbvs5m": "cbvs5m.txt",
+    "cbvs10m": "cbvs10m.txt",
+}
+
+
+def _sniff(source: str) -> str:
+    """Tell CBVS-20K (4 fields, label last) from CBVS-5M/10M (3 fields) by the first lines."""
+    for count, fields in enumerate(_lines(source)):
+        if len(fields) == 4 and fields[3].strip() in ("0", "1", "2"):
+            return "cbvs20k"
+        if len(fields) == 3:
+            return "cbvs-covers"
+        if count >= 100:
+            break
+    raise VsearchError(
+        f"cannot tell the format of {source}: expected CBVS-5M/10M lines "
+        "(title\\turl\\tocr) or CBVS-20K lines (query\\tdocid\\turl\\tlabel)"
+    )
+
+
+def open_dataset(spec: str, workspace: Workspace, images: str | None = None) -> Dataset:
+    """Resolve `--dataset`: a registered name (demo, cbvs20k, cbvs5m, cbvs10m) or a path/URL."""
+    if spec == "demo":
+        return cbvs_covers(demo_source(), "demo", images)
+    if spec in REGISTERED:
+        source = str(workspace.datasets / REGISTERED[spec])
+        if not _exists(source):
+            raise VsearchError(
+                f"dataset {spec} not found: expected {source} "
+                f"(put the {REGISTERED[spec]} file from the CBVS release there, or pass a path)"
+            )
+        reader = cbvs20k if spec == "cbvs20k" else cbvs_covers
+        return reader(source, spec, images)
+    if not _exists(spec):
+        known = ", ".join(["demo", *REGISTERED])
+        raise VsearchError(f"dataset not found: {spec} (give a path or one of {known})")
+    name = PurePosixPath(spec.rstrip("/")).stem
+    if _isdir(spec):
+        return image_folder(spec, name)
+    return (cbvs20k if _sniff(spec) == "cbvs20k" else cbvs_covers)(spec, name, images)

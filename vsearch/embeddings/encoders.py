@@ -1,0 +1,82 @@
+"""The one registry of encoders: a spec string names an encoder and how to load it.
+
+    lexical[:DIM]              hashed character n-grams of title + OCR text; no weights
+    open_clip:ARCH:PATH        any open_clip architecture with a local checkpoint
+
+Every encoder has `spec`, `dim`, `fingerprint` (identifies its weights, so shards and
+indexes can refuse to mix vectors from different models) and `encode_texts`; image
+encoders also have `encode_images`. Vectors are float32 and L2-normalised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from vsearch.errors import VsearchError
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    spec: str
+    dim: int
+    fingerprint: str
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class ImageEncoder(Encoder, Protocol):
+    def encode_images(self, images: Sequence) -> np.ndarray: ...
+
+
+Factory = Callable[[str, str], Encoder]
+_REGISTRY: dict[str, tuple[Factory, str]] = {}
+
+
+def register_encoder(name: str, factory: Factory, usage: str) -> None:
+    """Register `factory(args, device)`, called for specs `name` or `name:args`."""
+    _REGISTRY[name] = (factory, usage)
+
+
+def encoder_usages() -> list[str]:
+    return [usage for _, usage in _REGISTRY.values()]
+
+
+def load_encoder(spec: str, device: str = "auto") -> Encoder:
+    """Load the encoder a spec names, e.g. `lexical` or `open_clip:ViT-B-32:/models/b32.pt`."""
+    name, _, args = spec.partition(":")
+    if name not in _REGISTRY:
+        raise VsearchError(f"unknown model spec {spec!r}: use one of {', '.join(encoder_usages())}")
+    factory, _ = _REGISTRY[name]
+    return factory(args, device)
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def _lexical(args: str, device: str) -> Encoder:
+    from vsearch.embeddings.lexical import LexicalEncoder
+
+    if not args:
+        return LexicalEncoder()
+    if not args.isdigit() or int(args) < 16:
+        raise VsearchError(f"bad lexical spec 'lexical:{args}': expected lexical:DIM with DIM >= 16")
+    return LexicalEncoder(dim=int(args))
+
+
+def _open_clip(args: str, device: str) -> Encoder:
+    from vsearch.embeddings.openclip import OpenClipEncoder
+
+    arch, _, path = args.partition(":")
+    if not arch or not path:
+        raise VsearchError(f"bad open_clip spec 'open_clip:{args}': expected open_clip:ARCH:PATH")
+    return OpenClipEncoder(arch, path, device)
+
+
+register_encoder("lexical", _lexical, "lexical[:DIM]")
+register_encoder("open_clip", _open_clip, "open_clip:ARCH:PATH")

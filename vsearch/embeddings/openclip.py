@@ -1,0 +1,79 @@
+"""The `open_clip:ARCH:PATH` encoder: any open_clip architecture with a local checkpoint.
+
+ARCH is an open_clip model name (`ViT-B-32`, `ViT-B-16-quickgelu`, ...) or the path of a
+model config JSON in open_clip's format, for architectures open_clip does not ship.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, read_state_dict
+from vsearch.embeddings.encoders import l2_normalise
+from vsearch.errors import VsearchError
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _architecture(arch: str) -> str:
+    import open_clip
+
+    if arch.endswith(".json"):
+        config = existing_file(arch, "open_clip model config")
+        open_clip.add_model_config(config)
+        return config.stem
+    if arch not in open_clip.list_models():
+        raise VsearchError(
+            f"unknown open_clip architecture {arch!r} (see open_clip.list_models(), "
+            "or give the path of a model config .json)"
+        )
+    return arch
+
+
+class OpenClipEncoder:
+    def __init__(self, arch: str, path: str, device: str = "auto"):
+        import open_clip
+        import torch
+
+        checkpoint = existing_file(path, "open_clip checkpoint")
+        name = _architecture(arch)
+        self.device = resolve_device(device)
+        model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        state = read_state_dict(checkpoint)
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+            raise VsearchError(f"checkpoint {path} does not fit open_clip {name}: {detail}") from exc
+        try:
+            self.tokenizer = open_clip.get_tokenizer(name)
+        except Exception as exc:  # tokenizers that live on a hub fail offline in many ways
+            raise VsearchError(f"cannot load the tokenizer of open_clip {name} offline: {exc}") from exc
+        self.model = model.to(self.device).eval()
+        self._torch = torch
+        # Absolute paths, so the spec recorded in manifests works from any directory.
+        arch_part = str(Path(arch).resolve()) if arch.endswith(".json") else arch
+        self.spec = f"open_clip:{arch_part}:{checkpoint.resolve()}"
+        self.fingerprint = file_fingerprint(checkpoint)
+        self.dim = int(model.visual.output_dim)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        with self._torch.inference_mode():
+            tokens = self.tokenizer(list(texts)).to(self.device)
+            return l2_normalise(self.model.encode_text(tokens).float().cpu().numpy())
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        with self._torch.inference_mode():
+            batch = self._torch.stack([self.preprocess(image) for image in images]).to(self.device)
+            return l2_normalise(self.model.encode_image(batch).float().cpu().numpy())

@@ -1,0 +1,178 @@
+"""The shard format: the contract every later stage reads.
+
+`embeddings/<dataset>/` holds one Parquet file per shard, `<kind>-<NNNNN>.parquet`, and a
+`_manifest.json`. Columns:
+
+    id      string, unique within a kind (covers and clips of one video share it)
+    kind    string, "cover" or "clip"
+    vector  fixed_size_list<float16>[dim], L2-normalised before the cast to float16
+    title, ocr, uri   string, nullable
+    ...     per-row model outputs an encoder declares (e.g. `ocr_presence`, float32)
+
+Shard N of a kind holds the dataset's rows N*shard_size .. (N+1)*shard_size - 1 that encoded
+successfully; the rest are listed under `failed` in the manifest with their reasons. A shard
+is written to `<name>.tmp`, flushed and renamed, and only then recorded in the manifest
+(itself replaced atomically), so a crash leaves no partial shard and a re-run skips exactly
+the shards the manifest lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vsearch.errors import VsearchError
+from vsearch.files import fsync_file, sha256_of, write_json_atomic
+
+FORMAT = "vsearch-shards/1"
+MANIFEST = "_manifest.json"
+KINDS = ("cover", "clip")
+METADATA_COLUMNS = ("title", "ocr", "uri")
+
+
+def shard_schema(dim: int, extra: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float16(), dim), nullable=False),
+        *(pa.field(name, pa.string()) for name in METADATA_COLUMNS),
+        *(pa.field(name, dtype) for name, dtype in (extra or {}).items()),
+    ]
+    return pa.schema(fields, metadata={"vsearch.format": FORMAT, "vsearch.dim": str(dim)})
+
+
+def shard_name(kind: str, number: int) -> str:
+    return f"{kind}-{number:05d}.parquet"
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    source: str
+    encoder: dict[str, str]
+    dim: int
+    shard_size: int
+    metric: str = "cosine"
+    dtype: str = "float16"
+    format: str = FORMAT
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: int = 0
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    updated_at: str = ""
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest":
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise VsearchError(f"no embeddings in {directory} (missing {MANIFEST}); run vsearch embed first")
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            if payload.get("format") != FORMAT:
+                raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT!r}")
+            return cls(**payload)
+        except (ValueError, TypeError) as exc:
+            raise VsearchError(f"unreadable shard manifest {path}: {exc}") from exc
+
+    def write(self, directory: Path) -> None:
+        self.updated_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json_atomic(directory / MANIFEST, asdict(self))
+
+    def shard_files(self, directory: Path, kind: str | None = None) -> list[Path]:
+        return [directory / s["name"] for s in self.shards if kind is None or s["kind"] == kind]
+
+    def rows(self, kind: str | None = None) -> int:
+        return sum(s["rows"] for s in self.shards if kind is None or s["kind"] == kind)
+
+
+class ShardWriter:
+    """Writes numbered shards of one dataset into a directory, resuming where a run stopped."""
+
+    def __init__(self, directory: Path, manifest: Manifest, extra: dict[str, pa.DataType] | None = None):
+        self.directory = directory
+        self.manifest = manifest
+        self.schema = shard_schema(manifest.dim, extra)
+        self._done = {(s["kind"], s["number"]): s["input_rows"] for s in manifest.shards}
+
+    @classmethod
+    def open(cls, directory: Path, fresh: Manifest, extra: dict[str, pa.DataType] | None = None,
+             overwrite: bool = False) -> "ShardWriter":
+        """Start or resume writing; refuse to mix in shards made by another encoder or dataset."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.tmp"):
+            stale.unlink()
+        if overwrite:
+            for old in directory.glob("*.parquet"):
+                old.unlink()
+            (directory / MANIFEST).unlink(missing_ok=True)
+        if not (directory / MANIFEST).exists():
+            return cls(directory, fresh, extra)
+        existing = Manifest.read(directory)
+        for key in ("source", "encoder", "dim", "shard_size"):
+            if getattr(existing, key) != getattr(fresh, key):
+                raise VsearchError(
+                    f"{directory} holds embeddings with a different {key} "
+                    f"({getattr(existing, key)} vs {getattr(fresh, key)}); "
+                    "pass --overwrite to replace them or --out for another folder"
+                )
+        return cls(directory, existing, extra)
+
+    def is_done(self, kind: str, number: int, input_rows: int) -> bool:
+        """True when the manifest lists this shard as made from the same `input_rows` dataset rows.
+
+        A shard cut short by `--limit` covers fewer rows, so a later, longer run redoes it.
+        """
+        return self._done.get((kind, number)) == input_rows
+
+    def _column(self, field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str, Any]) -> pa.Array:
+        rows = len(vectors)
+        if field_.name == "vector":
+            return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.manifest.dim)
+        if field_.name == "kind":
+            return pa.array([kind] * rows, pa.string())
+        if field_.name in columns:
+            return pa.array(columns[field_.name], field_.type)
+        return pa.nulls(rows, field_.type)
+
+    def write(self, kind: str, number: int, input_rows: int, columns: dict[str, Any],
+              failed: list[dict[str, Any]]) -> None:
+        """Write one shard from column data (`vector` as an (n, dim) array) and record it.
+
+        `input_rows` is how many dataset rows the shard was made from: its rows plus `failed`.
+        """
+        vectors = np.ascontiguousarray(columns["vector"], dtype=np.float16)
+        table = pa.Table.from_arrays([self._column(f, kind, vectors, columns) for f in self.schema],
+                                     schema=self.schema)
+        name = shard_name(kind, number)
+        final = self.directory / name
+        temporary = final.with_name(name + ".tmp")
+        pq.write_table(table, temporary, compression="zstd")
+        fsync_file(temporary)
+        os.replace(temporary, final)
+        self.manifest.shards = [s for s in self.manifest.shards if s["name"] != name]
+        self.manifest.failed = [f for f in self.manifest.failed if f["shard"] != name]
+        self.manifest.shards.append({"name": name, "kind": kind, "number": number, "rows": len(table),
+                                     "input_rows": input_rows, "bytes": final.stat().st_size,
+                                     "sha256": sha256_of(final)})
+        self.manifest.shards.sort(key=lambda s: (s["kind"], s["number"]))
+        self.manifest.failed.extend(dict(f, shard=name) for f in failed)
+        self._done[(kind, number)] = input_rows
+        self.manifest.write(self.directory)
+
+
+def read_vectors(path: Path, batch_rows: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (ids, float16 vectors) from one shard in record batches, never the whole file at once."""
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["id", "vector"]):
+        vectors = batch.column("vector")
+        dim = vectors.type.list_size
+        yield batch.column("id").to_pylist(), np.asarray(vectors.values).reshape(-1, dim)
