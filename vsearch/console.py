@@ -1,0 +1,59 @@
+"""Terminal output shared by the commands: progress bars and result tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from vsearch.query import Hit
+
+stdout = Console(soft_wrap=False)
+stderr = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. `1,234 covers/s`; blank until rich has measured a rate."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s", style="cyan")
+
+
+@contextmanager
+def progress(description: str, total: int | None = None, unit: str = "rows") -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr; yields `advance(n)`. Shows rate and ETA when `total` is known."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+               TimeElapsedColumn()]
+    if total is not None:
+        columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _snippet(text: str | None, width: int = 40) -> str:
+    if not text:
+        return ""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def hits_table(query: str, hits: list[Hit], caption: str | None = None) -> Table:
+    table = Table(title=f"[bold]{query}[/]", caption=caption, title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("title")
+    table.add_column("OCR text")
+    table.add_column("id", style="dim")
+    for hit in hits:
+        table.add_row(str(hit.rank), f"{hit.score:.3f}", _snippet(hit.title), _snippet(hit.ocr), hit.id)
+    return table
