@@ -28,10 +28,32 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VsearchError(f"unreadable checkpoint {path}: {reason}") from exc
+        lines = str(exc).strip().splitlines()
+        detail = lines[0] if lines and len(lines[0]) <= 120 else type(exc).__name__
+        raise VsearchError(f"unreadable checkpoint {path}: not a PyTorch checkpoint of tensors ({detail})") from exc
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not loaded:
         raise VsearchError(f"unreadable checkpoint {path}: no state dict inside")
     return loaded
+
+
+def _named(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_strict(module: Any, state: dict[str, Any], path: Path, what: str) -> None:
+    """Load `state` into `module`, naming any missing, unexpected or mis-shaped key in one line."""
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    problems = [f"missing {_named(missing)}" if missing else "",
+                f"unexpected {_named(unexpected)}" if unexpected else ""]
+    if missing or unexpected:
+        raise VsearchError(f"checkpoint {path} does not fit {what}: " + "; ".join(p for p in problems if p))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise VsearchError(f"checkpoint {path} does not fit {what}: {mismatch}") from exc

@@ -6,12 +6,13 @@ model config JSON in open_clip's format, for architectures open_clip does not sh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, read_state_dict
+from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
 from vsearch.embeddings.encoders import l2_normalise
 from vsearch.errors import VsearchError
 
@@ -47,15 +48,15 @@ class OpenClipEncoder:
         checkpoint = existing_file(path, "open_clip checkpoint")
         name = _architecture(arch)
         self.device = resolve_device(device)
-        model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         state = read_state_dict(checkpoint)
-        state = {key.removeprefix("module."): value for key, value in state.items()}
+        # open_clip warns "initialized randomly" when it loads no weights; ours are loaded, strictly, next.
+        logging.disable(logging.WARNING)
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            detail = " ".join(line.strip() for line in first[1:3]) or first[0]
-            raise VsearchError(f"checkpoint {path} does not fit open_clip {name}: {detail}") from exc
+            model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+        load_strict(model, state, checkpoint, f"open_clip {name}")
         try:
             self.tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:  # tokenizers that live on a hub fail offline in many ways
