@@ -136,7 +136,7 @@ def write_clip(cover: Image.Image, path: Path, seconds: float = 2.0, fps: int = 
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = Fraction(1, fps)
-        stream.options = {"crf": "32", "preset": "veryslow"}
+        stream.options = {"crf": "32", "preset": "veryslow", "threads": "1"}  # bit-exact reruns
         frames = int(seconds * fps)
         for index in range(frames):
             zoom = 1.0 + 0.25 * index / frames
@@ -173,18 +173,17 @@ def main() -> None:
         assert example in queries, f"example query {example} is not among the chosen CBVS-20K queries"
     covers = cover_texts(queries, rng)
 
+    manifest = [(title, f"covers/{number:03d}.jpg", ocr) for number, (title, ocr, _) in enumerate(covers)]
+    check_headline(manifest)
+
     for folder in ("covers", "clips"):
         shutil.rmtree(OUT / folder, ignore_errors=True)
         (OUT / folder).mkdir(parents=True)
-    manifest: list[tuple[str, str, str]] = []
     images: list[Image.Image] = []
-    for number, (title, ocr, _) in enumerate(covers):
+    for title, relative, ocr in manifest:
         image = draw_cover(ocr, rng.choice(SIZES), args.font, rng)
-        relative = f"covers/{number:03d}.jpg"
         image.save(OUT / relative, quality=rng.randrange(70, 86), optimize=True)
-        manifest.append((title, relative, ocr))
         images.append(image)
-    check_headline(manifest)
 
     order = list(range(len(manifest)))
     rng.shuffle(order)
