@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vsearch.cli import main
+from vsearch.workspace import ENV_VAR, Workspace
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    root = tmp_path / "workspace"
+    monkeypatch.setenv(ENV_VAR, str(root))
+    return Workspace.resolve(root)
+
+
+@pytest.fixture
+def cli(workspace: Workspace, capsys: pytest.CaptureFixture):
+    """Run `vsearch ARGS...` in-process against the test workspace; return code and output."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
+
+
+def write_cbvs_covers(path: Path, rows: int, seed: int = 0) -> Path:
+    """A CBVS-5M-format file of `rows` covers with varied Chinese titles and OCR text."""
+    rng = random.Random(seed)
+    words = ["大宅门", "演员表", "原神", "攻略", "周杰伦", "免费观看", "完整版", "汪汪队", "王者荣耀", "第二部"]
+    lines = []
+    for i in range(rows):
+        title = "".join(rng.sample(words, 2)) + f" 第{i}集"
+        ocr = "\\N" if i % 7 == 0 else " ".join(rng.sample(words, 3))
+        lines.append(f"{title}\thttp://covers.example/{i}.jpg\t{ocr}\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model config JSON, checkpoint) for a tiny open_clip CLIP with random weights.
+
+    The checkpoint is saved as training scripts save it: under `state_dict`, keys with `module.`.
+    """
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny_open_clip")
+    config = folder / "tiny-clip.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip", pretrained=None)
+    checkpoint = folder / "tiny-clip.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    return config, checkpoint

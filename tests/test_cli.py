@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vsearch.embeddings.datasets import demo_source
+
+
+def demo_relevant_ids():
+    """Ids of the demo covers whose title or OCR text contains 大宅门."""
+    from vsearch.embeddings.datasets import url_id
+
+    lines = [line.split("\t") for line in open(demo_source(), encoding="utf-8").read().splitlines()]
+    return {url_id(url) for title, url, ocr in lines if "大宅门" in title + ocr}
+
+
+def test_demo_end_to_end_then_query_uses_the_demo_index(cli, workspace):
+    result = cli("demo")
+    assert result.code == 0, result.stderr
+    assert str(workspace.root) in result.stderr
+    for example in ("大宅门演员表", "艾尔登法环马怎么获得", "周杰伦个人资料"):
+        assert example in result.stdout
+
+    result = cli("query", "大宅门演员表", "--json", "-k", "10")
+    assert result.code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["index"] == str(workspace.index_dir("demo-hnsw"))
+    hits = payload["results"]
+    assert {"id", "score", "title", "ocr", "uri"} <= set(hits[0])
+    relevant = demo_relevant_ids()
+    assert len(relevant) >= 5
+    assert {hit["id"] for hit in hits[: len(relevant)]} == relevant
+    assert all("大宅门" not in (h["title"] or "") + (h["ocr"] or "") for h in hits[len(relevant):])
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+    table = cli("query", "大宅门演员表")
+    assert table.code == 0 and "大宅门 演员表" in table.stdout
+
+
+def test_commands_chain_without_path_arguments(cli, workspace, tmp_path):
+    from tests.conftest import write_cbvs_covers
+
+    workspace.datasets.mkdir(parents=True)
+    write_cbvs_covers(workspace.datasets / "cbvs5m.txt", 200)
+    assert cli("embed", "--dataset", "cbvs5m").code == 0
+    assert cli("build-index", "--type", "flat").code == 0
+    assert (workspace.index_dir("cbvs5m-flat") / "index.json").is_file()
+    result = cli("query", "原神 攻略", "--json", "-k", "3")
+    assert result.code == 0 and len(json.loads(result.stdout)["results"]) == 3
+
+
+def test_workspace_option_overrides_the_environment(cli, tmp_path):
+    other = tmp_path / "other"
+    assert cli("--workspace", str(other), "demo").code == 0
+    assert (other / "indexes" / "demo-hnsw" / "index.json").is_file()
+
+
+@pytest.fixture
+def garbage_checkpoint(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"this is not a checkpoint")
+    return path
+
+
+ERRORS = [
+    (["embed", "--dataset", "/no/such/covers.txt"], "dataset not found: /no/such/covers.txt"),
+    (["embed", "--dataset", "cbvs10m"], "dataset cbvs10m not found"),
+    (["embed", "--dataset", "demo", "--model", "clip-9000"], "unknown model spec 'clip-9000'"),
+    (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:{garbage}"], "unreadable checkpoint"),
+    (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:/no/such.pt"], "open_clip checkpoint not found"),
+    (["build-index", "--type", "annoy"], "unknown index type 'annoy'"),
+    (["build-index"], "no embeddings under"),
+    (["query", "大宅门"], "no index under"),
+    (["query", "x", "--index", "/no/such/index"], "no index at /no/such/index"),
+]
+
+
+@pytest.mark.parametrize("args, message", ERRORS, ids=[" ".join(a[:3]) for a, _ in ERRORS])
+def test_user_errors_are_one_line_without_traceback(args, message, cli, garbage_checkpoint):
+    result = cli(*[a.format(garbage=garbage_checkpoint) for a in args])
+    assert result.code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vsearch: error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("text", ["", "   \t"])
+def test_empty_query_is_an_error(text, cli):
+    assert cli("demo").code == 0
+    result = cli("query", text)
+    assert result.code != 0 and result.stderr.strip() == "vsearch: error: empty query: give some text to search for"
+
+
+def test_unknown_option_exits_non_zero_through_the_real_entry_point():
+    result = subprocess.run([sys.executable, "-m", "vsearch", "query", "x", "--bogus"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "No such option: --bogus" in result.stderr and "Traceback" not in result.stderr

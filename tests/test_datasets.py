@@ -1,0 +1,102 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vsearch.embeddings.datasets import open_dataset, url_id
+from vsearch.errors import VsearchError
+from tests.conftest import SHARED
+
+
+def test_cbvs_covers_parse_nulls_skip_short_lines_and_duplicates(tmp_path, workspace):
+    source = tmp_path / "cbvs5m.txt"
+    source.write_text(
+        "标题一\thttp://a/1.jpg\t文字一\n"
+        "\\N\thttp://a/2.jpg\t\\N\n"
+        "too\tshort\n"
+        "标题三\thttp://a/1.jpg\t重复的url\n"
+        "标题四\tcovers/4.jpg\t文字四\n",
+        encoding="utf-8",
+    )
+    dataset = open_dataset(str(source), workspace)
+    rows = list(dataset.rows())
+    assert [r.id for r in rows] == [url_id("http://a/1.jpg"), url_id("http://a/2.jpg"), url_id("covers/4.jpg")]
+    assert (rows[0].title, rows[0].ocr, rows[0].uri) == ("标题一", "文字一", "http://a/1.jpg")
+    assert (rows[1].title, rows[1].ocr) == (None, None)
+    assert rows[2].uri == f"{tmp_path}/covers/4.jpg"
+    assert dataset.duplicates == 1
+    assert dataset.name == "cbvs5m" and dataset.has_text
+
+
+def test_url_id_is_stable_across_versions():
+    # Ids key every shard and index; changing how they are derived would orphan users' data.
+    url = "http://puui.qpic.cn/vpic_cover/d3349orxhl9/d3349orxhl9_hz.jpg/640"
+    assert url_id(url) == hashlib.sha1(url.encode()).hexdigest()[:16] == "ed2efa6a113c178d"
+
+
+def test_images_folder_convention_overrides_urls(tmp_path, workspace):
+    source = tmp_path / "covers.txt"
+    source.write_text("t\thttp://a/1.jpg\to\n", encoding="utf-8")
+    (tmp_path / "covers-images").mkdir()
+    (row,) = open_dataset(str(source), workspace).rows()
+    assert row.uri == f"{tmp_path}/covers-images/{url_id('http://a/1.jpg')}.jpg"
+    (row,) = open_dataset(str(source), workspace, images="/elsewhere").rows()
+    assert row.uri == f"/elsewhere/{url_id('http://a/1.jpg')}.jpg"
+
+
+def test_cbvs20k_format_one_row_per_docid(tmp_path, workspace):
+    source = tmp_path / "pairs.txt"
+    source.write_text("查询一\td1\thttp://x/1.jpg\t2\n查询二\td1\thttp://x/1.jpg\t0\n查询二\td2\thttp://x/2.jpg\t1\n")
+    dataset = open_dataset(str(source), workspace)
+    assert dataset.format == "cbvs20k" and not dataset.has_text
+    assert [(r.id, r.uri) for r in dataset.rows()] == [("d1", "http://x/1.jpg"), ("d2", "http://x/2.jpg")]
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "cbvs20k.txt").exists(), reason="needs ../shared")
+def test_registered_cbvs20k_reads_the_real_file(workspace):
+    workspace.datasets.mkdir(parents=True)
+    (workspace.datasets / "cbvs20k.txt").symlink_to(SHARED / "data" / "cbvs20k.txt")
+    rows = list(open_dataset("cbvs20k", workspace).rows())
+    assert len(rows) == 19662
+    assert rows[0].id == "70001002_d3349orxhl9"
+
+
+def test_image_folder_ids_are_relative_paths_without_extension(tmp_path, workspace):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.jpg", "sub/a.png", "notes.txt"):
+        path = folder / name
+        Image.new("RGB", (8, 8)).save(path, format="PNG") if name != "notes.txt" else path.write_text("x")
+    dataset = open_dataset(str(folder), workspace)
+    assert dataset.format == "image-folder"
+    assert [(r.id, r.uri) for r in dataset.rows()] == [("b", str(folder / "b.jpg")), ("sub/a", str(folder / "sub/a.png"))]
+
+
+def test_demo_dataset_is_shipped_with_the_package(workspace):
+    rows = list(open_dataset("demo", workspace).rows())
+    assert 150 <= len(rows) <= 250
+    assert all(Path(r.uri).is_file() for r in rows)
+    assert sum("大宅门" in (r.title or "") + (r.ocr or "") for r in rows) >= 5
+
+
+def test_file_url_is_accepted(tmp_path, workspace):
+    source = tmp_path / "c.txt"
+    source.write_text("t\tu.jpg\to\n", encoding="utf-8")
+    assert len(list(open_dataset(f"file://{source}", workspace).rows())) == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cbvs10m", "dataset cbvs10m not found"),
+    ("/no/such/file.txt", "dataset not found: /no/such/file.txt"),
+])
+def test_missing_dataset_is_a_clear_error(spec, message, workspace):
+    with pytest.raises(VsearchError, match=message):
+        open_dataset(spec, workspace)
+
+
+def test_unrecognised_file_format_is_a_clear_error(tmp_path, workspace):
+    source = tmp_path / "weird.txt"
+    source.write_text("just one column\n" * 3)
+    with pytest.raises(VsearchError, match="cannot tell the format"):
+        open_dataset(str(source), workspace)

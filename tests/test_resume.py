@@ -1,0 +1,62 @@
+"""Kill an embed with SIGKILL part-way; the re-run must equal an uninterrupted run exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vsearch.embeddings.shards import MANIFEST
+from tests.conftest import write_cbvs_covers
+
+ROWS, SHARD = 60_000, 1_000
+
+
+def embed(source, out, workspace):
+    command = [sys.executable, "-m", "vsearch", "--workspace", str(workspace.root), "embed",
+               "--dataset", str(source), "--out", str(out), "--shard-size", str(SHARD), "--batch-size", "100"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def recorded_shards(out):
+    try:
+        return json.loads((out / MANIFEST).read_text())["shards"]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def table(out):
+    shards = json.loads((out / MANIFEST).read_text())["shards"]
+    return pa.concat_tables(pq.read_table(out / s["name"]) for s in shards).sort_by("id")
+
+
+def test_sigkill_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "covers.txt", ROWS)
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+
+    process = embed(source, interrupted, workspace)
+    deadline = time.monotonic() + 120
+    while len(recorded_shards(interrupted)) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the embed finished before it could be killed; raise ROWS"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(recorded_shards(interrupted))
+    assert 3 <= done_before < ROWS // SHARD
+
+    resumed = embed(source, interrupted, workspace)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"{done_before} shards already done" in " ".join(err.split())
+    assert embed(source, reference, workspace).wait(timeout=300) == 0
+
+    got, want = table(interrupted), table(reference)
+    assert got.num_rows == want.num_rows == ROWS
+    assert len(set(got.column("id").to_pylist())) == ROWS
+    assert got.equals(want)
+    assert sorted(p.name for p in interrupted.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert not list(interrupted.glob("*.tmp"))

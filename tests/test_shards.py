@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vsearch.embeddings.job import EmbedConfig, run_embed
+from vsearch.embeddings.shards import MANIFEST, Manifest, read_vectors
+from vsearch.errors import VsearchError
+from vsearch.files import sha256_of
+from tests.conftest import write_cbvs_covers
+
+
+def rows_of(directory):
+    tables = [pq.read_table(directory / s["name"]) for s in Manifest.read(directory).shards]
+    return pa.concat_tables(tables).to_pylist()
+
+
+def test_shard_round_trip_schema_dtype_normalisation_and_manifest(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 250)
+    result = run_embed(EmbedConfig(dataset=str(source), shard_size=100), workspace)
+    directory = result.directory
+    assert directory == workspace.embeddings_dir("c")
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "_manifest.json", "cover-00000.parquet", "cover-00001.parquet", "cover-00002.parquet"]
+
+    schema = pq.read_schema(directory / "cover-00000.parquet")
+    assert schema.field("id").type == pa.string() and not schema.field("id").nullable
+    assert schema.field("kind").type == pa.string()
+    assert schema.field("vector").type == pa.list_(pa.float16(), 512)
+    for name in ("title", "ocr", "uri"):
+        assert schema.field(name).type == pa.string() and schema.field(name).nullable
+
+    rows = rows_of(directory)
+    assert len(rows) == 250 and len({r["id"] for r in rows}) == 250
+    assert {r["kind"] for r in rows} == {"cover"}
+    assert rows[0]["title"] and rows[0]["uri"] == "http://covers.example/0.jpg"
+    assert rows[0]["ocr"] is None  # "\N" in the source
+    vectors = np.concatenate([v for f in Manifest.read(directory).shard_files(directory)
+                              for _, v in read_vectors(f)])
+    assert vectors.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert manifest["dataset"] == "c" and manifest["source"] == str(source)
+    assert manifest["encoder"]["spec"] == "lexical" and len(manifest["encoder"]["fingerprint"]) == 16
+    assert (manifest["dim"], manifest["metric"], manifest["dtype"]) == (512, "cosine", "float16")
+    assert [(s["name"], s["rows"]) for s in manifest["shards"]] == [
+        ("cover-00000.parquet", 100), ("cover-00001.parquet", 100), ("cover-00002.parquet", 50)]
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == sha256_of(directory / shard["name"])
+    assert manifest["failed"] == []
+
+
+def test_rows_that_cannot_be_encoded_are_recorded_and_the_job_goes_on(tmp_path, workspace):
+    source = tmp_path / "c.txt"
+    source.write_text("好标题\thttp://a/1\t文字\n\\N\thttp://a/2\t\\N\n！！！\thttp://a/3\t\\N\n又一个\thttp://a/4\t\\N\n",
+                      encoding="utf-8")
+    result = run_embed(EmbedConfig(dataset=str(source)), workspace)
+    assert [r["title"] for r in rows_of(result.directory)] == ["好标题", "又一个"]
+    failed = {(f["uri"], f["reason"]) for f in result.manifest.failed}
+    assert failed == {("http://a/2", "no title or OCR text to encode"),
+                      ("http://a/3", "no letters or digits in title or OCR text")}
+
+
+def test_rerun_skips_complete_shards_and_writes_nothing_twice(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    first = run_embed(EmbedConfig(dataset=str(source), shard_size=50), workspace)
+    before = {p.name: p.stat().st_mtime_ns for p in first.directory.glob("*.parquet")}
+    again = run_embed(EmbedConfig(dataset=str(source), shard_size=50), workspace)
+    assert (again.shards_written, again.shards_skipped) == (0, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in again.directory.glob("*.parquet")} == before
+
+
+def test_a_limited_run_followed_by_a_full_run_gives_every_row_once(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    run_embed(EmbedConfig(dataset=str(source), shard_size=50, limit=70), workspace)
+    full = run_embed(EmbedConfig(dataset=str(source), shard_size=50), workspace)
+    assert (full.shards_written, full.shards_skipped) == (2, 1)  # shard 1 had only 20 of its 50 rows
+    ids = [r["id"] for r in rows_of(full.directory)]
+    assert len(ids) == len(set(ids)) == 120
+
+
+def test_shards_from_another_encoder_are_never_mixed_in(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 30)
+    run_embed(EmbedConfig(dataset=str(source)), workspace)
+    with pytest.raises(VsearchError, match="different encoder"):
+        run_embed(EmbedConfig(dataset=str(source), model="lexical:256"), workspace)
+    replaced = run_embed(EmbedConfig(dataset=str(source), model="lexical:256", overwrite=True), workspace)
+    assert replaced.manifest.dim == 256 and replaced.manifest.rows() == 30
+
+
+def test_stale_temporary_files_are_removed_on_resume(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 30)
+    result = run_embed(EmbedConfig(dataset=str(source)), workspace)
+    (result.directory / "cover-00001.parquet.tmp").write_bytes(b"half a shard")
+    run_embed(EmbedConfig(dataset=str(source)), workspace)
+    assert not list(result.directory.glob("*.tmp"))
