@@ -87,3 +87,12 @@ def test_unknown_index_type_and_parameter_are_clear_errors(embedded, tmp_path):
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(VsearchError, match="no index at"):
         load_index(tmp_path / "nothing")
+
+
+def test_build_refuses_to_replace_a_folder_that_is_not_an_index(embedded, tmp_path):
+    precious = tmp_path / "documents"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(VsearchError, match="refusing to replace .*documents"):
+        build_index(BuildConfig(type="flat"), embedded, precious)
+    assert (precious / "thesis.txt").read_text() == "years of work"

@@ -107,7 +107,7 @@ def _image_locator(source: str, images: str | None) -> Callable[[str, str | None
     """Return f(id, url) -> where that row's cover image is read from."""
     base = _parent(source)
     if images is None:
-        default = source.rsplit(".", 1)[0] + "-images"
+        default = _join(base, PurePosixPath(source).stem + "-images")
         images = default if _isdir(default) else None
     if images is not None:
         folder = images

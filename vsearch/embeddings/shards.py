@@ -111,7 +111,7 @@ class ShardWriter:
         for stale in directory.glob("*.tmp"):
             stale.unlink()
         if overwrite:
-            for old in directory.glob("*.parquet"):
+            for old in (path for kind in KINDS for path in directory.glob(f"{kind}-*.parquet")):
                 old.unlink()
             (directory / MANIFEST).unlink(missing_ok=True)
         if not (directory / MANIFEST).exists():

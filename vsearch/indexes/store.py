@@ -70,6 +70,12 @@ def _add_shards(backend: Backend, embeddings: Path, manifest: Manifest, kind: st
     return used
 
 
+def _check_replaceable(destination: Path) -> None:
+    """Refuse to build over a folder that holds anything but a vsearch index."""
+    if destination.exists() and not (destination / MANIFEST).is_file() and any(destination.iterdir()):
+        raise VsearchError(f"refusing to replace {destination}: it is not empty and not a vsearch index")
+
+
 def _replace_dir(built: Path, destination: Path) -> None:
     """Swap `built` into `destination`; the old index is removed only after the new one is in place."""
     old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
@@ -88,6 +94,7 @@ def build_index(config: BuildConfig, embeddings: Path, destination: Path,
     count = manifest.rows(config.kind)
     if count == 0:
         raise VsearchError(f"no {config.kind} vectors in {embeddings}: nothing to index")
+    _check_replaceable(destination)
     started = time.perf_counter()
     destination.parent.mkdir(parents=True, exist_ok=True)
     work = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
