@@ -73,6 +73,7 @@ ERRORS = [
     (["build-index"], "no embeddings under"),
     (["query", "大宅门"], "no index under"),
     (["query", "x", "--index", "/no/such/index"], "no index at /no/such/index"),
+    (["query", "x", "--index", "nope"], "no index named 'nope' under"),
 ]
 
 

@@ -64,7 +64,12 @@ def _index_dir(ws: Workspace, index: str | None) -> Path:
             raise VsearchError(f"no index under {ws.indexes}; run vsearch build-index (or vsearch demo) first")
         return latest
     named = ws.index_dir(index)
-    return named if (named / MANIFEST).is_file() else Path(index)
+    if (named / MANIFEST).is_file():
+        return named
+    if "/" not in index and not Path(index).exists():
+        built = sorted(path.parent.name for path in ws.indexes.glob(f"*/{MANIFEST}"))
+        raise VsearchError(f"no index named {index!r} under {ws.indexes} (built: {', '.join(built) or 'none'})")
+    return Path(index)
 
 
 @app.command()
@@ -153,7 +158,7 @@ def demo(ctx: typer.Context, k: Annotated[int, typer.Option("-k", help="Results 
 
     ws: Workspace = ctx.obj
     stderr.print(f"workspace: {ws.root} (change it with --workspace or {ENV_VAR})")
-    run = run_demo(ws, lambda description, total: progress(description, total), k=k)
+    run = run_demo(ws, progress, k=k)
     stderr.print(f"{run.embed.manifest.rows('cover')} demo covers in {run.embed.directory}, index in {run.index_dir}")
     for text, hits in run.results:
         stdout.print(hits_table(text, hits))

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vsearch.embeddings.encoders import l2_normalise
+
 NGRAM_WEIGHT = {1: 0.35, 2: 1.0, 3: 1.2}
 VERSION = 1
 _RUN = re.compile(r"[^\W_]+")
@@ -52,5 +54,4 @@ class LexicalEncoder:
                 code = zlib.crc32(gram.encode("utf-8"))
                 sign = 1.0 if code & 0x80000000 else -1.0
                 vectors[row, code % self.dim] += sign * (1.0 + math.log(tf)) * NGRAM_WEIGHT[len(gram)]
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return np.divide(vectors, norms, out=vectors, where=norms > 0)
+        return l2_normalise(vectors)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import open_clip
+import torch
 
 from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
 from vsearch.embeddings.encoders import l2_normalise
@@ -18,16 +20,12 @@ from vsearch.errors import VsearchError
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
 def _architecture(arch: str) -> str:
-    import open_clip
-
     if arch.endswith(".json"):
         config = existing_file(arch, "open_clip model config")
         open_clip.add_model_config(config)
@@ -42,9 +40,6 @@ def _architecture(arch: str) -> str:
 
 class OpenClipEncoder:
     def __init__(self, arch: str, path: str, device: str = "auto"):
-        import open_clip
-        import torch
-
         checkpoint = existing_file(path, "open_clip checkpoint")
         name = _architecture(arch)
         self.device = resolve_device(device)
@@ -62,7 +57,6 @@ class OpenClipEncoder:
         except Exception as exc:  # tokenizers that live on a hub fail offline in many ways
             raise VsearchError(f"cannot load the tokenizer of open_clip {name} offline: {exc}") from exc
         self.model = model.to(self.device).eval()
-        self._torch = torch
         # Absolute paths, so the spec recorded in manifests works from any directory.
         arch_part = str(Path(arch).resolve()) if arch.endswith(".json") else arch
         self.spec = f"open_clip:{arch_part}:{checkpoint.resolve()}"
@@ -70,11 +64,11 @@ class OpenClipEncoder:
         self.dim = int(model.visual.output_dim)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        with self._torch.inference_mode():
+        with torch.inference_mode():
             tokens = self.tokenizer(list(texts)).to(self.device)
             return l2_normalise(self.model.encode_text(tokens).float().cpu().numpy())
 
     def encode_images(self, images: Sequence) -> np.ndarray:
-        with self._torch.inference_mode():
-            batch = self._torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        with torch.inference_mode():
+            batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
             return l2_normalise(self.model.encode_image(batch).float().cpu().numpy())
