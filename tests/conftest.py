@@ -80,3 +80,30 @@ def tiny_open_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     checkpoint = folder / "tiny-clip.pt"
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
     return config, checkpoint
+
+
+TINY_UNICLIP = dict(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=2, text_width=64,
+                    text_layers=2, text_intermediate=128, max_positions=64, presence_layers=1, semantic_layers=1)
+
+
+def to_released_keys(state: dict) -> dict:
+    """The inverse of the loader's renames: how UniCLIP's trainer names the keys it saves."""
+    released = {f"module.{k.replace('presence', 'exist').replace('semantic', 'content')}": v for k, v in state.items()}
+    width = state["bert.embeddings.word_embeddings.weight"].shape[1]
+    released["module.bert.pooler.dense.weight"] = released["module.bert.embeddings.LayerNorm.weight"].new_zeros(width, width)
+    released["module.bert.pooler.dense.bias"] = released["module.bert.embeddings.LayerNorm.bias"].new_zeros(width)
+    return released
+
+
+@pytest.fixture(scope="session")
+def tiny_uniclip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small UniCLIP (same architecture, smaller sizes, random weights) saved in the released format."""
+    import torch
+
+    from vsearch.embeddings.uniclip import UniClip, UniClipConfig
+
+    torch.manual_seed(0)
+    model = UniClip(UniClipConfig(**TINY_UNICLIP))
+    path = tmp_path_factory.mktemp("tiny_uniclip") / "tiny-uniclip.pt"
+    torch.save({"state_dict": to_released_keys(model.state_dict()), "epoch": 1, "step": 10}, path)
+    return path

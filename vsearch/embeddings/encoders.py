@@ -1,6 +1,7 @@
 """The one registry of encoders: a spec string names an encoder and how to load it.
 
     lexical[:DIM]              hashed character n-grams of title + OCR text; no weights
+    uniclip:PATH               the UniCLIP model (CBVS paper) from its released checkpoint
     open_clip:ARCH:PATH        any open_clip architecture with a local checkpoint
 
 Every encoder has `spec`, `dim`, `fingerprint` (identifies its weights, so shards and
@@ -78,5 +79,14 @@ def _open_clip(args: str, device: str) -> Encoder:
     return OpenClipEncoder(arch, path, device)
 
 
+def _uniclip(args: str, device: str) -> Encoder:
+    from vsearch.embeddings.uniclip import UniClipEncoder
+
+    if not args:
+        raise VsearchError("bad uniclip spec 'uniclip': expected uniclip:PATH")
+    return UniClipEncoder(args, device)
+
+
 register_encoder("lexical", _lexical, "lexical[:DIM]")
+register_encoder("uniclip", _uniclip, "uniclip:PATH")
 register_encoder("open_clip", _open_clip, "open_clip:ARCH:PATH")

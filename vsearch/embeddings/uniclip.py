@@ -1,0 +1,265 @@
+"""The UniCLIP encoder (`uniclip:PATH`): Chinese-CLIP ViT-B/16 towers plus UniCLIP's two OCR heads.
+
+The model is the one in the CBVS paper's released checkpoint (`UniCLIP-base-QA-CLIP-5M.pt`):
+
+* image tower: open_clip's `ViT-B-16-quickgelu` vision module; image vector = ln_post(token 0) @ proj.
+  The heads read the tower's 197 raw output tokens (before ln_post), taken in the same pass.
+* text tower: Hugging Face `BertModel` (RoBERTa-wwm-ext-base-chinese shape, no pooler); text vector =
+  last_hidden_state[:, 0] @ text_projection, attention mask = token id != 0.
+* presence head: 3 open_clip residual blocks over the visual tokens, ln on token 0, @ proj -> logits
+  [no text, has text].
+* semantic head: the text's ids through a separate BERT embeddings module, a learned class token
+  prepended, 3 decoder blocks (self-attention, cross-attention to the visual tokens, MLP), ln on
+  token 0, @ proj -> logits [no match, match]. Neither head masks padding, as in training.
+
+The architecture's sizes are read from the checkpoint's tensor shapes, so the released file gives
+exactly ViT-B/16 + BERT-base, and smaller checkpoints in the same format (tests) work the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from open_clip.model import CLIPVisionCfg, _build_vision_tower
+from open_clip.transformer import LayerNorm, QuickGELU, Transformer
+from torch import nn
+from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
+from transformers import BertConfig, BertModel, BertTokenizer
+from transformers.models.bert.modeling_bert import BertEmbeddings
+
+from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
+from vsearch.embeddings.encoders import l2_normalise
+from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device
+from vsearch.errors import VsearchError
+
+RELEASED_FILE = "UniCLIP-base-QA-CLIP-5M.pt"
+ENV_VAR = "VSEARCH_UNICLIP"
+QUERY_CONTEXT = 12  # the released evaluation reads queries at 12 tokens
+SEMANTIC_CONTEXT = 20  # the semantic head was trained on 20-token texts
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+HEAD_WIDTH = 64  # attention head width of both towers and both heads
+
+
+@dataclass(frozen=True)
+class UniClipConfig:
+    embed_dim: int = 512
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vocab_size: int = 21128
+    text_width: int = 768
+    text_layers: int = 12
+    text_intermediate: int = 3072
+    max_positions: int = 512
+    type_vocab: int = 2
+    presence_layers: int = 3
+    semantic_layers: int = 3
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "UniClipConfig":
+        def layers(prefix: str) -> int:
+            pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+            return len({m.group(1) for key in state if (m := pattern.match(key))})
+
+        conv = state["visual.conv1.weight"]
+        words = state["bert.embeddings.word_embeddings.weight"]
+        return cls(
+            embed_dim=state["text_projection"].shape[1],
+            image_size=conv.shape[-1] * round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5),
+            patch_size=conv.shape[-1],
+            vision_width=conv.shape[0],
+            vision_layers=layers("visual.transformer.resblocks."),
+            vocab_size=words.shape[0],
+            text_width=words.shape[1],
+            text_layers=layers("bert.encoder.layer."),
+            text_intermediate=state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            max_positions=state["bert.embeddings.position_embeddings.weight"].shape[0],
+            type_vocab=state["bert.embeddings.token_type_embeddings.weight"].shape[0],
+            presence_layers=layers("ocr_presence_decoder.resblocks."),
+            semantic_layers=layers("ocr_semantic_decoder.resblocks."),
+        )
+
+    def bert(self) -> BertConfig:
+        return BertConfig(
+            vocab_size=self.vocab_size, hidden_size=self.text_width, num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_width // HEAD_WIDTH, intermediate_size=self.text_intermediate,
+            hidden_act="gelu", max_position_embeddings=self.max_positions, type_vocab_size=self.type_vocab,
+            layer_norm_eps=1e-12,
+        )
+
+
+class OcrDecoderBlock(nn.Module):
+    """Text tokens attend to themselves, then to the visual tokens (keys ln_2, values ln_3), then an MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_3 = LayerNorm(width)
+        self.ln_4 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(), c_proj=nn.Linear(width * 4, width)))
+
+    def forward(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        normed = self.ln_1(text)
+        text = text + self.self_attn(normed, normed, normed, need_weights=False)[0]
+        text = text + self.cross_attn(self.ln_2(text), self.ln_2(visual), self.ln_3(visual), need_weights=False)[0]
+        return text + self.mlp(self.ln_4(text))
+
+
+class OcrSemanticDecoder(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.resblocks = nn.ModuleList(OcrDecoderBlock(width, heads) for _ in range(layers))
+
+    def forward(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            text = block(text, visual)
+        return text
+
+
+class UniClip(nn.Module):
+    def __init__(self, config: UniClipConfig):
+        super().__init__()
+        vision = CLIPVisionCfg(layers=config.vision_layers, width=config.vision_width, head_width=HEAD_WIDTH,
+                               patch_size=config.patch_size, image_size=config.image_size)
+        self.visual = _build_vision_tower(config.embed_dim, vision, quick_gelu=True)
+        self.bert = BertModel(config.bert(), add_pooling_layer=False)
+        self.text_projection = nn.Parameter(torch.randn(config.text_width, config.embed_dim) * config.text_width ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+
+        width, heads = config.vision_width, config.vision_width // HEAD_WIDTH
+        self.ocr_presence_decoder = Transformer(width, config.presence_layers, heads, act_layer=QuickGELU)
+        self.ln_ocr_presence = LayerNorm(width)
+        self.proj_ocr_presence = nn.Parameter(torch.randn(width, 2) * width ** -0.5)
+
+        self.bert_embedding = BertEmbeddings(config.bert())
+        self.decoder_class_embedding = nn.Parameter(torch.randn(config.text_width) * config.text_width ** -0.5)
+        self.ocr_semantic_decoder = OcrSemanticDecoder(config.text_width, config.semantic_layers, heads)
+        self.ln_ocr_semantic = LayerNorm(config.text_width)
+        self.proj_ocr_semantic = nn.Parameter(torch.randn(config.text_width, 2) * config.text_width ** -0.5)
+
+    def encode_image_and_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image vectors, raw visual tokens) from one pass of the image tower."""
+        captured: list[torch.Tensor] = []
+        hook = self.visual.transformer.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            vectors = self.visual(pixels)
+        finally:
+            hook.remove()
+        return vectors, captured[0]
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+        return hidden[:, 0] @ self.text_projection.to(hidden.dtype)
+
+    def presence_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        decoded = self.ocr_presence_decoder(tokens)
+        return self.ln_ocr_presence(decoded[:, 0]) @ self.proj_ocr_presence.to(decoded.dtype)
+
+    def semantic_logits(self, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        text = self.bert_embedding(input_ids=ids)
+        first = self.decoder_class_embedding.to(text.dtype).expand(text.shape[0], 1, -1)
+        decoded = self.ocr_semantic_decoder(torch.cat([first, text], dim=1), tokens.to(text.dtype))
+        return self.ln_ocr_semantic(decoded[:, 0]) @ self.proj_ocr_semantic.to(decoded.dtype)
+
+
+def released_to_module_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """Apply the released checkpoint's renames: drop `module.`, exist -> presence, content -> semantic,
+    and the unused `bert.pooler.*`."""
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith("bert.pooler."):
+            continue
+        renamed[key.replace("exist", "presence").replace("content", "semantic")] = value
+    return renamed
+
+
+def chinese_tokenizer() -> BertTokenizer:
+    """BERT basic + WordPiece tokenizer over the packaged Chinese vocabulary (bert-base-chinese's)."""
+    folder = resources.files("vsearch") / "embeddings" / "zh_tokenizer"
+    return BertTokenizer.from_pretrained(str(folder), do_lower_case=True)
+
+
+def image_transform(size: int) -> Compose:
+    """Resize straight to size x size (bicubic, no crop), RGB, [0, 1], CLIP mean/std."""
+    return Compose([Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+                    lambda image: image.convert("RGB"), ToTensor(), Normalize(MEAN, STD)])
+
+
+def default_checkpoint(models_dir: Path) -> str:
+    """The checkpoint `uniclip` with no path means: $VSEARCH_UNICLIP, else <workspace>/models/<released file>."""
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    candidate = models_dir / RELEASED_FILE
+    if candidate.is_file():
+        return str(candidate)
+    raise VsearchError(
+        f"no UniCLIP checkpoint: download {RELEASED_FILE} from the CBVS-UniCLIP release and put it at "
+        f"{candidate}, set {ENV_VAR}=/path/to/it, or pass --model uniclip:PATH "
+        "(--model lexical needs no checkpoint)"
+    )
+
+
+class UniClipEncoder(TorchImageEncoder):
+    extra_columns = {"ocr_presence": pa.float32()}
+
+    def __init__(self, path: str, device: str = "auto", context_length: int = QUERY_CONTEXT):
+        checkpoint = existing_file(path, "UniCLIP checkpoint")
+        state = released_to_module_keys(read_state_dict(checkpoint))
+        try:
+            config = UniClipConfig.from_state_dict(state)
+        except (KeyError, IndexError) as exc:
+            raise VsearchError(f"checkpoint {path} is not a UniCLIP checkpoint: it has no {exc} tensor") from None
+        model = UniClip(config)
+        load_strict(model, state, checkpoint, "UniCLIP")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = chinese_tokenizer()
+        self.image_transform = image_transform(config.image_size)
+        self.context_length = context_length
+        self.spec = f"uniclip:{checkpoint.resolve()}"
+        self.fingerprint = file_fingerprint(checkpoint)
+        self.dim = config.embed_dim
+
+    def tokenize(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
+        """[CLS] + the first context_length - 2 WordPiece ids + [SEP], zero-padded."""
+        return self.tokenizer(list(texts), max_length=context_length, truncation=True, padding="max_length",
+                              return_tensors="pt")["input_ids"]
+
+    def encode_texts(self, texts: Sequence[str], context_length: int | None = None) -> np.ndarray:
+        ids = self.tokenize(texts, context_length or self.context_length).to(self.device)
+        with torch.inference_mode(), self.autocast():
+            return l2_normalise(self.model.encode_text(ids).float().cpu().numpy())
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        vectors, tokens = self.model.encode_image_and_tokens(pixels)
+        return {"vector": vectors, "ocr_presence": self.model.presence_logits(tokens).float().softmax(-1)[:, 1]}
+
+    def presence(self, images: Sequence) -> np.ndarray:
+        """Probability that each cover carries text."""
+        return self.encode_pixels(torch.stack([self.image_transform(image) for image in images]))["ocr_presence"]
+
+    def match(self, texts: Sequence[str], images: Sequence) -> np.ndarray:
+        """Probability that text i matches the text on cover i (semantic head, 20-token texts)."""
+        pixels = torch.stack([self.image_transform(image) for image in images]).to(self.device)
+        ids = self.tokenize(texts, SEMANTIC_CONTEXT).to(self.device)
+        with torch.inference_mode(), self.autocast():
+            _, tokens = self.model.encode_image_and_tokens(pixels)
+            logits = self.model.semantic_logits(ids, tokens)
+        return logits.float().softmax(-1)[:, 1].cpu().numpy()
