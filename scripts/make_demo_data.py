@@ -12,8 +12,8 @@ Writes, deterministically:
   layout); per family a few decoys that share only the family's keyword.
 * demo.txt: the manifest in the CBVS-5M format, `title \\t covers/NNN.jpg \\t ocr`, where the
   OCR column is the text drawn on the cover (what a perfect OCR would read).
-* clips/<id>.mp4: ten 2-second H.264 clips, each a slow zoom over one cover, named by the
-  cover's vsearch id so that covers and clips of one video share it.
+* demo-videos/<id>.mp4: ten 2-second H.264 clips, each a slow zoom over one cover, named by the
+  cover's vsearch id as the dataset convention wants (covers and clips of one video share it).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def main() -> None:
     manifest = [(title, f"covers/{number:03d}.jpg", ocr) for number, (title, ocr, _) in enumerate(covers)]
     check_headline(manifest)
 
-    for folder in ("covers", "clips"):
+    for folder in ("covers", "demo-videos"):
         shutil.rmtree(OUT / folder, ignore_errors=True)
         (OUT / folder).mkdir(parents=True)
     images: list[Image.Image] = []
@@ -190,7 +190,7 @@ def main() -> None:
     (OUT / "demo.txt").write_text("".join("\t".join(manifest[i]) + "\n" for i in order), encoding="utf-8")
     clip_sources = [0, 2] + [i for i, (_, _, duplicate) in enumerate(covers) if not duplicate][8:80:9]
     for number in clip_sources[:10]:
-        write_clip(images[number], OUT / "clips" / f"{url_id(manifest[number][1])}.mp4")
+        write_clip(images[number], OUT / "demo-videos" / f"{url_id(manifest[number][1])}.mp4")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{len(manifest)} covers, {len(clip_sources[:10])} clips, {total / 1e6:.2f} MB in {OUT}")
 

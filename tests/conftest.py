@@ -107,3 +107,25 @@ def tiny_uniclip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_uniclip") / "tiny-uniclip.pt"
     torch.save({"state_dict": to_released_keys(model.state_dict()), "epoch": 1, "step": 10}, path)
     return path
+
+
+def write_video(path: Path, seconds: float, fps: int = 10, gop: int = 10, size: tuple[int, int] = (64, 48)) -> Path:
+    """An H.264 video whose frame i is a flat grey of level 2*i (mod 256), a keyframe every `gop` frames."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.time_base = Fraction(1, fps)
+        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "crf": "10"}
+        for index in range(int(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), (2 * index) % 256, np.uint8), format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

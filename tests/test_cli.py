@@ -43,7 +43,7 @@ def test_commands_chain_without_path_arguments(cli, workspace, tmp_path):
 
     workspace.datasets.mkdir(parents=True)
     write_cbvs_covers(workspace.datasets / "cbvs5m.txt", 200)
-    assert cli("embed", "--dataset", "cbvs5m").code == 0
+    assert cli("embed", "--dataset", "cbvs5m", "--model", "lexical").code == 0
     assert cli("build-index", "--type", "flat").code == 0
     assert (workspace.index_dir("cbvs5m-flat") / "index.json").is_file()
     result = cli("query", "原神 攻略", "--json", "-k", "3")
@@ -97,3 +97,25 @@ def test_unknown_option_exits_non_zero_through_the_real_entry_point():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "No such option: --bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_uniclip_covers_and_clips_from_the_cli(cli, workspace, tiny_uniclip, monkeypatch):
+    monkeypatch.setenv("VSEARCH_UNICLIP", str(tiny_uniclip))
+    result = cli("embed", "--dataset", "demo", "--kind", "both", "--device", "cpu", "--workers", "0")
+    assert result.code == 0, result.stderr
+    assert cli("build-index", "--type", "flat").code == 0
+    assert cli("build-index", "--type", "hnsw", "--kind", "clip").code == 0
+    for index, count in (("demo-flat", 5), ("demo-clip-hnsw", 5)):
+        answer = cli("query", "大宅门演员表", "--index", index, "--json", "-k", "5")
+        assert answer.code == 0, answer.stderr
+        hits = json.loads(answer.stdout)["results"]
+        assert len(hits) == count and all(h["title"] for h in hits)
+    clip_ids = {h["id"] for h in json.loads(cli("query", "x", "--index", "demo-clip-hnsw", "--json", "-k", "50").stdout)["results"]}
+    assert len(clip_ids) == 10
+
+
+def test_embed_without_a_configured_checkpoint_says_how_to_get_one(cli, monkeypatch):
+    monkeypatch.delenv("VSEARCH_UNICLIP", raising=False)
+    result = cli("embed", "--dataset", "demo")
+    assert result.code == 1
+    assert "no UniCLIP checkpoint" in result.stderr and "--model lexical" in result.stderr

@@ -15,7 +15,7 @@ from tests.conftest import write_cbvs_covers
 @pytest.fixture
 def embedded(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 300)
-    return run_embed(EmbedConfig(dataset=str(source), shard_size=128), workspace).directory
+    return run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=128), workspace).directory
 
 
 def all_vectors(directory):
@@ -53,7 +53,7 @@ def test_index_files_load_with_the_plain_libraries(embedded, tmp_path):
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
 def test_k_larger_than_the_index_pads_with_none(index_type, tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "small.txt", 3)
-    directory = run_embed(EmbedConfig(dataset=str(source)), workspace).directory
+    directory = run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace).directory
     build_index(BuildConfig(type=index_type), directory, tmp_path / "index")
     scores, ids = load_index(tmp_path / "index").search(all_vectors(directory)[1][:1], 5)
     assert list(ids[0][3:]) == [None, None] and all(ids[0][:3])

@@ -66,4 +66,4 @@ def test_bad_open_clip_specs_are_clear_errors(bad, message, tiny_open_clip):
 
 def test_text_only_encoder_refuses_a_dataset_without_text(covers, workspace):
     with pytest.raises(VsearchError, match="has no title or OCR text"):
-        run_embed(EmbedConfig(dataset=str(covers)), workspace)
+        run_embed(EmbedConfig(model="lexical", dataset=str(covers)), workspace)

@@ -18,7 +18,8 @@ ROWS, SHARD = 60_000, 1_000
 
 def embed(source, out, workspace):
     command = [sys.executable, "-m", "vsearch", "--workspace", str(workspace.root), "embed",
-               "--dataset", str(source), "--out", str(out), "--shard-size", str(SHARD), "--batch-size", "100"]
+               "--dataset", str(source), "--model", "lexical", "--out", str(out), "--shard-size", str(SHARD),
+               "--batch-size", "100"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -19,7 +19,7 @@ def rows_of(directory):
 
 def test_shard_round_trip_schema_dtype_normalisation_and_manifest(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 250)
-    result = run_embed(EmbedConfig(dataset=str(source), shard_size=100), workspace)
+    result = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=100), workspace)
     directory = result.directory
     assert directory == workspace.embeddings_dir("c")
     assert sorted(p.name for p in directory.iterdir()) == [
@@ -57,7 +57,7 @@ def test_rows_that_cannot_be_encoded_are_recorded_and_the_job_goes_on(tmp_path, 
     source = tmp_path / "c.txt"
     source.write_text("好标题\thttp://a/1\t文字\n\\N\thttp://a/2\t\\N\n！！！\thttp://a/3\t\\N\n又一个\thttp://a/4\t\\N\n",
                       encoding="utf-8")
-    result = run_embed(EmbedConfig(dataset=str(source)), workspace)
+    result = run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace)
     assert [r["title"] for r in rows_of(result.directory)] == ["好标题", "又一个"]
     failed = {(f["uri"], f["reason"]) for f in result.manifest.failed}
     assert failed == {("http://a/2", "no title or OCR text to encode"),
@@ -66,17 +66,17 @@ def test_rows_that_cannot_be_encoded_are_recorded_and_the_job_goes_on(tmp_path, 
 
 def test_rerun_skips_complete_shards_and_writes_nothing_twice(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 120)
-    first = run_embed(EmbedConfig(dataset=str(source), shard_size=50), workspace)
+    first = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace)
     before = {p.name: p.stat().st_mtime_ns for p in first.directory.glob("*.parquet")}
-    again = run_embed(EmbedConfig(dataset=str(source), shard_size=50), workspace)
+    again = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace)
     assert (again.shards_written, again.shards_skipped) == (0, 3)
     assert {p.name: p.stat().st_mtime_ns for p in again.directory.glob("*.parquet")} == before
 
 
 def test_a_limited_run_followed_by_a_full_run_gives_every_row_once(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 120)
-    run_embed(EmbedConfig(dataset=str(source), shard_size=50, limit=70), workspace)
-    full = run_embed(EmbedConfig(dataset=str(source), shard_size=50), workspace)
+    run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50, limit=70), workspace)
+    full = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace)
     assert (full.shards_written, full.shards_skipped) == (2, 1)  # shard 1 had only 20 of its 50 rows
     ids = [r["id"] for r in rows_of(full.directory)]
     assert len(ids) == len(set(ids)) == 120
@@ -84,7 +84,7 @@ def test_a_limited_run_followed_by_a_full_run_gives_every_row_once(tmp_path, wor
 
 def test_shards_from_another_encoder_are_never_mixed_in(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 30)
-    run_embed(EmbedConfig(dataset=str(source), out=tmp_path), workspace)
+    run_embed(EmbedConfig(model="lexical", dataset=str(source), out=tmp_path), workspace)
     with pytest.raises(VsearchError, match="different encoder"):
         run_embed(EmbedConfig(dataset=str(source), model="lexical:256", out=tmp_path), workspace)
     (tmp_path / "mine.parquet").write_bytes(b"a user's own file")
@@ -96,7 +96,7 @@ def test_shards_from_another_encoder_are_never_mixed_in(tmp_path, workspace):
 
 def test_stale_temporary_files_are_removed_on_resume(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 30)
-    result = run_embed(EmbedConfig(dataset=str(source)), workspace)
+    result = run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace)
     (result.directory / "cover-00001.parquet.tmp").write_bytes(b"half a shard")
-    run_embed(EmbedConfig(dataset=str(source)), workspace)
+    run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace)
     assert not list(result.directory.glob("*.tmp"))

@@ -76,24 +76,34 @@ def _index_dir(ws: Workspace, index: str | None) -> Path:
 def embed(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="demo, cbvs20k, cbvs5m, cbvs10m (under the workspace), or a path/URL.")],
-    model: Annotated[str, typer.Option(help="Encoder spec: lexical[:DIM] or open_clip:ARCH:PATH.")] = "lexical",
+    model: Annotated[str, typer.Option(
+        help="Encoder: uniclip (the checkpoint in $VSEARCH_UNICLIP or <workspace>/models), uniclip:PATH, "
+             "open_clip:ARCH:PATH, or lexical[:DIM] (no weights).")] = "uniclip",
+    kind: Annotated[str, typer.Option(help="cover (images), clip (frames sampled from videos, pooled) or both.")] = "cover",
     out: Annotated[Optional[Path], typer.Option(help="Shard folder (default <workspace>/embeddings/<dataset>).")] = None,
     images: Annotated[Optional[str], typer.Option(help="Folder of pre-downloaded covers named <id>.jpg.")] = None,
+    videos: Annotated[Optional[str], typer.Option(help="Folder of videos named <id>.mp4 (default <stem>-videos/).")] = None,
+    frames: Annotated[int, typer.Option(help="Frames sampled per video for clip vectors.")] = 12,
     shard_size: Annotated[int, typer.Option(help="Dataset rows per shard.")] = 10_000,
-    batch_size: Annotated[int, typer.Option(help="Rows per encoder call.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per encoder call (halved on CUDA out-of-memory).")] = 256,
+    workers: Annotated[Optional[int], typer.Option(help="Processes decoding media (default: cores, at most 8).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Embed only the first N rows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete existing shards in the folder first.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda:N, or a list: cuda:0,cuda:1.")] = "auto",
 ) -> None:
-    """Encode a dataset's covers into Parquet shards (re-running resumes)."""
+    """Encode a dataset's covers or clips into Parquet shards (re-running resumes)."""
     from vsearch.console import progress, stderr
     from vsearch.embeddings.job import EmbedConfig, run_embed
 
-    config = EmbedConfig(dataset, model, out, images, shard_size, batch_size, limit, overwrite, device)
-    with progress(f"embed {dataset}", limit, unit="covers") as advance:
+    config = EmbedConfig(dataset=dataset, model=model, kind=kind, out=out, images=images, videos=videos,
+                         frames=frames, shard_size=shard_size, batch_size=batch_size, limit=limit,
+                         overwrite=overwrite, device=device)
+    if workers is not None:
+        config.workers = workers
+    with progress(f"embed {dataset} ({kind})", limit, unit="rows") as advance:
         result = run_embed(config, ctx.obj, advance)
     stderr.print(
-        f"{result.rows_written} covers written in {result.shards_written} shards, "
+        f"{result.rows_written} vectors written in {result.shards_written} shards, "
         f"{result.shards_skipped} shards already done, {result.rows_failed} failed "
         f"(reasons in {result.directory / '_manifest.json'}) -> {result.directory}"
     )
@@ -105,7 +115,9 @@ def build_index_command(
     type: Annotated[str, typer.Option("--type", "-t", help="flat or hnsw.")] = "hnsw",
     dataset: Annotated[Optional[str], typer.Option(help="Dataset whose shards to index (default: the last embedded).")] = None,
     embeddings: Annotated[Optional[Path], typer.Option(help="Shard folder to index instead of a dataset's.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Index name under <workspace>/indexes (default <dataset>-<type>).")] = None,
+    kind: Annotated[str, typer.Option(help="Index the cover or the clip vectors.")] = "cover",
+    name: Annotated[Optional[str], typer.Option(
+        help="Index name under <workspace>/indexes (default <dataset>-<type>, <dataset>-clip-<type> for clips).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Index folder (overrides --name).")] = None,
     param: Annotated[list[str], typer.Option(help="Index parameter KEY=VALUE, repeatable (hnsw: M, ef_construction, ef_search).")] = [],
     threads: Annotated[int, typer.Option(help="Threads for building (-1: all cores).")] = -1,
@@ -118,10 +130,13 @@ def build_index_command(
 
     ws: Workspace = ctx.obj
     backend_class(type)
-    config = BuildConfig(type=type, params=_parse_params(param), threads=threads)
+    if kind not in ("cover", "clip"):
+        raise VsearchError(f"unknown --kind {kind!r}: use cover or clip")
+    config = BuildConfig(type=type, kind=kind, params=_parse_params(param), threads=threads)
     source = _embeddings_dir(ws, dataset, embeddings)
     count = Manifest.read(source).rows(config.kind)
-    destination = out or ws.index_dir(name or f"{source.name}-{type}")
+    default_name = f"{source.name}-{type}" if kind == "cover" else f"{source.name}-clip-{type}"
+    destination = out or ws.index_dir(name or default_name)
     with progress(f"build {type} index", count, unit="vectors") as advance:
         info = build_index(config, source, destination, advance)
     stderr.print(f"{info['count']} vectors indexed ({type}, {info['engine']}) in {info['build_seconds']:.1f}s -> {destination}")

@@ -3,6 +3,7 @@
     <root>/datasets/            dataset files (cbvs5m.txt, cbvs10m.txt, ...) and image folders
     <root>/embeddings/<dataset>/  Parquet shards and their _manifest.json
     <root>/indexes/<name>/        one folder per built index
+    <root>/models/                model checkpoints (UniCLIP-base-QA-CLIP-5M.pt is found here)
 
 The root is `--workspace`, else $VSEARCH_HOME, else ~/.vsearch.
 """
@@ -37,6 +38,10 @@ class Workspace:
     @property
     def indexes(self) -> Path:
         return self.root / "indexes"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
 
     def embeddings_dir(self, dataset: str) -> Path:
         return self.embeddings / dataset

@@ -12,13 +12,16 @@ A row's `uri` is where its cover image is read from: `<images>/<id>.jpg` when th
 has an images folder (pre-downloaded covers; by default `<stem>-images/` beside the file),
 otherwise its url, resolved against the dataset file's folder when relative.
 Rows with an id seen before are skipped, so ids are unique within a dataset.
+
+Videos (for clip vectors) are found the same way: `<videos>/<id>.<ext>`, by default in
+`<stem>-videos/` beside the file; rows without a video there have no clip.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import PurePosixPath
 
@@ -29,6 +32,7 @@ from vsearch.workspace import Workspace
 
 NULL = "\\N"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts")
 DEMO_FILE = "demo.txt"
 
 
@@ -47,6 +51,7 @@ class Dataset:
     format: str
     has_text: bool
     _rows: Callable[[], Iterator[Row]] = field(repr=False)
+    videos: str | None = None
     duplicates: int = 0
 
     def rows(self) -> Iterator[Row]:
@@ -59,6 +64,21 @@ class Dataset:
                 continue
             seen.add(row.id)
             yield row
+
+    def clip_rows(self) -> Iterator[Row]:
+        """The rows that have a video, with `uri` pointing at it."""
+        if self.videos is None or not _isdir(self.videos):
+            raise VsearchError(
+                f"dataset {self.name} has no videos folder {self.videos or ''}: put videos named "
+                "<id>.mp4 in <dataset file stem>-videos/ beside the dataset file, or pass --videos DIR"
+            )
+        fs, folder = fsspec.core.url_to_fs(self.videos)
+        found = {PurePosixPath(path).stem: path for path in fs.ls(folder, detail=False)
+                 if path.lower().endswith(VIDEO_SUFFIXES)}
+        location = (lambda path: path) if _is_local(fs) else (lambda path: fs.unstrip_protocol(path))
+        for row in self.rows():
+            if row.id in found:
+                yield replace(row, uri=location(found[row.id]))
 
 
 def url_id(url: str) -> str:
@@ -80,6 +100,11 @@ def _parent(url: str) -> str:
 def _exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
     return fs.exists(path)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
 
 
 def _isdir(url: str) -> bool:
@@ -121,7 +146,11 @@ def _image_locator(source: str, images: str | None) -> Callable[[str, str | None
     return from_url
 
 
-def cbvs_covers(source: str, name: str, images: str | None = None) -> Dataset:
+def _videos_folder(source: str, videos: str | None) -> str | None:
+    return videos or _join(_parent(source), PurePosixPath(source).stem + "-videos")
+
+
+def cbvs_covers(source: str, name: str, images: str | None = None, videos: str | None = None) -> Dataset:
     """CBVS-5M / CBVS-10M: `title \\t url \\t ocr`; lines with fewer than 3 fields are skipped."""
     locate = _image_locator(source, images)
 
@@ -133,10 +162,10 @@ def cbvs_covers(source: str, name: str, images: str | None = None) -> Dataset:
             id_ = url_id(url)
             yield Row(id_, _value(fields[0]), _value(fields[2]), locate(id_, url))
 
-    return Dataset(name, source, "cbvs-covers", True, rows)
+    return Dataset(name, source, "cbvs-covers", True, rows, _videos_folder(source, videos))
 
 
-def cbvs20k(source: str, name: str, images: str | None = None) -> Dataset:
+def cbvs20k(source: str, name: str, images: str | None = None, videos: str | None = None) -> Dataset:
     """CBVS-20K: `query \\t docid \\t url \\t label`; one row per distinct docid, no text."""
     locate = _image_locator(source, images)
 
@@ -147,23 +176,22 @@ def cbvs20k(source: str, name: str, images: str | None = None) -> Dataset:
             docid, url = fields[1].strip(), _value(fields[2])
             yield Row(docid, None, None, locate(docid, url))
 
-    return Dataset(name, source, "cbvs20k", False, rows)
+    return Dataset(name, source, "cbvs20k", False, rows, _videos_folder(source, videos))
 
 
-def image_folder(source: str, name: str) -> Dataset:
+def image_folder(source: str, name: str, videos: str | None = None) -> Dataset:
     """A folder of images, searched recursively; id = relative path without extension."""
     fs, root = fsspec.core.url_to_fs(source)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
     def rows() -> Iterator[Row]:
         for path in sorted(fs.find(root)):
             if not path.lower().endswith(IMAGE_SUFFIXES):
                 continue
             relative = PurePosixPath(path).relative_to(PurePosixPath(root).as_posix())
-            uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+            uri = path if _is_local(fs) else fs.unstrip_protocol(path)
             yield Row(str(relative.with_suffix("")), None, None, uri)
 
-    return Dataset(name, source, "image-folder", False, rows)
+    return Dataset(name, source, "image-folder", False, rows, videos)
 
 
 def demo_source() -> str:
@@ -192,10 +220,11 @@ def _sniff(source: str) -> str:
     )
 
 
-def open_dataset(spec: str, workspace: Workspace, images: str | None = None) -> Dataset:
+def open_dataset(spec: str, workspace: Workspace, images: str | None = None,
+                 videos: str | None = None) -> Dataset:
     """Resolve `--dataset`: a registered name (demo, cbvs20k, cbvs5m, cbvs10m) or a path/URL."""
     if spec == "demo":
-        return cbvs_covers(demo_source(), "demo", images)
+        return cbvs_covers(demo_source(), "demo", images, videos)
     if spec in REGISTERED:
         source = str(workspace.datasets / REGISTERED[spec])
         if not _exists(source):
@@ -204,11 +233,11 @@ def open_dataset(spec: str, workspace: Workspace, images: str | None = None) -> 
                 f"(put the {REGISTERED[spec]} file from the CBVS release there, or pass a path)"
             )
         reader = cbvs20k if spec == "cbvs20k" else cbvs_covers
-        return reader(source, spec, images)
+        return reader(source, spec, images, videos)
     if not _exists(spec):
         known = ", ".join(["demo", *REGISTERED])
         raise VsearchError(f"dataset not found: {spec} (give a path or one of {known})")
     name = PurePosixPath(spec.rstrip("/")).stem
     if _isdir(spec):
-        return image_folder(spec, name)
-    return (cbvs20k if _sniff(spec) == "cbvs20k" else cbvs_covers)(spec, name, images)
+        return image_folder(spec, name, videos)
+    return (cbvs20k if _sniff(spec) == "cbvs20k" else cbvs_covers)(spec, name, images, videos)

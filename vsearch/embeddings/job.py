@@ -1,14 +1,23 @@
 """The embed job: dataset rows -> encoder -> Parquet shards, resumable at shard granularity.
 
-Shard N always covers the dataset's rows N*shard_size .. (N+1)*shard_size - 1, so a re-run
-reads the cheap text rows again, skips every shard the manifest lists as complete, and
-encodes only the rest: no row is written twice and none is lost.
+Shard N of a kind always covers the dataset's rows N*shard_size .. (N+1)*shard_size - 1 (for
+clips: of the rows that have a video), so a re-run reads the cheap text rows again, skips every
+shard the manifest lists as complete, and encodes only the rest: no row is written twice.
+
+Reading (DataLoader workers), encoding (this process, on the device) and writing (a background
+thread) overlap. With several devices, one process per device encodes the shards whose number
+modulo the device count is its rank, writes them, and reports them here; this process alone
+updates the manifest.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -16,34 +25,69 @@ from typing import Any
 import numpy as np
 
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
-from vsearch.embeddings.encoders import Encoder, ImageEncoder, load_encoder
-from vsearch.embeddings.images import ImageError, load_image
-from vsearch.embeddings.shards import Manifest, ShardWriter
+from vsearch.embeddings.encoders import Encoder, l2_normalise, load_encoder
+from vsearch.embeddings.shards import Manifest, ShardWriter, shard_schema, write_shard_file
 from vsearch.errors import VsearchError
 from vsearch.workspace import Workspace
+
+KINDS = {"cover": ("cover",), "clip": ("clip",), "both": ("cover", "clip")}
 
 
 @dataclass
 class EmbedConfig:
     dataset: str = "demo"
-    model: str = "lexical"
+    model: str = "uniclip"
+    kind: str = "cover"
     out: Path | None = None
     images: str | None = None
+    videos: str | None = None
     shard_size: int = 10_000
     batch_size: int = 256
+    frames: int = 12
     limit: int | None = None
     overwrite: bool = False
     device: str = "auto"
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
 
 
 @dataclass
 class EmbedResult:
     directory: Path
     manifest: Manifest
-    shards_written: int
-    shards_skipped: int
-    rows_written: int
-    rows_failed: int
+    shards_written: int = 0
+    shards_skipped: int = 0
+    rows_written: int = 0
+    rows_failed: int = 0
+
+
+@dataclass
+class EncodedShard:
+    kind: str
+    number: int
+    input_rows: int
+    columns: dict[str, Any]
+    failed: list[dict[str, Any]]
+
+
+def resolve_model(spec: str, workspace: Workspace) -> str:
+    """`uniclip` with no path means the configured checkpoint (see `uniclip.default_checkpoint`)."""
+    if spec != "uniclip":
+        return spec
+    from vsearch.embeddings.uniclip import default_checkpoint
+
+    return f"uniclip:{default_checkpoint(workspace.models)}"
+
+
+def resolve_devices(device: str) -> list[str]:
+    """`auto` is every GPU when there are several; `cuda:0,cuda:1` lists them; else one device."""
+    if "," in device:
+        return [d.strip() for d in device.split(",") if d.strip()]
+    if device == "auto":
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [device]
 
 
 def cover_text(row: Row) -> str:
@@ -51,36 +95,13 @@ def cover_text(row: Row) -> str:
     return "\n".join(part for part in (row.title, row.ocr) if part)
 
 
-def _failure(row: Row, reason: str) -> dict[str, Any]:
-    return {"id": row.id, "kind": "cover", "uri": row.uri, "reason": reason}
+def _failure(row: Row, kind: str, reason: str) -> dict[str, Any]:
+    return {"id": row.id, "kind": kind, "uri": row.uri, "reason": reason}
 
 
-def _encode_by_text(encoder: Encoder, rows: list[Row]) -> tuple[list[Row], np.ndarray, list[dict]]:
-    failed = [_failure(row, "no title or OCR text to encode") for row in rows if not cover_text(row)]
-    rows = [row for row in rows if cover_text(row)]
-    vectors = encoder.encode_texts([cover_text(row) for row in rows]) if rows else np.zeros((0, encoder.dim))
-    empty = np.linalg.norm(vectors, axis=1) == 0
-    failed += [_failure(row, "no letters or digits in title or OCR text") for row, e in zip(rows, empty) if e]
-    return [row for row, e in zip(rows, empty) if not e], vectors[~empty], failed
-
-
-def _encode_by_image(encoder: ImageEncoder, rows: list[Row]) -> tuple[list[Row], np.ndarray, list[dict]]:
-    kept, images, failed = [], [], []
-    for row in rows:
-        try:
-            images.append(load_image(row.uri))
-            kept.append(row)
-        except ImageError as exc:
-            failed.append(_failure(row, str(exc)))
-    vectors = encoder.encode_images(images) if images else np.zeros((0, encoder.dim))
-    return kept, vectors, failed
-
-
-def encode_rows(encoder: Encoder, rows: list[Row]) -> tuple[list[Row], np.ndarray, list[dict]]:
-    """Encode covers by image when the encoder has an image tower, else by title + OCR text."""
-    if isinstance(encoder, ImageEncoder):
-        return _encode_by_image(encoder, rows)
-    return _encode_by_text(encoder, rows)
+def _columns(rows: list[Row], vectors: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    return {"id": [r.id for r in rows], "vector": vectors, "title": [r.title for r in rows],
+            "ocr": [r.ocr for r in rows], "uri": [r.uri for r in rows], **(extra or {})}
 
 
 def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
@@ -88,60 +109,253 @@ def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
         yield chunk
 
 
-def _shard_columns(encoder: Encoder, rows: list[Row], batch_size: int) -> tuple[dict[str, Any], list[dict]]:
-    kept: list[Row] = []
-    parts: list[np.ndarray] = []
-    failed: list[dict] = []
-    for batch in _chunks(iter(rows), batch_size):
-        batch_kept, vectors, batch_failed = encode_rows(encoder, batch)
-        kept += batch_kept
-        parts.append(vectors)
-        failed += batch_failed
-    columns = {
-        "id": [row.id for row in kept],
-        "vector": np.concatenate(parts) if parts else np.zeros((0, encoder.dim)),
-        "title": [row.title for row in kept],
-        "ocr": [row.ocr for row in kept],
-        "uri": [row.uri for row in kept],
-    }
-    return columns, failed
+def pending_shards(rows: Iterator[Row], shard_size: int, is_pending: Callable[[int, int], bool],
+                   on_skip: Callable[[int], None]) -> Iterator[tuple[int, list[Row]]]:
+    """(number, rows) of every shard still to write; skipped shards' rows are reported to `on_skip`."""
+    for number, chunk in enumerate(_chunks(rows, shard_size)):
+        if is_pending(number, len(chunk)):
+            yield number, chunk
+        else:
+            on_skip(len(chunk))
 
 
-def check_encodable(encoder: Encoder, dataset: Dataset) -> None:
-    if not isinstance(encoder, ImageEncoder) and not dataset.has_text:
+def encode_text_shard(encoder: Encoder, number: int, rows: list[Row], batch_size: int) -> EncodedShard:
+    """A cover shard from a text-only encoder: each cover is read as its title and OCR text."""
+    failed = [_failure(r, "cover", "no title or OCR text to encode") for r in rows if not cover_text(r)]
+    rows_with_text = [r for r in rows if cover_text(r)]
+    parts = [encoder.encode_texts([cover_text(r) for r in batch]) for batch in _chunks(iter(rows_with_text), batch_size)]
+    vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+    empty = np.linalg.norm(vectors, axis=1) == 0
+    failed += [_failure(r, "cover", "no letters or digits in title or OCR text")
+               for r, e in zip(rows_with_text, empty) if e]
+    kept = [r for r, e in zip(rows_with_text, empty) if not e]
+    return EncodedShard("cover", number, len(rows), _columns(kept, vectors[~empty]), failed)
+
+
+class OomBackoff:
+    """Encodes a batch in slices no larger than `limit`, halving `limit` on CUDA out-of-memory."""
+
+    def __init__(self, encoder: Any, limit: int):
+        self.encoder, self.limit = encoder, limit
+
+    def __call__(self, pixels: Any) -> dict[str, np.ndarray]:
+        import torch
+
+        parts: list[dict[str, np.ndarray]] = []
+        start = 0
+        while start < len(pixels):
+            size = min(self.limit, len(pixels) - start)
+            try:
+                parts.append(self.encoder.encode_pixels(pixels[start:start + size]))
+                start += size
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise VsearchError("CUDA out of memory with a batch of one image") from None
+                torch.cuda.empty_cache()
+                self.limit = size // 2
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def mean_pool(frame_vectors: np.ndarray, frames: int) -> np.ndarray:
+    """CLIP4Clip's meanP: average each video's L2-normalised frame vectors and re-normalise."""
+    return l2_normalise(frame_vectors.reshape(-1, frames, frame_vectors.shape[-1]).mean(axis=1))
+
+
+def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, list[Row]]],
+                        config: EmbedConfig, on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
+    """Encode covers (images) or clips (pooled frames) shard by shard with an image encoder."""
+    from vsearch.embeddings.reader import media_batches
+
+    batch_rows = config.batch_size if kind == "cover" else max(1, config.batch_size // config.frames)
+    batches = media_batches(shards, kind, encoder.image_transform, config.frames, batch_rows,
+                            config.workers, pin_memory=encoder.device.type == "cuda")
+    encode = OomBackoff(encoder, config.batch_size)
+    current: EncodedShard | None = None
+    rows: list[Row] = []
+    outputs: list[dict[str, np.ndarray]] = []
+
+    def finish(shard: EncodedShard) -> EncodedShard:
+        names = outputs[0].keys() if outputs else ["vector"]
+        merged = {n: np.concatenate([o[n] for o in outputs]) if outputs else np.zeros((0, encoder.dim))
+                  for n in names}
+        vectors = merged.pop("vector")
+        return replace(shard, columns=_columns(rows, vectors, merged))
+
+    for batch in batches:
+        if current is not None and batch.number != current.number:
+            yield finish(current)
+            rows, outputs = [], []
+        if current is None or batch.number != current.number:
+            current = EncodedShard(kind, batch.number, batch.input_rows, {}, [])
+        current.failed += [_failure(row, kind, reason) for row, reason in batch.failed]
+        if batch.pixels is not None:
+            if kind == "cover":
+                outputs.append(encode(batch.pixels))
+            else:
+                frames = encode(batch.pixels.flatten(0, 1))["vector"]
+                outputs.append({"vector": mean_pool(frames, config.frames)})
+            rows += batch.rows
+        on_rows(len(batch.rows) + len(batch.failed))
+    if current is not None:
+        yield finish(current)
+
+
+def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
+    rows = dataset.rows() if kind == "cover" else dataset.clip_rows()
+    return islice(rows, limit) if limit else rows
+
+
+def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
+                   is_pending: Callable[[int, int], bool], on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
+    shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending, on_rows)
+    if hasattr(encoder, "encode_pixels"):
+        yield from encode_media_shards(encoder, kind, shards, config, on_rows)
+        return
+    for number, rows in shards:
+        yield encode_text_shard(encoder, number, rows, config.batch_size)
+        on_rows(len(rows))
+
+
+def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...]) -> None:
+    if hasattr(encoder, "encode_pixels"):
+        return
+    if "clip" in kinds:
+        raise VsearchError(f"clip vectors need an image model; {encoder.spec} encodes text only "
+                           "(use --model uniclip:PATH or open_clip:ARCH:PATH)")
+    if not dataset.has_text:
         raise VsearchError(
             f"dataset {dataset.name} has no title or OCR text, so {encoder.spec} cannot embed it; "
-            "use an image model (--model open_clip:ARCH:PATH)"
+            "use an image model (--model uniclip:PATH or open_clip:ARCH:PATH)"
         )
+
+
+def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str, kind: str,
+                    done: dict[tuple[str, int], int], directory: str, results: Any) -> None:
+    """One device's share of the shards: encode, write the files, report each to the parent."""
+    try:
+        workspace = Workspace.resolve(root)
+        dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
+        encoder = load_encoder(spec, devices[rank])
+        schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
+
+        skipped = 0
+
+        def mine(number: int, input_rows: int) -> bool:
+            nonlocal skipped
+            if number % len(devices) != rank:
+                return False
+            skipped += done.get((kind, number)) == input_rows
+            return done.get((kind, number)) != input_rows
+
+        for shard in encoded_shards(encoder, dataset, kind, config, mine, lambda n: None):
+            entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns)
+            results.put(("shard", entry, shard.input_rows, shard.failed))
+        results.put(("done", rank, skipped, None))
+    except VsearchError as exc:
+        results.put(("error", rank, str(exc), None))
+    except BaseException:
+        results.put(("crash", rank, traceback.format_exc(), None))
+
+
+def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
+                    writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None]) -> None:
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    config = replace(config, workers=max(0, config.workers // len(devices)))
+    processes = [context.Process(target=_device_process, daemon=False,
+                                 args=(rank, devices, spec, config, str(workspace.root), kind,
+                                       writer.done, str(writer.directory), results))
+                 for rank in range(len(devices))]
+    for process in processes:
+        process.start()
+    running = len(processes)
+    try:
+        while running:
+            try:
+                message, payload, detail, failed = results.get(timeout=5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in processes):
+                    raise VsearchError("an embedding process died without reporting (out of memory?)") from None
+                continue
+            if message == "shard":
+                writer.record(payload, detail, failed)
+                _count(result, payload["rows"], failed)
+                on_rows(detail)
+            elif message == "done":
+                result.shards_skipped += detail
+                running -= 1
+            elif message == "error":
+                raise VsearchError(detail)
+            else:
+                raise RuntimeError(f"embedding process {payload} ({devices[payload]}) failed:\n{detail}")
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+
+
+def _count(result: EmbedResult, rows: int, failed: list) -> None:
+    result.shards_written += 1
+    result.rows_written += rows
+    result.rows_failed += len(failed)
+
+
+def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, result: EmbedResult) -> None:
+    """Write each shard on a background thread while the next one encodes; at most two wait."""
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+        for shard in shards:
+            if len(pending) >= 2:
+                pending.pop(0).result()
+            pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.input_rows,
+                                       shard.columns, shard.failed))
+            _count(result, len(shard.columns["id"]), shard.failed)
+        for future in pending:
+            future.result()
 
 
 def run_embed(config: EmbedConfig, workspace: Workspace,
               on_rows: Callable[[int], None] = lambda n: None) -> EmbedResult:
-    if config.shard_size < 1 or config.batch_size < 1:
-        raise VsearchError("--shard-size and --batch-size must be at least 1")
-    dataset = open_dataset(config.dataset, workspace, config.images)
-    encoder = load_encoder(config.model, config.device)
-    check_encodable(encoder, dataset)
+    if config.kind not in KINDS:
+        raise VsearchError(f"unknown --kind {config.kind!r}: use cover, clip or both")
+    if min(config.shard_size, config.batch_size, config.frames) < 1:
+        raise VsearchError("--shard-size, --batch-size and --frames must be at least 1")
+    kinds = KINDS[config.kind]
+    dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
+    spec = resolve_model(config.model, workspace)
+    devices = resolve_devices(config.device)
+    encoder = load_encoder(spec, devices[0])
+    check_encodable(encoder, dataset, kinds)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
     fresh = Manifest(dataset=dataset.name, source=dataset.source,
                      encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint},
                      dim=encoder.dim, shard_size=config.shard_size)
-    writer = ShardWriter.open(directory, fresh, overwrite=config.overwrite)
-    written = skipped = rows_written = rows_failed = rows_read = 0
-    rows = islice(dataset.rows(), config.limit) if config.limit else dataset.rows()
-    for number, chunk in enumerate(_chunks(rows, config.shard_size)):
-        if writer.is_done("cover", number, len(chunk)):
-            skipped += 1
-        else:
-            columns, failed = _shard_columns(encoder, chunk, config.batch_size)
-            writer.write("cover", number, len(chunk), columns, failed)
-            written += 1
-            rows_written += len(columns["id"])
-            rows_failed += len(failed)
-        rows_read += len(chunk)
-        on_rows(len(chunk))
-    if rows_read == 0:
-        raise VsearchError(f"dataset {dataset.name} has no rows: {dataset.source}")
+    writer = ShardWriter.open(directory, fresh, getattr(encoder, "extra_columns", None), config.overwrite)
+    result = EmbedResult(directory, writer.manifest)
+    before = {kind: writer.manifest.rows(kind) for kind in kinds}
+    rows_seen = 0
+
+    def progress(rows: int) -> None:
+        nonlocal rows_seen
+        rows_seen += rows
+        on_rows(rows)
+
+    for kind in kinds:
+        if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
+            _run_on_devices(devices, encoder.spec, config, workspace, kind, writer, result, progress)
+            continue
+
+        def is_pending(number: int, input_rows: int) -> bool:
+            pending = not writer.is_done(kind, number, input_rows)
+            result.shards_skipped += not pending
+            return pending
+
+        _write_in_background(encoded_shards(encoder, dataset, kind, config, is_pending, progress), writer, result)
+    if rows_seen == 0 and not any(before.values()):
+        raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}")
     writer.manifest.duplicates = dataset.duplicates
     writer.manifest.write(directory)
-    return EmbedResult(directory, writer.manifest, written, skipped, rows_written, rows_failed)
+    return result

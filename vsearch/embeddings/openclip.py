@@ -16,13 +16,8 @@ import torch
 
 from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
 from vsearch.embeddings.encoders import l2_normalise
+from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device
 from vsearch.errors import VsearchError
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _architecture(arch: str) -> str:
@@ -38,16 +33,15 @@ def _architecture(arch: str) -> str:
     return arch
 
 
-class OpenClipEncoder:
+class OpenClipEncoder(TorchImageEncoder):
     def __init__(self, arch: str, path: str, device: str = "auto"):
         checkpoint = existing_file(path, "open_clip checkpoint")
         name = _architecture(arch)
-        self.device = resolve_device(device)
         state = read_state_dict(checkpoint)
         # open_clip warns "initialized randomly" when it loads no weights; ours are loaded, strictly, next.
         logging.disable(logging.WARNING)
         try:
-            model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+            model, _, self.image_transform = open_clip.create_model_and_transforms(name, pretrained=None)
         finally:
             logging.disable(logging.NOTSET)
         state = {key.removeprefix("module."): value for key, value in state.items()}
@@ -56,6 +50,7 @@ class OpenClipEncoder:
             self.tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:  # tokenizers that live on a hub fail offline in many ways
             raise VsearchError(f"cannot load the tokenizer of open_clip {name} offline: {exc}") from exc
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         # Absolute paths, so the spec recorded in manifests works from any directory.
         arch_part = str(Path(arch).resolve()) if arch.endswith(".json") else arch
@@ -64,11 +59,9 @@ class OpenClipEncoder:
         self.dim = int(model.visual.output_dim)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             tokens = self.tokenizer(list(texts)).to(self.device)
             return l2_normalise(self.model.encode_text(tokens).float().cpu().numpy())
 
-    def encode_images(self, images: Sequence) -> np.ndarray:
-        with torch.inference_mode():
-            batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-            return l2_normalise(self.model.encode_image(batch).float().cpu().numpy())
+    def _encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"vector": self.model.encode_image(pixels)}

@@ -126,6 +126,11 @@ class ShardWriter:
                 )
         return cls(directory, existing, extra)
 
+    @property
+    def done(self) -> dict[tuple[str, int], int]:
+        """(kind, number) -> input rows of every shard the manifest lists."""
+        return dict(self._done)
+
     def is_done(self, kind: str, number: int, input_rows: int) -> bool:
         """True when the manifest lists this shard as made from the same `input_rows` dataset rows.
 
@@ -133,40 +138,51 @@ class ShardWriter:
         """
         return self._done.get((kind, number)) == input_rows
 
-    def _column(self, field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str, Any]) -> pa.Array:
-        rows = len(vectors)
-        if field_.name == "vector":
-            return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.manifest.dim)
-        if field_.name == "kind":
-            return pa.array([kind] * rows, pa.string())
-        if field_.name in columns:
-            return pa.array(columns[field_.name], field_.type)
-        return pa.nulls(rows, field_.type)
-
     def write(self, kind: str, number: int, input_rows: int, columns: dict[str, Any],
               failed: list[dict[str, Any]]) -> None:
-        """Write one shard from column data (`vector` as an (n, dim) array) and record it.
+        """Write one shard and record it; `input_rows` = its rows plus `failed`."""
+        self.record(write_shard_file(self.directory, self.schema, kind, number, columns), input_rows, failed)
 
-        `input_rows` is how many dataset rows the shard was made from: its rows plus `failed`.
+    def record(self, entry: dict[str, Any], input_rows: int, failed: list[dict[str, Any]]) -> None:
+        """Add a shard file already in place (see `write_shard_file`) to the manifest.
+
+        Only one process records, so shards written by several processes never race on the manifest.
         """
-        vectors = np.ascontiguousarray(columns["vector"], dtype=np.float16)
-        table = pa.Table.from_arrays([self._column(f, kind, vectors, columns) for f in self.schema],
-                                     schema=self.schema)
-        name = shard_name(kind, number)
-        final = self.directory / name
-        temporary = final.with_name(name + ".tmp")
-        pq.write_table(table, temporary, compression="zstd")
-        fsync_file(temporary)
-        os.replace(temporary, final)
+        name = entry["name"]
         self.manifest.shards = [s for s in self.manifest.shards if s["name"] != name]
         self.manifest.failed = [f for f in self.manifest.failed if f["shard"] != name]
-        self.manifest.shards.append({"name": name, "kind": kind, "number": number, "rows": len(table),
-                                     "input_rows": input_rows, "bytes": final.stat().st_size,
-                                     "sha256": sha256_of(final)})
+        self.manifest.shards.append(dict(entry, input_rows=input_rows))
         self.manifest.shards.sort(key=lambda s: (s["kind"], s["number"]))
         self.manifest.failed.extend(dict(f, shard=name) for f in failed)
-        self._done[(kind, number)] = input_rows
+        self._done[(entry["kind"], entry["number"])] = input_rows
         self.manifest.write(self.directory)
+
+
+def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str, Any]) -> pa.Array:
+    rows = len(vectors)
+    if field_.name == "vector":
+        return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), field_.type.list_size)
+    if field_.name == "kind":
+        return pa.array([kind] * rows, pa.string())
+    if field_.name in columns:
+        return pa.array(columns[field_.name], field_.type)
+    return pa.nulls(rows, field_.type)
+
+
+def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int,
+                     columns: dict[str, Any]) -> dict[str, Any]:
+    """Write shard `number` of `kind` from column data (`vector` as an (n, dim) array) via a
+    temporary file and a rename; return its manifest entry (name, kind, number, rows, bytes, sha256)."""
+    vectors = np.ascontiguousarray(columns["vector"], dtype=np.float16)
+    table = pa.Table.from_arrays([_column(f, kind, vectors, columns) for f in schema], schema=schema)
+    name = shard_name(kind, number)
+    final = directory / name
+    temporary = final.with_name(name + ".tmp")
+    pq.write_table(table, temporary, compression="zstd")
+    fsync_file(temporary)
+    os.replace(temporary, final)
+    return {"name": name, "kind": kind, "number": number, "rows": len(table),
+            "bytes": final.stat().st_size, "sha256": sha256_of(final)}
 
 
 def read_vectors(path: Path, batch_rows: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:

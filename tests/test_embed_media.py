@@ -1,0 +1,172 @@
+"""Cover and clip vectors from image models: the batch job end to end on the demo data and on
+videos made here, with a small UniCLIP saved in the released format."""
+
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import vsearch.embeddings.media as media
+from vsearch.embeddings import load_encoder
+from vsearch.embeddings.datasets import open_dataset
+from vsearch.embeddings.encoders import l2_normalise
+from vsearch.embeddings.job import EmbedConfig, OomBackoff, run_embed
+from vsearch.embeddings.media import MediaError, sample_frames
+from vsearch.embeddings.shards import Manifest
+from vsearch.errors import VsearchError
+from tests.conftest import write_video
+
+
+def table(directory, kind):
+    manifest = Manifest.read(directory)
+    return pa.concat_tables(pq.read_table(directory / s["name"]) for s in manifest.shards if s["kind"] == kind)
+
+
+def embed_demo(workspace, tiny_uniclip, **options):
+    config = EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0, **options)
+    return run_embed(config, workspace)
+
+
+def test_sampled_frames_sit_at_uniform_times_and_cost_about_one_gop_each(tmp_path, monkeypatch):
+    video = write_video(tmp_path / "long.mp4", seconds=60, fps=10, gop=10)
+    decoded = 0
+    original = media._frames_from
+
+    def counting(container, stream):
+        nonlocal decoded
+        for frame in original(container, stream):
+            decoded += 1
+            yield frame
+
+    monkeypatch.setattr(media, "_frames_from", counting)
+    frames = sample_frames(str(video), 12)
+    grey = [round(np.asarray(frame).mean() / 2) % 128 for frame in frames]
+    expected = [round((k + 0.5) * 60 / 12 * 10) % 128 for k in range(12)]
+    assert np.abs(np.array(grey) - np.array(expected)).max() <= 1
+    assert decoded <= 12 * (10 + 1)  # a seek and at most one GOP per frame, not all 600 frames
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video"), "cannot decode video"),
+    (lambda p: p.write_bytes(b""), "cannot decode video"),
+    (lambda p: write_video(p, seconds=0.1), "video too short"),
+])
+def test_bad_videos_raise_a_media_error(make, reason, tmp_path):
+    path = tmp_path / "bad.mp4"
+    make(path)
+    with pytest.raises(MediaError, match=reason):
+        sample_frames(str(path), 12)
+
+
+def test_demo_covers_and_clips_with_uniclip(workspace, tiny_uniclip):
+    result = embed_demo(workspace, tiny_uniclip, kind="both")
+    covers, clips = table(result.directory, "cover"), table(result.directory, "clip")
+    assert covers.num_rows == 199 and clips.num_rows == 10
+    assert set(clips.column("id").to_pylist()) <= set(covers.column("id").to_pylist())
+    assert set(clips.column("kind").to_pylist()) == {"clip"}
+    assert covers.schema.field("ocr_presence").type == pa.float32()
+    presence = np.array(covers.column("ocr_presence").to_pylist())
+    assert ((presence >= 0) & (presence <= 1)).all() and presence.std() > 0
+    assert clips.column("ocr_presence").null_count == 10
+    manifest = json.loads((result.directory / "_manifest.json").read_text())
+    assert manifest["encoder"]["spec"] == f"uniclip:{tiny_uniclip.resolve()}" and manifest["dim"] == 32
+    assert manifest["failed"] == []
+
+
+def test_clip_vectors_are_the_mean_of_normalised_frame_vectors(workspace, tiny_uniclip):
+    result = embed_demo(workspace, tiny_uniclip, kind="clip", frames=6)
+    clips = table(result.directory, "clip")
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
+    first = clips.slice(0, 1).to_pylist()[0]
+    frames = sample_frames(first["uri"], 6)
+    want = l2_normalise(encoder.encode_images(frames).mean(axis=0, keepdims=True))[0]
+    np.testing.assert_allclose(np.asarray(first["vector"], np.float32), want, atol=2e-3)
+
+
+def test_dataloader_workers_give_the_same_shards(workspace, tiny_uniclip, tmp_path):
+    serial = embed_demo(workspace, tiny_uniclip, limit=40, shard_size=16)
+    parallel = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=2,
+                                     limit=40, shard_size=16, out=tmp_path / "parallel"), workspace)
+    assert table(parallel.directory, "cover").equals(table(serial.directory, "cover"))
+
+
+def test_corrupt_covers_and_videos_are_recorded_and_the_job_goes_on(tmp_path, workspace, tiny_uniclip):
+    demo = open_dataset("demo", workspace)
+    source = tmp_path / "mini.txt"
+    rows = list(demo.rows())[:6]
+    lines = [f"{r.title}\t{r.uri}\t{r.ocr}" for r in rows]
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    lines.append(f"坏封面\t{tmp_path / 'broken.jpg'}\t坏")
+    lines.append(f"没有封面\t{tmp_path / 'missing.jpg'}\t无")
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    videos = tmp_path / "mini-videos"
+    videos.mkdir()
+    for row, make in zip(open_dataset(str(source), workspace).rows(), ["good", "corrupt", "empty", "short"]):
+        target = videos / f"{row.id}.mp4"
+        if make == "good":
+            write_video(target, seconds=2)
+        elif make == "corrupt":
+            target.write_bytes(b"not a video at all")
+        elif make == "empty":
+            target.write_bytes(b"")
+        else:
+            write_video(target, seconds=0.1)
+    result = run_embed(EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", kind="both",
+                                   device="cpu", workers=0), workspace)
+    assert table(result.directory, "cover").num_rows == 6 and table(result.directory, "clip").num_rows == 1
+    reasons = sorted((f["kind"], re.match(r"\D+?(?= /|:)", f["reason"]).group(0)) for f in result.manifest.failed)
+    assert reasons == [("clip", "cannot decode video"), ("clip", "cannot decode video"), ("clip", "video too short"),
+                       ("cover", "cannot decode image"), ("cover", "image not found")]
+
+
+def test_resume_covers_both_kinds(workspace, tiny_uniclip):
+    first = embed_demo(workspace, tiny_uniclip, kind="both", limit=60, shard_size=25)
+    again = embed_demo(workspace, tiny_uniclip, kind="both", shard_size=25)
+    assert first.shards_written == 4  # covers 25 + 25 + 10 of 25; all 10 clips in one shard
+    assert again.shards_skipped == 3  # the two full cover shards and the clip shard; cover shard 2 is redone
+    assert again.manifest.rows("cover") == 199 and again.manifest.rows("clip") == 10
+    assert len(set(table(again.directory, "cover").column("id").to_pylist())) == 199
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing():
+    class FlakyGpu:
+        calls: list[int] = []
+
+        def encode_pixels(self, pixels):
+            self.calls.append(len(pixels))
+            if len(pixels) > 8:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return {"vector": pixels.reshape(len(pixels), -1).numpy()}
+
+    gpu = FlakyGpu()
+    backoff = OomBackoff(gpu, limit=64)
+    pixels = torch.arange(40 * 3, dtype=torch.float32).reshape(40, 3)
+    out = backoff(pixels)
+    np.testing.assert_array_equal(out["vector"], pixels.numpy())
+    assert backoff.limit == 5 and gpu.calls[:4] == [40, 20, 10, 5] and max(gpu.calls[4:]) == 5
+
+
+def test_one_process_per_device_writes_the_same_shards(workspace, tiny_uniclip, tmp_path):
+    single = embed_demo(workspace, tiny_uniclip, kind="both", shard_size=40)
+    split = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", kind="both", device="cpu,cpu",
+                                  workers=0, shard_size=40, out=tmp_path / "split"), workspace)
+    assert split.shards_written == single.shards_written == 6
+    for kind in ("cover", "clip"):
+        assert table(split.directory, kind).equals(table(single.directory, kind))
+
+
+def test_text_only_encoders_cannot_make_clip_vectors(workspace):
+    with pytest.raises(VsearchError, match="clip vectors need an image model"):
+        run_embed(EmbedConfig(dataset="demo", model="lexical", kind="clip"), workspace)
+
+
+def test_a_dataset_without_videos_says_where_to_put_them(tmp_path, workspace, tiny_uniclip):
+    source = tmp_path / "novideo.txt"
+    source.write_text("标题\tx.jpg\t文字\n", encoding="utf-8")
+    with pytest.raises(VsearchError, match="no videos folder .*novideo-videos"):
+        run_embed(EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", kind="clip", device="cpu"),
+                  workspace)

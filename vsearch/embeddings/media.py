@@ -1,0 +1,83 @@
+"""Reading covers and videos from local paths or fsspec URLs; a bad file raises `MediaError`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import av
+import fsspec
+from PIL import Image, UnidentifiedImageError
+
+# Targets closer than this to the last decoded frame are reached by decoding on, not seeking:
+# a seek lands on the previous keyframe, so seeking within a GOP would decode it again.
+SEEK_GAP_SECONDS = 2.0
+
+
+class MediaError(Exception):
+    """One image or video could not be read; the job records the reason and goes on."""
+
+
+def load_image(uri: str | None) -> Image.Image:
+    if uri is None:
+        raise MediaError("no image url")
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            image = Image.open(handle)
+            image.load()
+    except FileNotFoundError:
+        raise MediaError(f"image not found: {uri}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"cannot decode image {uri}: {exc}") from None
+    return image.convert("RGB")
+
+
+def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return (container.duration or 0) / av.time_base
+
+
+def _frames_from(container, stream) -> Iterator[av.VideoFrame]:
+    for frame in container.decode(stream):
+        if frame.pts is not None:
+            yield frame
+
+
+def sample_frames(uri: str, count: int) -> list[Image.Image]:
+    """`count` frames at uniform times over the video (CLIP4Clip's sampling), reached by seeking,
+    so a long video costs about `count` short decodes rather than a full one.
+
+    A target past the last decodable frame repeats that frame. Videos that are empty, have no
+    duration, or yield fewer than two distinct frames raise `MediaError`.
+    """
+    try:
+        with fsspec.open(uri, "rb") as handle, av.open(handle) as container:
+            if not container.streams.video:
+                raise MediaError(f"no video stream in {uri}")
+            stream = container.streams.video[0]
+            seconds = _duration(container, stream)
+            if seconds <= 0:
+                raise MediaError(f"zero-length video: {uri}")
+            start = stream.start_time or 0
+            sampled: list[av.VideoFrame] = []
+            decoder, last = iter(()), None
+            for index in range(count):
+                target = start + int((index + 0.5) * seconds / count / stream.time_base)
+                if last is None or (target - last.pts) * stream.time_base > SEEK_GAP_SECONDS:
+                    container.seek(target, stream=stream, backward=True)
+                    decoder = _frames_from(container, stream)
+                for frame in decoder:
+                    last = frame
+                    if frame.pts >= target:
+                        break
+                if last is not None:
+                    sampled.append(last)
+            images = [frame.to_image() for frame in sampled]
+    except FileNotFoundError:
+        raise MediaError(f"video not found: {uri}") from None
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise MediaError(f"cannot decode video {uri}: {exc}") from None
+    distinct = len({frame.pts for frame in sampled})
+    if distinct < 2:
+        raise MediaError(f"video too short: {distinct} distinct frame(s) in {uri}")
+    return images
