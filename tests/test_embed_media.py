@@ -3,6 +3,7 @@ videos made here, with a small UniCLIP saved in the released format."""
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -170,3 +171,27 @@ def test_a_dataset_without_videos_says_where_to_put_them(tmp_path, workspace, ti
     with pytest.raises(VsearchError, match="no videos folder .*novideo-videos"):
         run_embed(EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", kind="clip", device="cpu"),
                   workspace)
+
+
+def test_jpegs_decoded_on_the_device_give_the_same_vectors(workspace, tiny_uniclip, tmp_path):
+    # The GPU path (nvjpeg + resize on the device) run on the CPU device: same code, other device.
+    on_workers = embed_demo(workspace, tiny_uniclip, limit=30, decode="workers")
+    on_device = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0,
+                                      limit=30, decode="device", out=tmp_path / "device"), workspace)
+    a, b = table(on_workers.directory, "cover"), table(on_device.directory, "cover")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    va = np.array(a.column("vector").to_pylist(), np.float32)
+    vb = np.array(b.column("vector").to_pylist(), np.float32)
+    assert (va * vb).sum(axis=1).min() > 0.995
+
+
+def test_a_corrupt_jpeg_decoded_on_the_device_is_recorded(tmp_path, workspace, tiny_uniclip):
+    covers = tmp_path / "covers"
+    covers.mkdir()
+    shutil.copy(open_dataset("demo", workspace).rows().__next__().uri, covers / "good.jpg")
+    (covers / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    result = run_embed(EmbedConfig(dataset=str(covers), model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0,
+                                   decode="device"), workspace)
+    assert table(result.directory, "cover").column("id").to_pylist() == ["good"]
+    (failure,) = result.manifest.failed
+    assert failure["id"] == "bad" and failure["reason"].startswith("cannot decode image")

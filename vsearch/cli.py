@@ -87,6 +87,7 @@ def embed(
     shard_size: Annotated[int, typer.Option(help="Dataset rows per shard.")] = 10_000,
     batch_size: Annotated[int, typer.Option(help="Images per encoder call (halved on CUDA out-of-memory).")] = 256,
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding media (default: cores, at most 8).")] = None,
+    decode: Annotated[str, typer.Option(help="Where JPEG covers are decoded: auto (GPU when there is one), device, workers.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Embed only the first N rows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete existing shards in the folder first.")] = False,
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda:N, or a list: cuda:0,cuda:1.")] = "auto",
@@ -96,7 +97,7 @@ def embed(
     from vsearch.embeddings.job import EmbedConfig, run_embed
 
     config = EmbedConfig(dataset=dataset, model=model, kind=kind, out=out, images=images, videos=videos,
-                         frames=frames, shard_size=shard_size, batch_size=batch_size, limit=limit,
+                         frames=frames, decode=decode, shard_size=shard_size, batch_size=batch_size, limit=limit,
                          overwrite=overwrite, device=device)
     if workers is not None:
         config.workers = workers

@@ -44,6 +44,7 @@ class EmbedConfig:
     shard_size: int = 10_000
     batch_size: int = 256
     frames: int = 12
+    decode: str = "auto"  # where covers' JPEGs are decoded: auto (the GPU when there is one), device, workers
     limit: int | None = None
     overwrite: bool = False
     device: str = "auto"
@@ -164,11 +165,14 @@ def mean_pool(frame_vectors: np.ndarray, frames: int) -> np.ndarray:
 def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, list[Row]]],
                         config: EmbedConfig, on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
     """Encode covers (images) or clips (pooled frames) shard by shard with an image encoder."""
-    from vsearch.embeddings.reader import media_batches
+    from vsearch.embeddings.reader import device_pixels, media_batches
 
     batch_rows = config.batch_size if kind == "cover" else max(1, config.batch_size // config.frames)
-    batches = media_batches(shards, kind, encoder.image_transform, config.frames, batch_rows,
-                            config.workers, pin_memory=encoder.device.type == "cuda")
+    on_device = hasattr(encoder, "tensor_transform") and kind == "cover" and (
+        config.decode == "device" or (config.decode == "auto" and encoder.device.type == "cuda"))
+    batches = media_batches(shards, kind, encoder.image_transform, config.frames, batch_rows, config.workers,
+                            pin_memory=encoder.device.type == "cuda", raw_jpegs=on_device)
+    transform = getattr(encoder, "tensor_transform", None)
     encode = OomBackoff(encoder, config.batch_size)
     current: EncodedShard | None = None
     rows: list[Row] = []
@@ -187,14 +191,15 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
             rows, outputs = [], []
         if current is None or batch.number != current.number:
             current = EncodedShard(kind, batch.number, batch.input_rows, {}, [])
-        current.failed += [_failure(row, kind, reason) for row, reason in batch.failed]
-        if batch.pixels is not None:
+        pixels, batch_rows_read, failed = device_pixels(batch, encoder.device, transform)
+        current.failed += [_failure(row, kind, reason) for row, reason in failed]
+        if pixels is not None:
             if kind == "cover":
-                outputs.append(encode(batch.pixels))
+                outputs.append(encode(pixels))
             else:
-                frames = encode(batch.pixels.flatten(0, 1))["vector"]
+                frames = encode(pixels.flatten(0, 1))["vector"]
                 outputs.append({"vector": mean_pool(frames, config.frames)})
-            rows += batch.rows
+            rows += batch_rows_read
         on_rows(len(batch.rows) + len(batch.failed))
     if current is not None:
         yield finish(current)
@@ -317,17 +322,20 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
             future.result()
 
 
-def run_embed(config: EmbedConfig, workspace: Workspace,
-              on_rows: Callable[[int], None] = lambda n: None) -> EmbedResult:
+def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int], None] = lambda n: None,
+              encoder: Encoder | None = None) -> EmbedResult:
+    """Embed `config.dataset`; pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
     if config.kind not in KINDS:
         raise VsearchError(f"unknown --kind {config.kind!r}: use cover, clip or both")
+    if config.decode not in ("auto", "device", "workers"):
+        raise VsearchError(f"unknown --decode {config.decode!r}: use auto, device or workers")
     if min(config.shard_size, config.batch_size, config.frames) < 1:
         raise VsearchError("--shard-size, --batch-size and --frames must be at least 1")
     kinds = KINDS[config.kind]
     dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
     spec = resolve_model(config.model, workspace)
     devices = resolve_devices(config.device)
-    encoder = load_encoder(spec, devices[0])
+    encoder = encoder or load_encoder(spec, devices[0])
     check_encodable(encoder, dataset, kinds)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
     fresh = Manifest(dataset=dataset.name, source=dataset.source,

@@ -17,6 +17,18 @@ class MediaError(Exception):
     """One image or video could not be read; the job records the reason and goes on."""
 
 
+def read_bytes(uri: str | None) -> bytes:
+    if uri is None:
+        raise MediaError("no image url")
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise MediaError(f"image not found: {uri}") from None
+    except OSError as exc:
+        raise MediaError(f"cannot read image {uri}: {exc}") from None
+
+
 def load_image(uri: str | None) -> Image.Image:
     if uri is None:
         raise MediaError("no image url")

@@ -15,15 +15,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from vsearch.embeddings.datasets import Row
-from vsearch.embeddings.media import MediaError, load_image, sample_frames
+from vsearch.embeddings.media import MediaError, load_image, read_bytes, sample_frames
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass
 class Batch:
     number: int  # the shard it belongs to
     input_rows: int  # how many dataset rows that shard covers
-    rows: list[Row]  # rows whose media were read, in order
+    rows: list[Row]  # rows whose media were read: those in `pixels` first, then those in `jpegs`
     pixels: torch.Tensor | None  # (n, 3, H, W) for covers, (n, frames, 3, H, W) for clips
+    jpegs: list[torch.Tensor]  # encoded JPEG bytes, left for the device to decode
     failed: list[tuple[Row, str]]
 
     def pin_memory(self) -> "Batch":
@@ -32,33 +36,84 @@ class Batch:
         return self
 
 
+@dataclass
+class Item:
+    number: int
+    input_rows: int
+    row: Row
+    pixels: torch.Tensor | None = None
+    jpeg: torch.Tensor | None = None
+    error: str | None = None
+
+
 class MediaRows(torch.utils.data.Dataset):
-    """Indexed by (shard number, shard input rows, row); returns the row's preprocessed pixels or why not."""
+    """Indexed by (shard number, shard input rows, row); reads and prepares that row's media.
 
-    def __init__(self, kind: str, transform: Callable, frames: int):
-        self.kind, self.transform, self.frames = kind, transform, frames
+    With `raw_jpegs`, JPEG covers are passed on undecoded for the device to decode; other
+    formats are decoded here, as everything is without it.
+    """
 
-    def __getitem__(self, item: tuple[int, int, Row]) -> tuple[int, int, Row, torch.Tensor | None, str | None]:
-        number, input_rows, row = item
+    def __init__(self, kind: str, transform: Callable, frames: int, raw_jpegs: bool = False):
+        self.kind, self.transform, self.frames, self.raw_jpegs = kind, transform, frames, raw_jpegs
+
+    def __getitem__(self, index: tuple[int, int, Row]) -> Item:
+        item = Item(*index)
         try:
-            if self.kind == "cover":
-                pixels = self.transform(load_image(row.uri))
+            if self.kind == "clip":
+                item.pixels = torch.stack([self.transform(frame) for frame in sample_frames(item.row.uri, self.frames)])
+            elif self.raw_jpegs and (data := read_bytes(item.row.uri)).startswith(JPEG_MAGIC):
+                item.jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             else:
-                pixels = torch.stack([self.transform(frame) for frame in sample_frames(row.uri, self.frames)])
+                item.pixels = self.transform(load_image(item.row.uri))
         except MediaError as exc:
-            return number, input_rows, row, None, str(exc)
-        return number, input_rows, row, pixels, None
+            item.error = str(exc)
+        return item
 
 
-def collate(items: list[tuple[int, int, Row, torch.Tensor | None, str | None]]) -> Batch:
-    read = [item for item in items if item[3] is not None]
+def collate(items: list[Item]) -> Batch:
+    decoded = [item for item in items if item.pixels is not None]
+    encoded = [item for item in items if item.jpeg is not None]
     return Batch(
-        number=items[0][0],
-        input_rows=items[0][1],
-        rows=[item[2] for item in read],
-        pixels=torch.stack([item[3] for item in read]) if read else None,
-        failed=[(item[2], item[4]) for item in items if item[3] is None],
+        number=items[0].number,
+        input_rows=items[0].input_rows,
+        rows=[item.row for item in decoded + encoded],
+        pixels=torch.stack([item.pixels for item in decoded]) if decoded else None,
+        jpegs=[item.jpeg for item in encoded],
+        failed=[(item.row, item.error) for item in items if item.error is not None],
     )
+
+
+def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device,
+                 transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor | None, dict[int, str]]:
+    """Decode JPEG bytes on `device` (nvjpeg on CUDA) and prepare them with the encoder's tensor
+    transform; returns the pixels of those that decoded and the reasons of those that did not."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        failed: dict[int, str] = {}
+    except RuntimeError:  # one bad file fails the whole call: find it, keep the rest
+        images, failed = [], {}
+        for position, data in enumerate(jpegs):
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as exc:
+                failed[position] = f"cannot decode image: {str(exc).strip().splitlines()[-1]}"
+    pixels = torch.stack([transform(image) for image in images]) if images else None
+    return pixels, failed
+
+
+def device_pixels(batch: Batch, device: torch.device, transform: Callable | None
+                  ) -> tuple[torch.Tensor | None, list[Row], list[tuple[Row, str]]]:
+    """(model input on `device`, its rows, the batch's failures) for one batch: the pixels the
+    workers prepared, then the JPEGs decoded on the device."""
+    decoded, undecodable = decode_jpegs(batch.jpegs, device, transform) if batch.jpegs else (None, {})
+    ready = 0 if batch.pixels is None else len(batch.pixels)
+    rows = batch.rows[:ready] + [row for i, row in enumerate(batch.rows[ready:]) if i not in undecodable]
+    failed = batch.failed + [(batch.rows[ready + i], reason) for i, reason in undecodable.items()]
+    parts = [p for p in (None if batch.pixels is None else batch.pixels.to(device, non_blocking=True), decoded)
+             if p is not None]
+    return (torch.cat(parts) if parts else None), rows, failed
 
 
 def _batch_plan(shards: Iterator[tuple[int, list[Row]]], batch_rows: int) -> Iterator[list[tuple[int, int, Row]]]:
@@ -69,10 +124,10 @@ def _batch_plan(shards: Iterator[tuple[int, list[Row]]], batch_rows: int) -> Ite
 
 
 def media_batches(shards: Iterator[tuple[int, list[Row]]], kind: str, transform: Callable, frames: int,
-                  batch_rows: int, workers: int, pin_memory: bool) -> Iterator[Batch]:
+                  batch_rows: int, workers: int, pin_memory: bool, raw_jpegs: bool = False) -> Iterator[Batch]:
     """Batches of preprocessed media for the given shards, read by `workers` processes."""
     loader = DataLoader(
-        MediaRows(kind, transform, frames),
+        MediaRows(kind, transform, frames, raw_jpegs),
         batch_sampler=_batch_plan(shards, batch_rows),
         num_workers=workers,
         collate_fn=collate,

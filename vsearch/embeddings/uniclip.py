@@ -34,6 +34,7 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
 from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
+from torchvision.transforms.functional import normalize
 from transformers import BertConfig, BertModel, BertTokenizer
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
@@ -236,6 +237,16 @@ class UniClipEncoder(TorchImageEncoder):
         self.spec = f"uniclip:{checkpoint.resolve()}"
         self.fingerprint = file_fingerprint(checkpoint)
         self.dim = config.embed_dim
+
+    def tensor_transform(self, image: torch.Tensor) -> torch.Tensor:
+        """`image_transform` for a uint8 CHW tensor already on the device (a JPEG decoded there).
+
+        Antialiased bicubic matches PIL's resize to within a few grey levels.
+        """
+        size = self.image_transform.transforms[0].size
+        resized = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bicubic",
+                                                  antialias=True, align_corners=False)[0]
+        return normalize(resized.clamp(0, 255) / 255, list(MEAN), list(STD))
 
     def tokenize(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
         """[CLS] + the first context_length - 2 WordPiece ids + [SEP], zero-padded."""

@@ -1,0 +1,111 @@
+"""Embedding throughput: covers/s end to end (JPEG files -> Parquet shards) next to the model alone
+(pre-made tensors already on the device), for UniCLIP ViT-B/16 with random weights.
+
+    python benchmarks/embed_throughput.py [--covers 2048] [--device auto] [--batch-size 256] [--workers 8]
+
+Prints a table and writes JSON (default benchmarks/out/embed_throughput.json). The pipeline's goal
+is at least 90% of model-only throughput: decoding and resizing must keep the device busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from vsearch.embeddings import load_encoder
+from vsearch.embeddings.job import EmbedConfig, run_embed
+from vsearch.embeddings.uniclip import UniClip, UniClipConfig
+from vsearch.workspace import Workspace
+
+SIZES = [(640, 360), (360, 640), (480, 480), (720, 405)]  # typical cover shapes
+
+
+def make_covers(folder: Path, count: int) -> None:
+    """JPEG covers of realistic sizes with texture, so decoding costs what real covers cost."""
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        width, height = SIZES[index % len(SIZES)]
+        base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize((width, height), Image.BILINEAR)
+        image.save(folder / f"{index:06d}.jpg", quality=85)
+
+
+def random_checkpoint(path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save({"state_dict": UniClip(UniClipConfig()).state_dict()}, path)
+
+
+def model_only(encoder, covers: int, batch_size: int) -> float:
+    """Covers/s of the encoder alone on pre-made pixels already on its device."""
+    pixels = torch.randn(batch_size, 3, 224, 224, device=encoder.device)
+    encoder.encode_pixels(pixels)  # warm-up: kernels, autotuning
+    batches = max(1, covers // batch_size)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(batches):
+        encoder.encode_pixels(pixels)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Namespace) -> float:
+    config = EmbedConfig(dataset=str(folder), model=encoder.spec, device=str(encoder.device), batch_size=args.batch_size,
+                         shard_size=args.covers, out=workspace.root / "shards", overwrite=True)
+    if args.workers is not None:
+        config.workers = args.workers
+    started = time.perf_counter()
+    result = run_embed(config, workspace, encoder=encoder)
+    elapsed = time.perf_counter() - started
+    assert result.rows_written == args.covers, result
+    return args.covers / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--covers", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "embed_throughput.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        (scratch / "covers").mkdir()
+        make_covers(scratch / "covers", args.covers)
+        random_checkpoint(scratch / "uniclip-random.pt")
+        encoder = load_encoder(f"uniclip:{scratch / 'uniclip-random.pt'}", args.device)
+        alone = model_only(encoder, args.covers, args.batch_size)
+        pipeline = end_to_end(encoder, scratch / "covers", Workspace.resolve(scratch / "ws"), args)
+
+    device = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else platform.processor() or "cpu"
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "device": device, "model": "UniCLIP ViT-B/16 (random weights)",
+        "covers": args.covers, "batch_size": args.batch_size, "workers": args.workers,
+        "model_only_covers_per_s": round(alone, 1), "end_to_end_covers_per_s": round(pipeline, 1),
+        "end_to_end_over_model_only": round(pipeline / alone, 3),
+    }
+    table = Table(title=f"embed throughput on {device}")
+    for column in ("covers", "model only (covers/s)", "end to end (covers/s)", "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row(str(args.covers), f"{alone:,.1f}", f"{pipeline:,.1f}", f"{pipeline / alone:.1%}")
+    Console().print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
