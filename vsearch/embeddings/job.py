@@ -162,6 +162,23 @@ def mean_pool(frame_vectors: np.ndarray, frames: int) -> np.ndarray:
     return l2_normalise(frame_vectors.reshape(-1, frames, frame_vectors.shape[-1]).mean(axis=1))
 
 
+@dataclass
+class _ShardInProgress:
+    kind: str
+    number: int
+    input_rows: int
+    rows: list[Row] = field(default_factory=list)
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    def finished(self, dim: int) -> EncodedShard:
+        names = self.outputs[0].keys() if self.outputs else ["vector"]
+        merged = {name: np.concatenate([o[name] for o in self.outputs]) if self.outputs else np.zeros((0, dim))
+                  for name in names}
+        vectors = merged.pop("vector")
+        return EncodedShard(self.kind, self.number, self.input_rows, _columns(self.rows, vectors, merged), self.failed)
+
+
 def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, list[Row]]],
                         config: EmbedConfig, on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
     """Encode covers (images) or clips (pooled frames) shard by shard with an image encoder."""
@@ -174,35 +191,24 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
                             pin_memory=encoder.device.type == "cuda", raw_jpegs=on_device)
     transform = getattr(encoder, "tensor_transform", None)
     encode = OomBackoff(encoder, config.batch_size)
-    current: EncodedShard | None = None
-    rows: list[Row] = []
-    outputs: list[dict[str, np.ndarray]] = []
-
-    def finish(shard: EncodedShard) -> EncodedShard:
-        names = outputs[0].keys() if outputs else ["vector"]
-        merged = {n: np.concatenate([o[n] for o in outputs]) if outputs else np.zeros((0, encoder.dim))
-                  for n in names}
-        vectors = merged.pop("vector")
-        return replace(shard, columns=_columns(rows, vectors, merged))
-
+    shard: _ShardInProgress | None = None
     for batch in batches:
-        if current is not None and batch.number != current.number:
-            yield finish(current)
-            rows, outputs = [], []
-        if current is None or batch.number != current.number:
-            current = EncodedShard(kind, batch.number, batch.input_rows, {}, [])
-        pixels, batch_rows_read, failed = device_pixels(batch, encoder.device, transform)
-        current.failed += [_failure(row, kind, reason) for row, reason in failed]
+        if shard is not None and batch.number != shard.number:
+            yield shard.finished(encoder.dim)
+            shard = None
+        shard = shard or _ShardInProgress(kind, batch.number, batch.input_rows)
+        pixels, rows, failed = device_pixels(batch, encoder.device, transform)
+        shard.failed += [_failure(row, kind, reason) for row, reason in failed]
         if pixels is not None:
             if kind == "cover":
-                outputs.append(encode(pixels))
+                shard.outputs.append(encode(pixels))
             else:
                 frames = encode(pixels.flatten(0, 1))["vector"]
-                outputs.append({"vector": mean_pool(frames, config.frames)})
-            rows += batch_rows_read
+                shard.outputs.append({"vector": mean_pool(frames, config.frames)})
+            shard.rows += rows
         on_rows(len(batch.rows) + len(batch.failed))
-    if current is not None:
-        yield finish(current)
+    if shard is not None:
+        yield shard.finished(encoder.dim)
 
 
 def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
