@@ -119,3 +119,59 @@ def test_embed_without_a_configured_checkpoint_says_how_to_get_one(cli, monkeypa
     result = cli("embed", "--dataset", "demo")
     assert result.code == 1
     assert "no UniCLIP checkpoint" in result.stderr and "--model lexical" in result.stderr
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])
+def test_all_index_types_from_the_demo_shards(index_type, cli, workspace):
+    assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0
+    built = cli("build-index", "--type", index_type)
+    assert built.code == 0, built.stderr
+    assert "recall@10" in built.stderr
+    result = cli("query", "大宅门演员表", "--json", "-k", "6", "--index", f"demo-{index_type}")
+    hits = json.loads(result.stdout)["results"]
+    assert {h["id"] for h in hits} == demo_relevant_ids()
+
+
+def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "clip-retrieval"
+    folder.mkdir()
+    vectors = np.random.default_rng(0).standard_normal((400, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def part(number, rows):
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors[rows].ravel()), 32)
+        pq.write_table(pa.table({"key": [f"k{i}" for i in rows], "emb": column}), folder / f"{number}.parquet")
+
+    part(0, range(0, 200))
+    out = tmp_path / "byo-index"
+    args = ("--embeddings", str(folder), "--id-column", "key", "--out", str(out))
+    assert cli("build-index", "--type", "hnsw", *args).code == 0
+    part(1, range(200, 400))
+    appended = cli("build-index", "--type", "hnsw", "--append", *args)
+    assert appended.code == 0 and "appended 200 vectors from 1 files" in appended.stderr
+    deleted = cli("delete", "k0", "k1", "missing", "--index", str(out))
+    assert deleted.code == 0 and "2 ids deleted" in deleted.stderr and "missing" in deleted.stderr
+
+    from vsearch.indexes import load_index
+
+    index = load_index(out)
+    _, ids = index.search(vectors[[0, 1, 300]], 1)
+    assert ids[0, 0] not in ("k0", "k1") and ids[2, 0] == "k300" and len(index) == 398
+    text = cli("query", "大宅门", "--index", str(out))
+    assert text.code == 1 and "no recorded model" in text.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build-index", "--type", "hnsw", "--engine", "annoy"], "index type hnsw has no engine 'annoy'"),
+    (["build-index", "--memory-budget", "lots"], "bad size 'lots'"),
+    (["build-index", "--target-recall", "1.5"], "--target-recall must be in (0, 1]"),
+    (["delete", "--index", "nope"], "no ids to delete"),
+])
+def test_index_option_errors(args, message, cli):
+    assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0
+    result = cli(*args)
+    assert result.code == 1 and message in result.stderr, result.stderr

@@ -3,13 +3,41 @@ import json
 import faiss
 import hnswlib
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from vsearch.embeddings.job import EmbedConfig, run_embed
-from vsearch.embeddings.shards import Manifest, read_vectors
 from vsearch.errors import VsearchError
-from vsearch.indexes import BuildConfig, build_index, load_index
+from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
+from vsearch.indexes.vectors import open_source
 from tests.conftest import write_cbvs_covers
+
+TYPES = [("flat", None), ("hnsw", None), ("hnsw", "faiss"), ("ivfpq", None)]
+
+
+def clustered(count: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Unit vectors with low intrinsic dimension and clusters, as CLIP embeddings have."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((count, 12)) + 2 * rng.standard_normal((16, 12))[rng.integers(0, 16, count)]
+    vectors = latent @ rng.standard_normal((12, dim)) + 0.2 * rng.standard_normal((count, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_parquet(folder, vectors, start=0, name="part-0.parquet", column="embedding", dtype=np.float32):
+    folder.mkdir(exist_ok=True)
+    ids = [f"doc{i}" for i in range(start, start + len(vectors))]
+    data = pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(dtype).ravel()), vectors.shape[1])
+    pq.write_table(pa.table({"id": ids, column: data, "caption": ["x"] * len(ids)}), folder / name)
+    return folder
+
+
+@pytest.fixture
+def byo(tmp_path):
+    vectors = clustered(3000)
+    write_parquet(tmp_path / "byo", vectors[:1500], 0, "part-0.parquet")
+    write_parquet(tmp_path / "byo", vectors[1500:], 1500, "part-1.parquet")
+    return tmp_path / "byo", vectors
 
 
 @pytest.fixture
@@ -18,81 +46,180 @@ def embedded(tmp_path, workspace):
     return run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=128), workspace).directory
 
 
-def all_vectors(directory):
-    pairs = [pair for f in Manifest.read(directory).shard_files(directory) for pair in read_vectors(f)]
-    ids = [i for batch, _ in pairs for i in batch]
-    return ids, np.concatenate([v for _, v in pairs]).astype(np.float32)
+def exact(vectors, queries, k):
+    return np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-def test_search_returns_the_exact_neighbours_with_string_ids(index_type, embedded, tmp_path):
-    info = build_index(BuildConfig(type=index_type), embedded, tmp_path / "index")
-    assert info["count"] == 300 and info["dim"] == 512 and info["encoder"]["spec"] == "lexical"
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_every_type_builds_from_bring_your_own_parquet_and_finds_neighbours(index_type, engine, byo, tmp_path):
+    folder, vectors = byo
+    info = build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), tmp_path / "index")
+    assert info["count"] == 3000 and info["dim"] == 64 and info["encoder"] is None
+    assert info["recall"]["recall@10"] >= 0.95 and info["recall"]["queries"] == 500
     index = load_index(tmp_path / "index")
-    ids, vectors = all_vectors(embedded)
-    queries = vectors[:20]
-    scores, found = index.search(queries, 5)
-    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :5]
-    assert found.shape == (20, 5) and isinstance(found[0, 0], str)
-    assert [list(row) for row in found] == [[ids[j] for j in row] for row in exact]
-    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, exact, axis=1), atol=1e-4)
+    scores, ids = index.search(vectors[:50], 10)
+    truth = exact(vectors, vectors[:50], 10)
+    found = np.mean([len({int(i[3:]) for i in row} & set(t)) / 10 for row, t in zip(ids, truth)])
+    assert found >= 0.95
+    assert ids[0, 0] == "doc0" and abs(scores[0, 0] - 1.0) < 1e-3
 
 
-def test_index_files_load_with_the_plain_libraries(embedded, tmp_path):
-    build_index(BuildConfig(type="flat"), embedded, tmp_path / "flat")
-    build_index(BuildConfig(type="hnsw"), embedded, tmp_path / "hnsw")
-    assert faiss.read_index(str(tmp_path / "flat" / "index.faiss")).ntotal == 300
-    plain = hnswlib.Index(space="ip", dim=512)
-    plain.load_index(str(tmp_path / "hnsw" / "index.hnsw"))
-    assert plain.get_current_count() == 300
-    manifest = json.loads((tmp_path / "hnsw" / "index.json").read_text())
-    assert manifest["params"] == {"M": 32, "ef_construction": 200, "ef_search": 128}
-    assert [s["name"] for s in manifest["shards"]] == ["cover-00000.parquet", "cover-00001.parquet", "cover-00002.parquet"]
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_every_type_builds_from_demo_style_shards(index_type, engine, embedded, tmp_path):
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(embedded), tmp_path / "index")
+    scores, ids = load_index(tmp_path / "index").search(np.eye(1, 512, dtype=np.float32), 5)
+    assert all(isinstance(i, str) for i in ids[0])
+
+
+def test_index_files_load_with_the_plain_libraries(byo, tmp_path):
+    source = open_source(byo[0])
+    for index_type, engine in TYPES:
+        build_index(BuildConfig(type=index_type, engine=engine), source, tmp_path / f"{index_type}-{engine}")
+    assert faiss.read_index(str(tmp_path / "flat-None" / "index.faiss")).ntotal == 3000
+    assert faiss.read_index(str(tmp_path / "ivfpq-None" / "index.faiss")).ntotal == 3000
+    assert faiss.read_index(str(tmp_path / "hnsw-faiss" / "index.faiss")).ntotal == 3000
+    plain = hnswlib.Index(space="ip", dim=64)
+    plain.load_index(str(tmp_path / "hnsw-None" / "index.hnsw"))
+    assert plain.get_current_count() == 3000
+
+
+def test_ivfpq_keeps_float16_vectors_on_disk_and_its_index_small(byo, tmp_path):
+    folder, _ = byo
+    build_index(BuildConfig(type="ivfpq"), open_source(folder), tmp_path / "ivfpq")
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "flat")
+    on_disk = np.load(tmp_path / "ivfpq" / "vectors-00000.npy", mmap_mode="r")
+    assert on_disk.dtype == np.float16 and on_disk.shape == (3000, 64)
+    ivf_size = (tmp_path / "ivfpq" / "index.faiss").stat().st_size
+    assert ivf_size * 8 <= (tmp_path / "flat" / "index.faiss").stat().st_size
+    index = load_index(tmp_path / "ivfpq")
+    assert all(isinstance(s, np.memmap) for s in index.backend.segments)
+
+
+@pytest.mark.slow
+def test_ivfpq_with_an_opq_rotation_reaches_the_target_recall(tmp_path):
+    write_parquet(tmp_path / "byo", clustered(12000, dim=128))
+    info = build_index(BuildConfig(type="ivfpq"), open_source(tmp_path / "byo"), tmp_path / "ivfpq")
+    assert info["params"]["opq"] == 1 and info["params"]["nbits"] == 8
+    assert info["recall"]["recall@10"] >= 0.95
+
+
+def test_parameters_are_chosen_with_reasons_and_user_settings_win(byo, tmp_path):
+    notes = []
+    info = build_index(BuildConfig(type="hnsw", params={"M": 12}, target_recall=0.99), open_source(byo[0]),
+                       tmp_path / "index", note=notes.append)
+    assert info["params"]["M"] == 12 and info["params"]["ef_construction"] == 400
+    assert "M=12: set by you" in notes and any(n.startswith("recall@10 ") for n in notes)
+    assert info["recall"]["sweep"] and info["recall"]["sweep"][-1]["ef_search"] == info["params"]["ef_search"]
+
+
+def test_a_memory_budget_too_small_is_a_clear_error(byo, tmp_path):
+    with pytest.raises(VsearchError, match="over the memory budget.*ivfpq fits far more"):
+        build_index(BuildConfig(type="hnsw", memory_budget=100_000), open_source(byo[0]), tmp_path / "index")
+
+
+def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
+    folder, vectors = byo
+    first = tmp_path / "first"
+    write_parquet(first, vectors[:1500], 0, "part-0.parquet")
+    for index_type, engine in TYPES:
+        path = tmp_path / f"{index_type}-{engine}"
+        build_index(BuildConfig(type=index_type, engine=engine), open_source(first), path)
+        write_parquet(first, vectors[1500:], 1500, "part-1.parquet")
+        info = append_index(path, open_source(first))
+        (first / "part-1.parquet").unlink()
+        assert info["count"] == 3000 and [a["files"] for a in info["appends"]] == [["part-1.parquet"]]
+        _, ids = load_index(path).search(vectors[2500:2501], 1)
+        assert ids[0, 0] == "doc2500", (index_type, engine)
+
+
+def test_append_refuses_a_file_that_changed(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    write_parquet(folder, vectors[:1500][::-1], 0, "part-0.parquet")
+    with pytest.raises(VsearchError, match="part-0.parquet changed since"):
+        append_index(tmp_path / "index", open_source(folder))
+
+
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_deleted_ids_never_come_back(index_type, engine, byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), tmp_path / "index")
+    before = load_index(tmp_path / "index").search(vectors[:1], 20)[1][0]
+    deleted, unknown = delete_ids(tmp_path / "index", list(before[:15]) + ["nope"])
+    assert deleted == 15 and unknown == ["nope"]
+    index = load_index(tmp_path / "index")
+    scores, ids = index.search(vectors[:1], 10)
+    assert not set(ids[0]) & set(before[:15]) and len(set(ids[0])) == 10 and None not in ids[0]
+    assert len(index) == 3000 - 15
+
+
+def test_search_parameters_can_change_after_loading(byo, tmp_path):
+    build_index(BuildConfig(type="ivfpq"), open_source(byo[0]), tmp_path / "index")
+    index = load_index(tmp_path / "index")
+    index.set_search(nprobe=1, k_factor=1)
+    with pytest.raises(VsearchError, match="unknown search parameter ef_search for ivfpq"):
+        index.set_search(ef_search=10)
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-def test_k_larger_than_the_index_pads_with_none(index_type, tmp_path, workspace):
-    source = write_cbvs_covers(tmp_path / "small.txt", 3)
-    directory = run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace).directory
-    build_index(BuildConfig(type=index_type), directory, tmp_path / "index")
-    scores, ids = load_index(tmp_path / "index").search(all_vectors(directory)[1][:1], 5)
+def test_k_larger_than_the_index_pads_with_none(index_type, tmp_path):
+    write_parquet(tmp_path / "tiny", clustered(3))
+    build_index(BuildConfig(type=index_type), open_source(tmp_path / "tiny"), tmp_path / "index")
+    scores, ids = load_index(tmp_path / "index").search(clustered(3)[:1], 5)
     assert list(ids[0][3:]) == [None, None] and all(ids[0][:3])
     assert np.isneginf(scores[0][3:]).all()
 
 
-def test_query_dimension_mismatch_is_a_clear_error(embedded, tmp_path):
-    build_index(BuildConfig(type="flat"), embedded, tmp_path / "index")
-    with pytest.raises(VsearchError, match="dim 256.*dim 512"):
+def test_query_dimension_mismatch_is_a_clear_error(byo, tmp_path):
+    build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
+    with pytest.raises(VsearchError, match="dim 256.*dim 64"):
         load_index(tmp_path / "index").search(np.ones((1, 256), np.float32), 3)
 
 
 def test_a_failed_build_leaves_the_previous_index_untouched(embedded, tmp_path):
-    build_index(BuildConfig(type="hnsw"), embedded, tmp_path / "index")
+    build_index(BuildConfig(type="hnsw"), open_source(embedded), tmp_path / "index")
     before = (tmp_path / "index" / "index.json").read_text()
     (embedded / "cover-00001.parquet").unlink()
     with pytest.raises(VsearchError, match="cover-00001.parquet is listed in the manifest but missing"):
-        build_index(BuildConfig(type="hnsw"), embedded, tmp_path / "index")
+        build_index(BuildConfig(type="hnsw"), open_source(embedded), tmp_path / "index")
     assert (tmp_path / "index" / "index.json").read_text() == before
     assert load_index(tmp_path / "index").search(np.eye(1, 512, dtype=np.float32), 1)[1][0][0]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_unknown_index_type_and_parameter_are_clear_errors(embedded, tmp_path):
-    with pytest.raises(VsearchError, match="unknown index type 'ivf'"):
-        build_index(BuildConfig(type="ivf"), embedded, tmp_path / "index")
-    with pytest.raises(VsearchError, match="unknown parameter efs for hnsw"):
-        build_index(BuildConfig(type="hnsw", params={"efs": 5}), embedded, tmp_path / "index")
+def test_build_refuses_to_replace_a_folder_that_is_not_an_index(byo, tmp_path):
+    precious = tmp_path / "documents"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(VsearchError, match="refusing to replace .*documents"):
+        build_index(BuildConfig(type="flat"), open_source(byo[0]), precious)
+    assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_bring_your_own_parquet_needs_a_recognisable_vector_column(tmp_path):
+    folder = tmp_path / "odd"
+    write_parquet(folder, clustered(10), column="a")
+    write_parquet(folder, clustered(10), name="part-1.parquet", column="a")
+    pq.write_table(pq.read_table(folder / "part-0.parquet").append_column(
+        "b", pq.read_table(folder / "part-0.parquet").column("a")), folder / "part-0.parquet")
+    with pytest.raises(VsearchError, match="cannot tell the vector column"):
+        open_source(folder)
+    assert open_source(folder, vector_column="a").dim == 64
+
+
+def test_float16_bring_your_own_vectors(tmp_path):
+    write_parquet(tmp_path / "half", clustered(200), dtype=np.float16)
+    build_index(BuildConfig(type="flat"), open_source(tmp_path / "half"), tmp_path / "index")
+    assert load_index(tmp_path / "index").search(clustered(200)[:1], 1)[1][0][0] == "doc0"
+
+
+@pytest.mark.parametrize("index_type, message", [("ivf", "unknown index type 'ivf'"), ("hnsw", "unknown parameter efs")])
+def test_unknown_index_type_and_parameter_are_clear_errors(index_type, message, byo, tmp_path):
+    params = {"efs": 5} if index_type == "hnsw" else {}
+    with pytest.raises(VsearchError, match=message):
+        build_index(BuildConfig(type=index_type, params=params), open_source(byo[0]), tmp_path / "index")
 
 
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(VsearchError, match="no index at"):
         load_index(tmp_path / "nothing")
-
-
-def test_build_refuses_to_replace_a_folder_that_is_not_an_index(embedded, tmp_path):
-    precious = tmp_path / "documents"
-    precious.mkdir()
-    (precious / "thesis.txt").write_text("years of work")
-    with pytest.raises(VsearchError, match="refusing to replace .*documents"):
-        build_index(BuildConfig(type="flat"), embedded, precious)
-    assert (precious / "thesis.txt").read_text() == "years of work"

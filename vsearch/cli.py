@@ -110,37 +110,118 @@ def embed(
     )
 
 
+def _parse_size(text: str) -> int:
+    """Bytes from `8GiB`, `500MB`, `2G` or a plain number."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    number = text.strip().rstrip("bB")
+    suffix = "".join(c for c in number if c.isalpha()).lower()
+    try:
+        return int(float(number[: len(number) - len(suffix)]) * units[suffix])
+    except (KeyError, ValueError):
+        raise VsearchError(f"bad size {text!r}: expected e.g. 8GiB, 500MB or a number of bytes") from None
+
+
+def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str) -> None:
+    from vsearch.console import progress, stderr
+    from vsearch.embeddings import load_encoder
+    from vsearch.embeddings.datasets import open_dataset
+    from vsearch.embeddings.job import resolve_model
+    from vsearch.indexes.hard_negatives import write_hard_negatives
+
+    source = open_dataset(dataset or "cbvs10m", ws)
+    encoder = load_encoder(resolve_model(model, ws), device)
+    if hasattr(encoder, "context_length"):
+        from vsearch.embeddings.uniclip import SEMANTIC_CONTEXT
+
+        encoder.context_length = SEMANTIC_CONTEXT  # OCR texts are read as the semantic head saw them in training
+    destination = out or ws.datasets / f"{source.name}-HNSW"
+    with progress(f"{source.name} OCR texts", None, unit="texts") as advance:
+        lines = write_hard_negatives(source, encoder, destination, on_rows=advance)
+    stderr.print(f"{lines:,} OCR texts with their nearest neighbours -> {destination}")
+
+
 @app.command("build-index")
 def build_index_command(
     ctx: typer.Context,
-    type: Annotated[str, typer.Option("--type", "-t", help="flat or hnsw.")] = "hnsw",
+    type: Annotated[str, typer.Option("--type", "-t", help="flat (exact), hnsw or ivfpq.")] = "hnsw",
+    engine: Annotated[Optional[str], typer.Option(help="hnsw: hnswlib (default) or faiss.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset whose shards to index (default: the last embedded).")] = None,
-    embeddings: Annotated[Optional[Path], typer.Option(help="Shard folder to index instead of a dataset's.")] = None,
+    embeddings: Annotated[Optional[Path], typer.Option(
+        help="Shard folder, or any folder of Parquet files with an id and a vector column, to index.")] = None,
     kind: Annotated[str, typer.Option(help="Index the cover or the clip vectors.")] = "cover",
     name: Annotated[Optional[str], typer.Option(
         help="Index name under <workspace>/indexes (default <dataset>-<type>, <dataset>-clip-<type> for clips).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Index folder (overrides --name).")] = None,
-    param: Annotated[list[str], typer.Option(help="Index parameter KEY=VALUE, repeatable (hnsw: M, ef_construction, ef_search).")] = [],
+    out: Annotated[Optional[Path], typer.Option(help="Index folder (overrides --name), or the cbvs10m-HNSW file.")] = None,
+    param: Annotated[list[str], typer.Option(
+        help="Parameter KEY=VALUE, repeatable. hnsw: M, ef_construction, ef_search; "
+             "ivfpq: nlist, m, nbits, opq, train_size, opq_iterations, nprobe, k_factor.")] = [],
+    memory_budget: Annotated[Optional[str], typer.Option(help="Memory the loaded index may use, e.g. 8GiB.")] = None,
+    target_recall: Annotated[float, typer.Option(help="Recall@10 the chosen parameters must reach.")] = 0.95,
+    append: Annotated[bool, typer.Option(help="Add shards the index has not seen instead of rebuilding.")] = False,
+    id_column: Annotated[Optional[str], typer.Option(help="Id column of bring-your-own Parquet (default id).")] = None,
+    vector_column: Annotated[Optional[str], typer.Option(help="Vector column of bring-your-own Parquet.")] = None,
+    layout: Annotated[Optional[str], typer.Option(
+        help="cbvs10m-hnsw: write the OCR-text hard-negative file UniCLIP's trainer reads.")] = None,
+    model: Annotated[str, typer.Option(help="Text encoder for --layout cbvs10m-hnsw.")] = "uniclip",
+    device: Annotated[str, typer.Option(help="Device for --layout cbvs10m-hnsw.")] = "auto",
     threads: Annotated[int, typer.Option(help="Threads for building (-1: all cores).")] = -1,
 ) -> None:
-    """Build an index from embedding shards."""
+    """Build an index from embedding shards (or add to one with --append)."""
     from vsearch.console import progress, stderr
-    from vsearch.embeddings.shards import Manifest
-    from vsearch.indexes import BuildConfig, build_index
+    from vsearch.indexes import BuildConfig, append_index, build_index
     from vsearch.indexes.backends import backend_class
+    from vsearch.indexes.vectors import open_source
 
     ws: Workspace = ctx.obj
-    backend_class(type)
+    backend_class(type, engine)
+    if layout is not None:
+        if layout != "cbvs10m-hnsw" or type != "hnsw":
+            raise VsearchError(f"unknown layout {layout!r} for --type {type}: the one layout is cbvs10m-hnsw (hnsw)")
+        _write_hard_negatives(ws, dataset, model, out, device)
+        return
     if kind not in ("cover", "clip"):
         raise VsearchError(f"unknown --kind {kind!r}: use cover or clip")
-    config = BuildConfig(type=type, kind=kind, params=_parse_params(param), threads=threads)
-    source = _embeddings_dir(ws, dataset, embeddings)
-    count = Manifest.read(source).rows(config.kind)
-    default_name = f"{source.name}-{type}" if kind == "cover" else f"{source.name}-clip-{type}"
+    if not 0 < target_recall <= 1:
+        raise VsearchError("--target-recall must be in (0, 1]")
+    source = open_source(_embeddings_dir(ws, dataset, embeddings), kind, id_column, vector_column)
+    default_name = f"{source.directory.name}-{type}" if kind == "cover" else f"{source.directory.name}-clip-{type}"
     destination = out or ws.index_dir(name or default_name)
-    with progress(f"build {type} index", count, unit="vectors") as advance:
-        info = build_index(config, source, destination, advance)
-    stderr.print(f"{info['count']} vectors indexed ({type}, {info['engine']}) in {info['build_seconds']:.1f}s -> {destination}")
+    if append:
+        with progress(f"append to {destination.name}", None, unit="vectors") as advance:
+            append_index(destination, source, advance, note=lambda line: stderr.print(line))
+        return
+    config = BuildConfig(type=type, engine=engine, kind=kind, params=_parse_params(param), threads=threads,
+                         memory_budget=_parse_size(memory_budget) if memory_budget else None,
+                         target_recall=target_recall)
+    with progress(f"build {type} index", source.count, unit="vectors") as advance:
+        info = build_index(config, source, destination, advance, note=lambda line: stderr.print(line))
+    stderr.print(f"{info['count']:,} vectors indexed ({type}, {info['engine']}) in {info['build_seconds']:.1f}s, "
+                 f"recall@10 {info['recall']['recall@10']} -> {destination}")
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    ids: Annotated[Optional[list[str]], typer.Argument(help="Ids to delete.")] = None,
+    index: Annotated[Optional[str], typer.Option(help="Index name or folder (default: the last built).")] = None,
+    ids_file: Annotated[Optional[Path], typer.Option(help="File with one id per line.")] = None,
+) -> None:
+    """Delete ids from an index (they stop appearing in results at once; rebuild to reclaim space)."""
+    from vsearch.console import stderr
+    from vsearch.indexes import delete_ids
+
+    wanted = list(ids or [])
+    if ids_file is not None:
+        if not ids_file.is_file():
+            raise VsearchError(f"ids file not found: {ids_file}")
+        wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not wanted:
+        raise VsearchError("no ids to delete: give ids or --ids-file")
+    index_dir = _index_dir(ctx.obj, index)
+    deleted, unknown = delete_ids(index_dir, wanted)
+    stderr.print(f"{deleted} ids deleted from {index_dir}" + (f"; not in the index: {', '.join(unknown[:5])}"
+                                                             + (" …" if len(unknown) > 5 else "") if unknown else ""))
 
 
 @app.command()

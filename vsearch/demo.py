@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vsearch.embeddings.job import EmbedConfig, EmbedResult, run_embed
 from vsearch.indexes import BuildConfig, build_index
+from vsearch.indexes.vectors import open_source
 from vsearch.query import Hit, QueryConfig, search
 from vsearch.workspace import Workspace
 
@@ -31,6 +32,6 @@ def run_demo(workspace: Workspace, progress: Progress, k: int = 5) -> DemoRun:
         embedded = run_embed(EmbedConfig(dataset="demo", model="lexical"), workspace, advance)
     index_dir = workspace.index_dir(f"demo-{INDEX_TYPE}")
     with progress("build hnsw index", embedded.manifest.rows("cover")) as advance:
-        build_index(BuildConfig(type=INDEX_TYPE), embedded.directory, index_dir, advance)
+        build_index(BuildConfig(type=INDEX_TYPE), open_source(embedded.directory), index_dir, advance)
     results = [(text, search(QueryConfig(text, index_dir, k=k))) for text in EXAMPLE_QUERIES]
     return DemoRun(embedded, index_dir, results)

@@ -1,138 +1,304 @@
 """The one registry of index types. Each wraps one library index behind the same small API:
 
-    create(dim, capacity, params) -> backend     add(vectors, labels)     search(queries, k)
-    save(path)                                    load(path, dim, params)
+    create(directory, dim, capacity, params)    load(directory, dim, params, writable)
+    train(sample)   prepare(directory, new_rows)   add(vectors, labels)   save(directory)
+    search(queries, k) -> (scores, labels)       set_search(params)     set_threads(n)
 
 Vectors are L2-normalised, so inner product is cosine and every backend returns it as the score.
-Labels are the int64 row numbers of the index's id table.
+Labels are the int64 row numbers of the index's id table. Build parameters are fixed when an
+index is built; search parameters (ef_search, nprobe, k_factor) can change at any time.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from vsearch.errors import VsearchError
 
+FAISS_FILE = "index.faiss"
 
-class Backend(Protocol):
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+class Backend:
+    type: ClassVar[str]
     engine: ClassVar[str]
-    file_name: ClassVar[str]
-    defaults: ClassVar[dict[str, int]]
+    file_name: ClassVar[str] = FAISS_FILE
+    build_params: ClassVar[dict[str, int]] = {}
+    search_params: ClassVar[dict[str, int]] = {}
+    trains: ClassVar[bool] = False
 
     @classmethod
-    def create(cls, dim: int, capacity: int, params: dict[str, int]) -> "Backend": ...
+    def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "Backend":
+        raise NotImplementedError
 
     @classmethod
-    def load(cls, path: str, dim: int, params: dict[str, int]) -> "Backend": ...
+    def load(cls, directory: Path, dim: int, params: dict[str, int], writable: bool = False) -> "Backend":
+        raise NotImplementedError
 
-    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None: ...
+    def train(self, sample: np.ndarray) -> None:
+        """Learn quantisers from a sample; only for types with `trains`."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def prepare(self, directory: Path, new_rows: int) -> None:
+        """Make room for `new_rows` more vectors before they are added (building into `directory`)."""
 
-    def save(self, path: str) -> None: ...
+    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        raise NotImplementedError
 
-    def set_threads(self, threads: int) -> None: ...
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, labels), best first; fewer than k columns, or labels of -1, where the index runs out."""
+        raise NotImplementedError
+
+    def set_search(self, params: dict[str, int]) -> None:
+        """Apply search parameters (a subset of `search_params`)."""
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def set_threads(self, threads: int) -> None:
+        if threads > 0:
+            _faiss().omp_set_num_threads(threads)
 
 
-class FlatBackend:
-    """Exact inner-product search (FAISS IndexFlatIP)."""
-
-    engine = "faiss"
-    file_name = "index.faiss"
-    defaults: dict[str, int] = {}
+class FaissBackend(Backend):
+    """Shared by the FAISS types: the index is one file in FAISS's own format."""
 
     def __init__(self, index: Any):
         self.index = index
 
     @classmethod
-    def create(cls, dim: int, capacity: int, params: dict[str, int]) -> "FlatBackend":
-        import faiss
-
-        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
-
-    @classmethod
-    def load(cls, path: str, dim: int, params: dict[str, int]) -> "FlatBackend":
-        import faiss
-
-        return cls(faiss.read_index(path))
+    def load(cls, directory: Path, dim: int, params: dict[str, int], writable: bool = False) -> "FaissBackend":
+        faiss = _faiss()
+        path = str(directory / cls.file_name)
+        # Memory-map what FAISS can map, so opening a big index costs page faults, not a full read.
+        flags = 0 if writable else faiss.IO_FLAG_MMAP
+        try:
+            index = faiss.read_index(path, flags)
+        except RuntimeError:
+            index = faiss.read_index(path)
+        backend = cls(index)
+        backend.set_search(params)
+        return backend
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
-        self.index.add_with_ids(vectors, labels)
+        if labels[0] != self.index.ntotal:
+            raise VsearchError(f"internal: labels must continue at {self.index.ntotal}, got {labels[0]}")
+        self.index.add(vectors)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k)
 
-    def save(self, path: str) -> None:
-        import faiss
-
-        faiss.write_index(self.index, path)
-
-    def set_threads(self, threads: int) -> None:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
+    def save(self, directory: Path) -> None:
+        _faiss().write_index(self.index, str(directory / self.file_name))
 
 
-class HnswBackend:
-    """Approximate search on an hnswlib HNSW graph (inner-product space)."""
+class FlatBackend(FaissBackend):
+    """Exact inner-product search (FAISS IndexFlatIP)."""
 
-    engine = "hnswlib"
-    file_name = "index.hnsw"
-    defaults = {"M": 32, "ef_construction": 200, "ef_search": 128}
+    type, engine = "flat", "faiss"
+
+    @classmethod
+    def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "FlatBackend":
+        return cls(_faiss().IndexFlatIP(dim))
+
+
+class FaissHnswBackend(FaissBackend):
+    """HNSW graph in FAISS (IndexHNSWFlat, inner product)."""
+
+    type, engine = "hnsw", "faiss"
+    build_params = {"M": 32, "ef_construction": 200}
+    search_params = {"ef_search": 128}
+
+    @classmethod
+    def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "FaissHnswBackend":
+        faiss = _faiss()
+        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
+        backend = cls(index)
+        backend.set_search(params)
+        return backend
+
+    def set_search(self, params: dict[str, int]) -> None:
+        if "ef_search" in params:
+            self.index.hnsw.efSearch = params["ef_search"]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        saved = self.index.hnsw.efSearch
+        self.index.hnsw.efSearch = max(saved, k)  # HNSW returns at most ef results
+        try:
+            return self.index.search(queries, k)
+        finally:
+            self.index.hnsw.efSearch = saved
+
+
+class HnswlibBackend(Backend):
+    """HNSW graph in hnswlib (inner-product space)."""
+
+    type, engine, file_name = "hnsw", "hnswlib", "index.hnsw"
+    build_params = {"M": 32, "ef_construction": 200}
+    search_params = {"ef_search": 128}
 
     def __init__(self, index: Any, ef_search: int):
-        self.index = index
-        self.ef_search = ef_search
-        self.threads = -1
+        self.index, self.ef_search, self.threads = index, ef_search, -1
 
     @classmethod
-    def create(cls, dim: int, capacity: int, params: dict[str, int]) -> "HnswBackend":
+    def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "HnswlibBackend":
         import hnswlib
 
         index = hnswlib.Index(space="ip", dim=dim)
-        index.init_index(max_elements=capacity, M=params["M"], ef_construction=params["ef_construction"])
-        return cls(index, params["ef_search"])
+        index.init_index(max_elements=max(capacity, 1), M=params["M"], ef_construction=params["ef_construction"])
+        return cls(index, params.get("ef_search", cls.search_params["ef_search"]))
 
     @classmethod
-    def load(cls, path: str, dim: int, params: dict[str, int]) -> "HnswBackend":
+    def load(cls, directory: Path, dim: int, params: dict[str, int], writable: bool = False) -> "HnswlibBackend":
         import hnswlib
 
         index = hnswlib.Index(space="ip", dim=dim)
-        index.load_index(path)
-        return cls(index, params["ef_search"])
+        index.load_index(str(directory / cls.file_name))
+        return cls(index, params.get("ef_search", cls.search_params["ef_search"]))
+
+    def prepare(self, directory: Path, new_rows: int) -> None:
+        needed = self.index.get_current_count() + new_rows
+        if needed > self.index.get_max_elements():
+            self.index.resize_index(needed)
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         self.index.add_items(vectors, labels, num_threads=self.threads)
 
+    def set_search(self, params: dict[str, int]) -> None:
+        self.ef_search = params.get("ef_search", self.ef_search)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # hnswlib needs ef >= k to return k neighbours.
-        self.index.set_ef(max(self.ef_search, k))
+        k = min(k, self.index.get_current_count())  # hnswlib cannot return more than it holds
+        self.index.set_ef(max(self.ef_search, k))  # and needs ef >= k to return k neighbours
         labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
         return 1.0 - distances, labels.astype(np.int64)
 
-    def save(self, path: str) -> None:
-        self.index.save_index(path)
+    def save(self, directory: Path) -> None:
+        self.index.save_index(str(directory / self.file_name))
 
     def set_threads(self, threads: int) -> None:
         self.threads = threads
 
 
-INDEX_TYPES: dict[str, type[Backend]] = {"flat": FlatBackend, "hnsw": HnswBackend}
+class IvfPqBackend(FaissBackend):
+    """FAISS IVF with product quantisation behind an OPQ rotation, plus exact refinement.
+
+    PQ codes alone lose recall, so a search fetches k * k_factor candidates and re-scores them
+    exactly against the float16 vectors, kept in `vectors-NNNNN.npy` segments beside the index and
+    memory-mapped: they stay on disk, and only the candidates' rows are read.
+    """
+
+    type, engine = "ivfpq", "faiss"
+    build_params = {"nlist": 1024, "m": 64, "nbits": 8, "opq": 1, "train_size": 100_000, "opq_iterations": 10}
+    search_params = {"nprobe": 32, "k_factor": 10}
+    trains = True
+
+    def __init__(self, index: Any):
+        super().__init__(index)
+        self.dim = index.d
+        self.segments: list[np.ndarray] = []
+        self.nprobe, self.k_factor = self.search_params["nprobe"], self.search_params["k_factor"]
+        self._open: np.ndarray | None = None
+        self._filled = 0
+
+    @staticmethod
+    def factory_string(dim: int, params: dict[str, int]) -> str:
+        quantiser = f"IVF{params['nlist']},PQ{params['m']}x{params['nbits']}"
+        return f"OPQ{params['m']}_{dim},{quantiser}" if params["opq"] else quantiser
+
+    @classmethod
+    def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "IvfPqBackend":
+        faiss = _faiss()
+        if dim % params["m"]:
+            raise VsearchError(f"ivfpq: m={params['m']} must divide the dimension {dim}")
+        index = faiss.index_factory(dim, cls.factory_string(dim, params), faiss.METRIC_INNER_PRODUCT)
+        if params["opq"]:
+            opq = faiss.downcast_VectorTransform(index.chain.at(0))
+            opq.niter = opq.niter_pq_0 = params["opq_iterations"]
+            opq.max_train_points = params["train_size"]
+        backend = cls(index)
+        backend.set_search(params)
+        return backend
+
+    @classmethod
+    def load(cls, directory: Path, dim: int, params: dict[str, int], writable: bool = False) -> "IvfPqBackend":
+        loaded = super().load(directory, dim, params, writable)
+        loaded.segments = [np.load(path, mmap_mode="r") for path in sorted(directory.glob("vectors-*.npy"))]
+        return loaded
+
+    def train(self, sample: np.ndarray) -> None:
+        self.index.train(sample)
+
+    def prepare(self, directory: Path, new_rows: int) -> None:
+        path = directory / f"vectors-{len(self.segments):05d}.npy"
+        self._open = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(new_rows, self.dim))
+        self._filled = 0
+        self.segments.append(self._open)
+
+    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        super().add(vectors, labels)
+        self._open[self._filled:self._filled + len(vectors)] = vectors
+        self._filled += len(vectors)
+
+    def save(self, directory: Path) -> None:
+        if self._open is not None:
+            self._open.flush()
+        super().save(directory)
+
+    def set_search(self, params: dict[str, int]) -> None:
+        self.nprobe = params.get("nprobe", self.nprobe)
+        self.k_factor = params.get("k_factor", self.k_factor)
+        _faiss().extract_index_ivf(self.index).nprobe = self.nprobe
+
+    def rows(self, labels: np.ndarray) -> np.ndarray:
+        """The stored float16 vectors of `labels` (each >= 0)."""
+        out = np.empty((len(labels), self.dim), np.float16)
+        start = 0
+        for segment in self.segments:
+            inside = (labels >= start) & (labels < start + len(segment))
+            out[inside] = segment[labels[inside] - start]
+            start += len(segment)
+        return out
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        fetch = min(self.index.ntotal, k * self.k_factor)
+        _, candidates = self.index.search(queries, fetch)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        labels = np.full((len(queries), k), -1, np.int64)
+        for start in range(0, len(queries), 64):  # bounds the gathered vectors to 64 * fetch rows
+            block = candidates[start:start + 64]
+            vectors = self.rows(np.maximum(block, 0).ravel()).reshape(*block.shape, self.dim).astype(np.float32)
+            exact = np.einsum("nkd,nd->nk", vectors, queries[start:start + 64])
+            exact[block < 0] = -np.inf
+            order = np.argsort(-exact, axis=1)[:, :k]
+            scores[start:start + 64, :order.shape[1]] = np.take_along_axis(exact, order, axis=1)
+            labels[start:start + 64, :order.shape[1]] = np.where(
+                np.isfinite(np.take_along_axis(exact, order, axis=1)), np.take_along_axis(block, order, axis=1), -1)
+        return scores, labels
 
 
-def backend_class(index_type: str) -> type[Backend]:
-    if index_type not in INDEX_TYPES:
-        raise VsearchError(f"unknown index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
-    return INDEX_TYPES[index_type]
+ENGINES: dict[str, dict[str, type[Backend]]] = {
+    "flat": {"faiss": FlatBackend},
+    "hnsw": {"hnswlib": HnswlibBackend, "faiss": FaissHnswBackend},
+    "ivfpq": {"faiss": IvfPqBackend},
+}
+INDEX_TYPES = tuple(ENGINES)
 
 
-def resolve_params(index_type: str, overrides: dict[str, int]) -> dict[str, int]:
-    """The backend's defaults with the user's `--param KEY=VALUE` settings applied."""
-    defaults = backend_class(index_type).defaults
-    unknown = set(overrides) - set(defaults)
-    if unknown:
-        known = ", ".join(defaults) or "none"
-        raise VsearchError(f"unknown parameter {', '.join(sorted(unknown))} for {index_type} (known: {known})")
-    return {**defaults, **overrides}
+def backend_class(index_type: str, engine: str | None = None) -> type[Backend]:
+    if index_type not in ENGINES:
+        raise VsearchError(f"unknown index type {index_type!r}: use one of {', '.join(ENGINES)}")
+    engines = ENGINES[index_type]
+    if engine is None:
+        return next(iter(engines.values()))
+    if engine not in engines:
+        raise VsearchError(f"index type {index_type} has no engine {engine!r}: use one of {', '.join(engines)}")
+    return engines[engine]

@@ -1,14 +1,17 @@
-"""The on-disk index format, and building one from shards.
+"""The on-disk index format; building, appending to and deleting from an index; loading one.
 
 `indexes/<name>/` holds:
 
-    index.json     manifest: type, engine, params, dim, metric, count, kind, the shards it was
-                   built from (with checksums), the encoder spec and fingerprint, build time
+    index.json       manifest: type, engine, build and search parameters and why they were chosen,
+                     dim, metric, count, kind, the files it was built from (with checksums), the
+                     encoder spec and fingerprint, build time, measured recall, appends
     index.faiss | index.hnsw   the library's own file, loadable by plain faiss or hnswlib
-    ids.parquet    `id` column: row i is the id of library label i
+    vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
+    ids.parquet      `id` column: row i is the id of library label i
+    deleted.parquet  (after deletes) `label`, `id` of deleted rows, filtered out at query time
 
-An index is built in a temporary folder beside its destination and renamed into place, so a
-failed build never replaces a good index.
+An index is built (or appended to) in a temporary folder beside its destination and renamed into
+place, so a failed build never replaces a good index.
 """
 
 from __future__ import annotations
@@ -24,50 +27,46 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vsearch.embeddings.shards import Manifest, read_vectors
 from vsearch.errors import VsearchError
 from vsearch.files import write_json_atomic
-from vsearch.indexes.backends import Backend, backend_class, resolve_params
+from vsearch.indexes.backends import Backend, backend_class
+from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather, memory_bytes, recall,
+                                    sample_positions, tune_search)
+from vsearch.indexes.vectors import VectorFile, VectorSource
 
 FORMAT = "vsearch-index/1"
 MANIFEST = "index.json"
 IDS = "ids.parquet"
+DELETED = "deleted.parquet"
+ID_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False)])
+Notes = Callable[[str], None]
 
 
 @dataclass
 class BuildConfig:
     type: str = "hnsw"
-    embeddings: Path | None = None
-    out: Path | None = None
-    name: str | None = None
+    engine: str | None = None
     kind: str = "cover"
     params: dict[str, int] = field(default_factory=dict)
+    memory_budget: int | None = None  # bytes
+    target_recall: float = 0.95
+    recall_queries: int = 500
     threads: int = -1
 
 
-def _add_shards(backend: Backend, embeddings: Path, manifest: Manifest, kind: str, ids_path: Path,
-                on_rows: Callable[[int], None]) -> list[dict[str, Any]]:
-    """Stream every shard of `kind` into the backend and the id table, one record batch at a time."""
-    used = []
-    label = 0
-    schema = pa.schema([pa.field("id", pa.string(), nullable=False)])
-    with pq.ParquetWriter(ids_path, schema) as ids:
-        for shard in manifest.shards:
-            if shard["kind"] != kind:
-                continue
-            path = embeddings / shard["name"]
-            if not path.is_file():
-                raise VsearchError(f"shard {path} is listed in the manifest but missing")
-            for batch_ids, vectors in read_vectors(path):
-                labels = np.arange(label, label + len(batch_ids), dtype=np.int64)
-                backend.add(np.ascontiguousarray(vectors, dtype=np.float32), labels)
-                ids.write_table(pa.table({"id": pa.array(batch_ids, pa.string())}, schema=schema))
-                label += len(batch_ids)
-                on_rows(len(batch_ids))
-            used.append({k: shard[k] for k in ("name", "rows", "sha256")})
-    return used
+def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], first_label: int,
+               ids: pq.ParquetWriter, on_rows: Callable[[int], None]) -> None:
+    """Stream `files` into the backend and the id table, one record batch (float32 only per batch) at a time."""
+    label = first_label
+    for batch_ids, vectors in source.batches(files):
+        labels = np.arange(label, label + len(batch_ids), dtype=np.int64)
+        backend.add(np.ascontiguousarray(vectors, dtype=np.float32), labels)
+        ids.write_table(pa.table({"id": pa.array(batch_ids, pa.string())}, schema=ID_SCHEMA))
+        label += len(batch_ids)
+        on_rows(len(batch_ids))
 
 
 def _check_replaceable(destination: Path) -> None:
@@ -85,34 +84,14 @@ def _replace_dir(built: Path, destination: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_index(config: BuildConfig, embeddings: Path, destination: Path,
-                on_rows: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """Build an index of `config.type` from the shards in `embeddings` into `destination`."""
-    cls = backend_class(config.type)
-    params = resolve_params(config.type, config.params)
-    manifest = Manifest.read(embeddings)
-    count = manifest.rows(config.kind)
-    if count == 0:
-        raise VsearchError(f"no {config.kind} vectors in {embeddings}: nothing to index")
-    _check_replaceable(destination)
-    started = time.perf_counter()
+def _in_work_dir(destination: Path, fill: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run `fill(work)` in a fresh temporary folder, then swap it into `destination`; clean up on failure."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     work = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        backend = cls.create(manifest.dim, count, params)
-        backend.set_threads(config.threads)
-        shards = _add_shards(backend, embeddings, manifest, config.kind, work / IDS, on_rows)
-        backend.save(str(work / cls.file_name))
-        info = {
-            "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params,
-            "dim": manifest.dim, "metric": manifest.metric, "count": count, "kind": config.kind,
-            "dataset": manifest.dataset, "embeddings": str(embeddings.resolve()), "shards": shards,
-            "encoder": manifest.encoder, "files": {"index": cls.file_name, "ids": IDS},
-            "build_seconds": round(time.perf_counter() - started, 3),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        info = fill(work)
         write_json_atomic(work / MANIFEST, info)
         _replace_dir(work, destination)
     except BaseException:
@@ -121,37 +100,194 @@ def build_index(config: BuildConfig, embeddings: Path, destination: Path,
     return info
 
 
+def _measure(config_type: str, backend: Backend, source: VectorSource, params: dict[str, int], tune: bool,
+             target: float, queries: int) -> dict[str, Any]:
+    """Leave-one-out recall@10 on a sample, tuning the search parameters first when `tune`."""
+    positions = sample_positions(source.count, queries, seed=1)
+    vectors = gather(source, positions)
+    truth = exact_neighbours(source, vectors, RECALL_K + 1)
+    if tune:
+        chosen, sweep = tune_search(config_type, backend, params, vectors, positions, truth, target)
+        params.update(chosen)
+    else:
+        backend.set_search(params)
+        sweep = []
+    measured = recall(lambda q, k: backend.search(q, k)[1], vectors, positions, truth)
+    return {"recall@10": round(measured, 4), "queries": len(positions), "method": "leave-one-out",
+            "sweep": [{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()} for s in sweep]}
+
+
+def build_index(config: BuildConfig, source: VectorSource, destination: Path,
+                on_rows: Callable[[int], None] = lambda n: None, note: Notes = lambda line: None) -> dict[str, Any]:
+    """Build an index of `config.type` from `source` into `destination`."""
+    cls = backend_class(config.type, config.engine)
+    count = source.count
+    if count == 0:
+        raise VsearchError(f"no {config.kind} vectors in {source.directory}: nothing to index")
+    defaults = {**cls.build_params, **cls.search_params}
+    choice = choose_build_params(config.type, defaults, count, source.dim, config.params,
+                                 config.memory_budget, config.target_recall)
+    for reason in choice.reasons:
+        note(reason)
+    params = choice.params
+    _check_replaceable(destination)
+    started = time.perf_counter()
+
+    def fill(work: Path) -> dict[str, Any]:
+        backend = cls.create(work, source.dim, count, params)
+        backend.set_threads(config.threads)
+        if cls.trains:
+            note(f"training on {min(params['train_size'], count):,} sampled vectors")
+            backend.train(gather(source, sample_positions(count, params["train_size"])))
+        backend.prepare(work, count)
+        with pq.ParquetWriter(work / IDS, ID_SCHEMA) as ids:
+            _add_files(backend, source, source.files, 0, ids, on_rows)
+        backend.save(work)
+        tune = not set(cls.search_params) & set(config.params)
+        measured = _measure(config.type, backend, source, params, tune, config.target_recall, config.recall_queries)
+        note(f"recall@10 {measured['recall@10']} with "
+             + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
+        return {
+            "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
+            "dim": source.dim, "metric": "cosine", "count": count, "kind": config.kind, **source.info(),
+            "shards": [{"name": f.name, "rows": f.rows, "sha256": f.sha256} for f in source.files],
+            "files": {"index": cls.file_name, "ids": IDS},
+            "memory_bytes": memory_bytes(config.type, count, source.dim, params), "recall": measured,
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "appends": [],
+        }
+
+    return _in_work_dir(destination, fill)
+
+
+def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
+                 note: Notes = lambda line: None, recall_queries: int = 500) -> dict[str, Any]:
+    """Add the files of `source` that the index at `path` has not seen, without rebuilding it."""
+    info = read_index_manifest(path)
+    if source.dim != info["dim"]:
+        raise VsearchError(f"cannot append {source.dim}-d vectors to the {info['dim']}-d index {path}")
+    if source.encoder and info.get("encoder") and source.encoder["fingerprint"] != info["encoder"]["fingerprint"]:
+        raise VsearchError(f"cannot append vectors from {source.encoder['spec']} to index {path}, "
+                           f"built from {info['encoder']['spec']}: different model weights")
+    indexed = {s["name"]: s["sha256"] for s in info["shards"]}
+    changed = [f.name for f in source.files if f.name in indexed and f.sha256 != indexed[f.name]]
+    if changed:
+        raise VsearchError(f"{changed[0]} changed since index {path} was built from it; rebuild the index")
+    new = [f for f in source.files if f.name not in indexed]
+    if not new:
+        note(f"nothing to append: index {path} already holds every file in {source.directory}")
+        return info
+    cls = backend_class(info["type"], info["engine"])
+    started = time.perf_counter()
+
+    def fill(work: Path) -> dict[str, Any]:
+        for name in [p.name for p in path.glob("vectors-*.npy")] + [DELETED]:
+            if (path / name).exists():
+                os.link(path / name, work / name)  # unchanged files: share them, don't copy
+        backend = cls.load(path, info["dim"], info["params"], writable=True)
+        new_rows = sum(f.rows for f in new)
+        backend.prepare(work, new_rows)
+        with pq.ParquetWriter(work / IDS, ID_SCHEMA) as ids:
+            for batch in pq.ParquetFile(path / IDS).iter_batches():
+                ids.write_table(pa.Table.from_batches([batch]).cast(ID_SCHEMA))
+            _add_files(backend, source, new, info["count"], ids, on_rows)
+        backend.save(work)
+        everything = VectorSource(source.directory, source.dataset, source.dim,
+                                  [VectorFile(s["name"], source.directory / s["name"], s["rows"], s["sha256"])
+                                   for s in info["shards"]] + new, source.encoder,
+                                  source.id_column, source.vector_column)
+        measured = _measure(info["type"], backend, everything, dict(info["params"]), False,
+                            0.0, recall_queries)
+        note(f"appended {new_rows:,} vectors from {len(new)} files; recall@10 now {measured['recall@10']}")
+        return {**info, "count": info["count"] + new_rows, "recall": measured,
+                "shards": info["shards"] + [{"name": f.name, "rows": f.rows, "sha256": f.sha256} for f in new],
+                "appends": info.get("appends", []) + [{
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": [f.name for f in new], "rows": new_rows,
+                    "seconds": round(time.perf_counter() - started, 3)}]}
+
+    return _in_work_dir(path, fill)
+
+
+def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
+    """Mark `ids` deleted in the index at `path` (filtered at query time); returns (newly deleted, unknown ids)."""
+    read_index_manifest(path)
+    table = pq.read_table(path / IDS).column("id").combine_chunks()
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    labels = pc.indices_nonzero(pc.is_in(table, value_set=wanted)).to_numpy().astype(np.int64)
+    known = set(table.take(pa.array(labels)).to_pylist())
+    previous = _deleted_labels(path)
+    fresh = np.setdiff1d(labels, previous)
+    merged = np.union1d(previous, labels)
+    deleted = pa.table({"label": pa.array(merged, pa.int64()), "id": table.take(pa.array(merged))})
+    temporary = path / (DELETED + ".tmp")
+    pq.write_table(deleted, temporary)
+    os.replace(temporary, path / DELETED)
+    return len(fresh), sorted(set(ids) - known)
+
+
+def _deleted_labels(path: Path) -> np.ndarray:
+    if not (path / DELETED).is_file():
+        return np.zeros(0, np.int64)
+    return pq.read_table(path / DELETED, columns=["label"]).column("label").to_numpy()
+
+
 class Index:
-    """A loaded index: `search(queries, k)` returns cosine scores and string ids."""
+    """A loaded index: `search(queries, k)` returns cosine scores and string ids, deleted ids left out."""
 
     def __init__(self, path: Path):
         self.path = path
         self.manifest = read_index_manifest(path)
-        cls = backend_class(self.manifest["type"])
+        cls = backend_class(self.manifest["type"], self.manifest.get("engine"))
         self.dim = int(self.manifest["dim"])
-        self.backend = cls.load(str(path / self.manifest["files"]["index"]), self.dim, self.manifest["params"])
+        self.backend = cls.load(path, self.dim, self.manifest["params"])
         self.ids = pq.read_table(path / self.manifest["files"]["ids"]).column("id").combine_chunks()
+        self.deleted = _deleted_labels(path)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.ids) - len(self.deleted)
 
     def set_threads(self, threads: int) -> None:
         self.backend.set_threads(threads)
 
+    def set_search(self, **params: int) -> None:
+        """Change search parameters (hnsw: ef_search; ivfpq: nprobe, k_factor) for later searches."""
+        cls = type(self.backend)
+        unknown = set(params) - set(cls.search_params)
+        if unknown:
+            raise VsearchError(f"unknown search parameter {', '.join(sorted(unknown))} for {cls.type} "
+                               f"(known: {', '.join(cls.search_params) or 'none'})")
+        self.backend.set_search(params)
+
+    def _search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        total = len(self.ids)
+        if not len(self.deleted):
+            return self.backend.search(queries, min(k, total))
+        # Fetch past the deleted rows; widen until every query has k live results or the index is exhausted.
+        fetch = min(total, k + len(self.deleted)) if len(self.deleted) <= 4 * k else min(total, 4 * k)
+        while True:
+            scores, labels = self.backend.search(queries, fetch)
+            live = (labels >= 0) & ~np.isin(labels, self.deleted)
+            if fetch >= total or live.sum(axis=1).min() >= k:
+                break
+            fetch = min(total, fetch * 4)
+        order = np.argsort(~live, axis=1, kind="stable")[:, :k]
+        scores = np.where(np.take_along_axis(live, order, axis=1), np.take_along_axis(scores, order, axis=1), -np.inf)
+        labels = np.where(np.take_along_axis(live, order, axis=1), np.take_along_axis(labels, order, axis=1), -1)
+        return scores, labels
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores (n, k), ids (n, k)); slots past the index's size hold None and -inf."""
+        """Return (scores (n, k), ids (n, k)); slots past the live rows hold None and -inf."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise VsearchError(f"query vectors have dim {queries.shape[1]}, index {self.path} has dim {self.dim}")
-        found = min(k, len(self))
-        scores, labels = self.backend.search(queries, found)
+        scores, labels = self._search_labels(queries, k)
         valid = labels >= 0
         ids = np.full(labels.shape, None, dtype=object)
         ids[valid] = np.asarray(self.ids.take(pa.array(labels[valid])).to_pylist(), dtype=object)
         scores = np.where(valid, scores, -np.inf).astype(np.float32)
-        if found < k:
-            ids = np.pad(ids, ((0, 0), (0, k - found)), constant_values=None)
-            scores = np.pad(scores, ((0, 0), (0, k - found)), constant_values=-np.inf)
+        if scores.shape[1] < k:
+            ids = np.pad(ids, ((0, 0), (0, k - scores.shape[1])), constant_values=None)
+            scores = np.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=-np.inf)
         return scores, ids
 
 

@@ -38,6 +38,9 @@ class Hit:
 def query_encoder(index: Index, device: str = "auto") -> Encoder:
     """Load the encoder the index's vectors came from, refusing a model with other weights."""
     recorded = index.manifest["encoder"]
+    if recorded is None:
+        raise VsearchError(f"index {index.path} was built from bring-your-own embeddings with no recorded model, "
+                           "so text queries cannot be encoded; search it with vectors (vsearch.indexes.load_index)")
     encoder = load_encoder(recorded["spec"], device)
     if encoder.fingerprint != recorded["fingerprint"]:
         raise VsearchError(

@@ -1,0 +1,43 @@
+"""The cbvs10m-HNSW file UniCLIP's trainer reads: one line per distinct OCR text and its 10 nearest others."""
+
+from vsearch.embeddings.datasets import open_dataset
+from vsearch.embeddings import load_encoder
+from vsearch.indexes.hard_negatives import write_hard_negatives
+
+LINES = [
+    "大宅门演员表\thttp://c/1.jpg\t大宅门 演员表",
+    "大宅门第二部\thttp://c/2.jpg\t大宅门 第二部",
+    "重复的文字\thttp://c/3.jpg\t大宅门 演员表",  # same OCR text as line 1: listed once
+    "无文字\thttp://c/4.jpg\t\\N",  # no OCR text: skipped
+    "坏行\thttp://c/5.jpg",  # malformed: skipped
+    *[f"标题{i}\thttp://c/x{i}.jpg\t原神 攻略 第{i}期" for i in range(12)],
+    "周杰伦\thttp://c/6.jpg\t周杰伦 个人资料",
+]
+
+
+def test_one_line_per_distinct_ocr_text_with_its_ten_nearest_others(tmp_path, workspace):
+    source = tmp_path / "cbvs10m.txt"
+    source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    out = tmp_path / "cbvs10m-HNSW"
+    count = write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4)
+    lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
+    texts = [fields[0] for fields in lines]
+    assert count == len(lines) == 15
+    assert texts[:2] == ["大宅门 演员表", "大宅门 第二部"] and len(set(texts)) == 15
+    assert "\\N" not in texts
+    for fields in lines:
+        assert len(fields) == 11 and fields[0] not in fields[1:] and set(fields[1:]) <= set(texts)
+    assert lines[0][1] == "大宅门 第二部"  # the nearest other text shares 大宅门
+    assert all(n.startswith("原神 攻略") for n in lines[5][1:10])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_cli_writes_it_under_the_workspace_datasets(cli, workspace):
+    workspace.datasets.mkdir(parents=True)
+    (workspace.datasets / "cbvs10m.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    result = cli("build-index", "--type", "hnsw", "--layout", "cbvs10m-hnsw", "--dataset", "cbvs10m",
+                 "--model", "lexical")
+    assert result.code == 0, result.stderr
+    assert len((workspace.datasets / "cbvs10m-HNSW").read_text(encoding="utf-8").splitlines()) == 15
+    wrong = cli("build-index", "--type", "flat", "--layout", "cbvs10m-hnsw")
+    assert wrong.code == 1 and "the one layout is cbvs10m-hnsw (hnsw)" in wrong.stderr

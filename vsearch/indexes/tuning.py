@@ -1,0 +1,184 @@
+"""Choosing index parameters, as autofaiss does: build parameters from the vector count, the
+dimension, a memory budget and a target recall; search parameters from recall measured on the
+built index.
+
+Recall is measured leave-one-out: a sample of the indexed vectors are the queries, each query's
+own vector is removed from both its exact and its approximate neighbours, and recall@10 is the
+share of the exact 10 nearest others that the index returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vsearch.errors import VsearchError
+from vsearch.indexes.vectors import VectorSource
+
+RECALL_K = 10
+EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
+NPROBE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class Choice:
+    params: dict[str, int]
+    reasons: list[str] = field(default_factory=list)
+
+
+def memory_bytes(index_type: str, count: int, dim: int, params: dict[str, int]) -> int:
+    """Estimated resident size of the index once loaded (IVF-PQ's float16 vectors stay on disk)."""
+    if index_type == "flat":
+        return count * dim * 4
+    if index_type == "hnsw":
+        return count * (dim * 4 + params["M"] * 2 * 4 + 64)
+    rotation = dim * dim * 4 if params.get("opq") else 0
+    return count * (params["m"] + 8) + params["nlist"] * dim * 4 + rotation
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _power_of_two(value: float) -> int:
+    return 2 ** max(0, round(math.log2(max(value, 1))))
+
+
+def choose_build_params(index_type: str, defaults: dict[str, int], count: int, dim: int, overrides: dict[str, int],
+                        memory_budget: int | None, target_recall: float) -> Choice:
+    """Build parameters with the reason for each; the user's own settings always win."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise VsearchError(f"unknown parameter {', '.join(sorted(unknown))} for {index_type} "
+                           f"(known: {', '.join(defaults) or 'none'})")
+    choice = Choice(dict(defaults))
+    if index_type == "hnsw":
+        _choose_hnsw(choice, target_recall)
+    elif index_type == "ivfpq":
+        _choose_ivfpq(choice, count, dim, memory_budget, target_recall)
+    for key, value in overrides.items():
+        choice.params[key] = value
+        choice.reasons.append(f"{key}={value}: set by you")
+    size = memory_bytes(index_type, count, dim, choice.params)
+    if memory_budget is not None and size > memory_budget:
+        hint = "; ivfpq fits far more vectors in the same memory" if index_type != "ivfpq" else ""
+        raise VsearchError(f"{index_type} with {count:,} x {dim}-d vectors needs about {_gib(size)}, "
+                           f"over the memory budget of {_gib(memory_budget)}{hint}")
+    choice.reasons.append(f"estimated memory {_gib(size)} for {count:,} vectors")
+    return choice
+
+
+def _choose_hnsw(choice: Choice, target: float) -> None:
+    m = 16 if target <= 0.9 else 32 if target <= 0.97 else 48
+    choice.params["M"] = m
+    choice.params["ef_construction"] = 200 if target <= 0.97 else 400
+    choice.reasons.append(f"M={m}, ef_construction={choice.params['ef_construction']}: graph degree for "
+                          f"target recall@10 {target}")
+
+
+def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | None, target: float) -> None:
+    # About 4 * sqrt(N) lists, with at least 39 training points per list as FAISS asks.
+    nlist = max(1, min(_power_of_two(4 * math.sqrt(count)), 65536, _power_of_two(count / 39 / 2)))
+    train = min(count, max(50 * nlist, 50_000), 500_000)
+    divisors = [m for m in PQ_BYTES if dim % m == 0 and dim // m >= 2]
+    m = max((x for x in divisors if x <= dim // 8), default=divisors[0])
+    why = f"m={m}: {m} bytes per vector ({dim // m} dims per sub-quantiser)"
+    if memory_budget is not None:
+        per_vector = (memory_budget - nlist * dim * 4 - dim * dim * 4) / max(count, 1) - 8
+        fitting = [x for x in divisors if x <= per_vector]
+        if not fitting:
+            raise VsearchError(f"ivfpq cannot fit {count:,} vectors in {_gib(memory_budget)}: even PQ{divisors[0]} "
+                               f"needs about {_gib(count * (divisors[0] + 8))}")
+        if target > 0.95 or max(fitting) < m:
+            m = max(fitting)
+            why = f"m={m}: the most bytes per vector the memory budget allows"
+    # Each sub-quantiser's k-means wants 39 points per centroid; small data gets fewer centroids,
+    # and no OPQ rotation, which would cost more to train than it could win back.
+    nbits = max(1, min(8, int(math.log2(max(train, 2) / 39)) if train >= 78 else 1))
+    opq = int(nbits == 8)
+    choice.params.update(nlist=nlist, m=m, nbits=nbits, opq=opq, train_size=train)
+    choice.reasons += [f"nlist={nlist}: about 4*sqrt(N) inverted lists for N={count:,}",
+                       f"train_size={train:,}: vectors sampled to train the quantisers", why,
+                       f"nbits={nbits}, opq={opq}: " + ("8-bit codes behind a learned OPQ rotation" if opq else
+                                                        f"too few vectors for 8-bit codes and an OPQ rotation"),
+                       "refinement re-scores k*k_factor candidates on the float16 vectors, read from disk"]
+
+
+def sample_positions(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """`size` distinct row positions out of `count`, sorted, the same for the same arguments."""
+    size = min(size, count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+
+
+def gather(source: VectorSource, positions: np.ndarray) -> np.ndarray:
+    """The float32 vectors at `positions` (sorted), in one streaming pass."""
+    out = np.empty((len(positions), source.dim), np.float32)
+    start = taken = 0
+    for _, vectors in source.batches():
+        end = start + len(vectors)
+        inside = positions[taken:][positions[taken:] < end]
+        out[taken:taken + len(inside)] = vectors[inside - start]
+        taken += len(inside)
+        start = end
+    return out
+
+
+def exact_neighbours(source: VectorSource, queries: np.ndarray, k: int) -> np.ndarray:
+    """Labels of each query's k nearest vectors by exact inner product, streaming the vectors once."""
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_labels = np.full((len(queries), k), -1, np.int64)
+    start = 0
+    for _, vectors in source.batches():
+        scores = queries @ vectors.astype(np.float32).T
+        labels = np.broadcast_to(np.arange(start, start + len(vectors)), scores.shape)
+        merged_scores = np.concatenate([best_scores, scores], axis=1)
+        merged_labels = np.concatenate([best_labels, labels], axis=1)
+        keep = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k] if merged_scores.shape[1] > k else \
+            np.argsort(-merged_scores, axis=1)[:, :k]
+        best_scores = np.take_along_axis(merged_scores, keep, axis=1)
+        best_labels = np.take_along_axis(merged_labels, keep, axis=1)
+        start += len(vectors)
+    order = np.argsort(-best_scores, axis=1)
+    return np.take_along_axis(best_labels, order, axis=1)
+
+
+def _others(labels: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
+    return [set([x for x in row if x != me and x >= 0][:k]) for row, me in zip(labels, own)]
+
+
+def recall(search: Callable[[np.ndarray, int], np.ndarray], queries: np.ndarray, own: np.ndarray,
+           truth: np.ndarray, k: int = RECALL_K) -> float:
+    """Leave-one-out recall@k of `search(queries, k) -> labels` against exact neighbours `truth`."""
+    found = _others(search(queries, k + 1), own, k)
+    exact = _others(truth, own, k)
+    return float(np.mean([len(f & e) / max(len(e), 1) for f, e in zip(found, exact)]))
+
+
+def tune_search(index_type: str, backend, params: dict[str, int], queries: np.ndarray, own: np.ndarray,
+                truth: np.ndarray, target: float) -> tuple[dict[str, int], list[dict[str, float]]]:
+    """The cheapest search parameters that reach `target` recall@10 (else the best tried), and the sweep."""
+    def measure(setting: dict[str, int]) -> float:
+        backend.set_search(setting)
+        return recall(lambda q, k: backend.search(q, k)[1], queries, own, truth)
+
+    if index_type == "hnsw":
+        settings = [{"ef_search": ef} for ef in EF_SWEEP]
+    elif index_type == "ivfpq":
+        probes = [p for p in NPROBE_SWEEP if p <= params["nlist"]]
+        settings = [{"nprobe": p, "k_factor": params["k_factor"]} for p in probes]
+        settings += [{"nprobe": probes[-1], "k_factor": f} for f in (20, 40) if f > params["k_factor"]]
+    else:
+        return {}, [{"recall@10": measure({})}]
+    sweep = []
+    for setting in settings:
+        sweep.append({**setting, "recall@10": measure(setting)})
+        if sweep[-1]["recall@10"] >= target:
+            break
+    best = next((s for s in sweep if s["recall@10"] >= target), max(sweep, key=lambda s: s["recall@10"]))
+    chosen = {key: int(value) for key, value in best.items() if key != "recall@10"}
+    backend.set_search(chosen)
+    return chosen, sweep

@@ -1,0 +1,119 @@
+"""Where an index's vectors come from: vsearch shards, or any folder of Parquet files.
+
+A vsearch shard folder has a `_manifest.json` (the encoder, dim and checksums come from it).
+Any other folder is "bring your own embeddings": every `*.parquet` file in it, read in name order,
+with an id column (`id`, or `--id-column`) and a vector column (a fixed-size list of floats:
+`vector`, `embedding` or the only such column, or `--vector-column`), e.g. clip-retrieval's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vsearch.embeddings.shards import MANIFEST, Manifest
+from vsearch.errors import VsearchError
+from vsearch.files import sha256_of
+
+VECTOR_NAMES = ("vector", "embedding", "embeddings", "emb")
+
+
+@dataclass
+class VectorFile:
+    name: str
+    path: Path
+    rows: int
+    sha256: str
+
+
+@dataclass
+class VectorSource:
+    directory: Path
+    dataset: str
+    dim: int
+    files: list[VectorFile]
+    encoder: dict[str, str] | None  # spec and fingerprint; None for bring-your-own embeddings
+    id_column: str = "id"
+    vector_column: str = "vector"
+
+    @property
+    def count(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def batches(self, files: list[VectorFile] | None = None, batch_rows: int = 65536
+                ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(ids, vectors as stored, float16 or float32) one record batch at a time."""
+        for file in files if files is not None else self.files:
+            if not file.path.is_file():
+                raise VsearchError(f"shard {file.path} is listed in the manifest but missing")
+            parquet = pq.ParquetFile(file.path)
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=[self.id_column, self.vector_column]):
+                column = batch.column(self.vector_column)
+                vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
+                yield [str(i) for i in batch.column(self.id_column).to_pylist()], vectors.reshape(len(batch), self.dim)
+
+    def info(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "embeddings": str(self.directory.resolve()), "encoder": self.encoder}
+
+
+def _fixed_size_float(field: pa.Field) -> bool:
+    return pa.types.is_fixed_size_list(field.type) and pa.types.is_floating(field.type.value_type)
+
+
+def _vector_column(schema: pa.Schema, requested: str | None, path: Path) -> str:
+    if requested:
+        if requested not in schema.names or not _fixed_size_float(schema.field(requested)):
+            raise VsearchError(f"{path} has no fixed-size float list column {requested!r}")
+        return requested
+    candidates = [f.name for f in schema if _fixed_size_float(f)]
+    for name in VECTOR_NAMES:
+        if name in candidates:
+            return name
+    if len(candidates) == 1:
+        return candidates[0]
+    raise VsearchError(
+        f"cannot tell the vector column of {path}: fixed-size float list columns are {candidates or 'none'}; "
+        "pass --vector-column"
+    )
+
+
+def shard_source(directory: Path, kind: str) -> VectorSource:
+    manifest = Manifest.read(directory)
+    files = [VectorFile(s["name"], directory / s["name"], s["rows"], s["sha256"])
+             for s in manifest.shards if s["kind"] == kind]
+    return VectorSource(directory, manifest.dataset, manifest.dim, files, manifest.encoder)
+
+
+def parquet_source(directory: Path, id_column: str | None = None, vector_column: str | None = None) -> VectorSource:
+    paths = sorted(directory.glob("*.parquet"))
+    if not paths:
+        raise VsearchError(f"no embeddings in {directory}: no {MANIFEST} and no *.parquet files")
+    schema = pq.read_schema(paths[0])
+    column = _vector_column(schema, vector_column, paths[0])
+    id_name = id_column or "id"
+    if id_name not in schema.names:
+        raise VsearchError(f"{paths[0]} has no id column {id_name!r}; pass --id-column")
+    dim = schema.field(column).type.list_size
+    files = []
+    for path in paths:
+        other = pq.read_schema(path)
+        if column not in other.names or other.field(column).type.list_size != dim:
+            raise VsearchError(f"{path} does not have the same {dim}-d vector column {column!r} as {paths[0].name}")
+        files.append(VectorFile(path.name, path, pq.ParquetFile(path).metadata.num_rows, sha256_of(path)))
+    return VectorSource(directory, directory.name, dim, files, None, id_name, column)
+
+
+def open_source(directory: Path, kind: str = "cover", id_column: str | None = None,
+                vector_column: str | None = None) -> VectorSource:
+    """Vectors from a vsearch shard folder, or else from any folder of Parquet files."""
+    if not directory.is_dir():
+        raise VsearchError(f"no embeddings at {directory}")
+    if (directory / MANIFEST).is_file():
+        return shard_source(directory, kind)
+    return parquet_source(directory, id_column, vector_column)
