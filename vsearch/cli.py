@@ -262,6 +262,34 @@ def demo(ctx: typer.Context, k: Annotated[int, typer.Option("-k", help="Results 
     stdout.print('Try your own: vsearch query "大宅门演员表"  (add --json for machine-readable output)')
 
 
+@app.command()
+def bench(
+    sizes: Annotated[str, typer.Option(help="Comma-separated vector counts.")] = "100000,1000000",
+    dim: Annotated[int, typer.Option(help="Dimension of the synthetic vectors.")] = 512,
+    queries: Annotated[int, typer.Option(help="Queries per measurement.")] = 1000,
+    indexes: Annotated[str, typer.Option(help="Comma-separated: flat, hnsw, hnsw:faiss, ivfpq.")] = "flat,hnsw,hnsw:faiss,ivfpq",
+    embeddings: Annotated[Optional[Path], typer.Option(help="Benchmark on these shards instead of synthetic vectors.")] = None,
+    out: Annotated[Path, typer.Option(help="Output prefix: writes .json, .md and .png.")] = Path("benchmarks/out/ann"),
+    scratch: Annotated[Optional[Path], typer.Option(help="Folder for temporary vectors and indexes (default: system temp).")] = None,
+) -> None:
+    """Recall, QPS, latency, build time and memory of every index type (see benchmarks/ann.py)."""
+    import tempfile
+
+    from vsearch.console import stderr
+    from vsearch.indexes.bench import BenchConfig, run_bench
+
+    try:
+        counts = [int(size) for size in sizes.split(",") if size.strip()]
+    except ValueError:
+        raise VsearchError(f"bad --sizes {sizes!r}: expected numbers like 100000,1000000") from None
+    config = BenchConfig(sizes=counts, dim=dim, queries=queries, indexes=[i.strip() for i in indexes.split(",")],
+                         embeddings=embeddings, out=out)
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
+        written = run_bench(config, Path(folder), say=stderr.print)
+    print(written["markdown"].read_text())
+    stderr.print("wrote " + ", ".join(str(path) for path in written.values()))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="vsearch")

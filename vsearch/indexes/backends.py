@@ -223,7 +223,7 @@ class IvfPqBackend(FaissBackend):
         if params["opq"]:
             opq = faiss.downcast_VectorTransform(index.chain.at(0))
             opq.niter = opq.niter_pq_0 = params["opq_iterations"]
-            opq.max_train_points = params["train_size"]
+            opq.max_train_points = min(params["train_size"], 65536)  # a rotation needs far fewer points than IVF
         backend = cls(index)
         backend.set_search(params)
         return backend

@@ -83,7 +83,7 @@ def _choose_hnsw(choice: Choice, target: float) -> None:
 def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | None, target: float) -> None:
     # About 4 * sqrt(N) lists, with at least 39 training points per list as FAISS asks.
     nlist = max(1, min(_power_of_two(4 * math.sqrt(count)), 65536, _power_of_two(count / 39 / 2)))
-    train = min(count, max(50 * nlist, 50_000), 500_000)
+    train = min(count, max(40 * nlist, 50_000), 500_000)
     divisors = [m for m in PQ_BYTES if dim % m == 0 and dim // m >= 2]
     m = max((x for x in divisors if x <= dim // 8), default=divisors[0])
     why = f"m={m}: {m} bytes per vector ({dim // m} dims per sub-quantiser)"

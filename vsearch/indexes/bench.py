@@ -1,0 +1,251 @@
+"""ANN benchmark (`vsearch bench`, `benchmarks/ann.py`).
+
+For each size N and index type: build time, peak memory of the build, size on disk and in memory;
+then, over sweeps of ef_search (hnsw) and nprobe (ivfpq), recall@1/10/100 against exact search,
+batch QPS and single-query latency p50/p99; and, at the parameters the build chose, vsearch's
+`Index.search` against calling the library directly on the same loaded index, as a ratio.
+
+Vectors resemble CLIP embeddings: unit-norm, clustered, with a low intrinsic dimension (a 64-d
+latent mixture mapped to `dim` dimensions plus a little noise); queries are fresh draws from the
+same distribution. Real shards can be used instead (`--embeddings`); queries are then a sample of
+their own vectors, so each query's nearest neighbour is itself.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vsearch.indexes.backends import ENGINES, HnswlibBackend, IvfPqBackend
+from vsearch.indexes.store import BuildConfig, Index, build_index, load_index
+from vsearch.indexes.tuning import exact_neighbours, gather, sample_positions
+from vsearch.indexes.vectors import VectorSource, open_source
+
+SWEEPS = {"hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)],
+          "ivfpq": [{"nprobe": p} for p in (4, 8, 16, 32, 64, 128)], "flat": [{}]}
+CHUNK = 100_000
+LATENT = 64
+
+
+@dataclass
+class BenchConfig:
+    sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
+    dim: int = 512
+    queries: int = 1000
+    latency_queries: int = 200
+    indexes: list[str] = field(default_factory=lambda: ["flat", "hnsw", "hnsw:faiss", "ivfpq"])
+    embeddings: Path | None = None
+    out: Path = Path("benchmarks/out/ann")
+    seed: int = 0
+
+
+def clip_like(count: int, dim: int, seed: int) -> Iterator[np.ndarray]:
+    """`count` CLIP-like unit vectors in float32 chunks, the same for the same seed."""
+    model = np.random.default_rng(1234)  # the distribution is fixed; seed only picks the draws
+    mixing = model.standard_normal((LATENT, dim)).astype(np.float32) / np.sqrt(LATENT)
+    centres = 1.5 * model.standard_normal((256, LATENT)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    for start in range(0, count, CHUNK):
+        rows = min(CHUNK, count - start)
+        latent = centres[rng.integers(0, len(centres), rows)] + rng.standard_normal((rows, LATENT), np.float32)
+        vectors = latent @ mixing + 0.15 * rng.standard_normal((rows, dim), np.float32)
+        yield vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def write_synthetic(folder: Path, count: int, dim: int, seed: int) -> VectorSource:
+    """Synthetic vectors as bring-your-own Parquet (float16, as vsearch shards store them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for number, chunk in enumerate(clip_like(count, dim, seed)):
+        column = pa.FixedSizeListArray.from_arrays(pa.array(chunk.astype(np.float16).ravel()), dim)
+        ids = pa.array([f"v{i}" for i in range(start, start + len(chunk))])
+        pq.write_table(pa.table({"id": ids, "vector": column}), folder / f"part-{number:05d}.parquet")
+        start += len(chunk)
+    return open_source(folder)
+
+
+def _build_child(index_type: str, engine: str | None, source: VectorSource, path: Path, results: Any) -> None:
+    info = build_index(BuildConfig(type=index_type, engine=engine), source, path)
+    results.put((info, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+
+def _build(index_type: str, engine: str | None, source: VectorSource, path: Path) -> tuple[dict[str, Any], int]:
+    """Build in a fresh child process, so the peak memory measured is the build's alone.
+
+    Spawned, not forked: a fork taken after BLAS or OpenMP threads have started can deadlock.
+    """
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_build_child, args=(index_type, engine, source, path, results))
+    child.start()
+    while True:
+        try:
+            info, peak = results.get(timeout=5)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"building the {index_type} index failed (exit code {child.exitcode})") from None
+    child.join()
+    return info, peak
+
+
+def _recalls(found: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {f"recall@{k}": float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+            for k in (1, 10, 100)}
+
+
+def _raw_search(index: Index):
+    """The library's own search call on the loaded index, as a user of faiss or hnswlib would make it."""
+    backend = index.backend
+    if isinstance(backend, HnswlibBackend):
+        return lambda q, k: backend.index.knn_query(q, k=k)
+    if isinstance(backend, IvfPqBackend):
+        return backend.search  # faiss search of k * k_factor candidates, then the exact refinement
+    return lambda q, k: backend.index.search(q, k)
+
+
+def _best_time(call, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def measure(index: Index, queries: np.ndarray, truth_ids: np.ndarray, latency_queries: int,
+            setting: dict[str, int]) -> dict[str, Any]:
+    index.set_search(**setting)
+    started = time.perf_counter()
+    _, ids = index.search(queries, 100)
+    seconds = time.perf_counter() - started
+    latencies = []
+    for query in queries[:latency_queries]:
+        begin = time.perf_counter()
+        index.search(query[None], 10)
+        latencies.append((time.perf_counter() - begin) * 1000)
+    return {**setting, **_recalls(ids, truth_ids), "qps": len(queries) / seconds,
+            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
+
+
+def overhead(index: Index, queries: np.ndarray) -> dict[str, float]:
+    """vsearch's search time over the raw library call's, batch and single query, at k = 10."""
+    raw = _raw_search(index)
+    batch = _best_time(lambda: index.search(queries, 10)) / _best_time(lambda: raw(queries, 10))
+    singles = queries[:200]
+    single = _best_time(lambda: [index.search(q[None], 10) for q in singles]) / \
+        _best_time(lambda: [raw(q[None], 10) for q in singles])
+    return {"batch": batch, "single": single}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def bench_size(config: BenchConfig, count: int, scratch: Path) -> list[dict[str, Any]]:
+    if config.embeddings:
+        source = open_source(config.embeddings)
+        count = source.count
+        queries = gather(source, sample_positions(count, config.queries, seed=config.seed + 7))
+    else:
+        source = write_synthetic(scratch / f"vectors-{count}", count, config.dim, config.seed)
+        queries = np.concatenate(list(clip_like(config.queries, config.dim, config.seed + 1)))
+    truth = exact_neighbours(source, queries, 100)
+    rows = []
+    for spec in config.indexes:
+        index_type, _, engine = spec.partition(":")
+        path = scratch / f"index-{count}-{index_type}-{engine or 'default'}"
+        info, peak = _build(index_type, engine or None, source, path)
+        index = load_index(path)
+        truth_ids = np.asarray(index.ids.take(pa.array(truth.ravel())).to_pylist(), dtype=object).reshape(truth.shape)
+        chosen = {k: info["params"][k] for k in type(index.backend).search_params}
+        summary = {"n": count, "dim": source.dim, "type": index_type, "engine": info["engine"],
+                   "build_seconds": info["build_seconds"], "build_peak_bytes": peak, "disk_bytes": _size(path),
+                   "memory_bytes": info["memory_bytes"], "params": info["params"], "chosen": chosen,
+                   "build_recall@10": info["recall"]["recall@10"],
+                   "sweep": [measure(index, queries, truth_ids, config.latency_queries, {**chosen, **s})
+                             for s in SWEEPS[index_type]]}
+        index.set_search(**chosen)
+        summary["at_chosen"] = measure(index, queries, truth_ids, config.latency_queries, chosen)
+        summary["overhead"] = overhead(index, queries)
+        rows.append(summary)
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| N | index | params chosen | recall@1 | recall@10 | recall@100 | QPS | p50 ms | p99 ms | build s | "
+             "build peak MiB | disk MiB | in-memory MiB | vsearch / raw (batch, single) |",
+             "|" + "---|" * 14]
+    for r in results:
+        at = r["at_chosen"]
+        params = ", ".join(f"{k}={v}" for k, v in r["chosen"].items()) or "exact"
+        lines.append(f"| {r['n']:,} | {r['type']} ({r['engine']}) | {params} | {at['recall@1']:.3f} | "
+                     f"{at['recall@10']:.3f} | {at['recall@100']:.3f} | {at['qps']:,.0f} | {at['p50_ms']:.2f} | "
+                     f"{at['p99_ms']:.2f} | {r['build_seconds']:.0f} | {r['build_peak_bytes'] / 2**20:,.0f} | "
+                     f"{r['disk_bytes'] / 2**20:,.0f} | {r['memory_bytes'] / 2**20:,.0f} | "
+                     f"{r['overhead']['batch']:.2f}, {r['overhead']['single']:.2f} |")
+    lines += ["", "Sweeps (recall@10 / QPS):", ""]
+    for r in results:
+        cells = [f"{'/'.join(f'{k}={v}' for k, v in s.items() if k in ('ef_search', 'nprobe')) or 'exact'}: "
+                 f"{s['recall@10']:.3f} / {s['qps']:,.0f}" for s in r["sweep"]]
+        lines.append(f"- {r['n']:,} {r['type']} ({r['engine']}): " + "; ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> bool:
+    """Recall@10 against QPS, one panel per N; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = sorted({r["n"] for r in results})
+    figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for axis, size in zip(axes[0], sizes):
+        for r in (r for r in results if r["n"] == size):
+            axis.plot([s["qps"] for s in r["sweep"]], [s["recall@10"] for s in r["sweep"]], marker="o",
+                      label=f"{r['type']} ({r['engine']})")
+        axis.set(xscale="log", xlabel="queries per second", ylabel="recall@10", title=f"N = {size:,}")
+        axis.axhline(0.95, color="grey", linewidth=0.8, linestyle="--")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def run_bench(config: BenchConfig, scratch: Path, say=print) -> dict[str, Path]:
+    """Run every size and write `<out>.json`, `<out>.md` and `<out>.png`; returns the paths written."""
+    for spec in config.indexes:
+        index_type, _, engine = spec.partition(":")
+        if index_type not in ENGINES or (engine and engine not in ENGINES[index_type]):
+            from vsearch.errors import VsearchError
+
+            raise VsearchError(f"unknown index {spec!r}: use flat, hnsw, hnsw:faiss or ivfpq")
+    results: list[dict[str, Any]] = []
+    for count in config.sizes if not config.embeddings else [0]:
+        say(f"benchmarking N={count:,}" if count else f"benchmarking {config.embeddings}")
+        results += bench_size(config, count, scratch)
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    written = {"json": config.out.with_suffix(".json"), "markdown": config.out.with_suffix(".md")}
+    meta = {"date": time.strftime("%Y-%m-%d"), "queries": config.queries, "cpus": multiprocessing.cpu_count()}
+    written["json"].write_text(json.dumps({**meta, "results": results}, indent=1))
+    written["markdown"].write_text(markdown(results))
+    if plot(results, config.out.with_suffix(".png")):
+        written["plot"] = config.out.with_suffix(".png")
+    return written
