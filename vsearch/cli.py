@@ -262,6 +262,56 @@ def demo(ctx: typer.Context, k: Annotated[int, typer.Option("-k", help="Results 
     stdout.print('Try your own: vsearch query "大宅门演员表"  (add --json for machine-readable output)')
 
 
+@app.command("eval")
+def eval_command(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option(help="cbvs20k (under the workspace) or the path of a CBVS-20K file.")] = "cbvs20k",
+    scores: Annotated[Optional[Path], typer.Option(help="Per-pair scores: label\tquery\tdocid\tscore.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Score the pairs with this model instead (needs --images).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of CBVS-20K covers named <docid>.jpg.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the model's per-pair scores here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as a JSON object.")] = False,
+) -> None:
+    """CBVS-20K ranking metrics (PNR, NDCG@k, MAP; R@k with a model), beside the paper's UniCLIP row."""
+    from vsearch.query import evaluate
+
+    ws: Workspace = ctx.obj
+    if (scores is None) == (model is None):
+        raise VsearchError("give either --scores FILE or --model SPEC with --images DIR")
+    extra: dict[str, object] = {}
+    if scores is not None:
+        metrics = evaluate.ranking_metrics(evaluate.read_scores(scores))
+    else:
+        if images is None or not images.is_dir():
+            raise VsearchError(f"--model needs --images DIR, a folder of covers named <docid>.jpg (got {images})")
+        from vsearch.embeddings import load_encoder
+        from vsearch.embeddings.job import resolve_model
+
+        source = ws.datasets / "cbvs20k.txt" if dataset == "cbvs20k" else Path(dataset)
+        encoder = load_encoder(resolve_model(model, ws), device)
+        scored = evaluate.score_with_model(encoder, evaluate.read_pairs(source), images)
+        if out is not None:
+            evaluate.write_scores(scored.pairs, out)
+        metrics = {**scored.retrieval, **evaluate.ranking_metrics(scored.pairs)}
+        extra = {"pairs scored": len(scored.pairs), "covers missing": scored.missing_covers}
+    if as_json:
+        sys.stdout.write(json.dumps(metrics) + "\n")
+        return
+    from rich.table import Table
+
+    from vsearch.console import stdout
+
+    table = Table(title="CBVS-20K", caption=", ".join(f"{k}: {v:,}" for k, v in extra.items()) or None)
+    for column in ("metric", "vsearch", "paper (UniCLIP)", "difference"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for name, value in metrics.items():
+        paper = evaluate.PAPER_UNICLIP.get(name)
+        table.add_row(name, f"{value:.4f}", "" if paper is None else f"{paper:.3f}",
+                      "" if paper is None else f"{value - paper:+.4f}")
+    stdout.print(table)
+
+
 @app.command()
 def bench(
     sizes: Annotated[str, typer.Option(help="Comma-separated vector counts.")] = "100000,1000000",

@@ -1,0 +1,192 @@
+"""CBVS-20K evaluation: the ranking metrics of the CBVS paper, from per-pair scores.
+
+Definitions (the published evaluation):
+
+* PNR: over every query with at least two pairs, each ordered pair (i, j) with label_i > label_j is
+  concordant if score_i > score_j, discordant if lower, a tie if equal; pooled over all queries,
+  PNR = (concordant + ties/2) / (discordant + ties/2).
+* NDCG@k (k = 1, 3, 5, 10): queries whose pairs carry more than one distinct label; pairs ranked by
+  score (file order among equal scores); DCG@k = sum of (2^label - 1) / log2(rank + 1);
+  NDCG = (DCG + 1e-6) / (ideal DCG + 1e-6); the mean over those queries.
+* MAP: label 2 is relevant; queries with no relevant pair are skipped; AP is the mean of the
+  precision at each relevant pair's rank; MAP is the mean AP.
+* R@1/5/10 and MR (the paper does not publish its procedure; this is vsearch's): text-to-cover
+  retrieval over the whole pool of CBVS-20K covers with the images at hand; a query is a hit at k
+  when one of its label-2 covers is among its k nearest covers; R@k is the share of queries with a
+  label-2 cover that hit; MR is the mean of R@1, R@5 and R@10.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vsearch.errors import VsearchError
+
+# The CBVS paper's UniCLIP ViT-B/16 row (fine-tuned on CBVS-5M).
+PAPER_UNICLIP = {"R@1": 0.503, "R@5": 0.754, "R@10": 0.820, "MR": 0.692, "PNR": 3.069,
+                 "NDCG@1": 0.784, "NDCG@5": 0.846, "NDCG@10": 0.893, "MAP": 0.779}
+NDCG_AT = (1, 3, 5, 10)
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    docid: str
+    label: int
+    score: float
+
+
+def read_scores(path: Path) -> list[Pair]:
+    """Pairs from a scores file: `label \\t query \\t docid \\t score`, one per line."""
+    if not path.is_file():
+        raise VsearchError(f"scores file not found: {path}")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            label, query, docid, score = fields
+            pairs.append(Pair(query, docid, int(label), float(score)))
+        except ValueError:
+            raise VsearchError(f"{path}:{number}: expected label\\tquery\\tdocid\\tscore, got {line[:80]!r}") from None
+    if not pairs:
+        raise VsearchError(f"scores file {path} has no pairs")
+    return pairs
+
+
+def by_query(pairs: Iterable[Pair]) -> dict[str, list[Pair]]:
+    grouped: dict[str, list[Pair]] = defaultdict(list)
+    for pair in pairs:
+        grouped[pair.query].append(pair)
+    return grouped
+
+
+def pnr(groups: dict[str, list[Pair]]) -> float:
+    concordant = discordant = ties = 0
+    for pairs in groups.values():
+        if len(pairs) < 2:
+            continue
+        labels = np.array([p.label for p in pairs])
+        scores = np.array([p.score for p in pairs])
+        ordered = labels[:, None] > labels[None, :]
+        concordant += int((ordered & (scores[:, None] > scores[None, :])).sum())
+        discordant += int((ordered & (scores[:, None] < scores[None, :])).sum())
+        ties += int((ordered & (scores[:, None] == scores[None, :])).sum())
+    return (concordant + ties / 2) / (discordant + ties / 2) if discordant + ties else math.inf
+
+
+def ranked_labels(pairs: list[Pair]) -> list[int]:
+    """Labels in descending score order; equal scores keep file order."""
+    return [p.label for p in sorted(pairs, key=lambda p: -p.score)]
+
+
+def _dcg(labels: list[int], k: int) -> float:
+    return sum((2 ** label - 1) / math.log2(rank + 1) for rank, label in enumerate(labels[:k], start=1))
+
+
+def ndcg(groups: dict[str, list[Pair]], k: int) -> float:
+    values = [(_dcg(ranked_labels(pairs), k) + 1e-6) / (_dcg(sorted((p.label for p in pairs), reverse=True), k) + 1e-6)
+              for pairs in groups.values() if len({p.label for p in pairs}) > 1]
+    return float(np.mean(values)) if values else math.nan
+
+
+def mean_average_precision(groups: dict[str, list[Pair]]) -> float:
+    averages = []
+    for pairs in groups.values():
+        labels = ranked_labels(pairs)
+        hits = [rank for rank, label in enumerate(labels, start=1) if label == 2]
+        if hits:
+            averages.append(np.mean([found / rank for found, rank in enumerate(hits, start=1)]))
+    return float(np.mean(averages)) if averages else math.nan
+
+
+def ranking_metrics(pairs: list[Pair]) -> dict[str, float]:
+    """PNR, NDCG@1/3/5/10 and MAP of scored pairs."""
+    groups = by_query(pairs)
+    metrics = {"PNR": pnr(groups)}
+    metrics.update({f"NDCG@{k}": ndcg(groups, k) for k in NDCG_AT})
+    metrics["MAP"] = mean_average_precision(groups)
+    return metrics
+
+
+def retrieval_metrics(query_vectors: np.ndarray, queries: list[str], cover_vectors: np.ndarray,
+                      covers: list[str], relevant: dict[str, set[str]]) -> dict[str, float]:
+    """R@1/5/10 and MR of text-to-cover retrieval over the whole cover pool (see the module docstring)."""
+    asked = [i for i, q in enumerate(queries) if relevant.get(q)]
+    if not asked:
+        raise VsearchError("no query has a label-2 cover among the covers at hand: cannot compute R@k")
+    top = np.argsort(-(query_vectors[asked] @ cover_vectors.T), axis=1)[:, :max(RECALL_AT)]
+    hits = {k: np.mean([bool(relevant[queries[i]] & {covers[j] for j in row[:k]}) for i, row in zip(asked, top)])
+            for k in RECALL_AT}
+    metrics = {f"R@{k}": float(hits[k]) for k in RECALL_AT}
+    metrics["MR"] = float(np.mean(list(metrics.values())))
+    return metrics
+
+
+def read_pairs(path: Path) -> list[Pair]:
+    """Unscored pairs from a CBVS-20K file (`query \\t docid \\t url \\t label`); score is NaN."""
+    if not path.is_file():
+        raise VsearchError(f"CBVS-20K file not found: {path}")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split("\t")
+        if len(fields) < 4 or not fields[3].strip().isdigit():
+            if line.strip():
+                raise VsearchError(f"{path}:{number}: expected query\\tdocid\\turl\\tlabel, got {line[:80]!r}")
+            continue
+        pairs.append(Pair(fields[0].strip(), fields[1].strip(), int(fields[3]), math.nan))
+    return pairs
+
+
+@dataclass
+class ModelScores:
+    pairs: list[Pair]  # the pairs whose cover image was found, scored
+    retrieval: dict[str, float]
+    missing_covers: int
+
+
+def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 64) -> ModelScores:
+    """Score each pair by the cosine of its query and its cover (`<images>/<docid>.jpg`), and rank the
+    whole pool of covers found for R@k."""
+    from vsearch.embeddings.media import MediaError, load_image
+
+    covers: list[str] = []
+    parts: list[np.ndarray] = []
+    docids = list(dict.fromkeys(p.docid for p in pairs))
+    missing = 0
+    for start in range(0, len(docids), batch):
+        loaded = []
+        for docid in docids[start:start + batch]:
+            try:
+                loaded.append((docid, load_image(str(images / f"{docid}.jpg"))))
+            except MediaError:
+                missing += 1
+        if loaded:
+            covers += [docid for docid, _ in loaded]
+            parts.append(encoder.encode_images([image for _, image in loaded]))
+    if not covers:
+        raise VsearchError(f"none of the {len(docids):,} covers is in {images} (expected <docid>.jpg files)")
+    cover_vectors = np.concatenate(parts)
+    queries = list(dict.fromkeys(p.query for p in pairs))
+    query_vectors = np.concatenate([encoder.encode_texts(queries[s:s + 256]) for s in range(0, len(queries), 256)])
+    cover_at = {docid: i for i, docid in enumerate(covers)}
+    query_at = {query: i for i, query in enumerate(queries)}
+    scored = [Pair(p.query, p.docid, p.label, float(query_vectors[query_at[p.query]] @ cover_vectors[cover_at[p.docid]]))
+              for p in pairs if p.docid in cover_at]
+    relevant: dict[str, set[str]] = defaultdict(set)
+    for p in scored:
+        if p.label == 2:
+            relevant[p.query].add(p.docid)
+    return ModelScores(scored, retrieval_metrics(query_vectors, queries, cover_vectors, covers, relevant), missing)
+
+
+def write_scores(pairs: list[Pair], path: Path) -> None:
+    path.write_text("".join(f"{p.label}\t{p.query}\t{p.docid}\t{p.score}\n" for p in pairs), encoding="utf-8")
