@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -224,27 +225,79 @@ def delete(
                                                              + (" …" if len(unknown) > 5 else "") if unknown else ""))
 
 
+def _parse_weights(text: str | None):
+    from vsearch.query import Weights
+
+    if not text:
+        return Weights()
+    values = {}
+    for pair in text.split(","):
+        key, sep, value = pair.partition("=")
+        try:
+            values[key.strip()] = float(value)
+        except ValueError:
+            raise VsearchError(f"bad --weights {text!r}: expected e.g. ann=1,lexical=0.3,semantic=0.5") from None
+        if not sep:
+            raise VsearchError(f"bad --weights {text!r}: expected e.g. ann=1,lexical=0.3,semantic=0.5")
+    unknown = set(values) - set(Weights.__dataclass_fields__)
+    if unknown:
+        raise VsearchError(f"unknown weight {', '.join(sorted(unknown))}: use ann, lexical, semantic")
+    return Weights(**values)
+
+
 @app.command()
 def query(
     ctx: typer.Context,
-    text: Annotated[str, typer.Argument(help="What to search for.")],
+    text: Annotated[Optional[str], typer.Argument(help="What to search for (or --file).")] = None,
     k: Annotated[int, typer.Option("-k", help="Number of results.")] = 10,
     index: Annotated[Optional[str], typer.Option(help="Index name or folder (default: the last built).")] = None,
+    where: Annotated[Optional[str], typer.Option(help="SQL predicate on the metadata, e.g. \"ocr LIKE '%演员%'\".")] = None,
+    rerank: Annotated[bool, typer.Option("--rerank/--no-rerank", help="OCR-aware reranking of the candidates.")] = True,
+    explain: Annotated[bool, typer.Option(help="Show each part of the final score.")] = False,
+    file: Annotated[Optional[Path], typer.Option(help="Run every line of this file as a query; JSON lines out.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="With --file: write the JSON lines here instead of stdout.")] = None,
+    candidates: Annotated[Optional[int], typer.Option(help="ANN candidates to rerank (default 10 k).")] = None,
+    rerank_images: Annotated[Optional[int], typer.Option(
+        help="Covers whose images the UniCLIP heads read (default 50 on a GPU, 8 on a CPU).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Fusion weights, e.g. ann=1,lexical=0.3,semantic=0.5.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
-    """Search an index with a text query."""
-    from vsearch.query import QueryConfig, search
+    """Search an index with a text query (or a file of them)."""
+    from vsearch.console import hits_table, stderr, stdout
+    from vsearch.query import QueryConfig, Searcher
 
+    if (text is None) == (file is None):
+        raise VsearchError("give a query text or --file FILE (one query per line)")
+    if file is not None and not file.is_file():
+        raise VsearchError(f"queries file not found: {file}")
     index_dir = _index_dir(ctx.obj, index)
-    hits = search(QueryConfig(text, index_dir, k, device))
-    if as_json:
-        payload = {"query": text, "index": str(index_dir), "results": [hit.to_dict() for hit in hits]}
-        sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
-        return
-    from vsearch.console import hits_table, stdout
+    searcher = Searcher(index_dir, device)
 
-    stdout.print(hits_table(text, hits, caption=f"index {index_dir}"))
+    def run(query_text: str):
+        return searcher.search(QueryConfig(query_text, index_dir, k=k, where=where, rerank=rerank,
+                                           candidates=candidates, image_budget=rerank_images,
+                                           weights=_parse_weights(weights), device=device))
+
+    def payload(result) -> dict:
+        return {"query": result.query, "index": str(index_dir), "results": [h.to_dict() for h in result.hits],
+                "notes": result.notes, "seconds": result.seconds}
+
+    if file is not None:
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with open(out, "w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as sink:
+            for line in lines:
+                sink.write(json.dumps(payload(run(line)), ensure_ascii=False) + "\n")
+        if out:
+            stderr.print(f"{len(lines)} queries -> {out}")
+        return
+    result = run(text)
+    if as_json:
+        sys.stdout.write(json.dumps(payload(result), ensure_ascii=False, indent=1) + "\n")
+        return
+    for note in result.notes:
+        stderr.print(f"note: {note}")
+    stdout.print(hits_table(result.query, result.hits, caption=f"index {index_dir}", explain=explain))
 
 
 @app.command()

@@ -47,13 +47,21 @@ def _snippet(text: str | None, width: int = 40) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def hits_table(query: str, hits: list[Hit], caption: str | None = None) -> Table:
+PARTS = ("ann", "lexical", "semantic", "presence")
+
+
+def hits_table(query: str, hits: list[Hit], caption: str | None = None, explain: bool = False) -> Table:
+    """Results as a table; with `explain`, one column per part of the final score."""
     table = Table(title=f"[bold]{query}[/]", caption=caption, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
+    shown = [p for p in PARTS if any(p in hit.parts for hit in hits)] if explain else []
+    for part in shown:
+        table.add_column(part, justify="right", style="cyan")
     table.add_column("title")
     table.add_column("OCR text")
     table.add_column("id", style="dim")
     for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.3f}", _snippet(hit.title), _snippet(hit.ocr), hit.id)
+        parts = [f"{hit.parts[p]:.3f}" if p in hit.parts else "–" for p in shown]
+        table.add_row(str(hit.rank), f"{hit.score:.3f}", *parts, _snippet(hit.title), _snippet(hit.ocr), hit.id)
     return table

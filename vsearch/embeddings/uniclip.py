@@ -268,9 +268,14 @@ class UniClipEncoder(TorchImageEncoder):
 
     def match(self, texts: Sequence[str], images: Sequence) -> np.ndarray:
         """Probability that text i matches the text on cover i (semantic head, 20-token texts)."""
+        return self.match_and_presence(texts, images)[0]
+
+    def match_and_presence(self, texts: Sequence[str], images: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """`match(texts, images)` and `presence(images)` from one pass of the image tower."""
         pixels = torch.stack([self.image_transform(image) for image in images]).to(self.device)
         ids = self.tokenize(texts, SEMANTIC_CONTEXT).to(self.device)
         with torch.inference_mode(), self.autocast():
             _, tokens = self.model.encode_image_and_tokens(pixels)
-            logits = self.model.semantic_logits(ids, tokens)
-        return logits.float().softmax(-1)[:, 1].cpu().numpy()
+            semantic = self.model.semantic_logits(ids, tokens).float().softmax(-1)[:, 1]
+            presence = self.model.presence_logits(tokens).float().softmax(-1)[:, 1]
+        return semantic.cpu().numpy(), presence.cpu().numpy()

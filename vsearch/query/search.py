@@ -1,10 +1,18 @@
-"""Text queries against a built index: encode, search, join metadata from the shards."""
+"""Text queries against a built index: encode, search, filter and join metadata, rerank.
+
+A `Searcher` loads the index and the encoder its manifest records once; each query then pulls
+k' ANN candidates (default 10 k), joins their metadata from the shards with DuckDB (reading only
+the columns asked for, never the vectors), applies a `--where` predicate in the same DuckDB query
+(widening the ANN search until k candidates pass or the index is exhausted), and reranks.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 
 import duckdb
 import numpy as np
@@ -12,6 +20,9 @@ import numpy as np
 from vsearch.embeddings import Encoder, load_encoder
 from vsearch.errors import VsearchError
 from vsearch.indexes import Index, load_index
+from vsearch.query.rerank import Candidate, Weights, rerank
+
+MAX_QUERY_CHARS = 128
 
 
 @dataclass
@@ -19,6 +30,11 @@ class QueryConfig:
     text: str
     index: Path
     k: int = 10
+    where: str | None = None
+    rerank: bool = True
+    candidates: int | None = None  # ANN candidates to rerank; default 10 * k
+    image_budget: int | None = None  # covers whose images the heads read; default 50 on a GPU, 8 on a CPU
+    weights: Weights = field(default_factory=Weights)
     device: str = "auto"
 
 
@@ -30,9 +46,18 @@ class Hit:
     title: str | None
     ocr: str | None
     uri: str | None
+    parts: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Result:
+    query: str
+    hits: list[Hit]
+    notes: list[str]
+    seconds: dict[str, float]  # time per stage: encode, search, metadata, rerank
 
 
 def query_encoder(index: Index, device: str = "auto") -> Encoder:
@@ -50,38 +75,98 @@ def query_encoder(index: Index, device: str = "auto") -> Encoder:
     return encoder
 
 
-def encode_query(encoder: Encoder, text: str) -> np.ndarray:
-    if not text.strip():
+def clean_query(text: str, notes: list[str]) -> str:
+    text = " ".join(text.split())
+    if not text:
         raise VsearchError("empty query: give some text to search for")
-    vector = encoder.encode_texts([text.strip()])
-    if not np.any(vector):
-        raise VsearchError(f"query {text!r} has no letters or digits to match")
-    return vector
+    if len(text) > MAX_QUERY_CHARS:
+        notes.append(f"query truncated to its first {MAX_QUERY_CHARS} characters")
+        text = text[:MAX_QUERY_CHARS]
+    return text
 
 
-def fetch_metadata(index: Index, ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Title, OCR text and uri for `ids`, read with DuckDB from only the shards the index used."""
-    if not ids:
-        return {}
-    embeddings = Path(index.manifest["embeddings"])
-    files = [str(embeddings / shard["name"]) for shard in index.manifest["shards"]]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise VsearchError(f"index {index.path} needs shard {missing[0]}, which is missing")
-    rows = duckdb.execute(
-        "SELECT id, title, ocr, uri FROM read_parquet(?) WHERE kind = ? AND id IN (SELECT unnest(?))",
-        [files, index.manifest["kind"], ids],
-    ).fetchall()
-    return {id_: {"title": title, "ocr": ocr, "uri": uri} for id_, title, ocr, uri in rows}
+class Searcher:
+    """An index, its encoder and its metadata files, loaded once for any number of queries."""
+
+    def __init__(self, index: Path, device: str = "auto"):
+        self.index = load_index(index)
+        self.encoder = query_encoder(self.index, device)
+        embeddings = Path(self.index.manifest["embeddings"])
+        self.files = [str(embeddings / shard["name"]) for shard in self.index.manifest["shards"]]
+        missing = [f for f in self.files if not Path(f).is_file()]
+        if missing:
+            raise VsearchError(f"index {self.index.path} needs shard {missing[0]}, which is missing")
+        self.kind = self.index.manifest["kind"]
+        self.on_gpu = getattr(getattr(self.encoder, "device", None), "type", "cpu") == "cuda"
+
+    def encode(self, text: str, notes: list[str]) -> np.ndarray:
+        context = getattr(self.encoder, "context_length", None)
+        if context and len(self.encoder.tokenize([text], 512)[0].nonzero()) > context:
+            notes.append(f"the model reads the first {context - 2} tokens of the query")
+        vector = self.encoder.encode_texts([text])
+        if not np.any(vector):
+            raise VsearchError(f"query {text!r} has no letters or digits to match")
+        return vector
+
+    def metadata(self, ids: list[str], where: str | None) -> dict[str, dict[str, Any]]:
+        """Title, OCR text, uri (and per-row model outputs) of `ids` passing `where`, read with DuckDB."""
+        if not ids:
+            return {}
+        predicate = f" AND ({where})" if where else ""
+        sql = ("SELECT * EXCLUDE (vector) FROM read_parquet(?, union_by_name = true) "
+               f"WHERE kind = ? AND id IN (SELECT unnest(?)){predicate}")
+        try:
+            cursor = duckdb.execute(sql, [self.files, self.kind, ids])
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise VsearchError(f"bad --where predicate {where!r}: {first}") from None
+        columns = [d[0] for d in cursor.description]
+        return {row[0]: dict(zip(columns, row)) for row in cursor.fetchall()}
+
+    def candidates(self, vector: np.ndarray, wanted: int, where: str | None,
+                   seconds: dict[str, float]) -> list[Candidate]:
+        """The best `wanted` candidates passing `where`, widening the ANN search as the filter needs."""
+        fetch = min(len(self.index), wanted)
+        while True:
+            started = time.perf_counter()
+            scores, ids = self.index.search(vector, fetch)
+            found = [(float(s), i) for s, i in zip(scores[0], ids[0]) if i is not None]
+            searched = time.perf_counter()
+            rows = self.metadata([i for _, i in found], where)
+            seconds["search"] += searched - started
+            seconds["metadata"] += time.perf_counter() - searched
+            passing = [(s, i) for s, i in found if i in rows]
+            if len(passing) >= wanted or fetch >= len(self.index):
+                break
+            fetch = min(len(self.index), fetch * 4)
+        return [Candidate(i, s, rows[i].get("title"), rows[i].get("ocr"), rows[i].get("uri"))
+                for s, i in passing[:wanted]]
+
+    def search(self, config: QueryConfig) -> Result:
+        if config.k < 1:
+            raise VsearchError("-k must be at least 1")
+        notes: list[str] = []
+        seconds = {"encode": 0.0, "search": 0.0, "metadata": 0.0, "rerank": 0.0}
+        started = time.perf_counter()
+        text = clean_query(config.text, notes)
+        vector = self.encode(text, notes)
+        seconds["encode"] = time.perf_counter() - started
+        wanted = (config.candidates or 10 * config.k) if config.rerank else config.k
+        pool = self.candidates(vector, max(wanted, config.k), config.where, seconds)
+        started = time.perf_counter()
+        if config.rerank:
+            budget = config.image_budget if config.image_budget is not None else (50 if self.on_gpu else 8)
+            pool, rerank_notes = rerank(self.encoder, text, pool, config.weights, budget)
+            notes += rerank_notes
+        else:
+            for candidate in pool:
+                candidate.parts, candidate.score = {"ann": candidate.ann}, candidate.ann
+        seconds["rerank"] = time.perf_counter() - started
+        hits = [Hit(rank, c.id, c.score, c.title, c.ocr, c.uri, c.parts)
+                for rank, c in enumerate(pool[:config.k], start=1)]
+        return Result(text, hits, notes, seconds)
 
 
 def search(config: QueryConfig) -> list[Hit]:
-    if config.k < 1:
-        raise VsearchError("-k must be at least 1")
-    index = load_index(config.index)
-    vector = encode_query(query_encoder(index, config.device), config.text)
-    scores, ids = index.search(vector, config.k)
-    found = [(float(s), i) for s, i in zip(scores[0], ids[0]) if i is not None]
-    metadata = fetch_metadata(index, [i for _, i in found])
-    return [Hit(rank, id_, score, **metadata.get(id_, {"title": None, "ocr": None, "uri": None}))
-            for rank, (score, id_) in enumerate(found, start=1)]
+    """One query, loading the index and encoder for it (use `Searcher` for many)."""
+    return Searcher(config.index, config.device).search(config).hits

@@ -1,0 +1,151 @@
+"""What a user of `vsearch query` sees: filters, reranking and its parts, batches, errors."""
+
+import json
+
+import pytest
+import torch
+
+from vsearch.query.rerank import lexical_overlap
+
+
+@pytest.fixture
+def demo(cli):
+    assert cli("demo").code == 0
+    return cli
+
+
+def results(cli, *args):
+    result = cli("query", *args, "--json")
+    assert result.code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_where_filters_on_metadata_and_widens_until_k_pass(demo):
+    # 周杰伦 covers are far down the list for this query: the search must widen to find k of them.
+    payload = results(demo, "大宅门演员表", "-k", "4", "--where", "title LIKE '%周杰伦%'")
+    assert len(payload["results"]) == 4
+    assert all("周杰伦" in hit["title"] for hit in payload["results"])
+    nothing = results(demo, "大宅门演员表", "--where", "ocr = 'no cover says this'")
+    assert nothing["results"] == []
+
+
+def test_a_bad_where_predicate_is_a_clear_error(demo):
+    result = demo("query", "大宅门", "--where", "no_such_column = 1")
+    assert result.code == 1 and result.stderr.startswith("vsearch: error: bad --where predicate")
+
+
+def test_explain_shows_the_parts_of_the_score(demo):
+    payload = results(demo, "大宅门演员表", "-k", "3", "--explain")
+    for hit in payload["results"]:
+        assert hit["score"] == pytest.approx(hit["parts"]["ann"] + 0.3 * hit["parts"]["lexical"])
+    assert any("no OCR heads" in note for note in payload["notes"])
+    assert set(payload["seconds"]) == {"encode", "search", "metadata", "rerank"}
+    table = demo("query", "大宅门演员表", "-k", "3", "--explain")
+    assert "lexical" in table.stdout and "note: semantic and presence parts dropped" in table.stderr
+
+
+def test_no_rerank_ranks_by_ann_alone(demo):
+    hits = results(demo, "大宅门演员表", "--no-rerank", "-k", "5")["results"]
+    assert [h["parts"] for h in hits] == [{"ann": h["score"]} for h in hits]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_reranking_lifts_covers_whose_text_holds_the_query(demo):
+    plain = results(demo, "演员表", "--no-rerank", "-k", "10")["results"]
+    fused = results(demo, "演员表", "-k", "10")["results"]
+    assert {h["id"] for h in fused} >= {h["id"] for h in plain if "演员表" in h["ocr"]}
+    assert all("演员表" in (h["ocr"] + h["title"]) for h in fused[:5])
+
+
+def test_a_file_of_queries_gives_json_lines(demo, tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("大宅门演员表\n\n周杰伦个人资料\n", encoding="utf-8")
+    result = demo("query", "--file", str(queries), "-k", "2")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["query"] for line in lines] == ["大宅门演员表", "周杰伦个人资料"]
+    assert all(len(line["results"]) == 2 for line in lines)
+    out = tmp_path / "out.jsonl"
+    assert demo("query", "--file", str(queries), "--out", str(out)).code == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_long_queries_are_truncated_with_a_note(demo):
+    payload = results(demo, "大宅门" * 100, "-k", "1")
+    assert payload["query"] == ("大宅门" * 100)[:128]
+    assert "query truncated to its first 128 characters" in payload["notes"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query"], "give a query text or --file"),
+    (["query", "x", "--file", "q.txt"], "give a query text or --file"),
+    (["query", "--file", "/no/such/queries.txt"], "queries file not found"),
+    (["query", "x", "--weights", "ann=high"], "bad --weights"),
+    (["query", "x", "--weights", "ocr=1"], "unknown weight ocr"),
+    (["query", "   "], "empty query"),
+])
+def test_query_errors(args, message, demo):
+    result = demo(*args)
+    assert result.code == 1 and message in result.stderr, result.stderr
+
+
+def test_lexical_overlap():
+    assert lexical_overlap("大宅门", "大宅门 演员表") == 1.0
+    assert lexical_overlap("大宅门", "原神") == 0.0
+    assert 0 < lexical_overlap("大宅门演员表", "陈情令演员表") < 1
+    assert lexical_overlap("!!!", "anything") == 0.0
+
+
+@pytest.fixture
+def uniclip_demo(cli, tiny_uniclip):
+    spec = f"uniclip:{tiny_uniclip}"
+    assert cli("embed", "--dataset", "demo", "--model", spec, "--device", "cpu", "--workers", "0").code == 0
+    assert cli("build-index", "--type", "flat").code == 0
+    return cli
+
+
+def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo):
+    payload = results(uniclip_demo, "大宅门演员表", "-k", "10", "--candidates", "20", "--rerank-images", "6",
+                      "--device", "cpu")
+    hits = payload["results"]
+    with_heads = [h for h in hits if "semantic" in h["parts"]]
+    assert len(with_heads) == 6 and hits[:6] == with_heads  # the reranked six come first
+    for hit in with_heads:
+        parts = hit["parts"]
+        assert 0 <= parts["semantic"] <= 1 and 0 <= parts["presence"] <= 1
+        assert hit["score"] == pytest.approx(parts["ann"] + 0.3 * parts["lexical"]
+                                             + 0.5 * parts["presence"] * parts["semantic"], abs=1e-6)
+    assert payload["notes"] == []
+
+
+def test_unreachable_cover_images_drop_the_head_parts_with_a_note(uniclip_demo, workspace):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    shard = next((workspace.embeddings / "demo").glob("cover-*.parquet"))
+    table = pq.read_table(shard)
+    first = table.column("uri")[0].as_py()
+    moved = first + ".moved"
+    shutil.move(first, moved)
+    try:
+        hit_id = table.column("id")[0].as_py()
+        payload = results(uniclip_demo, table.column("ocr")[0].as_py(), "-k", "3", "--device", "cpu",
+                          "--rerank-images", "50", "--candidates", "200")
+        assert any("image unreachable" in note for note in payload["notes"])
+        assert any(h["id"] == hit_id and "semantic" not in h["parts"] for h in payload["results"]) or \
+            hit_id not in [h["id"] for h in payload["results"]]
+    finally:
+        shutil.move(moved, first)
+
+
+def test_a_model_whose_weights_changed_is_refused(uniclip_demo, tiny_uniclip, tmp_path):
+    saved = tmp_path / "original.pt"
+    saved.write_bytes(tiny_uniclip.read_bytes())
+    state = torch.load(tiny_uniclip, weights_only=True)
+    state["step"] = 11  # same architecture, different file: a different fingerprint
+    torch.save(state, tiny_uniclip)
+    try:
+        result = uniclip_demo("query", "大宅门", "--device", "cpu")
+        assert result.code == 1 and "fingerprint" in result.stderr and "re-embed and rebuild" in result.stderr
+    finally:
+        tiny_uniclip.write_bytes(saved.read_bytes())

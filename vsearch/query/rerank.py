@@ -1,0 +1,101 @@
+"""OCR-aware reranking: stage two of a query.
+
+Each candidate's final score is a weighted sum of its parts:
+
+    final = w_ann * ann + w_lexical * lexical + w_semantic * presence * semantic
+
+* ann: the cosine between the query and the cover vector from the index.
+* lexical: how much of the query's wording the cover's OCR text and title contain: the weighted
+  share of the query's character 1-3-grams (the lexical encoder's n-grams and weights) found there.
+* semantic: UniCLIP's semantic head, the probability that the query matches the text on the cover
+  (the query stands in for the OCR text the head was trained on), from the cover's visual tokens,
+  recomputed from its image.
+* presence: UniCLIP's presence head, the probability that the cover carries text at all. It gates
+  semantic: a cover without text has no text for the query to match.
+
+semantic and presence need a UniCLIP encoder and the cover image; the image work is capped at
+`image_budget` candidates (best ANN first) so a query stays interactive, and the candidates past
+the cap follow the reranked ones in ANN order. A part that cannot be computed drops out, and the
+result says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vsearch.embeddings.lexical import NGRAM_WEIGHT, ngrams
+from vsearch.embeddings.media import MediaError, load_image
+
+
+@dataclass(frozen=True)
+class Weights:
+    ann: float = 1.0
+    lexical: float = 0.3
+    semantic: float = 0.5
+
+
+@dataclass
+class Candidate:
+    id: str
+    ann: float
+    title: str | None
+    ocr: str | None
+    uri: str | None
+    parts: dict[str, float] = field(default_factory=dict)
+    score: float = 0.0
+
+
+def lexical_overlap(query: str, text: str) -> float:
+    """The weighted share of the query's character n-grams that also occur in `text`."""
+    wanted = ngrams(query)
+    if not wanted:
+        return 0.0
+    present = ngrams(text)
+    total = sum(NGRAM_WEIGHT[len(g)] for g in wanted)
+    return sum(NGRAM_WEIGHT[len(g)] for g in wanted if g in present) / total
+
+
+def _fuse(candidate: Candidate, weights: Weights) -> float:
+    parts = candidate.parts
+    score = weights.ann * parts["ann"] + weights.lexical * parts["lexical"]
+    if "semantic" in parts:
+        score += weights.semantic * parts["presence"] * parts["semantic"]
+    return score
+
+
+def rerank(encoder, query: str, candidates: Sequence[Candidate], weights: Weights,
+           image_budget: int) -> tuple[list[Candidate], list[str]]:
+    """Candidates reordered by their fused score, and notes on any part that dropped out."""
+    notes: list[str] = []
+    for candidate in candidates:
+        candidate.parts = {"ann": candidate.ann,
+                           "lexical": lexical_overlap(query, " ".join(filter(None, (candidate.title, candidate.ocr))))}
+    pool = list(candidates)
+    if not hasattr(encoder, "match_and_presence"):
+        notes.append(f"semantic and presence parts dropped: {encoder.spec} has no OCR heads (UniCLIP has)")
+    elif image_budget <= 0:
+        notes.append("semantic and presence parts dropped: --rerank-images is 0")
+    else:
+        pool = list(candidates[:image_budget])
+        _add_head_parts(encoder, query, pool, notes)
+    for candidate in candidates:
+        candidate.score = _fuse(candidate, weights)
+    return sorted(pool, key=lambda c: -c.score) + list(candidates[len(pool):]), notes
+
+
+def _add_head_parts(encoder, query: str, pool: list[Candidate], notes: list[str]) -> None:
+    readable, images, unreadable = [], [], 0
+    for candidate in pool:
+        try:
+            images.append(load_image(candidate.uri))
+            readable.append(candidate)
+        except MediaError:
+            unreadable += 1
+    if unreadable:
+        notes.append(f"semantic and presence parts dropped for {unreadable} of {len(pool)} covers: image unreachable")
+    if not readable:
+        return
+    semantic, presence = encoder.match_and_presence([query] * len(readable), images)
+    for candidate, s, p in zip(readable, semantic, presence):
+        candidate.parts.update(semantic=float(s), presence=float(p))
