@@ -281,14 +281,15 @@ class Index:
         if queries.shape[1] != self.dim:
             raise VsearchError(f"query vectors have dim {queries.shape[1]}, index {self.path} has dim {self.dim}")
         scores, labels = self._search_labels(queries, k)
+        if labels.shape[1] == k and (labels >= 0).all():  # the common case, kept lean: it is per query
+            return scores, self.ids.take(labels.ravel()).to_numpy(zero_copy_only=False).reshape(labels.shape)
         valid = labels >= 0
-        ids = np.full(labels.shape, None, dtype=object)
-        ids[valid] = np.asarray(self.ids.take(pa.array(labels[valid])).to_pylist(), dtype=object)
-        scores = np.where(valid, scores, -np.inf).astype(np.float32)
-        if scores.shape[1] < k:
-            ids = np.pad(ids, ((0, 0), (0, k - scores.shape[1])), constant_values=None)
-            scores = np.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=-np.inf)
-        return scores, ids
+        ids = np.full((len(labels), k), None, dtype=object)
+        padded = np.full((len(labels), k), -np.inf, dtype=np.float32)
+        columns = labels.shape[1]
+        ids[:, :columns][valid] = self.ids.take(labels[valid]).to_numpy(zero_copy_only=False)
+        padded[:, :columns] = np.where(valid, scores, -np.inf)
+        return padded, ids
 
 
 def read_index_manifest(path: Path) -> dict[str, Any]:
