@@ -223,3 +223,19 @@ def test_unknown_index_type_and_parameter_are_clear_errors(index_type, message, 
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(VsearchError, match="no index at"):
         load_index(tmp_path / "nothing")
+
+
+def test_append_from_another_folder_keeps_every_file_reachable(tmp_path, workspace, cli):
+    first = write_cbvs_covers(tmp_path / "first.txt", 50)
+    second = tmp_path / "second.txt"
+    second.write_text(first.read_text(encoding="utf-8").replace("covers.example", "more.example"), encoding="utf-8")
+    a = run_embed(EmbedConfig(model="lexical", dataset=str(first), out=tmp_path / "a"), workspace).directory
+    b = run_embed(EmbedConfig(model="lexical", dataset=str(second), out=tmp_path / "b", shard_size=20), workspace).directory
+    index = tmp_path / "index"
+    build_index(BuildConfig(type="flat"), open_source(a), index)
+    info = append_index(index, open_source(b))  # b's shards have the same names as a's: files count, not names
+    assert info["count"] == 100 and len({s["path"].rsplit("/", 2)[-2] for s in info["shards"]}) == 2
+    result = cli("query", "大宅门 第4集", "--index", str(index), "-k", "100", "--json")
+    assert result.code == 0, result.stderr
+    titles = [h["uri"] for h in json.loads(result.stdout)["results"]]
+    assert any("more.example" in t for t in titles) and any("covers.example" in t for t in titles)

@@ -35,7 +35,7 @@ from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
 from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather, memory_bytes, recall,
                                     sample_positions, tune_search)
-from vsearch.indexes.vectors import VectorFile, VectorSource
+from vsearch.indexes.vectors import VectorFile, VectorSource, entry_file, file_entry
 
 FORMAT = "vsearch-index/1"
 MANIFEST = "index.json"
@@ -150,7 +150,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         return {
             "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
             "dim": source.dim, "metric": "cosine", "count": count, "kind": config.kind, **source.info(),
-            "shards": [{"name": f.name, "rows": f.rows, "sha256": f.sha256} for f in source.files],
+            "shards": [file_entry(f) for f in source.files],
             "files": {"index": cls.file_name, "ids": IDS},
             "memory_bytes": memory_bytes(config.type, count, source.dim, params), "recall": measured,
             "build_seconds": round(time.perf_counter() - started, 3),
@@ -169,11 +169,11 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
     if source.encoder and info.get("encoder") and source.encoder["fingerprint"] != info["encoder"]["fingerprint"]:
         raise VsearchError(f"cannot append vectors from {source.encoder['spec']} to index {path}, "
                            f"built from {info['encoder']['spec']}: different model weights")
-    indexed = {s["name"]: s["sha256"] for s in info["shards"]}
-    changed = [f.name for f in source.files if f.name in indexed and f.sha256 != indexed[f.name]]
+    indexed = {s["path"]: s["sha256"] for s in info["shards"]}
+    changed = [f.name for f in source.files if indexed.get(str(f.path.resolve()), f.sha256) != f.sha256]
     if changed:
         raise VsearchError(f"{changed[0]} changed since index {path} was built from it; rebuild the index")
-    new = [f for f in source.files if f.name not in indexed]
+    new = [f for f in source.files if str(f.path.resolve()) not in indexed]
     if not new:
         note(f"nothing to append: index {path} already holds every file in {source.directory}")
         return info
@@ -193,14 +193,13 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
             _add_files(backend, source, new, info["count"], ids, on_rows)
         backend.save(work)
         everything = VectorSource(source.directory, source.dataset, source.dim,
-                                  [VectorFile(s["name"], source.directory / s["name"], s["rows"], s["sha256"])
-                                   for s in info["shards"]] + new, source.encoder,
+                                  [entry_file(s) for s in info["shards"]] + new, source.encoder,
                                   source.id_column, source.vector_column)
         measured = _measure(info["type"], backend, everything, dict(info["params"]), False,
                             0.0, recall_queries)
         note(f"appended {new_rows:,} vectors from {len(new)} files; recall@10 now {measured['recall@10']}")
         return {**info, "count": info["count"] + new_rows, "recall": measured,
-                "shards": info["shards"] + [{"name": f.name, "rows": f.rows, "sha256": f.sha256} for f in new],
+                "shards": info["shards"] + [file_entry(f) for f in new],
                 "appends": info.get("appends", []) + [{
                     "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": [f.name for f in new], "rows": new_rows,
                     "seconds": round(time.perf_counter() - started, 3)}]}

@@ -62,6 +62,15 @@ class VectorSource:
         return {"dataset": self.dataset, "embeddings": str(self.directory.resolve()), "encoder": self.encoder}
 
 
+def file_entry(file: VectorFile) -> dict[str, Any]:
+    """How an index manifest records a file it was built from; `path` lets appends come from elsewhere."""
+    return {"name": file.name, "path": str(file.path.resolve()), "rows": file.rows, "sha256": file.sha256}
+
+
+def entry_file(entry: dict[str, Any]) -> VectorFile:
+    return VectorFile(entry["name"], Path(entry["path"]), entry["rows"], entry["sha256"])
+
+
 def _fixed_size_float(field: pa.Field) -> bool:
     return pa.types.is_fixed_size_list(field.type) and pa.types.is_floating(field.type.value_type)
 

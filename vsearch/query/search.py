@@ -91,8 +91,7 @@ class Searcher:
     def __init__(self, index: Path, device: str = "auto"):
         self.index = load_index(index)
         self.encoder = query_encoder(self.index, device)
-        embeddings = Path(self.index.manifest["embeddings"])
-        self.files = [str(embeddings / shard["name"]) for shard in self.index.manifest["shards"]]
+        self.files = [shard["path"] for shard in self.index.manifest["shards"]]
         missing = [f for f in self.files if not Path(f).is_file()]
         if missing:
             raise VsearchError(f"index {self.index.path} needs shard {missing[0]}, which is missing")
