@@ -102,7 +102,8 @@ def embed(
                          overwrite=overwrite, device=device)
     if workers is not None:
         config.workers = workers
-    with progress(f"embed {dataset} ({kind})", limit, unit="rows") as advance:
+    unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
+    with progress(f"embed {dataset} ({kind})", limit, unit=unit) as advance:
         result = run_embed(config, ctx.obj, advance)
     stderr.print(
         f"{result.rows_written} vectors written in {result.shards_written} shards, "
