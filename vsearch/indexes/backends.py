@@ -126,16 +126,18 @@ class FaissHnswBackend(FaissBackend):
         return backend
 
     def set_search(self, params: dict[str, int]) -> None:
-        if "ef_search" in params:
-            self.index.hnsw.efSearch = params["ef_search"]
+        # Kept on the Python side too: reading a SWIG attribute on every query costs microseconds.
+        self.ef_search = params.get("ef_search", getattr(self, "ef_search", self.search_params["ef_search"]))
+        self.index.hnsw.efSearch = self.ef_search
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        saved = self.index.hnsw.efSearch
-        self.index.hnsw.efSearch = max(saved, k)  # HNSW returns at most ef results
+        if k <= self.ef_search:
+            return self.index.search(queries, k)
+        self.index.hnsw.efSearch = k  # HNSW returns at most ef results
         try:
             return self.index.search(queries, k)
         finally:
-            self.index.hnsw.efSearch = saved
+            self.index.hnsw.efSearch = self.ef_search
 
 
 class HnswlibBackend(Backend):
@@ -147,6 +149,8 @@ class HnswlibBackend(Backend):
 
     def __init__(self, index: Any, ef_search: int):
         self.index, self.ef_search, self.threads = index, ef_search, -1
+        self.count = index.get_current_count()
+        self._ef = 0  # the ef last given to hnswlib; set only when it changes
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "HnswlibBackend":
@@ -171,13 +175,17 @@ class HnswlibBackend(Backend):
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         self.index.add_items(vectors, labels, num_threads=self.threads)
+        self.count = self.index.get_current_count()
 
     def set_search(self, params: dict[str, int]) -> None:
         self.ef_search = params.get("ef_search", self.ef_search)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.index.get_current_count())  # hnswlib cannot return more than it holds
-        self.index.set_ef(max(self.ef_search, k))  # and needs ef >= k to return k neighbours
+        k = min(k, self.count)  # hnswlib cannot return more than it holds
+        ef = max(self.ef_search, k)  # and needs ef >= k to return k neighbours
+        if ef != self._ef:
+            self.index.set_ef(ef)
+            self._ef = ef
         labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
         return 1.0 - distances, labels.astype(np.int64)
 
