@@ -76,9 +76,20 @@ def write_synthetic(folder: Path, count: int, dim: int, seed: int) -> VectorSour
     return open_source(folder)
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory. Not ru_maxrss: Linux carries that across exec, so a
+    spawned child would report its parent's peak."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _build_child(index_type: str, engine: str | None, source: VectorSource, path: Path, results: Any) -> None:
     info = build_index(BuildConfig(type=index_type, engine=engine), source, path)
-    results.put((info, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    results.put((info, peak_resident_bytes()))
 
 
 def _build(index_type: str, engine: str | None, source: VectorSource, path: Path) -> tuple[dict[str, Any], int]:
