@@ -127,20 +127,25 @@ def gather(source: VectorSource, positions: np.ndarray) -> np.ndarray:
     return out
 
 
+def _top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if scores.shape[1] > k:
+        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(scores, keep, axis=1), np.take_along_axis(labels, keep, axis=1)
+    return scores, labels
+
+
 def exact_neighbours(source: VectorSource, queries: np.ndarray, k: int) -> np.ndarray:
     """Labels of each query's k nearest vectors by exact inner product, streaming the vectors once."""
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_labels = np.full((len(queries), k), -1, np.int64)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_labels = np.full((len(queries), 0), -1, np.int64)
     start = 0
     for _, vectors in source.batches():
         scores = queries @ vectors.astype(np.float32).T
-        labels = np.broadcast_to(np.arange(start, start + len(vectors)), scores.shape)
-        merged_scores = np.concatenate([best_scores, scores], axis=1)
-        merged_labels = np.concatenate([best_labels, labels], axis=1)
-        keep = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k] if merged_scores.shape[1] > k else \
-            np.argsort(-merged_scores, axis=1)[:, :k]
-        best_scores = np.take_along_axis(merged_scores, keep, axis=1)
-        best_labels = np.take_along_axis(merged_labels, keep, axis=1)
+        # Each batch's own top k first, so the merge holds 2k columns, not the batch's width.
+        local = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+        batch_scores = np.take_along_axis(scores, local, axis=1)
+        best_scores, best_labels = _top_k(np.concatenate([best_scores, batch_scores], axis=1),
+                                          np.concatenate([best_labels, local + start], axis=1), k)
         start += len(vectors)
     order = np.argsort(-best_scores, axis=1)
     return np.take_along_axis(best_labels, order, axis=1)
