@@ -55,7 +55,8 @@ def test_every_type_builds_from_bring_your_own_parquet_and_finds_neighbours(inde
     folder, vectors = byo
     info = build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), tmp_path / "index")
     assert info["count"] == 3000 and info["dim"] == 64 and info["encoder"] is None
-    assert info["recall"]["recall@10"] >= 0.95 and info["recall"]["queries"] == 500
+    assert info["recall"]["recall@10"] >= 0.95 and info["recall"]["method"] == "held-out"
+    assert info["recall"]["queries"] == 300  # a tenth of the rows at most, up to 500
     index = load_index(tmp_path / "index")
     scores, ids = index.search(vectors[:50], 10)
     truth = exact(vectors, vectors[:50], 10)

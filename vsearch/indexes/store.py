@@ -57,16 +57,38 @@ class BuildConfig:
     threads: int = -1
 
 
+@dataclass
+class HeldOut:
+    """Rows kept out of the index until recall has been measured with them as queries."""
+
+    positions: np.ndarray  # sorted row positions in the source
+    vectors: list[np.ndarray] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+
+def _add(backend: Backend, vectors: np.ndarray, ids: list[str], first_label: int, table: pq.ParquetWriter) -> int:
+    labels = np.arange(first_label, first_label + len(ids), dtype=np.int64)
+    backend.add(np.ascontiguousarray(vectors, dtype=np.float32), labels)
+    table.write_table(pa.table({"id": pa.array(ids, pa.string())}, schema=ID_SCHEMA))
+    return first_label + len(ids)
+
+
 def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], first_label: int,
-               ids: pq.ParquetWriter, on_rows: Callable[[int], None]) -> None:
-    """Stream `files` into the backend and the id table, one record batch (float32 only per batch) at a time."""
-    label = first_label
+               table: pq.ParquetWriter, on_rows: Callable[[int], None], held: HeldOut | None = None) -> int:
+    """Stream `files` into the backend and the id table, one record batch (float32 only per batch) at a
+    time, setting `held` rows aside; returns the next label. Labels follow insertion order."""
+    label, position = first_label, 0
     for batch_ids, vectors in source.batches(files):
-        labels = np.arange(label, label + len(batch_ids), dtype=np.int64)
-        backend.add(np.ascontiguousarray(vectors, dtype=np.float32), labels)
-        ids.write_table(pa.table({"id": pa.array(batch_ids, pa.string())}, schema=ID_SCHEMA))
-        label += len(batch_ids)
+        keep = np.ones(len(batch_ids), bool)
+        if held is not None:
+            inside = held.positions[(held.positions >= position) & (held.positions < position + len(batch_ids))]
+            keep[inside - position] = False
+            held.vectors.append(np.asarray(vectors[~keep], np.float32))
+            held.ids += [i for i, k in zip(batch_ids, keep) if not k]
+        label = _add(backend, vectors[keep], [i for i, k in zip(batch_ids, keep) if k], label, table)
+        position += len(batch_ids)
         on_rows(len(batch_ids))
+    return label
 
 
 def _check_replaceable(destination: Path) -> None:
@@ -100,21 +122,41 @@ def _in_work_dir(destination: Path, fill: Callable[[Path], dict[str, Any]]) -> d
     return info
 
 
-def _measure(config_type: str, backend: Backend, source: VectorSource, params: dict[str, int], tune: bool,
-             target: float, queries: int) -> dict[str, Any]:
-    """Leave-one-out recall@10 on a sample, tuning the search parameters first when `tune`."""
-    positions = sample_positions(source.count, queries, seed=1)
-    vectors = gather(source, positions)
-    truth = exact_neighbours(source, vectors, RECALL_K + 1)
+def _report(measured: float, queries: int, method: str, sweep: list[dict[str, float]]) -> dict[str, Any]:
+    return {"recall@10": round(measured, 4), "queries": queries, "method": method,
+            "sweep": [{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()} for s in sweep]}
+
+
+def _held_out_recall(index_type: str, backend: Backend, source: VectorSource, held: HeldOut, params: dict[str, int],
+                     tune: bool, target: float) -> dict[str, Any]:
+    """Recall@10 of queries the index has not seen (the held-out rows) against exact search over the
+    rows it holds, tuning the search parameters first when `tune`."""
+    queries = np.concatenate(held.vectors)
+    # Exact neighbours over every row, dropping held-out ones; positions become insertion labels.
+    truth = exact_neighbours(source, queries, RECALL_K + len(held.positions))
+    outside = set(held.positions.tolist())
+    truth = np.array([[p - np.searchsorted(held.positions, p) for p in row if p not in outside][:RECALL_K]
+                      for row in truth])
+    nobody = np.full(len(queries), -1)
     if tune:
-        chosen, sweep = tune_search(config_type, backend, params, vectors, positions, truth, target)
+        chosen, sweep = tune_search(index_type, backend, params, queries, nobody, truth, target)
         params.update(chosen)
     else:
         backend.set_search(params)
         sweep = []
+    measured = recall(lambda q, k: backend.search(q, k)[1], queries, nobody, truth)
+    return _report(measured, len(queries), "held-out", sweep)
+
+
+def _leave_one_out_recall(backend: Backend, source: VectorSource, params: dict[str, int], queries: int) -> dict[str, Any]:
+    """Recall@10 of a sample of indexed rows as queries, each one's own row left out of both lists:
+    an optimistic estimate (the query is in the index), used where nothing could be held out."""
+    positions = sample_positions(source.count, queries, seed=1)
+    vectors = gather(source, positions)
+    truth = exact_neighbours(source, vectors, RECALL_K + 1)
+    backend.set_search(params)
     measured = recall(lambda q, k: backend.search(q, k)[1], vectors, positions, truth)
-    return {"recall@10": round(measured, 4), "queries": len(positions), "method": "leave-one-out",
-            "sweep": [{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()} for s in sweep]}
+    return _report(measured, len(positions), "leave-one-out", [])
 
 
 def build_index(config: BuildConfig, source: VectorSource, destination: Path,
@@ -140,11 +182,16 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
             note(f"training on {min(params['train_size'], count):,} sampled vectors")
             backend.train(gather(source, sample_positions(count, params["train_size"])))
         backend.prepare(work, count)
-        with pq.ParquetWriter(work / IDS, ID_SCHEMA) as ids:
-            _add_files(backend, source, source.files, 0, ids, on_rows)
-        backend.save(work)
+        held = HeldOut(sample_positions(count, min(config.recall_queries, count // 10), seed=1))
         tune = not set(cls.search_params) & set(config.params)
-        measured = _measure(config.type, backend, source, params, tune, config.target_recall, config.recall_queries)
+        with pq.ParquetWriter(work / IDS, ID_SCHEMA) as ids:
+            label = _add_files(backend, source, source.files, 0, ids, on_rows, held)
+            if len(held.positions):
+                measured = _held_out_recall(config.type, backend, source, held, params, tune, config.target_recall)
+                _add(backend, np.concatenate(held.vectors), held.ids, label, ids)
+            else:
+                measured = _leave_one_out_recall(backend, source, params, config.recall_queries)
+        backend.save(work)
         note(f"recall@10 {measured['recall@10']} with "
              + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
         return {
@@ -195,8 +242,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         everything = VectorSource(source.directory, source.dataset, source.dim,
                                   [entry_file(s) for s in info["shards"]] + new, source.encoder,
                                   source.id_column, source.vector_column)
-        measured = _measure(info["type"], backend, everything, dict(info["params"]), False,
-                            0.0, recall_queries)
+        measured = _leave_one_out_recall(backend, everything, dict(info["params"]), recall_queries)
         note(f"appended {new_rows:,} vectors from {len(new)} files; recall@10 now {measured['recall@10']}")
         return {**info, "count": info["count"] + new_rows, "recall": measured,
                 "shards": info["shards"] + [file_entry(f) for f in new],

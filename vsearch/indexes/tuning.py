@@ -104,7 +104,7 @@ def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | Non
     choice.reasons += [f"nlist={nlist}: about 4*sqrt(N) inverted lists for N={count:,}",
                        f"train_size={train:,}: vectors sampled to train the quantisers", why,
                        f"nbits={nbits}, opq={opq}: " + ("8-bit codes behind a learned OPQ rotation" if opq else
-                                                        f"too few vectors for 8-bit codes and an OPQ rotation"),
+                                                        "too few vectors for 8-bit codes and an OPQ rotation"),
                        "refinement re-scores k*k_factor candidates on the float16 vectors, read from disk"]
 
 
