@@ -2,9 +2,11 @@
 dimension, a memory budget and a target recall; search parameters from recall measured on the
 built index.
 
-Recall is measured leave-one-out: a sample of the indexed vectors are the queries, each query's
-own vector is removed from both its exact and its approximate neighbours, and recall@10 is the
-share of the exact 10 nearest others that the index returns.
+Recall@10 is the share of a query's exact 10 nearest vectors that the index returns. A build
+measures it on rows held out of the index until then (see `store.build_index`): queries the
+index has not seen, as real queries are. Where nothing can be held out (an append), a sample of
+indexed rows serve, each one's own row left out of both lists; that leave-one-out figure is
+optimistic for graphs, whose search starts next to a query that is itself in the graph.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def _others(labels: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
 
 def recall(search: Callable[[np.ndarray, int], np.ndarray], queries: np.ndarray, own: np.ndarray,
            truth: np.ndarray, k: int = RECALL_K) -> float:
-    """Leave-one-out recall@k of `search(queries, k) -> labels` against exact neighbours `truth`."""
+    """Recall@k of `search(queries, k) -> labels` against exact neighbours `truth`, leaving out each
+    query's `own` label (-1 for queries not in the index)."""
     found = _others(search(queries, k + 1), own, k)
     exact = _others(truth, own, k)
     return float(np.mean([len(f & e) / max(len(e), 1) for f, e in zip(found, exact)]))
