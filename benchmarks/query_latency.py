@@ -113,7 +113,7 @@ def main() -> None:
         share = row["share"]
         table.add_row(row["index"], "yes" if row["rerank"] else "no", f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}",
                       f"{row['qps']:,.0f}", *(f"{share[s]:.0%}" for s in ("encode", "search", "metadata", "rerank")))
-    Console().print(table)
+    Console(width=140).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"wrote {args.out}")
