@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,9 +85,6 @@ class Manifest:
     def write(self, directory: Path) -> None:
         self.updated_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json_atomic(directory / MANIFEST, asdict(self))
-
-    def shard_files(self, directory: Path, kind: str | None = None) -> list[Path]:
-        return [directory / s["name"] for s in self.shards if kind is None or s["kind"] == kind]
 
     def rows(self, kind: str | None = None) -> int:
         return sum(s["rows"] for s in self.shards if kind is None or s["kind"] == kind)
@@ -183,12 +179,3 @@ def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int,
     os.replace(temporary, final)
     return {"name": name, "kind": kind, "number": number, "rows": len(table),
             "bytes": final.stat().st_size, "sha256": sha256_of(final)}
-
-
-def read_vectors(path: Path, batch_rows: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Yield (ids, float16 vectors) from one shard in record batches, never the whole file at once."""
-    parquet = pq.ParquetFile(path)
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["id", "vector"]):
-        vectors = batch.column("vector")
-        dim = vectors.type.list_size
-        yield batch.column("id").to_pylist(), np.asarray(vectors.values).reshape(-1, dim)
