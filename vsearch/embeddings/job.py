@@ -255,8 +255,9 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
             nonlocal skipped
             if number % len(devices) != rank:
                 return False
-            skipped += done.get((kind, number)) == input_rows
-            return done.get((kind, number)) != input_rows
+            finished = done.get((kind, number)) == input_rows
+            skipped += finished
+            return not finished
 
         for shard in encoded_shards(encoder, dataset, kind, config, mine, lambda n: None):
             entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import av
@@ -30,14 +31,10 @@ def read_bytes(uri: str | None) -> bytes:
 
 
 def load_image(uri: str | None) -> Image.Image:
-    if uri is None:
-        raise MediaError("no image url")
+    data = read_bytes(uri)
     try:
-        with fsspec.open(uri, "rb") as handle:
-            image = Image.open(handle)
-            image.load()
-    except FileNotFoundError:
-        raise MediaError(f"image not found: {uri}") from None
+        image = Image.open(io.BytesIO(data))
+        image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"cannot decode image {uri}: {exc}") from None
     return image.convert("RGB")
