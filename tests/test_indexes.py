@@ -240,3 +240,37 @@ def test_append_from_another_folder_keeps_every_file_reachable(tmp_path, workspa
     assert result.code == 0, result.stderr
     titles = [h["uri"] for h in json.loads(result.stdout)["results"]]
     assert any("more.example" in t for t in titles) and any("covers.example" in t for t in titles)
+
+
+def test_index_rows_carry_each_vectors_id_and_metadata_in_label_order(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")
+    index = load_index(tmp_path / "index")
+    assert index.rows.schema.names == ["id", "caption"]  # every column but the vectors
+    labels = np.random.default_rng(0).integers(0, 3000, 200)  # any order, repeats, across record batches
+    rows = index.rows.take(labels)
+    assert rows.column("id").to_pylist() == index.ids.take(pa.array(labels)).to_pylist()
+    assert set(rows.column("caption").to_pylist()) == {"x"}
+    _, found = index.search(vectors[7:8], 1)
+    assert found[0, 0] == "doc7"
+
+
+def test_appended_files_missing_a_column_get_nulls_there(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    more = tmp_path / "more"
+    more.mkdir()
+    data = pa.FixedSizeListArray.from_arrays(pa.array(vectors[:10].ravel()), 64)
+    pq.write_table(pa.table({"id": [f"new{i}" for i in range(10)], "embedding": data}), more / "part-9.parquet")
+    append_index(tmp_path / "index", open_source(more))
+    rows = load_index(tmp_path / "index").rows
+    assert rows.take(np.array([0, 3000, 3009])).to_pylist() == [
+        {"id": "doc0", "caption": "x"}, {"id": "new0", "caption": None}, {"id": "new9", "caption": None}]
+
+
+def test_an_index_in_an_older_format_is_a_clear_error(byo, tmp_path):
+    build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
+    manifest = tmp_path / "index" / "index.json"
+    manifest.write_text(manifest.read_text().replace("vsearch-index/2", "vsearch-index/1"))
+    with pytest.raises(VsearchError, match="rebuild the index"):
+        load_index(tmp_path / "index")

@@ -29,6 +29,16 @@ def test_where_filters_on_metadata_and_widens_until_k_pass(demo):
     assert nothing["results"] == []
 
 
+def test_an_index_answers_queries_without_the_shards_it_was_built_from(demo, workspace):
+    expected = results(demo, "大宅门演员表", "-k", "5")
+    shards = workspace.embeddings / "demo"
+    shards.rename(shards.with_name("demo.away"))
+    try:
+        assert results(demo, "大宅门演员表", "-k", "5")["results"] == expected["results"]
+    finally:
+        shards.with_name("demo.away").rename(shards)
+
+
 def test_a_bad_where_predicate_is_a_clear_error(demo):
     result = demo("query", "大宅门", "--where", "no_such_column = 1")
     assert result.code == 1 and result.stderr.startswith("vsearch: error: bad --where predicate")
@@ -115,6 +125,14 @@ def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo):
         assert hit["score"] == pytest.approx(parts["ann"] + 0.3 * parts["lexical"]
                                              + 0.5 * parts["presence"] * parts["semantic"], abs=1e-6)
     assert payload["notes"] == []
+
+
+def test_where_filters_on_per_row_model_outputs(uniclip_demo):
+    everything = results(uniclip_demo, "大宅门", "-k", "5", "--no-rerank", "--device", "cpu",
+                         "--where", "ocr_presence BETWEEN 0 AND 1")["results"]
+    assert len(everything) == 5
+    impossible = results(uniclip_demo, "大宅门", "--no-rerank", "--device", "cpu", "--where", "ocr_presence > 1")
+    assert impossible["results"] == []
 
 
 def test_unreachable_cover_images_drop_the_head_parts_with_a_note(uniclip_demo, workspace):

@@ -181,7 +181,7 @@ def bench_size(config: BenchConfig, count: int, scratch: Path) -> list[dict[str,
         queries = np.concatenate(list(clip_like(config.queries, config.dim, config.seed + 1)))
     truth = exact_neighbours(source, queries, 100)
     # Exact neighbours are source row positions; an index numbers rows in its own insertion order.
-    source_ids = np.asarray([i for ids, _ in source.batches() for i in ids], dtype=object)
+    source_ids = np.asarray([i for rows, _ in source.batches() for i in rows.column("id").to_pylist()], dtype=object)
     truth_ids = source_ids[truth]
     rows = []
     for spec in config.indexes:

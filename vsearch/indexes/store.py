@@ -7,7 +7,8 @@
                      encoder spec and fingerprint, build time, measured recall, appends
     index.faiss | index.hnsw   the library's own file, loadable by plain faiss or hnswlib
     vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
-    ids.parquet      `id` column: row i is the id of library label i
+    rows.arrow       row i: the id and metadata (title, ocr, uri, ...) of library label i, read
+                     memory-mapped (see rows.py)
     deleted.parquet  (after deletes) `label`, `id` of deleted rows, filtered out at query time
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
@@ -33,15 +34,14 @@ import pyarrow.parquet as pq
 from vsearch.errors import VsearchError
 from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
+from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
 from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather, memory_bytes, recall,
                                     sample_positions, tune_search)
 from vsearch.indexes.vectors import VectorFile, VectorSource, entry_file, file_entry
 
-FORMAT = "vsearch-index/1"
+FORMAT = "vsearch-index/2"
 MANIFEST = "index.json"
-IDS = "ids.parquet"
 DELETED = "deleted.parquet"
-ID_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False)])
 Notes = Callable[[str], None]
 
 
@@ -63,31 +63,33 @@ class HeldOut:
 
     positions: np.ndarray  # sorted row positions in the source
     vectors: list[np.ndarray] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
+    rows: list[pa.Table] = field(default_factory=list)
 
 
-def _add(backend: Backend, vectors: np.ndarray, ids: list[str], first_label: int, table: pq.ParquetWriter) -> int:
-    labels = np.arange(first_label, first_label + len(ids), dtype=np.int64)
+def _add(backend: Backend, vectors: np.ndarray, rows: pa.Table, first_label: int, out: RowsWriter,
+         origin: str) -> int:
+    labels = np.arange(first_label, first_label + len(rows), dtype=np.int64)
     backend.add(np.ascontiguousarray(vectors, dtype=np.float32), labels)
-    table.write_table(pa.table({"id": pa.array(ids, pa.string())}, schema=ID_SCHEMA))
-    return first_label + len(ids)
+    out.write(rows, origin)
+    return first_label + len(rows)
 
 
 def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], first_label: int,
-               table: pq.ParquetWriter, on_rows: Callable[[int], None], held: HeldOut | None = None) -> int:
-    """Stream `files` into the backend and the id table, one record batch (float32 only per batch) at a
+               out: RowsWriter, on_rows: Callable[[int], None], held: HeldOut | None = None) -> int:
+    """Stream `files` into the backend and the row file, one record batch (float32 only per batch) at a
     time, setting `held` rows aside; returns the next label. Labels follow insertion order."""
     label, position = first_label, 0
-    for batch_ids, vectors in source.batches(files):
-        keep = np.ones(len(batch_ids), bool)
-        if held is not None:
-            inside = held.positions[(held.positions >= position) & (held.positions < position + len(batch_ids))]
-            keep[inside - position] = False
-            held.vectors.append(np.asarray(vectors[~keep], np.float32))
-            held.ids += [i for i, k in zip(batch_ids, keep) if not k]
-        label = _add(backend, vectors[keep], [i for i, k in zip(batch_ids, keep) if k], label, table)
-        position += len(batch_ids)
-        on_rows(len(batch_ids))
+    for file in files:
+        for rows, vectors in source.batches([file], metadata=True):
+            keep = np.ones(len(rows), bool)
+            if held is not None:
+                inside = held.positions[(held.positions >= position) & (held.positions < position + len(rows))]
+                keep[inside - position] = False
+                held.vectors.append(np.asarray(vectors[~keep], np.float32))
+                held.rows.append(conform(rows.filter(pa.array(~keep)), out.schema, str(file.path)))
+            label = _add(backend, vectors[keep], rows.filter(pa.array(keep)), label, out, str(file.path))
+            position += len(rows)
+            on_rows(len(rows))
     return label
 
 
@@ -184,11 +186,11 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         backend.prepare(work, count)
         held = HeldOut(sample_positions(count, min(config.recall_queries, count // 10), seed=1))
         tune = not set(cls.search_params) & set(config.params)
-        with pq.ParquetWriter(work / IDS, ID_SCHEMA) as ids:
-            label = _add_files(backend, source, source.files, 0, ids, on_rows, held)
+        with RowsWriter(work / ROWS, source.row_schema()) as rows:
+            label = _add_files(backend, source, source.files, 0, rows, on_rows, held)
             if len(held.positions):
                 measured = _held_out_recall(config.type, backend, source, held, params, tune, config.target_recall)
-                _add(backend, np.concatenate(held.vectors), held.ids, label, ids)
+                _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
             else:
                 measured = _leave_one_out_recall(backend, source, params, config.recall_queries)
         backend.save(work)
@@ -198,7 +200,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
             "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
             "dim": source.dim, "metric": "cosine", "count": count, "kind": config.kind, **source.info(),
             "shards": [file_entry(f) for f in source.files],
-            "files": {"index": cls.file_name, "ids": IDS},
+            "files": {"index": cls.file_name, "rows": ROWS},
             "memory_bytes": memory_bytes(config.type, count, source.dim, params), "recall": measured,
             "build_seconds": round(time.perf_counter() - started, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "appends": [],
@@ -234,10 +236,11 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         backend = cls.load(path, info["dim"], info["params"], writable=True)
         new_rows = sum(f.rows for f in new)
         backend.prepare(work, new_rows)
-        with pq.ParquetWriter(work / IDS, ID_SCHEMA) as ids:
-            for batch in pq.ParquetFile(path / IDS).iter_batches():
-                ids.write_table(pa.Table.from_batches([batch]).cast(ID_SCHEMA))
-            _add_files(backend, source, new, info["count"], ids, on_rows)
+        existing = Rows(path / ROWS)
+        with RowsWriter(work / ROWS, existing.schema) as rows:
+            for table in existing.tables():
+                rows.write(table, str(path / ROWS))
+            _add_files(backend, source, new, info["count"], rows, on_rows)
         backend.save(work)
         everything = VectorSource(source.directory, source.dataset, source.dim,
                                   [entry_file(s) for s in info["shards"]] + new, source.encoder,
@@ -256,7 +259,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
 def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     """Mark `ids` deleted in the index at `path` (filtered at query time); returns (newly deleted, unknown ids)."""
     read_index_manifest(path)
-    table = pq.read_table(path / IDS).column("id").combine_chunks()
+    table = Rows(path / ROWS).ids()
     wanted = pa.array(sorted(set(ids)), pa.string())
     labels = pc.indices_nonzero(pc.is_in(table, value_set=wanted)).to_numpy().astype(np.int64)
     known = set(table.take(pa.array(labels)).to_pylist())
@@ -285,7 +288,8 @@ class Index:
         cls = backend_class(self.manifest["type"], self.manifest.get("engine"))
         self.dim = int(self.manifest["dim"])
         self.backend = cls.load(path, self.dim, self.manifest["params"])
-        self.ids = pq.read_table(path / self.manifest["files"]["ids"]).column("id").combine_chunks()
+        self.rows = Rows(path / ROWS)
+        self.ids = self.rows.ids()
         self.deleted = _deleted_labels(path)
 
     def __len__(self) -> int:
@@ -303,7 +307,12 @@ class Index:
                                f"(known: {', '.join(cls.search_params) or 'none'})")
         self.backend.set_search(params)
 
-    def _search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, but library labels (-1 past the live rows; `rows.take` gives their metadata),
+        and at most as many columns as the index has rows."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise VsearchError(f"query vectors have dim {queries.shape[1]}, index {self.path} has dim {self.dim}")
         total = len(self.ids)
         if not len(self.deleted):
             return self.backend.search(queries, min(k, total))
@@ -322,10 +331,7 @@ class Index:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores (n, k), ids (n, k)); slots past the live rows hold None and -inf."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise VsearchError(f"query vectors have dim {queries.shape[1]}, index {self.path} has dim {self.dim}")
-        scores, labels = self._search_labels(queries, k)
+        scores, labels = self.search_labels(queries, k)
         if labels.shape[1] == k and (labels >= 0).all():  # the common case, kept lean: it is per query
             return scores, self.ids.take(labels.ravel()).to_numpy(zero_copy_only=False).reshape(labels.shape)
         valid = labels >= 0
@@ -346,7 +352,8 @@ def read_index_manifest(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise VsearchError(f"unreadable index manifest {manifest}: {exc}") from exc
     if info.get("format") != FORMAT:
-        raise VsearchError(f"{manifest} has format {info.get('format')!r}, expected {FORMAT!r}")
+        raise VsearchError(f"{manifest} has format {info.get('format')!r}, not {FORMAT!r}; "
+                           "rebuild the index with this version's vsearch build-index")
     return info
 
 

@@ -46,17 +46,30 @@ class VectorSource:
     def count(self) -> int:
         return sum(f.rows for f in self.files)
 
-    def batches(self, files: list[VectorFile] | None = None, batch_rows: int = 65536
-                ) -> Iterator[tuple[list[str], np.ndarray]]:
-        """(ids, vectors as stored, float16 or float32) one record batch at a time."""
+    def row_schema(self) -> pa.Schema:
+        """Schema of the rows an index keeps per vector: `id` (string), then every column of the first
+        file that is not a vector (vsearch shards: kind, title, ocr, uri and per-row model outputs)."""
+        schema = pq.read_schema(self.files[0].path)
+        rest = [f for f in schema if f.name != self.id_column and not _fixed_size_float(f)]
+        return pa.schema([pa.field("id", pa.string())] + rest)
+
+    def batches(self, files: list[VectorFile] | None = None, batch_rows: int = 65536, metadata: bool = False
+                ) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """(rows, vectors as stored, float16 or float32) one record batch at a time; rows hold `id` as a
+        string, and with `metadata` every other column of `row_schema`."""
+        names = self.row_schema().names[1:] if metadata else []
         for file in files if files is not None else self.files:
             if not file.path.is_file():
                 raise VsearchError(f"shard {file.path} is listed in the manifest but missing")
             parquet = pq.ParquetFile(file.path)
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=[self.id_column, self.vector_column]):
+            present = [n for n in names if n in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=batch_rows,
+                                              columns=[self.id_column, self.vector_column, *present]):
                 column = batch.column(self.vector_column)
                 vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
-                yield [str(i) for i in batch.column(self.id_column).to_pylist()], vectors.reshape(len(batch), self.dim)
+                ids = batch.column(self.id_column).cast(pa.string())
+                rows = pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present])
+                yield rows, vectors.reshape(len(batch), self.dim)
 
     def info(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "embeddings": str(self.directory.resolve()), "encoder": self.encoder}

@@ -1,9 +1,10 @@
 """Text queries against a built index: encode, search, filter and join metadata, rerank.
 
 A `Searcher` loads the index and the encoder its manifest records once; each query then pulls
-k' ANN candidates (default 10 k), joins their metadata from the shards with DuckDB (reading only
-the columns asked for, never the vectors), applies a `--where` predicate in the same DuckDB query
-(widening the ANN search until k candidates pass or the index is exhausted), and reranks.
+k' ANN candidates (default 10 k), takes their metadata rows from the index's memory-mapped row file
+(O(k'), whatever the index size; see vsearch/indexes/rows.py), keeps the rows for which a `--where`
+predicate holds, evaluated by DuckDB over them (widening the ANN search until k candidates pass or
+the index is exhausted), and reranks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from vsearch.embeddings import Encoder, load_encoder
 from vsearch.errors import VsearchError
@@ -91,11 +93,7 @@ class Searcher:
     def __init__(self, index: Path, device: str = "auto"):
         self.index = load_index(index)
         self.encoder = query_encoder(self.index, device)
-        self.files = [shard["path"] for shard in self.index.manifest["shards"]]
-        missing = [f for f in self.files if not Path(f).is_file()]
-        if missing:
-            raise VsearchError(f"index {self.index.path} needs shard {missing[0]}, which is missing")
-        self.kind = self.index.manifest["kind"]
+        self.db = duckdb.connect()
         self.on_gpu = getattr(getattr(self.encoder, "device", None), "type", "cpu") == "cuda"
 
     def encode(self, text: str, notes: list[str]) -> np.ndarray:
@@ -107,39 +105,39 @@ class Searcher:
             raise VsearchError(f"query {text!r} has no letters or digits to match")
         return vector
 
-    def metadata(self, ids: list[str], where: str | None) -> dict[str, dict[str, Any]]:
-        """Title, OCR text, uri (and per-row model outputs) of `ids` passing `where`, read with DuckDB."""
-        if not ids:
-            return {}
-        predicate = f" AND ({where})" if where else ""
-        sql = ("SELECT * EXCLUDE (vector) FROM read_parquet(?, union_by_name = true) "
-               f"WHERE kind = ? AND id IN (SELECT unnest(?)){predicate}")
+    def passing(self, rows: pa.Table, where: str) -> np.ndarray:
+        """Positions of the `rows` for which the SQL predicate `where` holds, as DuckDB evaluates it."""
+        self.db.register("candidates", rows.append_column("_position", pa.array(np.arange(len(rows)))))
         try:
-            cursor = duckdb.execute(sql, [self.files, self.kind, ids])
+            kept = self.db.execute(f"SELECT _position FROM candidates WHERE ({where})").fetchall()
         except duckdb.Error as exc:
             first = str(exc).strip().splitlines()[0]
             raise VsearchError(f"bad --where predicate {where!r}: {first}") from None
-        columns = [d[0] for d in cursor.description]
-        return {row[0]: dict(zip(columns, row)) for row in cursor.fetchall()}
+        finally:
+            self.db.unregister("candidates")
+        return np.sort(np.array([p for (p,) in kept], np.int64))
 
     def candidates(self, vector: np.ndarray, wanted: int, where: str | None,
                    seconds: dict[str, float]) -> list[Candidate]:
         """The best `wanted` candidates passing `where`, widening the ANN search as the filter needs."""
         fetch = min(len(self.index), wanted)
-        while True:
+        while fetch:
             started = time.perf_counter()
-            scores, ids = self.index.search(vector, fetch)
-            found = [(float(s), i) for s, i in zip(scores[0], ids[0]) if i is not None]
+            scores, labels = self.index.search_labels(vector, fetch)
+            live = labels[0] >= 0
+            scores, labels = scores[0][live], labels[0][live]
             searched = time.perf_counter()
-            rows = self.metadata([i for _, i in found], where)
+            rows = self.index.rows.take(labels)
+            if where:
+                keep = self.passing(rows, where)
+                rows, scores = rows.take(keep), scores[keep]
             seconds["search"] += searched - started
             seconds["metadata"] += time.perf_counter() - searched
-            passing = [(s, i) for s, i in found if i in rows]
-            if len(passing) >= wanted or fetch >= len(self.index):
-                break
+            if len(rows) >= wanted or fetch >= len(self.index):
+                return [Candidate(row["id"], float(score), row.get("title"), row.get("ocr"), row.get("uri"))
+                        for row, score in zip(rows.slice(0, wanted).to_pylist(), scores)]
             fetch = min(len(self.index), fetch * 4)
-        return [Candidate(i, s, rows[i].get("title"), rows[i].get("ocr"), rows[i].get("uri"))
-                for s, i in passing[:wanted]]
+        return []
 
     def search(self, config: QueryConfig) -> Result:
         if config.k < 1:
