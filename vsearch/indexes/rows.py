@@ -67,9 +67,9 @@ class Rows:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def ids(self) -> pa.Array:
-        """Every id, in label order, in one array (held in memory: it is read on every search)."""
-        return pa.chunked_array([b.column(0) for b in self.batches], pa.string()).combine_chunks()
+    def ids(self) -> pa.ChunkedArray:
+        """Every id, in label order."""
+        return pa.chunked_array([b.column(0) for b in self.batches], pa.string())
 
     def take(self, labels: np.ndarray) -> pa.Table:
         """The rows of `labels`, in their order."""

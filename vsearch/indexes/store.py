@@ -259,7 +259,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
 def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     """Mark `ids` deleted in the index at `path` (filtered at query time); returns (newly deleted, unknown ids)."""
     read_index_manifest(path)
-    table = Rows(path / ROWS).ids()
+    table = Rows(path / ROWS).ids().combine_chunks()
     wanted = pa.array(sorted(set(ids)), pa.string())
     labels = pc.indices_nonzero(pc.is_in(table, value_set=wanted)).to_numpy().astype(np.int64)
     known = set(table.take(pa.array(labels)).to_pylist())
@@ -289,7 +289,9 @@ class Index:
         self.dim = int(self.manifest["dim"])
         self.backend = cls.load(path, self.dim, self.manifest["params"])
         self.rows = Rows(path / ROWS)
-        self.ids = self.rows.ids()
+        # Held in memory as numpy strings: picking k of them costs 1-2 µs, where an Arrow take costs
+        # 8-15 µs, as much as a whole HNSW query's overhead budget.
+        self.ids = np.asarray(self.rows.ids().to_numpy(), dtype=np.dtypes.StringDType())
         self.deleted = _deleted_labels(path)
 
     def __len__(self) -> int:
@@ -333,12 +335,12 @@ class Index:
         """Return (scores (n, k), ids (n, k)); slots past the live rows hold None and -inf."""
         scores, labels = self.search_labels(queries, k)
         if labels.shape[1] == k and (labels >= 0).all():  # the common case, kept lean: it is per query
-            return scores, self.ids.take(labels.ravel()).to_numpy(zero_copy_only=False).reshape(labels.shape)
+            return scores, self.ids[labels].astype(object)
         valid = labels >= 0
         ids = np.full((len(labels), k), None, dtype=object)
         padded = np.full((len(labels), k), -np.inf, dtype=np.float32)
         columns = labels.shape[1]
-        ids[:, :columns][valid] = self.ids.take(labels[valid]).to_numpy(zero_copy_only=False)
+        ids[:, :columns][valid] = self.ids[labels[valid]].astype(object)
         padded[:, :columns] = np.where(valid, scores, -np.inf)
         return padded, ids
 
