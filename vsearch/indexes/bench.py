@@ -14,6 +14,7 @@ their own vectors, so each query's nearest neighbour is itself.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import queue
 import resource
@@ -28,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vsearch.errors import VsearchError
 from vsearch.indexes.backends import ENGINES, HnswlibBackend, IvfPqBackend
 from vsearch.indexes.store import BuildConfig, Index, build_index, load_index
 from vsearch.indexes.tuning import exact_neighbours, gather, sample_positions
@@ -128,13 +130,16 @@ def _raw_search(index: Index):
     return lambda q, k: backend.index.search(q, k)
 
 
-def _best_time(call, repeats: int = 3) -> float:
-    times = []
+def _time_ratio(ours, theirs, repeats: int = 5) -> float:
+    """Best time of `ours()` over best time of `theirs()`, run in alternation so that drift in the
+    machine's state (page cache, other load) reaches both alike."""
+    best = [math.inf, math.inf]
     for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return min(times)
+        for side, call in enumerate((ours, theirs)):
+            started = time.perf_counter()
+            call()
+            best[side] = min(best[side], time.perf_counter() - started)
+    return best[0] / best[1]
 
 
 def measure(index: Index, queries: np.ndarray, truth_ids: np.ndarray, latency_queries: int,
@@ -160,10 +165,10 @@ def measure(index: Index, queries: np.ndarray, truth_ids: np.ndarray, latency_qu
 def overhead(index: Index, queries: np.ndarray) -> dict[str, float]:
     """vsearch's search time over the raw library call's, batch and single query, at k = 10."""
     raw = _raw_search(index)
-    batch = _best_time(lambda: index.search(queries, 10)) / _best_time(lambda: raw(queries, 10))
+    batch = _time_ratio(lambda: index.search(queries, 10), lambda: raw(queries, 10))
     singles = queries[:200]
-    single = _best_time(lambda: [index.search(q[None], 10) for q in singles]) / \
-        _best_time(lambda: [raw(q[None], 10) for q in singles])
+    single = _time_ratio(lambda: [index.search(q[None], 10) for q in singles],
+                         lambda: [raw(q[None], 10) for q in singles])
     return {"batch": batch, "single": single}
 
 
@@ -253,8 +258,6 @@ def run_bench(config: BenchConfig, scratch: Path, say=print) -> dict[str, Path]:
     for spec in config.indexes:
         index_type, _, engine = spec.partition(":")
         if index_type not in ENGINES or (engine and engine not in ENGINES[index_type]):
-            from vsearch.errors import VsearchError
-
             raise VsearchError(f"unknown index {spec!r}: use flat, hnsw, hnsw:faiss or ivfpq")
     results: list[dict[str, Any]] = []
     for count in config.sizes if not config.embeddings else [0]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from vsearch.embeddings.lexical import NGRAM_WEIGHT, ngrams
 from vsearch.embeddings.media import MediaError, load_image
@@ -46,14 +47,20 @@ class Candidate:
     score: float = 0.0
 
 
+@lru_cache(maxsize=256)
+def _query_ngrams(query: str) -> tuple[dict[str, float], float]:
+    """Each n-gram of the query with its weight, and their total: the same for every candidate."""
+    weights = {gram: NGRAM_WEIGHT[len(gram)] for gram in ngrams(query)}
+    return weights, sum(weights.values())
+
+
 def lexical_overlap(query: str, text: str) -> float:
     """The weighted share of the query's character n-grams that also occur in `text`."""
-    wanted = ngrams(query)
+    wanted, total = _query_ngrams(query)
     if not wanted:
         return 0.0
     present = ngrams(text)
-    total = sum(NGRAM_WEIGHT[len(g)] for g in wanted)
-    return sum(NGRAM_WEIGHT[len(g)] for g in wanted if g in present) / total
+    return sum(weight for gram, weight in wanted.items() if gram in present) / total
 
 
 def _fuse(candidate: Candidate, weights: Weights) -> float:
