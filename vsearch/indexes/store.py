@@ -186,7 +186,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         backend.prepare(work, count)
         held = HeldOut(sample_positions(count, min(config.recall_queries, count // 10), seed=1))
         tune = not set(cls.search_params) & set(config.params)
-        with RowsWriter(work / ROWS, source.row_schema()) as rows:
+        with RowsWriter(work / ROWS, source.row_schema) as rows:
             label = _add_files(backend, source, source.files, 0, rows, on_rows, held)
             if len(held.positions):
                 measured = _held_out_recall(config.type, backend, source, held, params, tune, config.target_recall)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ class VectorSource:
     def count(self) -> int:
         return sum(f.rows for f in self.files)
 
+    @cached_property
     def row_schema(self) -> pa.Schema:
         """Schema of the rows an index keeps per vector: `id` (string), then every column of the first
         file that is not a vector (vsearch shards: kind, title, ocr, uri and per-row model outputs)."""
@@ -57,7 +59,7 @@ class VectorSource:
                 ) -> Iterator[tuple[pa.Table, np.ndarray]]:
         """(rows, vectors as stored, float16 or float32) one record batch at a time; rows hold `id` as a
         string, and with `metadata` every other column of `row_schema`."""
-        names = self.row_schema().names[1:] if metadata else []
+        names = self.row_schema.names[1:] if metadata else []
         for file in files if files is not None else self.files:
             if not file.path.is_file():
                 raise VsearchError(f"shard {file.path} is listed in the manifest but missing")
