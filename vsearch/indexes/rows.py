@@ -64,9 +64,6 @@ class Rows:
         self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self.starts = np.cumsum([0] + [len(b) for b in self.batches])
 
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
     def ids(self) -> pa.ChunkedArray:
         """Every id, in label order."""
         return pa.chunked_array([b.column(0) for b in self.batches], pa.string())

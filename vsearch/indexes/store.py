@@ -81,15 +81,18 @@ def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], 
     label, position = first_label, 0
     for file in files:
         for rows, vectors in source.batches([file], metadata=True):
-            keep = np.ones(len(rows), bool)
-            if held is not None:
-                inside = held.positions[(held.positions >= position) & (held.positions < position + len(rows))]
+            size = len(rows)
+            inside = held.positions[(held.positions >= position) & (held.positions < position + size)] \
+                if held is not None else []
+            if len(inside):  # most batches hold none: they go in whole, with no copy
+                keep = np.ones(size, bool)
                 keep[inside - position] = False
                 held.vectors.append(np.asarray(vectors[~keep], np.float32))
                 held.rows.append(conform(rows.filter(pa.array(~keep)), out.schema, str(file.path)))
-            label = _add(backend, vectors[keep], rows.filter(pa.array(keep)), label, out, str(file.path))
-            position += len(rows)
-            on_rows(len(rows))
+                vectors, rows = vectors[keep], rows.filter(pa.array(keep))
+            label = _add(backend, vectors, rows, label, out, str(file.path))
+            position += size
+            on_rows(size)
     return label
 
 
