@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from vsearch.indexes.bench import BenchConfig, clip_like, run_bench
@@ -8,7 +9,7 @@ from vsearch.indexes.bench import BenchConfig, clip_like, run_bench
 def test_synthetic_vectors_are_unit_norm_clustered_and_reproducible():
     first = next(clip_like(2000, 64, seed=3))
     again = next(clip_like(2000, 64, seed=3))
-    assert (first == again).all() and abs(float((first ** 2).sum(axis=1).mean()) - 1) < 1e-5
+    assert first.dtype == np.float32 and (first == again).all() and abs(float((first ** 2).sum(axis=1).mean()) - 1) < 1e-5
     # clustered: the nearest neighbour is much closer than a random vector
     similarity = first[:100] @ first.T
     similarity[range(100), range(100)] = -1

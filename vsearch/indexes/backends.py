@@ -34,6 +34,7 @@ class Backend:
     build_params: ClassVar[dict[str, int]] = {}
     search_params: ClassVar[dict[str, int]] = {}
     trains: ClassVar[bool] = False
+    full_results: ClassVar[bool] = False  # search always fills k columns with real labels when k <= count
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "Backend":
@@ -146,6 +147,7 @@ class HnswlibBackend(Backend):
     type, engine, file_name = "hnsw", "hnswlib", "index.hnsw"
     build_params = {"M": 32, "ef_construction": 200}
     search_params = {"ef_search": 128}
+    full_results = True  # hnswlib raises rather than return fewer than k
 
     def __init__(self, index: Any, ef_search: int):
         self.index, self.ef_search, self.threads = index, ef_search, -1
@@ -187,7 +189,7 @@ class HnswlibBackend(Backend):
             self.index.set_ef(ef)
             self._ef = ef
         labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
-        return 1.0 - distances, labels.astype(np.int64)
+        return 1.0 - distances, labels.view(np.int64)  # hnswlib's labels are uint64; ours fit in int64
 
     def save(self, directory: Path) -> None:
         self.index.save_index(str(directory / self.file_name))

@@ -63,6 +63,7 @@ class Rows:
         self.schema = reader.schema
         self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self.starts = np.cumsum([0] + [len(b) for b in self.batches])
+        self.count = int(self.starts[-1])
 
     def ids(self) -> pa.ChunkedArray:
         """Every id, in label order."""
