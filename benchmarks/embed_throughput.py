@@ -10,7 +10,9 @@ is at least 90% of model-only throughput: decoding and resizing must keep the de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import platform
 import tempfile
 import time
@@ -30,14 +32,16 @@ from vsearch.workspace import Workspace
 SIZES = [(640, 360), (360, 640), (480, 480), (720, 405)]  # typical cover shapes
 
 
+def make_cover(folder: Path, index: int) -> None:
+    """A JPEG cover of a realistic size with texture, so decoding costs what a real cover costs."""
+    width, height = SIZES[index % len(SIZES)]
+    base = np.random.default_rng(index).integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    Image.fromarray(base).resize((width, height), Image.BILINEAR).save(folder / f"{index:06d}.jpg", quality=85)
+
+
 def make_covers(folder: Path, count: int) -> None:
-    """JPEG covers of realistic sizes with texture, so decoding costs what real covers cost."""
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        width, height = SIZES[index % len(SIZES)]
-        base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
-        image = Image.fromarray(base).resize((width, height), Image.BILINEAR)
-        image.save(folder / f"{index:06d}.jpg", quality=85)
+    with multiprocessing.get_context("spawn").Pool() as pool:  # tens of thousands for a GPU run
+        pool.map(functools.partial(make_cover, folder), range(count), chunksize=256)
 
 
 def random_checkpoint(path: Path) -> None:

@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,3 +34,32 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
         assert result["overhead"]["batch"] > 0 and result["sweep"]
     assert "| 3,000 | hnsw (hnswlib) |" in written["markdown"].read_text()
     assert written["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def run_script(script: str, *args: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
+    out = tmp_path / "embed.json"
+    run_script("embed_throughput.py", "--covers", "16", "--batch-size", "8", "--workers", "1", "--device", "cpu",
+               "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["covers"] == 16 and report["model_only_covers_per_s"] > 0
+    # The rates are rounded to 0.1 covers/s in the report, a few per cent of a CPU's rate.
+    assert report["end_to_end_over_model_only"] == pytest.approx(
+        report["end_to_end_covers_per_s"] / report["model_only_covers_per_s"], rel=0.05)
+
+
+def test_query_latency_reports_each_stage_with_and_without_reranking(tmp_path):
+    out = tmp_path / "latency.json"
+    run_script("query_latency.py", "--queries", "5", "--device", "cpu", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["rerank"] for row in rows] == [False, True]
+    for row in rows:
+        assert row["queries"] == 5 and row["p99_ms"] >= row["p50_ms"] > 0
+        assert set(row["share"]) == {"encode", "search", "metadata", "rerank"}
+        assert sum(row["share"].values()) == pytest.approx(1)

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from vsearch.embeddings import load_encoder
+from vsearch.embeddings.media import load_image
 from vsearch.query.rerank import lexical_overlap
 
 
@@ -113,7 +115,7 @@ def uniclip_demo(cli, tiny_uniclip):
     return cli
 
 
-def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo):
+def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo, tiny_uniclip):
     payload = results(uniclip_demo, "大宅门演员表", "-k", "10", "--candidates", "20", "--rerank-images", "6",
                       "--device", "cpu")
     hits = payload["results"]
@@ -125,6 +127,12 @@ def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo):
         assert hit["score"] == pytest.approx(parts["ann"] + 0.3 * parts["lexical"]
                                              + 0.5 * parts["presence"] * parts["semantic"], abs=1e-6)
     assert payload["notes"] == []
+    # Each cover's parts are the heads' outputs for that cover (covers are read in parallel).
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", "cpu")
+    covers = [load_image(h["uri"]) for h in with_heads]
+    assert [h["parts"]["presence"] for h in with_heads] == pytest.approx(encoder.presence(covers).tolist(), abs=1e-5)
+    assert [h["parts"]["semantic"] for h in with_heads] == pytest.approx(
+        encoder.match(["大宅门演员表"] * len(covers), covers).tolist(), abs=1e-5)
 
 
 def test_where_filters_on_per_row_model_outputs(uniclip_demo):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import av
 import fsspec
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # PyAV is imported where videos are read: it costs 150 ms, which every query would pay
+    import av
 
 # Targets closer than this to the last decoded frame are reached by decoding on, not seeking:
 # a seek lands on the previous keyframe, so seeking within a GOP would decode it again.
@@ -43,6 +46,8 @@ def load_image(uri: str | None) -> Image.Image:
 def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
+    import av
+
     return (container.duration or 0) / av.time_base
 
 
@@ -59,6 +64,8 @@ def sample_frames(uri: str, count: int) -> list[Image.Image]:
     A target past the last decodable frame repeats that frame. Videos that are empty, have no
     duration, or yield fewer than two distinct frames raise `MediaError`.
     """
+    import av
+
     try:
         with fsspec.open(uri, "rb") as handle, av.open(handle) as container:
             if not container.streams.video:

@@ -40,8 +40,12 @@ class TorchImageEncoder:
         arrays["vector"] = l2_normalise(arrays["vector"])
         return arrays
 
+    def pixels(self, images: Sequence) -> torch.Tensor:
+        """A batch of `image_transform`ed images, on the CPU."""
+        return torch.stack([self.image_transform(image) for image in images])
+
     def encode_images(self, images: Sequence) -> np.ndarray:
-        return self.encode_pixels(torch.stack([self.image_transform(image) for image in images]))["vector"]
+        return self.encode_pixels(self.pixels(images))["vector"]
 
     def _encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -264,18 +264,18 @@ class UniClipEncoder(TorchImageEncoder):
 
     def presence(self, images: Sequence) -> np.ndarray:
         """Probability that each cover carries text."""
-        return self.encode_pixels(torch.stack([self.image_transform(image) for image in images]))["ocr_presence"]
+        return self.encode_pixels(self.pixels(images))["ocr_presence"]
 
     def match(self, texts: Sequence[str], images: Sequence) -> np.ndarray:
         """Probability that text i matches the text on cover i (semantic head, 20-token texts)."""
-        return self.match_and_presence(texts, images)[0]
+        return self.match_and_presence(texts, self.pixels(images))[0]
 
-    def match_and_presence(self, texts: Sequence[str], images: Sequence) -> tuple[np.ndarray, np.ndarray]:
-        """`match(texts, images)` and `presence(images)` from one pass of the image tower."""
-        pixels = torch.stack([self.image_transform(image) for image in images]).to(self.device)
+    def match_and_presence(self, texts: Sequence[str], pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """`match` and `presence` from one pass of the image tower, for covers already preprocessed
+        (`pixels`, a batch of `image_transform` outputs)."""
         ids = self.tokenize(texts, SEMANTIC_CONTEXT).to(self.device)
         with torch.inference_mode(), self.autocast():
-            _, tokens = self.model.encode_image_and_tokens(pixels)
+            _, tokens = self.model.encode_image_and_tokens(pixels.to(self.device, non_blocking=True))
             semantic = self.model.semantic_logits(ids, tokens).float().softmax(-1)[:, 1]
             presence = self.model.presence_logits(tokens).float().softmax(-1)[:, 1]
         return semantic.cpu().numpy(), presence.cpu().numpy()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Wheels that a lent GPU machine lacks, for its Python 3.12 (it has torch, torchvision, transformers,
+# pyarrow, typer, rich, fsspec, pillow, timm; nothing can be downloaded there). A call carries at
+# most 64 MiB with the working tree, so they come in two sets, each enough on its own:
+#   .whl-embed/  open_clip_torch, ftfy, wcwidth, av                  embed, benchmarks/embed_throughput.py
+#   .whl-index/  open_clip_torch, ftfy, wcwidth, faiss-cpu, duckdb,  build-index, query, bench,
+#                hnswlib's source (no wheels on PyPI; built there,   benchmarks/query_latency.py
+#                for that machine's CPU: it compiles with -march=native)
+# Usage: scripts/device_wheels.sh [PYTHON3.12]    (DEVELOPERS.md, "Measuring on a lent GPU")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python312=${1:-python3.12}
+download() {
+  local into=$1; shift
+  "$python312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$into" "$@"
+}
+rm -rf .whl-embed .whl-index
+download .whl-embed open_clip_torch ftfy wcwidth av
+download .whl-index open_clip_torch ftfy wcwidth faiss-cpu duckdb
+"$python312" -m pip download -q --no-deps --no-binary=hnswlib -d .whl-index hnswlib
+du -sh .whl-embed .whl-index
