@@ -70,15 +70,14 @@ class Rows:
         return pa.chunked_array([b.column(0) for b in self.batches], pa.string())
 
     def take(self, labels: np.ndarray) -> pa.Table:
-        """The rows of `labels`, in their order."""
+        """The rows of `labels`, in their order, as one chunk. Each row is a zero-copy slice of its
+        record batch, then the few rows are copied together: a `take` per record batch cost 10-20 µs
+        each (0.4 ms for 10 candidates, 1.8 ms for 100 at 1M rows), slices cost about 1 µs a row."""
         labels = np.asarray(labels, np.int64)
         which = np.searchsorted(self.starts, labels, side="right") - 1
-        order = np.argsort(which, kind="stable")
-        parts = [self.batches[b].take(pa.array(labels[which == b] - self.starts[b])) for b in np.unique(which)]
-        grouped = pa.Table.from_batches(parts, schema=self.schema)
-        back = np.empty(len(labels), np.int64)
-        back[order] = np.arange(len(labels))
-        return grouped.take(back)
+        offsets = labels - self.starts[which]
+        parts = [self.batches[b].slice(offset, 1) for b, offset in zip(which.tolist(), offsets.tolist())]
+        return pa.Table.from_batches(parts, schema=self.schema).combine_chunks()
 
     def tables(self) -> Iterator[pa.Table]:
         for batch in self.batches:
