@@ -131,31 +131,20 @@ def _raw_search(index: Index):
     return lambda q, k: backend.index.search(q, k)
 
 
-def _time_ratio(ours, theirs, repeats: int = 10) -> float:
-    """Best time of `ours()` over best time of `theirs()`, run in alternation, each going first in
-    every other round, so that drift in the machine's state (page cache, allocator, other load), and
-    whatever a call leaves behind for the next, reach both alike."""
-    best = [math.inf, math.inf]
-    for round in range(repeats):
-        for side in (0, 1) if round % 2 == 0 else (1, 0):
-            started = time.perf_counter()
-            (ours, theirs)[side]()
-            best[side] = min(best[side], time.perf_counter() - started)
-    return best[0] / best[1]
-
-
-def _single_query_ratio(ours, theirs, queries: np.ndarray, repeats: int = 10) -> float:
-    """Sum over `queries` of each one's best time through `ours`, over the same through `theirs`, the
-    two run in alternation as in `_time_ratio`. Per query, not per run: on a busy machine a few
-    queries in any run wait a scheduler tick (4 ms against 0.5 ms IVF-PQ queries here), which moved
-    a ratio of run totals by 20%."""
-    best = np.full((2, len(queries)), math.inf)
-    for round in range(repeats):
-        for side in (0, 1) if round % 2 == 0 else (1, 0):
+def _time_ratio(ours, theirs, inputs: list[np.ndarray], repeats: int = 10) -> float:
+    """Sum over `inputs` (query batches) of each one's best time through `ours(queries, 10)`, over the
+    same through `theirs`. The two run in alternation, each going first in every other round, so that
+    drift in the machine's state (page cache, allocator, other load), and whatever a call leaves
+    behind for the next, reach both alike. Best per input, not per run: on a busy machine a few
+    single queries in any run wait a scheduler tick (4 ms against 0.5 ms IVF-PQ queries here),
+    which moved a ratio of run totals by 20%."""
+    best = np.full((2, len(inputs)), math.inf)
+    for turn in range(repeats):
+        for side in (0, 1) if turn % 2 == 0 else (1, 0):
             call = (ours, theirs)[side]
-            for i, query in enumerate(queries):
+            for i, queries in enumerate(inputs):
                 started = time.perf_counter()
-                call(query[None], 10)
+                call(queries, 10)
                 best[side, i] = min(best[side, i], time.perf_counter() - started)
     return float(best[0].sum() / best[1].sum())
 
@@ -183,8 +172,8 @@ def measure(index: Index, queries: np.ndarray, truth_ids: np.ndarray, latency_qu
 def overhead(index: Index, queries: np.ndarray) -> dict[str, float]:
     """vsearch's search time over the raw library call's, batch and single query, at k = 10."""
     raw = _raw_search(index)
-    batch = _time_ratio(lambda: index.search(queries, 10), lambda: raw(queries, 10))
-    return {"batch": batch, "single": _single_query_ratio(index.search, raw, queries[:200])}
+    return {"batch": _time_ratio(index.search, raw, [queries]),
+            "single": _time_ratio(index.search, raw, [query[None] for query in queries[:200]])}
 
 
 def _size(path: Path) -> int:

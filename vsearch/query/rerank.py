@@ -16,9 +16,9 @@ Each candidate's final score is a weighted sum of its parts:
 semantic and presence need a UniCLIP encoder and the cover image; the image work is capped at
 `image_budget` candidates (best ANN first) so a query stays interactive, and the candidates past
 the cap follow the reranked ones in ANN order. Covers are read, decoded and resized on a pool of
-threads (PIL releases the GIL): about 4 ms of CPU a cover, so 50 covers one after another would
-spend several times the 30 ms budget before the GPU starts. A part that cannot be computed drops out, and the
-result says why.
+threads (PIL releases the GIL): about 3 ms of CPU a cover, so 50 covers one after another would
+spend five times the 30 ms GPU budget before the GPU starts. A part that cannot be computed drops
+out, and the result says why.
 """
 
 from __future__ import annotations
