@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 import duckdb
 import numpy as np
 import pyarrow as pa
