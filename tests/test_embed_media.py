@@ -1,9 +1,14 @@
 """Cover and clip vectors from image models: the batch job end to end on the demo data and on
 videos made here, with a small UniCLIP saved in the released format."""
 
+import functools
+import http.server
 import json
 import re
 import shutil
+import socket
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -122,6 +127,60 @@ def test_corrupt_covers_and_videos_are_recorded_and_the_job_goes_on(tmp_path, wo
     reasons = sorted((f["kind"], re.match(r"\D+?(?= /|:)", f["reason"]).group(0)) for f in result.manifest.failed)
     assert reasons == [("clip", "cannot decode video"), ("clip", "cannot decode video"), ("clip", "video too short"),
                        ("cover", "cannot decode image"), ("cover", "image not found")]
+
+
+class CoverServer(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; a path under /slow/ answers after 3 s."""
+
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            time.sleep(3)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def cover_server(tmp_path):
+    """(folder, base url) of an http server on this machine serving the folder."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CoverServer, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_covers_are_fetched_over_http_and_unreachable_ones_recorded(workers, cover_server, tmp_path, workspace,
+                                                                    tiny_uniclip, monkeypatch):
+    monkeypatch.setattr("vsearch.files.HTTP_TIMEOUT_SECONDS", 1)
+    folder, base = cover_server
+    rows = list(open_dataset("demo", workspace).rows())[:4]
+    for number, row in enumerate(rows):
+        shutil.copy(row.uri, folder / f"{number}.jpg")
+    urls = [f"{base}/0.jpg", f"{base}/1.jpg?size=640", f"{base}/2.jpg", f"{base}/3.jpg",
+            f"{base}/missing.jpg", f"http://127.0.0.1:{closed_port()}/4.jpg", f"{base}/slow/0.jpg"]
+    source = tmp_path / "remote.txt"
+    source.write_text("".join(f"封面{i}\t{url}\t文字{i}\n" for i, url in enumerate(urls)), encoding="utf-8")
+    remote = run_embed(EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", device="cpu",
+                                   workers=workers, batch_size=4), workspace)
+    local = embed_demo(workspace, tiny_uniclip, limit=4, out=tmp_path / "local")
+    fetched, expected = table(remote.directory, "cover"), table(local.directory, "cover")
+    assert fetched.column("uri").to_pylist() == urls[:4]
+    assert fetched.column("vector").equals(expected.column("vector"))
+    reasons = {f["uri"]: f["reason"] for f in remote.manifest.failed}
+    assert reasons.keys() == set(urls[4:])
+    assert reasons[urls[4]] == f"image not found: {urls[4]}"
+    assert reasons[urls[5]].startswith(f"cannot read image {urls[5]}: Cannot connect")
+    assert reasons[urls[6]] == f"cannot read image {urls[6]}: TimeoutError"
 
 
 def test_resume_covers_both_kinds(workspace, tiny_uniclip):

@@ -1,4 +1,4 @@
-"""File helpers shared by every stage: checksums and crash-safe writes."""
+"""File helpers shared by every stage: opening URLs, checksums and crash-safe writes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,28 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import fsspec
+
+from vsearch.errors import VsearchError
+
+# A cover fetched over http(s) is one small request; a stalled server should cost that row
+# (recorded as failed), not hold a reader for aiohttp's default five minutes.
+HTTP_TIMEOUT_SECONDS = 30
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for a local path or URL. An unknown protocol, or one whose
+    package is not installed (s3fs for s3://, gcsfs for gs://), is a one-line `VsearchError`."""
+    options: dict[str, Any] = {}
+    if url.startswith(("http://", "https://")):
+        import aiohttp
+
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)}
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as exc:
+        raise VsearchError(f"cannot open {url}: {exc}") from None
 
 
 def sha256_of(path: Path) -> str:

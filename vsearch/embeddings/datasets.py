@@ -28,6 +28,7 @@ from pathlib import PurePosixPath
 import fsspec
 
 from vsearch.errors import VsearchError
+from vsearch.files import url_to_fs
 from vsearch.workspace import Workspace
 
 NULL = "\\N"
@@ -72,7 +73,7 @@ class Dataset:
                 f"dataset {self.name} has no videos folder {self.videos or ''}: put videos named "
                 "<id>.mp4 in <dataset file stem>-videos/ beside the dataset file, or pass --videos DIR"
             )
-        fs, folder = fsspec.core.url_to_fs(self.videos)
+        fs, folder = url_to_fs(self.videos)
         found = {PurePosixPath(path).stem: path for path in fs.ls(folder, detail=False)
                  if path.lower().endswith(VIDEO_SUFFIXES)}
         location = (lambda path: path) if _is_local(fs) else (lambda path: fs.unstrip_protocol(path))
@@ -98,7 +99,7 @@ def _parent(url: str) -> str:
 
 
 def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     return fs.exists(path)
 
 
@@ -108,13 +109,14 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _isdir(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     return fs.isdir(path)
 
 
 def _lines(url: str) -> Iterator[list[str]]:
+    fs, path = url_to_fs(url)
     try:
-        with fsspec.open(url, "rt", encoding="utf-8", errors="replace") as handle:
+        with fs.open(path, "rt", encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 line = line.rstrip("\r\n")
                 if line:
@@ -135,13 +137,21 @@ def _image_locator(source: str, images: str | None) -> Callable[[str, str | None
         default = _join(base, PurePosixPath(source).stem + "-images")
         images = default if _isdir(default) else None
     if images is not None:
+        url_to_fs(images)  # its filesystem package missing fails here, not on every row
         folder = images
         return lambda id_, url: _join(folder, f"{id_}.jpg")
+
+    checked: set[str] = set()
 
     def from_url(id_: str, url: str | None) -> str | None:
         if url is None:
             return None
-        return _join(base, url) if _is_relative(url) else url
+        located = _join(base, url) if _is_relative(url) else url
+        protocol = located.split("://", 1)[0] if "://" in located else "file"
+        if protocol not in checked:  # as above, once per protocol
+            url_to_fs(located)
+            checked.add(protocol)
+        return located
 
     return from_url
 
@@ -181,7 +191,7 @@ def cbvs20k(source: str, name: str, images: str | None = None, videos: str | Non
 
 def image_folder(source: str, name: str, videos: str | None = None) -> Dataset:
     """A folder of images, searched recursively; id = relative path without extension."""
-    fs, root = fsspec.core.url_to_fs(source)
+    fs, root = url_to_fs(source)
 
     def rows() -> Iterator[Row]:
         for path in sorted(fs.find(root)):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import fsspec
 from PIL import Image, UnidentifiedImageError
+
+from vsearch.errors import VsearchError
+from vsearch.files import url_to_fs
 
 if TYPE_CHECKING:  # PyAV is imported where videos are read: it costs 150 ms, which every query would pay
     import av
@@ -21,26 +25,58 @@ class MediaError(Exception):
     """One image or video could not be read; the job records the reason and goes on."""
 
 
+def _unreadable(uri: str, exc: BaseException) -> MediaError:
+    if isinstance(exc, FileNotFoundError):
+        return MediaError(f"image not found: {uri}")
+    if isinstance(exc, VsearchError):
+        return MediaError(str(exc))
+    return MediaError(f"cannot read image {uri}: {str(exc) or type(exc).__name__}")  # a timeout's message is empty
+
+
+def read_all(uris: list[str | None]) -> list[bytes | MediaError]:
+    """The bytes of each uri, or the `MediaError` saying why not. Each async filesystem's files
+    (http, s3, gcs) are fetched concurrently in one call: a cover is one small request, and a
+    reader fetching them one after another would mostly wait on the network."""
+    results: list[bytes | MediaError] = [MediaError("no image url")] * len(uris)
+    remote: dict[fsspec.AbstractFileSystem, list[tuple[int, str]]] = defaultdict(list)
+    for position, uri in enumerate(uris):
+        if uri is None:
+            continue
+        try:
+            fs, path = url_to_fs(uri)
+            if fs.async_impl:
+                remote[fs].append((position, path))
+            else:
+                results[position] = fs.cat_file(path)
+        except Exception as exc:  # each filesystem raises its own errors (aiohttp's, botocore's): this file is unreadable
+            results[position] = _unreadable(uri, exc)
+    for fs, wanted in remote.items():
+        # cat_ranges, not cat: cat expands its paths as globs, and a url's "?" is a glob character.
+        fetched = fs.cat_ranges([path for _, path in wanted], None, None, on_error="return")
+        for (position, _), data in zip(wanted, fetched):
+            results[position] = data if isinstance(data, bytes) else _unreadable(uris[position], data)
+    return results
+
+
 def read_bytes(uri: str | None) -> bytes:
-    if uri is None:
-        raise MediaError("no image url")
-    try:
-        with fsspec.open(uri, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise MediaError(f"image not found: {uri}") from None
-    except OSError as exc:
-        raise MediaError(f"cannot read image {uri}: {exc}") from None
+    (data,) = read_all([uri])
+    if isinstance(data, MediaError):
+        raise data
+    return data
 
 
-def load_image(uri: str | None) -> Image.Image:
-    data = read_bytes(uri)
+def decode_image(data: bytes, uri: str | None) -> Image.Image:
+    """The image in `data` (read from `uri`), as RGB."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"cannot decode image {uri}: {exc}") from None
     return image.convert("RGB")
+
+
+def load_image(uri: str | None) -> Image.Image:
+    return decode_image(read_bytes(uri), uri)
 
 
 def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
@@ -67,7 +103,8 @@ def sample_frames(uri: str, count: int) -> list[Image.Image]:
     import av
 
     try:
-        with fsspec.open(uri, "rb") as handle, av.open(handle) as container:
+        fs, path = url_to_fs(uri)
+        with fs.open(path, "rb") as handle, av.open(handle) as container:
             if not container.streams.video:
                 raise MediaError(f"no video stream in {uri}")
             stream = container.streams.video[0]
@@ -89,6 +126,8 @@ def sample_frames(uri: str, count: int) -> list[Image.Image]:
                 if last is not None:
                     sampled.append(last)
             images = [frame.to_image() for frame in sampled]
+    except VsearchError as exc:
+        raise MediaError(str(exc)) from None
     except FileNotFoundError:
         raise MediaError(f"video not found: {uri}") from None
     except (av.error.FFmpegError, OSError, ValueError) as exc:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vsearch.embeddings.datasets import Row
-from vsearch.embeddings.media import MediaError, load_image, read_bytes, sample_frames
+from vsearch.embeddings.media import MediaError, decode_image, read_all, sample_frames
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -49,25 +49,37 @@ class Item:
 class MediaRows(torch.utils.data.Dataset):
     """Indexed by (shard number, shard input rows, row); reads and prepares that row's media.
 
-    With `raw_jpegs`, JPEG covers are passed on undecoded for the device to decode; other
-    formats are decoded here, as everything is without it.
+    The DataLoader asks for a whole batch at once (`__getitems__`), so a batch's remote covers are
+    fetched concurrently. With `raw_jpegs`, JPEG covers are passed on undecoded for the device to
+    decode; other formats are decoded here, as everything is without it.
     """
 
     def __init__(self, kind: str, transform: Callable, frames: int, raw_jpegs: bool = False):
         self.kind, self.transform, self.frames, self.raw_jpegs = kind, transform, frames, raw_jpegs
 
     def __getitem__(self, index: tuple[int, int, Row]) -> Item:
-        item = Item(*index)
-        try:
-            if self.kind == "clip":
-                item.pixels = torch.stack([self.transform(frame) for frame in sample_frames(item.row.uri, self.frames)])
-            elif self.raw_jpegs and (data := read_bytes(item.row.uri)).startswith(JPEG_MAGIC):
-                item.jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            else:
-                item.pixels = self.transform(load_image(item.row.uri))
-        except MediaError as exc:
-            item.error = str(exc)
-        return item
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[tuple[int, int, Row]]) -> list[Item]:
+        items = [Item(*index) for index in indices]
+        if self.kind == "clip":
+            for item in items:
+                try:
+                    item.pixels = torch.stack([self.transform(f) for f in sample_frames(item.row.uri, self.frames)])
+                except MediaError as exc:
+                    item.error = str(exc)
+            return items
+        for item, data in zip(items, read_all([item.row.uri for item in items])):
+            try:
+                if isinstance(data, MediaError):
+                    raise data
+                if self.raw_jpegs and data.startswith(JPEG_MAGIC):
+                    item.jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                else:
+                    item.pixels = self.transform(decode_image(data, item.row.uri))
+            except MediaError as exc:
+                item.error = str(exc)
+        return items
 
 
 def collate(items: list[Item]) -> Batch:
