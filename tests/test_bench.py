@@ -63,3 +63,11 @@ def test_query_latency_reports_each_stage_with_and_without_reranking(tmp_path):
         assert row["queries"] == 5 and row["p99_ms"] >= row["p50_ms"] > 0
         assert set(row["share"]) == {"encode", "search", "metadata", "rerank"}
         assert sum(row["share"].values()) == pytest.approx(1)
+
+
+def test_remote_covers_compares_batched_fetching_with_one_request_at_a_time(tmp_path):
+    out = tmp_path / "remote.json"
+    run_script("remote_covers.py", "--covers", "8", "--batch-size", "4", "--latency-ms", "0", "5", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["latency_ms"] for row in rows] == [0, 5]
+    assert all(row["batched_covers_per_s"] > 0 and row["one_at_a_time_covers_per_s"] > 0 for row in rows)
