@@ -21,12 +21,23 @@ def existing_file(path: str, what: str) -> Path:
     return resolved
 
 
+def _load(torch: Any, path: Path) -> Any:
+    """Memory-mapped where the file allows it (torch.save's zip format, since PyTorch 1.6): a model
+    built to take the tensors themselves then reads its weights from the page cache, with no copy."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "zipfile" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: Path) -> dict[str, Any]:
     """torch.load a checkpoint and return its state dict (a bare one or under `state_dict`)."""
     import torch
 
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = _load(torch, path)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same here
         lines = str(exc).strip().splitlines()
         detail = lines[0] if lines and len(lines[0]) <= 120 else type(exc).__name__
@@ -43,8 +54,9 @@ def _named(keys: list[str], limit: int = 3) -> str:
     return shown + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_strict(module: Any, state: dict[str, Any], path: Path, what: str) -> None:
-    """Load `state` into `module`, naming any missing, unexpected or mis-shaped key in one line."""
+def load_strict(module: Any, state: dict[str, Any], path: Path, what: str, assign: bool = False) -> None:
+    """Load `state` into `module`, naming any missing, unexpected or mis-shaped key in one line.
+    With `assign`, the module takes the tensors themselves (for a module built on the meta device)."""
     expected = set(module.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -53,7 +65,7 @@ def load_strict(module: Any, state: dict[str, Any], path: Path, what: str) -> No
     if missing or unexpected:
         raise VsearchError(f"checkpoint {path} does not fit {what}: " + "; ".join(p for p in problems if p))
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
         raise VsearchError(f"checkpoint {path} does not fit {what}: {mismatch}") from exc
