@@ -1,6 +1,9 @@
 """What a user of `vsearch query` sees: filters, reranking and its parts, batches, errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.media import load_image
 from vsearch.query.rerank import lexical_overlap
+from vsearch.workspace import ENV_VAR
 
 
 @pytest.fixture
@@ -79,6 +83,21 @@ def test_a_file_of_queries_gives_json_lines(demo, tmp_path):
     out = tmp_path / "out.jsonl"
     assert demo("query", "--file", str(queries), "--out", str(out)).code == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_queries_on_standard_input_are_answered_as_they_arrive(demo, workspace):
+    with subprocess.Popen([sys.executable, "-m", "vsearch", "query", "--file", "-", "-k", "2"], text=True,
+                          encoding="utf-8", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, ENV_VAR: str(workspace.root)}) as process:
+        answers = []
+        for text in ["大宅门演员表", "周杰伦个人资料"]:
+            process.stdin.write(text + "\n")
+            process.stdin.flush()
+            answers.append(json.loads(process.stdout.readline()))  # before the next query is sent
+        process.stdin.close()
+        assert process.stdout.read() == "" and process.wait(timeout=60) == 0, process.stderr.read()
+    assert [a["query"] for a in answers] == ["大宅门演员表", "周杰伦个人资料"]
+    assert "大宅门" in answers[0]["results"][0]["title"] and "周杰伦" in answers[1]["results"][0]["title"]
 
 
 def test_long_queries_are_truncated_with_a_note(demo):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -246,6 +247,13 @@ def _parse_weights(text: str | None):
     return Weights(**values)
 
 
+@contextlib.contextmanager
+def _query_lines(file: Path) -> Iterator[Iterator[str]]:
+    """The non-blank lines of `file`, or of standard input for `-`, read as they come."""
+    with contextlib.nullcontext(sys.stdin) if str(file) == "-" else open(file, encoding="utf-8") as handle:
+        yield (line.rstrip("\r\n") for line in handle if line.strip())
+
+
 @app.command()
 def query(
     ctx: typer.Context,
@@ -255,7 +263,9 @@ def query(
     where: Annotated[Optional[str], typer.Option(help="SQL predicate on the metadata, e.g. \"ocr LIKE '%演员%'\".")] = None,
     rerank: Annotated[bool, typer.Option("--rerank/--no-rerank", help="OCR-aware reranking of the candidates.")] = True,
     explain: Annotated[bool, typer.Option(help="Show each part of the final score.")] = False,
-    file: Annotated[Optional[Path], typer.Option(help="Run every line of this file as a query; JSON lines out.")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        help="Run every line of this file as a query; JSON lines out. '-' reads standard input, answering each "
+             "line as it arrives (the model loads once).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="With --file: write the JSON lines here instead of stdout.")] = None,
     candidates: Annotated[Optional[int], typer.Option(help="ANN candidates to rerank (default 10 k).")] = None,
     rerank_images: Annotated[Optional[int], typer.Option(
@@ -270,7 +280,7 @@ def query(
 
     if (text is None) == (file is None):
         raise VsearchError("give a query text or --file FILE (one query per line)")
-    if file is not None and not file.is_file():
+    if file is not None and str(file) != "-" and not file.is_file():
         raise VsearchError(f"queries file not found: {file}")
     index_dir = _index_dir(ctx.obj, index)
     searcher = Searcher(index_dir, device)
@@ -285,12 +295,15 @@ def query(
                 "notes": result.notes, "seconds": result.seconds}
 
     if file is not None:
-        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        with open(out, "w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as sink:
+        answered = 0
+        with _query_lines(file) as lines, \
+                open(out, "w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as sink:
             for line in lines:
                 sink.write(json.dumps(payload(run(line)), ensure_ascii=False) + "\n")
+                sink.flush()
+                answered += 1
         if out:
-            stderr.print(f"{len(lines)} queries -> {out}")
+            stderr.print(f"{answered} queries -> {out}")
         return
     result = run(text)
     if as_json:
