@@ -147,7 +147,7 @@ class HnswlibBackend(Backend):
     type, engine, file_name = "hnsw", "hnswlib", "index.hnsw"
     build_params = {"M": 32, "ef_construction": 200}
     search_params = {"ef_search": 128}
-    full_results = True  # hnswlib raises rather than return fewer than k
+    full_results = True  # where hnswlib cannot find k, search falls back to exact search
 
     def __init__(self, index: Any, ef_search: int):
         self.index, self.ef_search, self.threads = index, ef_search, -1
@@ -188,8 +188,27 @@ class HnswlibBackend(Backend):
         if ef != self._ef:
             self.index.set_ef(ef)
             self._ef = ef
-        labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
+        try:
+            labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
+        except RuntimeError:  # the graph reached fewer than k nodes (it happens with many identical vectors)
+            return self.exhaustive(queries, k)
         return 1.0 - distances, labels.view(np.int64)  # hnswlib's labels are uint64; ours fit in int64
+
+    def exhaustive(self, queries: np.ndarray, k: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top k over every stored vector, read back from the graph a chunk at a time."""
+        every = np.asarray(self.index.get_ids_list(), np.int64)
+        scores = np.empty((len(queries), 0), np.float32)
+        labels = np.empty((len(queries), 0), np.int64)
+        for start in range(0, len(every), chunk):
+            ids = every[start:start + chunk]
+            vectors = np.asarray(self.index.get_items(ids, return_type="numpy"), np.float32)
+            scores = np.concatenate([scores, queries @ vectors.T], axis=1)
+            labels = np.concatenate([labels, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
+            if scores.shape[1] > k:
+                keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                scores, labels = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(labels, keep, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(labels, order, axis=1)
 
     def save(self, directory: Path) -> None:
         self.index.save_index(str(directory / self.file_name))
