@@ -84,6 +84,17 @@ def test_index_files_load_with_the_plain_libraries(byo, tmp_path):
     assert plain.get_current_count() == 3000
 
 
+@pytest.mark.skipif(not hasattr(faiss, "IO_FLAG_MMAP_IFC"), reason="faiss < 1.10 cannot map flat codes")
+@pytest.mark.parametrize("engine", ["flat", "hnsw"])
+def test_faiss_vectors_are_memory_mapped_not_read(engine, byo, tmp_path):
+    build_index(BuildConfig(type=engine, engine="faiss"), open_source(byo[0]), tmp_path / "index")
+    index = load_index(tmp_path / "index")
+    flat = index.backend.index if engine == "flat" else faiss.downcast_index(index.backend.index.storage)
+    assert not flat.codes.is_owned  # a view of the mapped file
+    scores, ids = index.search(byo[1][:2], 1)
+    assert ids[:, 0].tolist() == ["doc0", "doc1"] and np.allclose(scores[:, 0], 1, atol=1e-5)
+
+
 def test_ivfpq_keeps_float16_vectors_on_disk_and_its_index_small(byo, tmp_path):
     folder, _ = byo
     build_index(BuildConfig(type="ivfpq"), open_source(folder), tmp_path / "ivfpq")
