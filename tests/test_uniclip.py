@@ -141,3 +141,27 @@ def test_the_default_checkpoint_comes_from_the_environment_or_the_workspace(tmp_
     assert default_checkpoint(tmp_path) == str(tmp_path / "UniCLIP-base-QA-CLIP-5M.pt")
     monkeypatch.setenv("VSEARCH_UNICLIP", "/models/u.pt")
     assert default_checkpoint(tmp_path) == "/models/u.pt"
+
+
+def test_checkpoints_in_the_legacy_format_or_in_float16_load_the_same_model(tiny_uniclip, tmp_path):
+    state = torch.load(tiny_uniclip, weights_only=True)
+    legacy, half = tmp_path / "legacy.pt", tmp_path / "half.pt"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)  # PyTorch < 1.6: cannot be memory-mapped
+    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items()}},
+               half)
+    texts, covers = ["大宅门 演员表"], [Image.open(Path(demo_source()).parent / "covers/000.jpg")]
+    expected = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
+    for path, tolerance in [(legacy, 0), (half, 2e-2)]:
+        loaded = load_encoder(f"uniclip:{path}", device="cpu")
+        assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+        assert np.allclose(loaded.encode_texts(texts), expected.encode_texts(texts), atol=tolerance)
+        assert np.allclose(loaded.encode_images(covers), expected.encode_images(covers), atol=tolerance)
+
+
+def test_a_head_of_the_wrong_shape_is_named(tiny_uniclip, tmp_path):
+    state = torch.load(tiny_uniclip, weights_only=True)
+    state["state_dict"]["module.proj_ocr_exist"] = torch.zeros(3, 2)
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    with pytest.raises(VsearchError, match="does not fit UniCLIP: size mismatch for proj_ocr_presence"):
+        load_encoder(f"uniclip:{broken}")

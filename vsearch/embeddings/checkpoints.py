@@ -21,9 +21,11 @@ def existing_file(path: str, what: str) -> Path:
     return resolved
 
 
-def _load(torch: Any, path: Path) -> Any:
+def _load(path: Path) -> Any:
     """Memory-mapped where the file allows it (torch.save's zip format, since PyTorch 1.6): a model
     built to take the tensors themselves then reads its weights from the page cache, with no copy."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
@@ -34,10 +36,8 @@ def _load(torch: Any, path: Path) -> Any:
 
 def read_state_dict(path: Path) -> dict[str, Any]:
     """torch.load a checkpoint and return its state dict (a bare one or under `state_dict`)."""
-    import torch
-
     try:
-        loaded = _load(torch, path)
+        loaded = _load(path)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same here
         lines = str(exc).strip().splitlines()
         detail = lines[0] if lines and len(lines[0]) <= 120 else type(exc).__name__

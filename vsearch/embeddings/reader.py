@@ -70,15 +70,15 @@ class MediaRows(torch.utils.data.Dataset):
                     item.error = str(exc)
             return items
         for item, data in zip(items, read_all([item.row.uri for item in items])):
-            try:
-                if isinstance(data, MediaError):
-                    raise data
-                if self.raw_jpegs and data.startswith(JPEG_MAGIC):
-                    item.jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                else:
+            if isinstance(data, MediaError):
+                item.error = str(data)
+            elif self.raw_jpegs and data.startswith(JPEG_MAGIC):
+                item.jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            else:
+                try:
                     item.pixels = self.transform(decode_image(data, item.row.uri))
-            except MediaError as exc:
-                item.error = str(exc)
+                except MediaError as exc:
+                    item.error = str(exc)
         return items
 
 
