@@ -12,8 +12,9 @@ import fsspec
 
 from vsearch.errors import VsearchError
 
-# A cover fetched over http(s) is one small request; a stalled server should cost that row
-# (recorded as failed), not hold a reader for aiohttp's default five minutes.
+# A server silent this long fails the request: a stalled cover server costs that row (recorded
+# as failed), not aiohttp's default five minutes a request, while a long download that keeps
+# sending (a dataset file, a video) is not cut off.
 HTTP_TIMEOUT_SECONDS = 30
 
 
@@ -24,7 +25,8 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if url.startswith(("http://", "https://")):
         import aiohttp
 
-        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)}
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=HTTP_TIMEOUT_SECONDS, sock_read=HTTP_TIMEOUT_SECONDS)}
     try:
         return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:

@@ -30,7 +30,7 @@ def _unreadable(uri: str, exc: BaseException) -> MediaError:
         return MediaError(f"image not found: {uri}")
     if isinstance(exc, VsearchError):
         return MediaError(str(exc))
-    return MediaError(f"cannot read image {uri}: {str(exc) or type(exc).__name__}")  # a timeout's message is empty
+    return MediaError(f"cannot read image {uri}: {str(exc) or type(exc).__name__}")  # some (timeouts) have no message
 
 
 def read_all(uris: list[str | None]) -> list[bytes | MediaError]:
