@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -130,12 +131,23 @@ def test_corrupt_covers_and_videos_are_recorded_and_the_job_goes_on(tmp_path, wo
 
 
 class CoverServer(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; a path under /slow/ answers after 3 s."""
+    """Serves a folder; a path under /slow/ answers after 3 s, one under /trickle/ sends its file in
+    8 pieces 0.3 s apart."""
 
     def do_GET(self):
         if self.path.startswith("/slow/"):
             time.sleep(3)
-        super().do_GET()
+        if not self.path.startswith("/trickle/"):
+            return super().do_GET()
+        data = Path(self.translate_path(self.path.replace("/trickle/", "/", 1))).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        step = len(data) // 8 + 1
+        for start in range(0, len(data), step):
+            time.sleep(0.3)
+            self.wfile.write(data[start:start + step])
+            self.wfile.flush()
 
     def log_message(self, *args):
         pass
@@ -166,7 +178,7 @@ def test_covers_are_fetched_over_http_and_unreachable_ones_recorded(workers, cov
     rows = list(open_dataset("demo", workspace).rows())[:4]
     for number, row in enumerate(rows):
         shutil.copy(row.uri, folder / f"{number}.jpg")
-    urls = [f"{base}/0.jpg", f"{base}/1.jpg?size=640", f"{base}/2.jpg", f"{base}/3.jpg",
+    urls = [f"{base}/0.jpg", f"{base}/1.jpg?size=640", f"{base}/2.jpg", f"{base}/trickle/3.jpg",
             f"{base}/missing.jpg", f"http://127.0.0.1:{closed_port()}/4.jpg", f"{base}/slow/0.jpg"]
     source = tmp_path / "remote.txt"
     source.write_text("".join(f"封面{i}\t{url}\t文字{i}\n" for i, url in enumerate(urls)), encoding="utf-8")
