@@ -194,10 +194,10 @@ class HnswlibBackend(Backend):
         try:
             labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
         except RuntimeError:  # the graph reached fewer than k nodes (it happens with many identical vectors)
-            return self.exhaustive(queries, k)
+            return self._exhaustive(queries, k)
         return 1.0 - distances, labels.view(np.int64)  # hnswlib's labels are uint64; ours fit in int64
 
-    def exhaustive(self, queries: np.ndarray, k: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    def _exhaustive(self, queries: np.ndarray, k: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
         """Exact top k over every stored vector, read back from the graph a chunk at a time."""
         every = np.asarray(self.index.get_ids_list(), np.int64)
         scores = np.empty((len(queries), 0), np.float32)
