@@ -10,6 +10,7 @@ import pytest
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
+from vsearch.indexes.tuning import recall_at
 from vsearch.indexes.vectors import open_source
 from tests.conftest import write_cbvs_covers
 
@@ -113,6 +114,24 @@ def test_ivfpq_with_an_opq_rotation_reaches_the_target_recall(tmp_path):
     info = build_index(BuildConfig(type="ivfpq"), open_source(tmp_path / "byo"), tmp_path / "ivfpq")
     assert info["params"]["opq"] == 1 and info["params"]["nbits"] == 8
     assert info["recall"]["recall@10"] >= 0.95
+
+
+@pytest.mark.parametrize("index_type, engine", [("flat", None), ("hnsw", None)])
+def test_recall_counts_any_of_the_vectors_tied_at_the_kth_score(index_type, engine, tmp_path):
+    # Every cover repeated 15 times, as reposted covers are: any 10 of a tied group are right answers.
+    write_parquet(tmp_path / "byo", np.repeat(clustered(200), 15, axis=0))
+    info = build_index(BuildConfig(type=index_type, engine=engine), open_source(tmp_path / "byo"), tmp_path / "index")
+    assert info["recall"]["recall@10"] >= (1.0 if index_type == "flat" else 0.95)
+    if index_type == "hnsw":  # the target is reached, so the tuning stops well short of the largest ef
+        assert info["params"]["ef_search"] < 1024
+
+
+def test_recall_at_counts_ties_but_not_lower_scores_or_padding():
+    exact = (np.array([[0.9, 0.8, 0.8]]), np.array([[1, 2, 3]]))
+    assert recall_at(3, (np.array([[0.9, 0.8, 0.8]]), np.array([[1, 3, 7]])), exact) == 1.0  # 7 ties 2 and 3
+    assert recall_at(3, (np.array([[0.9, 0.8, 0.7]]), np.array([[1, 2, 7]])), exact) == pytest.approx(2 / 3)
+    assert recall_at(3, (np.array([[0.9, -np.inf, -np.inf]]), np.array([[1, -1, -1]])), exact) == pytest.approx(1 / 3)
+    assert recall_at(1, (np.array([[0.8]]), np.array([[2]])), exact) == 0.0
 
 
 def test_parameters_are_chosen_with_reasons_and_user_settings_win(byo, tmp_path):

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from vsearch.errors import VsearchError
 from vsearch.indexes.backends import ENGINES, HnswlibBackend, IvfPqBackend
 from vsearch.indexes.store import BuildConfig, Index, build_index, load_index
-from vsearch.indexes.tuning import exact_neighbours, gather, sample_positions
+from vsearch.indexes.tuning import exact_neighbours, gather, recall_at, sample_positions
 from vsearch.indexes.vectors import VectorSource, open_source
 
 SWEEPS = {"hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)],
@@ -115,10 +115,9 @@ def _build(index_type: str, engine: str | None, source: VectorSource, path: Path
     return info, peak
 
 
-def _recalls(found: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """recall@k for each k the found lists are long enough for."""
-    return {f"recall@{k}": float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
-            for k in (1, 10, 100) if k <= found.shape[1]}
+def _recalls(found: tuple[np.ndarray, np.ndarray], truth: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """recall@k for each k the found lists are long enough for (ties at the k-th score count)."""
+    return {f"recall@{k}": recall_at(k, found, truth) for k in (1, 10, 100) if k <= found[1].shape[1]}
 
 
 def _raw_search(index: Index):
@@ -149,22 +148,22 @@ def _time_ratio(ours, theirs, inputs: list[np.ndarray], repeats: int = 10) -> fl
     return float(best[0].sum() / best[1].sum())
 
 
-def measure(index: Index, queries: np.ndarray, truth_ids: np.ndarray, latency_queries: int,
+def measure(index: Index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], latency_queries: int,
             setting: dict[str, int]) -> dict[str, Any]:
     """Recall@1/10 and QPS from a k=10 batch search, recall@100 from a k=100 one (HNSW widens ef to k,
     so one k=100 search would hide what ef_search does at k=10), and single-query latency at k=10."""
     index.set_search(**setting)
     started = time.perf_counter()
-    _, top10 = index.search(queries, 10)
+    top10 = index.search(queries, 10)
     seconds = time.perf_counter() - started
-    _, top100 = index.search(queries, 100)
+    top100 = index.search(queries, 100)
     latencies = []
     for query in queries[:latency_queries]:
         begin = time.perf_counter()
         index.search(query[None], 10)
         latencies.append((time.perf_counter() - begin) * 1000)
-    recalls = {k: v for k, v in _recalls(top10, truth_ids).items() if k != "recall@100"}
-    recalls["recall@100"] = _recalls(top100, truth_ids)["recall@100"]
+    recalls = {k: v for k, v in _recalls(top10, truth).items() if k != "recall@100"}
+    recalls["recall@100"] = _recalls(top100, truth)["recall@100"]
     return {**setting, **recalls, "qps": len(queries) / seconds,
             "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
 
@@ -198,10 +197,10 @@ def bench_size(config: BenchConfig, count: int, scratch: Path) -> list[dict[str,
     else:
         source = write_synthetic(scratch / f"vectors-{count}", count, config.dim, config.seed)
         queries = np.concatenate(list(clip_like(config.queries, config.dim, config.seed + 1)))
-    truth = exact_neighbours(source, queries, 100)
+    scores, positions = exact_neighbours(source, queries, 100)
     # Exact neighbours are source row positions; an index numbers rows in its own insertion order.
     source_ids = np.asarray([i for rows, _ in source.batches() for i in rows.column("id").to_pylist()], dtype=object)
-    truth_ids = source_ids[truth]
+    truth = (scores, source_ids[positions])
     rows = []
     for spec in config.indexes:
         index_type, _, engine = spec.partition(":")
@@ -215,10 +214,10 @@ def bench_size(config: BenchConfig, count: int, scratch: Path) -> list[dict[str,
                    "open_seconds": open_seconds,
                    "memory_bytes": info["memory_bytes"], "params": info["params"], "chosen": chosen,
                    "build_recall@10": info["recall"]["recall@10"],
-                   "sweep": [measure(index, queries, truth_ids, config.latency_queries, {**chosen, **s})
+                   "sweep": [measure(index, queries, truth, config.latency_queries, {**chosen, **s})
                              for s in SWEEPS[index_type]]}
         index.set_search(**chosen)
-        summary["at_chosen"] = measure(index, queries, truth_ids, config.latency_queries, chosen)
+        summary["at_chosen"] = measure(index, queries, truth, config.latency_queries, chosen)
         summary["overhead"] = overhead(index, queries)
         rows.append(summary)
         shutil.rmtree(path, ignore_errors=True)

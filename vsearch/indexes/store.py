@@ -139,10 +139,11 @@ def _held_out_recall(index_type: str, backend: Backend, source: VectorSource, he
     rows it holds, tuning the search parameters first when `tune`."""
     queries = np.concatenate(held.vectors)
     # Exact neighbours over every row, dropping held-out ones; positions become insertion labels.
-    truth = exact_neighbours(source, queries, RECALL_K + len(held.positions))
-    outside = set(held.positions.tolist())
-    truth = np.array([[p - np.searchsorted(held.positions, p) for p in row if p not in outside][:RECALL_K]
-                      for row in truth])
+    scores, positions = exact_neighbours(source, queries, RECALL_K + len(held.positions))
+    inside = ~np.isin(positions, held.positions)
+    truth = (np.array([row[keep][:RECALL_K] for row, keep in zip(scores, inside)]),
+             np.array([(row - np.searchsorted(held.positions, row))[keep][:RECALL_K]
+                       for row, keep in zip(positions, inside)]))
     nobody = np.full(len(queries), -1)
     if tune:
         chosen, sweep = tune_search(index_type, backend, params, queries, nobody, truth, target)
@@ -150,7 +151,7 @@ def _held_out_recall(index_type: str, backend: Backend, source: VectorSource, he
     else:
         backend.set_search(params)
         sweep = []
-    measured = recall(lambda q, k: backend.search(q, k)[1], queries, nobody, truth)
+    measured = recall(backend.search, queries, nobody, truth)
     return _report(measured, len(queries), "held-out", sweep)
 
 
@@ -161,7 +162,7 @@ def _leave_one_out_recall(backend: Backend, source: VectorSource, params: dict[s
     vectors = gather(source, positions)
     truth = exact_neighbours(source, vectors, RECALL_K + 1)
     backend.set_search(params)
-    measured = recall(lambda q, k: backend.search(q, k)[1], vectors, positions, truth)
+    measured = recall(backend.search, vectors, positions, truth)
     return _report(measured, len(positions), "leave-one-out", [])
 
 
