@@ -54,11 +54,12 @@ def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
         report["end_to_end_covers_per_s"] / report["model_only_covers_per_s"], rel=0.05)
 
 
-def test_query_latency_reports_each_stage_with_and_without_reranking(tmp_path):
+def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):
     out = tmp_path / "latency.json"
-    run_script("query_latency.py", "--queries", "5", "--device", "cpu", "--out", str(out))
+    run_script("query_latency.py", "--queries", "5", "--synthetic", "3000", "--device", "cpu", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [row["rerank"] for row in rows] == [False, True]
+    assert [(row["rerank"], row["where"] is not None) for row in rows] == [
+        (False, False), (True, False), (False, False), (True, False), (False, True), (False, True)]
     for row in rows:
         assert row["queries"] == 5 and row["p99_ms"] >= row["p50_ms"] > 0
         assert set(row["share"]) == {"encode", "search", "metadata", "rerank"}

@@ -184,6 +184,23 @@ def test_deleted_ids_never_come_back(index_type, engine, byo, tmp_path):
     assert len(index) == 3000 - 15
 
 
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_search_among_given_rows_is_exact_and_leaves_out_deleted_ones(index_type, engine, byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), tmp_path / "index")
+    index = load_index(tmp_path / "index")
+    among = np.arange(0, index.rows.count, 7)  # labels: every 7th row
+    delete_ids(tmp_path / "index", [str(i) for i in index.ids[among[:5]]])
+    index = load_index(tmp_path / "index")
+    queries = clustered(4, seed=9)
+    scores, labels = index.search_among(queries, among, 10)
+    live = among[5:]
+    by_label = vectors[[int(i[3:]) for i in index.ids[live]]]  # "docN" holds row N of `vectors`
+    exact = np.sort(queries @ by_label.T, axis=1)[:, ::-1][:, :10]
+    assert np.allclose(scores, exact, atol=1e-3)  # ivfpq keeps float16 vectors
+    assert set(labels.ravel()) <= set(live.tolist())
+
+
 def test_search_parameters_can_change_after_loading(byo, tmp_path):
     build_index(BuildConfig(type="ivfpq"), open_source(byo[0]), tmp_path / "index")
     index = load_index(tmp_path / "index")

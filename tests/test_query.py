@@ -2,16 +2,22 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.media import load_image
+from vsearch.query import Searcher
 from vsearch.query.rerank import lexical_overlap
 from vsearch.workspace import ENV_VAR
+from tests.conftest import write_cbvs_covers
 
 
 @pytest.fixture
@@ -32,7 +38,21 @@ def test_where_filters_on_metadata_and_widens_until_k_pass(demo):
     assert len(payload["results"]) == 4
     assert all("周杰伦" in hit["title"] for hit in payload["results"])
     nothing = results(demo, "大宅门演员表", "--where", "ocr = 'no cover says this'")
-    assert nothing["results"] == []
+    assert nothing["results"] == [] and "nothing in the index passes --where ocr = 'no cover says this'" in nothing["notes"]
+
+
+def test_a_selective_where_is_answered_exactly_from_the_rows_that_pass(cli, workspace, tmp_path, monkeypatch):
+    assert cli("embed", "--dataset", str(write_cbvs_covers(tmp_path / "c.txt", 1000)), "--model", "lexical").code == 0
+    assert cli("build-index", "--type", "hnsw").code == 0
+    monkeypatch.setattr(Searcher, "widenings", 0)  # one ANN round, then every passing row scored exactly
+    payload = results(cli, "大宅门演员表", "-k", "5", "--no-rerank", "--where", "title LIKE '% 第99_集'")
+    shards = pa.concat_tables(pq.read_table(f) for f in sorted((workspace.embeddings / "c").glob("*.parquet")))
+    passing = [row for row in shards.to_pylist() if re.search(r" 第99\d集$", row["title"])]
+    query = load_encoder("lexical").encode_texts(["大宅门演员表"])[0]
+    exact = sorted(((float(np.dot(query, np.asarray(row["vector"], np.float32))), row["id"]) for row in passing),
+                   reverse=True)[:5]
+    assert [hit["id"] for hit in payload["results"]] == [i for _, i in exact]
+    assert [hit["score"] for hit in payload["results"]] == pytest.approx([s for s, _ in exact], abs=1e-5)
 
 
 def test_an_index_answers_queries_without_the_shards_it_was_built_from(demo, workspace):

@@ -3,6 +3,7 @@
     create(directory, dim, capacity, params)    load(directory, dim, params, writable)
     train(sample)   prepare(directory, new_rows)   add(vectors, labels)   save(directory)
     search(queries, k) -> (scores, labels)       set_search(params)     set_threads(n)
+    vectors(labels) -> the stored vectors        search_among(queries, labels, k): exact, over those
 
 Vectors are L2-normalised, so inner product is cosine and every backend returns it as the score.
 Labels are the int64 row numbers of the index's id table. Build parameters are fixed when an
@@ -11,6 +12,7 @@ index is built; search parameters (ef_search, nprobe, k_factor) can change at an
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +27,28 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+def exact_top_k(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and labels of each query's k best by exact inner product over `chunks` of (labels,
+    vectors), best first. Each chunk's own top k is taken first, so the merge holds 2k columns
+    whatever the chunk's width."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_labels = np.full((len(queries), 0), -1, np.int64)
+    for labels, vectors in chunks:
+        if not len(labels) or k < 1:
+            continue
+        scores = queries @ np.asarray(vectors, np.float32).T
+        local = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, local, axis=1)], axis=1)
+        best_labels = np.concatenate([best_labels, np.asarray(labels, np.int64)[local]], axis=1)
+        if best_scores.shape[1] > k:
+            keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+            best_scores = np.take_along_axis(best_scores, keep, axis=1)
+            best_labels = np.take_along_axis(best_labels, keep, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_labels, order, axis=1)
 
 
 class Backend:
@@ -56,6 +80,16 @@ class Backend:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, labels), best first; fewer than k columns, or labels of -1, where the index runs out."""
         raise NotImplementedError
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        """The stored vectors of `labels` (each >= 0), as float32."""
+        raise NotImplementedError
+
+    def search_among(self, queries: np.ndarray, labels: np.ndarray, k: int,
+                     chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top k over the stored vectors of `labels` only, read back a chunk at a time."""
+        return exact_top_k(queries, ((labels[start:start + chunk], self.vectors(labels[start:start + chunk]))
+                                     for start in range(0, len(labels), chunk)), k)
 
     def set_search(self, params: dict[str, int]) -> None:
         """Apply search parameters (a subset of `search_params`)."""
@@ -98,6 +132,9 @@ class FaissBackend(Backend):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k)
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self.index.reconstruct_batch(np.asarray(labels, np.int64))
 
     def save(self, directory: Path) -> None:
         _faiss().write_index(self.index, str(directory / self.file_name))
@@ -194,24 +231,11 @@ class HnswlibBackend(Backend):
         try:
             labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
         except RuntimeError:  # the graph reached fewer than k nodes (it happens with many identical vectors)
-            return self._exhaustive(queries, k)
+            return self.search_among(queries, np.asarray(self.index.get_ids_list(), np.int64), k)
         return 1.0 - distances, labels.view(np.int64)  # hnswlib's labels are uint64; ours fit in int64
 
-    def _exhaustive(self, queries: np.ndarray, k: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top k over every stored vector, read back from the graph a chunk at a time."""
-        every = np.asarray(self.index.get_ids_list(), np.int64)
-        scores = np.empty((len(queries), 0), np.float32)
-        labels = np.empty((len(queries), 0), np.int64)
-        for start in range(0, len(every), chunk):
-            ids = every[start:start + chunk]
-            vectors = np.asarray(self.index.get_items(ids, return_type="numpy"), np.float32)
-            scores = np.concatenate([scores, queries @ vectors.T], axis=1)
-            labels = np.concatenate([labels, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
-            if scores.shape[1] > k:
-                keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-                scores, labels = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(labels, keep, axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(labels, order, axis=1)
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return np.asarray(self.index.get_items(labels, return_type="numpy"), np.float32)
 
     def save(self, directory: Path) -> None:
         self.index.save_index(str(directory / self.file_name))
@@ -289,6 +313,10 @@ class IvfPqBackend(FaissBackend):
         self.nprobe = params.get("nprobe", self.nprobe)
         self.k_factor = params.get("k_factor", self.k_factor)
         _faiss().extract_index_ivf(self.index).nprobe = self.nprobe
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        """The float16 vectors kept for refinement, not the PQ codes' approximations."""
+        return self.rows(labels).astype(np.float32)
 
     def rows(self, labels: np.ndarray) -> np.ndarray:
         """The stored float16 vectors of `labels` (each >= 0)."""

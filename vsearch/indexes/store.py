@@ -321,14 +321,26 @@ class Index:
                                f"(known: {', '.join(cls.search_params) or 'none'})")
         self.backend.set_search(params)
 
-    def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Like `search`, but library labels (-1 past the live rows; `rows.take` gives their metadata),
-        and at most as many columns as the index has rows."""
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.asarray(queries, dtype=np.float32, order="C")  # np.atleast_2d alone costs 0.4 µs
         if queries.ndim == 1:
             queries = queries[None]
         if queries.shape[1] != self.dim:
             raise VsearchError(f"query vectors have dim {queries.shape[1]}, index {self.path} has dim {self.dim}")
+        return queries
+
+    def search_among(self, queries: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (scores, labels) of the k best of the rows `labels` only, deleted ones left out: for a
+        filter so selective that an ANN search would have to be widened over most of the index."""
+        labels = np.asarray(labels, np.int64)
+        if len(self.deleted):
+            labels = labels[~np.isin(labels, self.deleted)]
+        return self.backend.search_among(self._queries(queries), labels, min(k, len(labels)))
+
+    def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, but library labels (-1 past the live rows; `rows.take` gives their metadata),
+        and at most as many columns as the index has rows."""
+        queries = self._queries(queries)
         total = self.rows.count
         if not len(self.deleted):
             return self.backend.search(queries, min(k, total))

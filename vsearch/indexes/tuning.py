@@ -15,12 +15,13 @@ optimistic for graphs, whose search starts next to a query that is itself in the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vsearch.errors import VsearchError
+from vsearch.indexes.backends import exact_top_k
 from vsearch.indexes.vectors import VectorSource
 
 RECALL_K = 10
@@ -135,29 +136,16 @@ def gather(source: VectorSource, positions: np.ndarray) -> np.ndarray:
     return out
 
 
-def _top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    if scores.shape[1] > k:
-        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        return np.take_along_axis(scores, keep, axis=1), np.take_along_axis(labels, keep, axis=1)
-    return scores, labels
-
-
 def exact_neighbours(source: VectorSource, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and labels of each query's k nearest vectors by exact inner product, best first,
-    streaming the vectors once."""
-    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
-    best_labels = np.full((len(queries), 0), -1, np.int64)
-    start = 0
-    for _, vectors in source.batches():
-        scores = queries @ vectors.astype(np.float32).T
-        # Each batch's own top k first, so the merge holds 2k columns, not the batch's width.
-        local = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
-        batch_scores = np.take_along_axis(scores, local, axis=1)
-        best_scores, best_labels = _top_k(np.concatenate([best_scores, batch_scores], axis=1),
-                                          np.concatenate([best_labels, local + start], axis=1), k)
-        start += len(vectors)
-    order = np.argsort(-best_scores, axis=1)
-    return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_labels, order, axis=1)
+    """Scores and row positions of each query's k nearest vectors by exact inner product, best
+    first, streaming the vectors once."""
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        start = 0
+        for _, vectors in source.batches():
+            yield np.arange(start, start + len(vectors)), vectors
+            start += len(vectors)
+
+    return exact_top_k(queries, chunks(), k)
 
 
 def recall_at(k: int, found: tuple[np.ndarray, np.ndarray], exact: tuple[np.ndarray, np.ndarray]) -> float:
