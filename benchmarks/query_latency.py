@@ -70,14 +70,14 @@ def synthetic_index(workspace: Workspace, count: int) -> Path:
     manifest = Manifest(dataset="synthetic", source="benchmarks/query_latency.py",
                         encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint},
                         dim=encoder.dim, shard_size=100_000)
-    writer = ShardWriter.open(directory, manifest)
     start = 0
-    for number, vectors in enumerate(clip_like(count, encoder.dim, seed=5)):
-        ids = [f"s{i}" for i in range(start, start + len(vectors))]
-        titles = ["".join(rng.sample(WORDS, 3)) for _ in ids]
-        writer.write("cover", number, len(ids), {"id": ids, "vector": vectors, "title": titles,
-                                                 "ocr": [t[:6] for t in titles], "uri": [None] * len(ids)}, [])
-        start += len(vectors)
+    with ShardWriter.open(directory, manifest) as writer:
+        for number, vectors in enumerate(clip_like(count, encoder.dim, seed=5)):
+            ids = [f"s{i}" for i in range(start, start + len(vectors))]
+            titles = ["".join(rng.sample(WORDS, 3)) for _ in ids]
+            writer.write("cover", number, len(ids), {"id": ids, "vector": vectors, "title": titles,
+                                                     "ocr": [t[:6] for t in titles], "uri": [None] * len(ids)}, [])
+            start += len(vectors)
     destination = workspace.index_dir("synthetic-hnsw")
     build_index(BuildConfig(type="hnsw", recall_queries=200), open_source(directory), destination)
     return destination

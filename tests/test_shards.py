@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vsearch.embeddings.job import EmbedConfig, run_embed
+from vsearch.embeddings import shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.indexes.vectors import open_source
 from vsearch.errors import VsearchError
@@ -100,3 +101,31 @@ def test_stale_temporary_files_are_removed_on_resume(tmp_path, workspace):
     (result.directory / "cover-00001.parquet.tmp").write_bytes(b"half a shard")
     run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace)
     assert not list(result.directory.glob("*.tmp"))
+
+
+def test_a_slow_manifest_is_rewritten_less_often_and_closing_records_every_shard(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(shards.time, "monotonic", lambda: clock[0])
+    real_write = Manifest.write
+
+    def slow_write(manifest, directory):  # as a manifest listing a million failed rows: 5 s a rewrite
+        real_write(manifest, directory)
+        clock[0] += 5.0
+    monkeypatch.setattr(Manifest, "write", slow_write)
+
+    def shards_on_disk():
+        return [s["number"] for s in Manifest.read(tmp_path).shards]
+
+    with shards.ShardWriter.open(tmp_path, Manifest("d", "d.txt", {"spec": "lexical", "fingerprint": "f"}, 4, 2)) as writer:
+        for number in range(4):
+            clock[0] += 10.0  # a shard encodes in 10 s
+            writer.write("cover", number, 2, {"id": [f"{number}a", f"{number}b"], "vector": np.eye(2, 4)}, [])
+        # Rewritten after shard 0, then only once 5 s is at most 5% of the time since: after 100 s.
+        assert shards_on_disk() == [0]
+        clock[0] += 100.0
+        writer.write("cover", 4, 2, {"id": ["4a", "4b"], "vector": np.eye(2, 4)}, [])
+        assert shards_on_disk() == [0, 1, 2, 3, 4]
+        clock[0] += 10.0
+        writer.write("cover", 5, 2, {"id": ["5a", "5b"], "vector": np.eye(2, 4)}, [])
+        assert shards_on_disk() == [0, 1, 2, 3, 4]
+    assert shards_on_disk() == [0, 1, 2, 3, 4, 5]

@@ -348,29 +348,29 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     fresh = Manifest(dataset=dataset.name, source=dataset.source,
                      encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint},
                      dim=encoder.dim, shard_size=config.shard_size)
-    writer = ShardWriter.open(directory, fresh, getattr(encoder, "extra_columns", None), config.overwrite)
-    result = EmbedResult(directory, writer.manifest)
-    before = {kind: writer.manifest.rows(kind) for kind in kinds}
-    rows_seen = 0
+    with ShardWriter.open(directory, fresh, getattr(encoder, "extra_columns", None), config.overwrite) as writer:
+        result = EmbedResult(directory, writer.manifest)
+        before = {kind: writer.manifest.rows(kind) for kind in kinds}
+        rows_seen = 0
 
-    def progress(rows: int) -> None:
-        nonlocal rows_seen
-        rows_seen += rows
-        on_rows(rows)
+        def progress(rows: int) -> None:
+            nonlocal rows_seen
+            rows_seen += rows
+            on_rows(rows)
 
-    for kind in kinds:
-        if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
-            _run_on_devices(devices, encoder.spec, config, workspace, kind, writer, result, progress)
-            continue
+        for kind in kinds:
+            if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
+                _run_on_devices(devices, encoder.spec, config, workspace, kind, writer, result, progress)
+                continue
 
-        def is_pending(number: int, input_rows: int) -> bool:
-            pending = not writer.is_done(kind, number, input_rows)
-            result.shards_skipped += not pending
-            return pending
+            def is_pending(number: int, input_rows: int) -> bool:
+                pending = not writer.is_done(kind, number, input_rows)
+                result.shards_skipped += not pending
+                return pending
 
-        _write_in_background(encoded_shards(encoder, dataset, kind, config, is_pending, progress), writer, result)
-    if rows_seen == 0 and not any(before.values()):
-        raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}")
-    writer.manifest.duplicates = dataset.duplicates
-    writer.manifest.write(directory)
+            _write_in_background(encoded_shards(encoder, dataset, kind, config, is_pending, progress), writer, result)
+        if rows_seen == 0 and not any(before.values()):
+            raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}")
+        writer.manifest.duplicates = dataset.duplicates
+        writer.write_manifest()
     return result

@@ -14,6 +14,11 @@ successfully; the rest are listed under `failed` in the manifest with their reas
 is written to `<name>.tmp`, flushed and renamed, and only then recorded in the manifest
 (itself replaced atomically), so a crash leaves no partial shard and a re-run skips exactly
 the shards the manifest lists.
+
+The manifest is rewritten after each shard, unless its last rewrite took more than a
+`MANIFEST_SHARE` of the time since: a job listing a million failed rows (a 250 MB manifest, 5 s to
+write) would otherwise spend as long rewriting it as encoding. A crash then redoes at most the
+shards finished since the last rewrite; closing the writer, on success or error, records them all.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from vsearch.files import fsync_file, sha256_of, write_json_atomic
 FORMAT = "vsearch-shards/1"
 MANIFEST = "_manifest.json"
 KINDS = ("cover", "clip")
+MANIFEST_SHARE = 0.05
 METADATA_COLUMNS = ("title", "ocr", "uri")
 
 
@@ -98,6 +104,27 @@ class ShardWriter:
         self.manifest = manifest
         self.schema = shard_schema(manifest.dim, extra)
         self._done = {(s["kind"], s["number"]): s["input_rows"] for s in manifest.shards}
+        self._written_at = time.monotonic()
+        self._write_seconds = 0.0
+        self._unwritten = False
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the manifest if it lacks shards recorded since its last rewrite."""
+        if self._unwritten:
+            self.write_manifest()
+
+    def write_manifest(self) -> None:
+        started = time.monotonic()
+        self.manifest.write(self.directory)
+        self._written_at = time.monotonic()
+        self._write_seconds = self._written_at - started
+        self._unwritten = False
 
     @classmethod
     def open(cls, directory: Path, fresh: Manifest, extra: dict[str, pa.DataType] | None = None,
@@ -140,7 +167,8 @@ class ShardWriter:
         self.record(write_shard_file(self.directory, self.schema, kind, number, columns), input_rows, failed)
 
     def record(self, entry: dict[str, Any], input_rows: int, failed: list[dict[str, Any]]) -> None:
-        """Add a shard file already in place (see `write_shard_file`) to the manifest.
+        """Add a shard file already in place (see `write_shard_file`) to the manifest (see the module
+        docstring for when it is rewritten).
 
         Only one process records, so shards written by several processes never race on the manifest.
         """
@@ -151,7 +179,9 @@ class ShardWriter:
         self.manifest.shards.sort(key=lambda s: (s["kind"], s["number"]))
         self.manifest.failed.extend(dict(f, shard=name) for f in failed)
         self._done[(entry["kind"], entry["number"])] = input_rows
-        self.manifest.write(self.directory)
+        self._unwritten = True
+        if self._write_seconds <= MANIFEST_SHARE * (time.monotonic() - self._written_at):
+            self.write_manifest()
 
 
 def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str, Any]) -> pa.Array:
