@@ -173,8 +173,9 @@ class ShardWriter:
         Only one process records, so shards written by several processes never race on the manifest.
         """
         name = entry["name"]
-        self.manifest.shards = [s for s in self.manifest.shards if s["name"] != name]
-        self.manifest.failed = [f for f in self.manifest.failed if f["shard"] != name]
+        if (entry["kind"], entry["number"]) in self._done:  # done again (after a shorter --limit run)
+            self.manifest.shards = [s for s in self.manifest.shards if s["name"] != name]
+            self.manifest.failed = [f for f in self.manifest.failed if f["shard"] != name]
         self.manifest.shards.append(dict(entry, input_rows=input_rows))
         self.manifest.shards.sort(key=lambda s: (s["kind"], s["number"]))
         self.manifest.failed.extend(dict(f, shard=name) for f in failed)
