@@ -172,6 +172,7 @@ def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, t
     (["build-index", "--memory-budget", "lots"], "bad size 'lots'"),
     (["build-index", "--target-recall", "1.5"], "--target-recall must be in (0, 1]"),
     (["delete", "--index", "nope"], "no ids to delete"),
+    (["bench", "--sizes", "0"], "--sizes must each be at least 1,000 vectors"),
 ])
 def test_index_option_errors(args, message, cli):
     assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0

@@ -133,6 +133,8 @@ def test_long_queries_are_truncated_with_a_note(demo):
     (["query", "x", "--weights", "ann=high"], "bad --weights"),
     (["query", "x", "--weights", "ocr=1"], "unknown weight ocr"),
     (["query", "   "], "empty query"),
+    (["query", "x", "--candidates", "0"], "--candidates must be at least 1"),
+    (["query", "x", "--rerank-images", "-1"], "--rerank-images must be at least 0"),
 ])
 def test_query_errors(args, message, demo):
     result = demo(*args)

@@ -41,6 +41,9 @@ CHUNK = 100_000
 LATENT = 64
 
 
+MIN_SIZE = 1000
+
+
 @dataclass
 class BenchConfig:
     sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
@@ -274,6 +277,10 @@ def run_bench(config: BenchConfig, scratch: Path, say=print) -> dict[str, Path]:
         index_type, _, engine = spec.partition(":")
         if index_type not in ENGINES or (engine and engine not in ENGINES[index_type]):
             raise VsearchError(f"unknown index {spec!r}: use flat, hnsw, hnsw:faiss or ivfpq")
+    if not config.embeddings and (not config.sizes or min(config.sizes) < MIN_SIZE):
+        raise VsearchError(f"--sizes must each be at least {MIN_SIZE:,} vectors (recall@100 and IVF training need them)")
+    if config.queries < 1:
+        raise VsearchError("--queries must be at least 1")
     results: list[dict[str, Any]] = []
     for count in config.sizes if not config.embeddings else [0]:
         say(f"benchmarking N={count:,}" if count else f"benchmarking {config.embeddings}")

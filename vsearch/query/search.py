@@ -176,6 +176,10 @@ class Searcher:
     def search(self, config: QueryConfig) -> Result:
         if config.k < 1:
             raise VsearchError("-k must be at least 1")
+        if config.candidates is not None and config.candidates < 1:
+            raise VsearchError("--candidates must be at least 1")
+        if config.image_budget is not None and config.image_budget < 0:
+            raise VsearchError("--rerank-images must be at least 0")
         notes: list[str] = []
         seconds = {"encode": 0.0, "search": 0.0, "metadata": 0.0, "rerank": 0.0}
         started = time.perf_counter()
