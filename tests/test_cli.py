@@ -71,6 +71,9 @@ ERRORS = [
     (["embed", "--dataset", "demo", "--model", "clip-9000"], "unknown model spec 'clip-9000'"),
     (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:{garbage}"], "unreadable checkpoint"),
     (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:/no/such.pt"], "open_clip checkpoint not found"),
+    (["embed", "--dataset", "demo", "--model", "lexical", "--limit", "0"], "--limit must be at least 1"),
+    (["embed", "--dataset", "demo", "--model", "lexical", "--limit", "-1"], "--limit must be at least 1"),
+    (["embed", "--dataset", "demo", "--model", "lexical", "--workers", "-1"], "--workers must be at least 0"),
     (["build-index", "--type", "annoy"], "unknown index type 'annoy'"),
     (["build-index"], "no embeddings under"),
     (["query", "大宅门"], "no index under"),
@@ -173,6 +176,9 @@ def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, t
     (["build-index", "--target-recall", "1.5"], "--target-recall must be in (0, 1]"),
     (["delete", "--index", "nope"], "no ids to delete"),
     (["bench", "--sizes", "0"], "--sizes must each be at least 1,000 vectors"),
+    (["build-index", "--type", "hnsw", "--param", "M=0"], "parameter M=0 is out of range: M must be at least 2"),
+    (["build-index", "--type", "hnsw", "--param", "ef_search=0"], "ef_search must be at least 1"),
+    (["build-index", "--type", "ivfpq", "--param", "opq=2"], "opq must be from 0 to 1"),
 ])
 def test_index_option_errors(args, message, cli):
     assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0

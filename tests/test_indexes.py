@@ -207,6 +207,8 @@ def test_search_parameters_can_change_after_loading(byo, tmp_path):
     index.set_search(nprobe=1, k_factor=1)
     with pytest.raises(VsearchError, match="unknown search parameter ef_search for ivfpq"):
         index.set_search(ef_search=10)
+    with pytest.raises(VsearchError, match="nprobe must be at least 1"):
+        index.set_search(nprobe=0)
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])

@@ -213,7 +213,7 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
 
 def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
     rows = dataset.rows() if kind == "cover" else dataset.clip_rows()
-    return islice(rows, limit) if limit else rows
+    return rows if limit is None else islice(rows, limit)
 
 
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
@@ -338,6 +338,10 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
         raise VsearchError(f"unknown --decode {config.decode!r}: use auto, device or workers")
     if min(config.shard_size, config.batch_size, config.frames) < 1:
         raise VsearchError("--shard-size, --batch-size and --frames must be at least 1")
+    if config.limit is not None and config.limit < 1:
+        raise VsearchError("--limit must be at least 1")
+    if config.workers < 0:
+        raise VsearchError("--workers must be at least 0")
     kinds = KINDS[config.kind]
     dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
     spec = resolve_model(config.model, workspace)

@@ -36,8 +36,8 @@ from vsearch.errors import VsearchError
 from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
-from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather, memory_bytes, recall,
-                                    sample_positions, tune_search)
+from vsearch.indexes.tuning import (RECALL_K, check_params, choose_build_params, exact_neighbours, gather,
+                                    memory_bytes, recall, sample_positions, tune_search)
 from vsearch.indexes.vectors import VectorFile, VectorSource, entry_file, file_entry
 
 FORMAT = "vsearch-index/2"
@@ -319,6 +319,7 @@ class Index:
         if unknown:
             raise VsearchError(f"unknown search parameter {', '.join(sorted(unknown))} for {cls.type} "
                                f"(known: {', '.join(cls.search_params) or 'none'})")
+        check_params(params)
         self.backend.set_search(params)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:

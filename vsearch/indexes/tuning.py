@@ -33,6 +33,19 @@ NPROBE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
+# Each parameter's least (and greatest, where it has one) value; every other parameter is at least
+# 1. The libraries fail badly outside them: hnswlib crashes the process on M=0.
+PARAM_RANGES: dict[str, tuple[int, int | None]] = {"M": (2, None), "opq": (0, 1), "nbits": (1, 16)}
+
+
+def check_params(params: dict[str, int]) -> None:
+    for key, value in params.items():
+        low, high = PARAM_RANGES.get(key, (1, None))
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise VsearchError(f"parameter {key}={value} is out of range: {key} must be {allowed}")
+
+
 @dataclass
 class Choice:
     params: dict[str, int]
@@ -64,6 +77,7 @@ def choose_build_params(index_type: str, defaults: dict[str, int], count: int, d
     if unknown:
         raise VsearchError(f"unknown parameter {', '.join(sorted(unknown))} for {index_type} "
                            f"(known: {', '.join(defaults) or 'none'})")
+    check_params(overrides)
     choice = Choice(dict(defaults))
     if index_type == "hnsw":
         _choose_hnsw(choice, target_recall)
