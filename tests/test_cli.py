@@ -71,6 +71,7 @@ ERRORS = [
     (["embed", "--dataset", "demo", "--model", "clip-9000"], "unknown model spec 'clip-9000'"),
     (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:{garbage}"], "unreadable checkpoint"),
     (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:/no/such.pt"], "open_clip checkpoint not found"),
+    (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:{garbage}", "--device", "tpu"], "unknown --device 'tpu'"),
     (["embed", "--dataset", "demo", "--model", "lexical", "--limit", "0"], "--limit must be at least 1"),
     (["embed", "--dataset", "demo", "--model", "lexical", "--limit", "-1"], "--limit must be at least 1"),
     (["embed", "--dataset", "demo", "--model", "lexical", "--workers", "-1"], "--workers must be at least 0"),

@@ -35,6 +35,7 @@ def _architecture(arch: str) -> str:
 
 class OpenClipEncoder(TorchImageEncoder):
     def __init__(self, arch: str, path: str, device: str = "auto"):
+        self.device = resolve_device(device)
         checkpoint = existing_file(path, "open_clip checkpoint")
         name = _architecture(arch)
         state = read_state_dict(checkpoint)
@@ -50,7 +51,6 @@ class OpenClipEncoder(TorchImageEncoder):
             self.tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:  # tokenizers that live on a hub fail offline in many ways
             raise VsearchError(f"cannot load the tokenizer of open_clip {name} offline: {exc}") from exc
-        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         # Absolute paths, so the spec recorded in manifests works from any directory.
         arch_part = str(Path(arch).resolve()) if arch.endswith(".json") else arch

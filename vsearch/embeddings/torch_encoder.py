@@ -11,12 +11,28 @@ import pyarrow as pa
 import torch
 
 from vsearch.embeddings.encoders import l2_normalise
+from vsearch.errors import VsearchError
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` is the GPU when there is one; a device this machine lacks is an error, not a crash later."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise VsearchError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise VsearchError(f"--device {device}: no Apple GPU (MPS) is available here (use --device cpu)")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise VsearchError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        if (resolved.index or 0) >= count:
+            raise VsearchError(f"--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return resolved
 
 
 class TorchImageEncoder:

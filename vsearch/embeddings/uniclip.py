@@ -240,6 +240,7 @@ class UniClipEncoder(TorchImageEncoder):
     extra_columns = {"ocr_presence": pa.float32()}
 
     def __init__(self, path: str, device: str = "auto", context_length: int = QUERY_CONTEXT):
+        self.device = resolve_device(device)
         checkpoint = existing_file(path, "UniCLIP checkpoint")
         state = released_to_module_keys(read_state_dict(checkpoint))
         try:
@@ -247,7 +248,6 @@ class UniClipEncoder(TorchImageEncoder):
         except (KeyError, IndexError) as exc:
             raise VsearchError(f"checkpoint {path} is not a UniCLIP checkpoint: it has no {exc} tensor") from None
         model = UniClip.for_checkpoint(config, state, checkpoint)
-        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = chinese_tokenizer()
         self.image_transform = image_transform(config.image_size)
