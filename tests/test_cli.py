@@ -177,11 +177,16 @@ def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, t
     (["build-index", "--target-recall", "1.5"], "--target-recall must be in (0, 1]"),
     (["delete", "--index", "nope"], "no ids to delete"),
     (["bench", "--sizes", "0"], "--sizes must each be at least 1,000 vectors"),
+    (["build-index", "--out", "{file}"], "it is a file, not an index folder"),
+    (["query", "--index", "demo-hnsw", "--file", "{file}", "--out", "/no/such/folder/out.jsonl"],
+     "No such file or directory: /no/such/folder/out.jsonl"),
     (["build-index", "--type", "hnsw", "--param", "M=0"], "parameter M=0 is out of range: M must be at least 2"),
     (["build-index", "--type", "hnsw", "--param", "ef_search=0"], "ef_search must be at least 1"),
     (["build-index", "--type", "ivfpq", "--param", "opq=2"], "opq must be from 0 to 1"),
 ])
-def test_index_option_errors(args, message, cli):
+def test_index_option_errors(args, message, cli, tmp_path):
     assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0
-    result = cli(*args)
+    assert cli("build-index").code == 0
+    (tmp_path / "a-file.txt").write_text("大宅门\n", encoding="utf-8")
+    result = cli(*[a.format(file=tmp_path / "a-file.txt") for a in args])
     assert result.code == 1 and message in result.stderr, result.stderr

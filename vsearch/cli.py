@@ -413,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     except VsearchError as exc:
         print(f"vsearch: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # a path that cannot be written or read (a missing folder, no permission, a full disk)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vsearch: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("vsearch: interrupted; re-run the same command to resume", file=sys.stderr)
         sys.exit(130)

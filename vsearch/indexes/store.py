@@ -99,6 +99,8 @@ def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], 
 
 def _check_replaceable(destination: Path) -> None:
     """Refuse to build over a folder that holds anything but a vsearch index."""
+    if destination.exists() and not destination.is_dir():
+        raise VsearchError(f"refusing to replace {destination}: it is a file, not an index folder")
     if destination.exists() and not (destination / MANIFEST).is_file() and any(destination.iterdir()):
         raise VsearchError(f"refusing to replace {destination}: it is not empty and not a vsearch index")
 
