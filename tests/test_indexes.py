@@ -343,3 +343,24 @@ def test_hnswlib_returns_every_neighbour_asked_for_even_where_its_graph_cannot_r
     scores, ids = index.search(queries, count)
     assert ids.shape == (3, count) and all(set(row) == {f"doc{i}" for i in range(count)} for row in ids)
     assert np.allclose(scores, np.sort(queries @ vectors.T, axis=1)[:, ::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("index_type, engine, damage, message", [
+    ("flat", None, lambda d: (d / "index.faiss").write_bytes((d / "index.faiss").read_bytes()[:1000]), "is damaged"),
+    ("hnsw", None, lambda d: (d / "index.hnsw").write_bytes((d / "index.hnsw").read_bytes()[:1000]), "is damaged"),
+    ("hnsw", None, lambda d: (d / "rows.arrow").write_bytes((d / "rows.arrow").read_bytes()[:500]), "is damaged"),
+    ("ivfpq", None, lambda d: (d / "vectors-00000.npy").unlink(), "vectors-\\*.npy files hold 0 of the 3,000"),
+])
+def test_a_damaged_index_is_a_clear_error(index_type, engine, damage, message, byo, tmp_path):
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(byo[0]), tmp_path / "index")
+    damage(tmp_path / "index")
+    with pytest.raises(VsearchError, match=message):
+        load_index(tmp_path / "index")
+
+
+def test_a_damaged_shard_is_a_clear_error_and_the_old_index_stays(byo, tmp_path):
+    build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
+    (byo[0] / "part-1.parquet").write_bytes(b"not parquet")
+    with pytest.raises(VsearchError, match="cannot read .*part-1.parquet"):
+        build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
+    assert load_index(tmp_path / "index").search(byo[1][:1], 1)[1][0, 0] == "doc0"

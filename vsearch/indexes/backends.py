@@ -81,6 +81,10 @@ class Backend:
         """(scores, labels), best first; fewer than k columns, or labels of -1, where the index runs out."""
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        """How many vectors it holds, every one searchable."""
+        raise NotImplementedError
+
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         """The stored vectors of `labels` (each >= 0), as float32."""
         raise NotImplementedError
@@ -135,6 +139,9 @@ class FaissBackend(Backend):
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         return self.index.reconstruct_batch(np.asarray(labels, np.int64))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
 
     def save(self, directory: Path) -> None:
         _faiss().write_index(self.index, str(directory / self.file_name))
@@ -237,6 +244,9 @@ class HnswlibBackend(Backend):
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         return np.asarray(self.index.get_items(labels, return_type="numpy"), np.float32)
 
+    def __len__(self) -> int:
+        return self.count
+
     def save(self, directory: Path) -> None:
         self.index.save_index(str(directory / self.file_name))
 
@@ -288,6 +298,10 @@ class IvfPqBackend(FaissBackend):
     def load(cls, directory: Path, dim: int, params: dict[str, int], writable: bool = False) -> "IvfPqBackend":
         loaded = super().load(directory, dim, params, writable)
         loaded.segments = [np.load(path, mmap_mode="r") for path in sorted(directory.glob("vectors-*.npy"))]
+        kept = sum(len(segment) for segment in loaded.segments)
+        if kept != loaded.index.ntotal:
+            raise VsearchError(f"index {directory} is damaged: its vectors-*.npy files hold {kept:,} of the "
+                               f"{loaded.index.ntotal:,} vectors that refinement re-scores; rebuild it")
         return loaded
 
     def train(self, sample: np.ndarray) -> None:

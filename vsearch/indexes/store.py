@@ -294,8 +294,15 @@ class Index:
         self.manifest = read_index_manifest(path)
         cls = backend_class(self.manifest["type"], self.manifest.get("engine"))
         self.dim = int(self.manifest["dim"])
-        self.backend = cls.load(path, self.dim, self.manifest["params"])
-        self.rows = Rows(path / ROWS)
+        try:
+            self.backend = cls.load(path, self.dim, self.manifest["params"])
+            self.rows = Rows(path / ROWS)
+        except (RuntimeError, OSError, pa.ArrowException) as exc:  # what faiss, hnswlib and Arrow raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise VsearchError(f"index {path} is damaged ({first}); rebuild it") from None
+        if len(self.backend) != self.rows.count:
+            raise VsearchError(f"index {path} is damaged: {cls.file_name} holds {len(self.backend):,} vectors "
+                               f"but {ROWS} {self.rows.count:,} rows; rebuild it")
         self.deleted = _deleted_labels(path)
         # Without deletes, a backend that never pads its results needs no per-query check for -1 labels.
         self._unpadded = cls.full_results and not len(self.deleted)

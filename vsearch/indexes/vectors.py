@@ -51,7 +51,7 @@ class VectorSource:
     def row_schema(self) -> pa.Schema:
         """Schema of the rows an index keeps per vector: `id` (string), then every column of the first
         file that is not a vector (vsearch shards: kind, title, ocr, uri and per-row model outputs)."""
-        schema = pq.read_schema(self.files[0].path)
+        schema = _parquet(self.files[0].path).schema_arrow
         rest = [f for f in schema if f.name != self.id_column and not _fixed_size_float(f)]
         return pa.schema([pa.field("id", pa.string())] + rest)
 
@@ -63,18 +63,28 @@ class VectorSource:
         for file in files if files is not None else self.files:
             if not file.path.is_file():
                 raise VsearchError(f"shard {file.path} is listed in the manifest but missing")
-            parquet = pq.ParquetFile(file.path)
+            parquet = _parquet(file.path)
             present = [n for n in names if n in parquet.schema_arrow.names]
-            for batch in parquet.iter_batches(batch_size=batch_rows,
-                                              columns=[self.id_column, self.vector_column, *present]):
-                column = batch.column(self.vector_column)
-                vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
-                ids = batch.column(self.id_column).cast(pa.string())
-                rows = pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present])
-                yield rows, vectors.reshape(len(batch), self.dim)
+            try:
+                for batch in parquet.iter_batches(batch_size=batch_rows,
+                                                  columns=[self.id_column, self.vector_column, *present]):
+                    column = batch.column(self.vector_column)
+                    vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
+                    ids = batch.column(self.id_column).cast(pa.string())
+                    rows = pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present])
+                    yield rows, vectors.reshape(len(batch), self.dim)
+            except (pa.ArrowException, OSError) as exc:  # a shard damaged after it was written
+                raise VsearchError(f"cannot read {file.path}: {exc}") from None
 
     def info(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "embeddings": str(self.directory.resolve()), "encoder": self.encoder}
+
+
+def _parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise VsearchError(f"cannot read {path}: {exc}") from None
 
 
 def file_entry(file: VectorFile) -> dict[str, Any]:
@@ -118,7 +128,7 @@ def parquet_source(directory: Path, id_column: str | None = None, vector_column:
     paths = sorted(directory.glob("*.parquet"))
     if not paths:
         raise VsearchError(f"no embeddings in {directory}: no {MANIFEST} and no *.parquet files")
-    schema = pq.read_schema(paths[0])
+    schema = _parquet(paths[0]).schema_arrow
     column = _vector_column(schema, vector_column, paths[0])
     id_name = id_column or "id"
     if id_name not in schema.names:
@@ -126,10 +136,11 @@ def parquet_source(directory: Path, id_column: str | None = None, vector_column:
     dim = schema.field(column).type.list_size
     files = []
     for path in paths:
-        other = pq.read_schema(path)
+        parquet = _parquet(path)
+        other = parquet.schema_arrow
         if column not in other.names or other.field(column).type.list_size != dim:
             raise VsearchError(f"{path} does not have the same {dim}-d vector column {column!r} as {paths[0].name}")
-        files.append(VectorFile(path.name, path, pq.ParquetFile(path).metadata.num_rows, sha256_of(path)))
+        files.append(VectorFile(path.name, path, parquet.metadata.num_rows, sha256_of(path)))
     return VectorSource(directory, directory.name, dim, files, None, id_name, column)
 
 
