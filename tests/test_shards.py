@@ -25,7 +25,7 @@ def test_shard_round_trip_schema_dtype_normalisation_and_manifest(tmp_path, work
     directory = result.directory
     assert directory == workspace.embeddings_dir("c")
     assert sorted(p.name for p in directory.iterdir()) == [
-        "_manifest.json", "cover-00000.parquet", "cover-00001.parquet", "cover-00002.parquet"]
+        ".lock", "_manifest.json", "cover-00000.parquet", "cover-00001.parquet", "cover-00002.parquet"]
 
     schema = pq.read_schema(directory / "cover-00000.parquet")
     assert schema.field("id").type == pa.string() and not schema.field("id").nullable
@@ -129,3 +129,12 @@ def test_a_slow_manifest_is_rewritten_less_often_and_closing_records_every_shard
         writer.write("cover", 5, 2, {"id": ["5a", "5b"], "vector": np.eye(2, 4)}, [])
         assert shards_on_disk() == [0, 1, 2, 3, 4]
     assert shards_on_disk() == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_second_job_on_the_same_folder_is_refused_while_the_first_writes(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 20)
+    fresh = Manifest("c", str(source), {"spec": "lexical", "fingerprint": "f"}, 512, 10)
+    with shards.ShardWriter.open(workspace.embeddings_dir("c"), fresh):
+        with pytest.raises(VsearchError, match=r"another vsearch embed \(process \d+\) is writing to"):
+            run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace)
+    assert run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace).rows_written == 20

@@ -13,7 +13,7 @@ Shard N of a kind holds the dataset's rows N*shard_size .. (N+1)*shard_size - 1 
 successfully; the rest are listed under `failed` in the manifest with their reasons. A shard
 is written to `<name>.tmp`, flushed and renamed, and only then recorded in the manifest
 (itself replaced atomically), so a crash leaves no partial shard and a re-run skips exactly
-the shards the manifest lists.
+the shards the manifest lists. A `.lock` file, locked while a job writes, keeps a second job out.
 
 The manifest is rewritten after each shard, unless its last rewrite took more than a
 `MANIFEST_SHARE` of the time since: a job listing a million failed rows (a 250 MB manifest, 5 s to
@@ -23,12 +23,13 @@ shards finished since the last rewrite; closing the writer, on success or error,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,7 @@ from vsearch.files import fsync_file, sha256_of, write_json_atomic
 
 FORMAT = "vsearch-shards/1"
 MANIFEST = "_manifest.json"
+LOCK = ".lock"
 KINDS = ("cover", "clip")
 MANIFEST_SHARE = 0.05
 METADATA_COLUMNS = ("title", "ocr", "uri")
@@ -107,12 +109,17 @@ class ShardWriter:
         self._written_at = time.monotonic()
         self._write_seconds = 0.0
         self._unwritten = False
+        self._lock: IO[str] | None = None
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
 
     def flush(self) -> None:
         """Write the manifest if it lacks shards recorded since its last rewrite."""
@@ -129,25 +136,17 @@ class ShardWriter:
     @classmethod
     def open(cls, directory: Path, fresh: Manifest, extra: dict[str, pa.DataType] | None = None,
              overwrite: bool = False) -> "ShardWriter":
-        """Start or resume writing; refuse to mix in shards made by another encoder or dataset."""
+        """Start or resume writing, holding the folder's lock until the writer is closed; refuse to mix
+        in shards made by another encoder or dataset."""
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("*.tmp"):
-            stale.unlink()
-        if overwrite:
-            for old in (path for kind in KINDS for path in directory.glob(f"{kind}-*.parquet")):
-                old.unlink()
-            (directory / MANIFEST).unlink(missing_ok=True)
-        if not (directory / MANIFEST).exists():
-            return cls(directory, fresh, extra)
-        existing = Manifest.read(directory)
-        for key in ("source", "encoder", "dim", "shard_size"):
-            if getattr(existing, key) != getattr(fresh, key):
-                raise VsearchError(
-                    f"{directory} holds embeddings with a different {key} "
-                    f"({getattr(existing, key)} vs {getattr(fresh, key)}); "
-                    "pass --overwrite to replace them or --out for another folder"
-                )
-        return cls(directory, existing, extra)
+        lock = _lock(directory)
+        try:
+            writer = cls(directory, _resumed_manifest(directory, fresh, overwrite), extra)
+        except BaseException:
+            lock.close()
+            raise
+        writer._lock = lock
+        return writer
 
     @property
     def done(self) -> dict[tuple[str, int], int]:
@@ -183,6 +182,47 @@ class ShardWriter:
         self._unwritten = True
         if self._write_seconds <= MANIFEST_SHARE * (time.monotonic() - self._written_at):
             self.write_manifest()
+
+
+def _lock(directory: Path) -> IO[str]:
+    """An exclusive lock on the shard folder, so that two jobs never write it at once (one would delete
+    the other's temporary files); the kernel releases it when its process ends, however it ends."""
+    handle = open(directory / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise VsearchError(f"another vsearch embed (process {holder or 'unknown'}) is writing to {directory}; "
+                           "wait for it to finish, or pass --out for another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Manifest:
+    """The manifest to go on with: `fresh` for a new (or overwritten) folder, else the one there, if it
+    was made by the same encoder from the same dataset."""
+    for stale in directory.glob("*.tmp"):
+        stale.unlink()
+    if overwrite:
+        for old in (path for kind in KINDS for path in directory.glob(f"{kind}-*.parquet")):
+            old.unlink()
+        (directory / MANIFEST).unlink(missing_ok=True)
+    if not (directory / MANIFEST).exists():
+        return fresh
+    existing = Manifest.read(directory)
+    for key in ("source", "encoder", "dim", "shard_size"):
+        if getattr(existing, key) != getattr(fresh, key):
+            raise VsearchError(
+                f"{directory} holds embeddings with a different {key} "
+                f"({getattr(existing, key)} vs {getattr(fresh, key)}); "
+                "pass --overwrite to replace them or --out for another folder"
+            )
+    return existing
 
 
 def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str, Any]) -> pa.Array:
