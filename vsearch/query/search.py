@@ -5,10 +5,10 @@ k' ANN candidates (default 10 k), takes their metadata rows from the index's mem
 (O(k'), whatever the index size; see vsearch/indexes/rows.py), keeps the rows for which a `--where`
 predicate holds, evaluated by DuckDB over them, and reranks.
 
-When too few candidates pass, the ANN search is widened, 4 times more each round. A predicate that
-still leaves too few after `Searcher.widenings` rounds (64 k' candidates) is selective: rather than widen a
-graph search over the whole index (at 200k covers that took 12 s and 2.4 GB in hnswlib), DuckDB
-finds every row that passes, and the index scores exactly those.
+When too few candidates pass, the ANN search is widened, 4 times more each round. A predicate
+that still leaves too few after `Searcher.widenings` rounds (64 k' candidates) is selective:
+rather than widen a graph search over the whole index (at 200k covers that took 8-17 s in
+hnswlib), DuckDB finds every row that passes, and the index scores exactly those.
 """
 
 from __future__ import annotations
