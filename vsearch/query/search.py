@@ -115,13 +115,13 @@ class Searcher:
         """Positions of the `rows` for which the SQL predicate `where` holds, as DuckDB evaluates it."""
         self.db.register("candidates", rows.append_column("_position", pa.array(np.arange(len(rows)))))
         try:
-            kept = self.db.execute(f"SELECT _position FROM candidates WHERE ({where})").fetchall()
+            kept = self.db.execute(f"SELECT _position FROM candidates WHERE ({where})").fetchnumpy()["_position"]
         except duckdb.Error as exc:
             first = str(exc).strip().splitlines()[0]
             raise VsearchError(f"bad --where predicate {where!r}: {first}") from None
         finally:
             self.db.unregister("candidates")
-        return np.sort(np.array([p for (p,) in kept], np.int64))
+        return np.sort(np.asarray(kept, np.int64))
 
     def matching(self, where: str) -> np.ndarray:
         """Labels of every row of the index for which `where` holds (the last predicate's are kept)."""
