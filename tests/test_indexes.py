@@ -364,3 +364,18 @@ def test_a_damaged_shard_is_a_clear_error_and_the_old_index_stays(byo, tmp_path)
     with pytest.raises(VsearchError, match="cannot read .*part-1.parquet"):
         build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
     assert load_index(tmp_path / "index").search(byo[1][:1], 1)[1][0, 0] == "doc0"
+
+
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_bring_your_own_vectors_of_any_length_are_scored_by_cosine(index_type, engine, tmp_path):
+    vectors = clustered(3000)
+    lengths = np.random.default_rng(3).uniform(0.2, 20, (3000, 1)).astype(np.float32)
+    write_parquet(tmp_path / "byo", vectors * lengths)
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(tmp_path / "byo"), tmp_path / "index")
+    queries = clustered(5, seed=4)
+    scores, ids = load_index(tmp_path / "index").search(queries, 5)
+    cosine = queries @ vectors.T
+    found = np.array([[int(i[3:]) for i in row] for row in ids])
+    assert np.allclose(scores, np.take_along_axis(cosine, found, axis=1), atol=2e-3)
+    if index_type == "flat":
+        assert np.array_equal(found, np.argsort(-cosine, axis=1)[:, :5])

@@ -8,7 +8,6 @@ import pytest
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.embeddings import shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
-from vsearch.indexes.vectors import open_source
 from vsearch.errors import VsearchError
 from vsearch.files import sha256_of
 from tests.conftest import write_cbvs_covers
@@ -39,7 +38,8 @@ def test_shard_round_trip_schema_dtype_normalisation_and_manifest(tmp_path, work
     assert {r["kind"] for r in rows} == {"cover"}
     assert rows[0]["title"] and rows[0]["uri"] == "http://covers.example/0.jpg"
     assert rows[0]["ocr"] is None  # "\N" in the source
-    vectors = np.concatenate([v for _, v in open_source(directory).batches()])
+    stored = pa.concat_tables(pq.read_table(directory / s["name"]) for s in Manifest.read(directory).shards)
+    vectors = stored.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, 512)
     assert vectors.dtype == np.float16
     np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1.0, atol=2e-3)
 

@@ -4,6 +4,7 @@ A vsearch shard folder has a `_manifest.json` (the encoder, dim and checksums co
 Any other folder is "bring your own embeddings": every `*.parquet` file in it, read in name order,
 with an id column (`id`, or `--id-column`) and a vector column (a fixed-size list of floats:
 `vector`, `embedding` or the only such column, or `--vector-column`), e.g. clip-retrieval's output.
+Its vectors are indexed L2-normalised, as vsearch's own are: scores are cosine similarities.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vsearch.embeddings.encoders import l2_normalise
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError
 from vsearch.files import sha256_of
@@ -57,8 +59,10 @@ class VectorSource:
 
     def batches(self, files: list[VectorFile] | None = None, batch_rows: int = 65536, metadata: bool = False
                 ) -> Iterator[tuple[pa.Table, np.ndarray]]:
-        """(rows, vectors as stored, float16 or float32) one record batch at a time; rows hold `id` as a
-        string, and with `metadata` every other column of `row_schema`."""
+        """(rows, float32 vectors) one record batch at a time; rows hold `id` as a string, and with
+        `metadata` every other column of `row_schema`. Vectors are L2-normalised here, whatever their
+        source, because every index scores by cosine: vsearch's shards already are (to float16
+        rounding), and bring-your-own vectors need not be."""
         names = self.row_schema.names[1:] if metadata else []
         for file in files if files is not None else self.files:
             if not file.path.is_file():
@@ -72,7 +76,7 @@ class VectorSource:
                     vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
                     ids = batch.column(self.id_column).cast(pa.string())
                     rows = pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present])
-                    yield rows, vectors.reshape(len(batch), self.dim)
+                    yield rows, l2_normalise(vectors.reshape(len(batch), self.dim).astype(np.float32))
             except (pa.ArrowException, OSError) as exc:  # a shard damaged after it was written
                 raise VsearchError(f"cannot read {file.path}: {exc}") from None
 
