@@ -171,6 +171,31 @@ def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, t
     assert text.code == 1 and "no recorded model" in text.stderr
 
 
+def test_bring_your_own_embeddings_answer_text_queries_once_their_model_is_named(cli, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vsearch.embeddings import load_encoder
+
+    titles = ["大宅门演员表", "周杰伦个人资料", "艾尔登法环马怎么获得", "汪汪队立大功"]
+    vectors = load_encoder("lexical").encode_texts(titles) * 3.0  # another pipeline's vectors, not unit length
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+    pq.write_table(pa.table({"id": [f"v{i}" for i in range(4)], "embedding": column, "title": titles}),
+                   folder / "part-0.parquet")
+    out = tmp_path / "index"
+    built = cli("build-index", "--type", "flat", "--embeddings", str(folder), "--out", str(out), "--model", "lexical")
+    assert built.code == 0, built.stderr
+    hits = json.loads(cli("query", "周杰伦", "--index", str(out), "--json").stdout)["results"]
+    assert hits[0]["id"] == "v1" and hits[0]["title"] == "周杰伦个人资料"
+    wrong = cli("build-index", "--embeddings", str(folder), "--out", str(out), "--model", "lexical:64")
+    assert wrong.code == 1 and "lexical:64 makes 64-d vectors, but" in wrong.stderr
+    assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0
+    shards = cli("build-index", "--dataset", "demo", "--model", "lexical")
+    assert shards.code == 1 and "--model is for bring-your-own embeddings" in shards.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["build-index", "--type", "hnsw", "--engine", "annoy"], "index type hnsw has no engine 'annoy'"),
     (["build-index", "--memory-budget", "lots"], "bad size 'lots'"),

@@ -166,8 +166,10 @@ def build_index_command(
     vector_column: Annotated[Optional[str], typer.Option(help="Vector column of bring-your-own Parquet.")] = None,
     layout: Annotated[Optional[str], typer.Option(
         help="cbvs10m-hnsw: write the OCR-text hard-negative file UniCLIP's trainer reads.")] = None,
-    model: Annotated[str, typer.Option(help="Text encoder for --layout cbvs10m-hnsw.")] = "uniclip",
-    device: Annotated[str, typer.Option(help="Device for --layout cbvs10m-hnsw.")] = "auto",
+    model: Annotated[Optional[str], typer.Option(
+        help="The model that made bring-your-own --embeddings, so that `vsearch query` can encode text; "
+             "or the text encoder for --layout cbvs10m-hnsw (default uniclip).")] = None,
+    device: Annotated[str, typer.Option(help="Device for loading --model.")] = "auto",
     threads: Annotated[int, typer.Option(help="Threads for building (-1: all cores).")] = -1,
 ) -> None:
     """Build an index from embedding shards (or add to one with --append)."""
@@ -181,13 +183,19 @@ def build_index_command(
     if layout is not None:
         if layout != "cbvs10m-hnsw" or type != "hnsw":
             raise VsearchError(f"unknown layout {layout!r} for --type {type}: the one layout is cbvs10m-hnsw (hnsw)")
-        _write_hard_negatives(ws, dataset, model, out, device)
+        _write_hard_negatives(ws, dataset, model or "uniclip", out, device)
         return
     if kind not in ("cover", "clip"):
         raise VsearchError(f"unknown --kind {kind!r}: use cover or clip")
     if not 0 < target_recall <= 1:
         raise VsearchError("--target-recall must be in (0, 1]")
     source = open_source(_embeddings_dir(ws, dataset, embeddings), kind, id_column, vector_column)
+    if model is not None:
+        from vsearch.embeddings import load_encoder
+        from vsearch.embeddings.job import resolve_model
+        from vsearch.indexes.vectors import made_by
+
+        source = made_by(source, load_encoder(resolve_model(model, ws), device))
     default_name = f"{source.directory.name}-{type}" if kind == "cover" else f"{source.directory.name}-clip-{type}"
     destination = out or ws.index_dir(name or default_name)
     if append:

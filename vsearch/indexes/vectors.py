@@ -10,7 +10,7 @@ Its vectors are indexed L2-normalised, as vsearch's own are: scores are cosine s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vsearch.embeddings.encoders import l2_normalise
+from vsearch.embeddings.encoders import Encoder, l2_normalise
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError
 from vsearch.files import sha256_of
@@ -82,6 +82,18 @@ class VectorSource:
 
     def info(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "embeddings": str(self.directory.resolve()), "encoder": self.encoder}
+
+
+def made_by(source: VectorSource, encoder: Encoder) -> VectorSource:
+    """Bring-your-own vectors declared to come from `encoder`, which an index built from them then
+    records, so that text queries are encoded with it."""
+    if source.encoder is not None:
+        raise VsearchError(f"{source.directory} was embedded by {source.encoder['spec']}, as its manifest "
+                           "records; --model is for bring-your-own embeddings")
+    if encoder.dim != source.dim:
+        raise VsearchError(f"{encoder.spec} makes {encoder.dim}-d vectors, but {source.directory} holds "
+                           f"{source.dim}-d ones: they cannot come from it")
+    return replace(source, encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint})
 
 
 def _parquet(path: Path) -> pq.ParquetFile:

@@ -70,7 +70,8 @@ def query_encoder(index: Index, device: str = "auto") -> Encoder:
     recorded = index.manifest["encoder"]
     if recorded is None:
         raise VsearchError(f"index {index.path} was built from bring-your-own embeddings with no recorded model, "
-                           "so text queries cannot be encoded; search it with vectors (vsearch.indexes.load_index)")
+                           "so text queries cannot be encoded; build it with --model SPEC (the model that made "
+                           "the vectors), or search it with vectors (vsearch.indexes.load_index)")
     encoder = load_encoder(recorded["spec"], device)
     if encoder.fingerprint != recorded["fingerprint"]:
         raise VsearchError(
