@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, first_line
 from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
@@ -298,8 +298,7 @@ class Index:
             self.backend = cls.load(path, self.dim, self.manifest["params"])
             self.rows = Rows(path / ROWS)
         except (RuntimeError, OSError, pa.ArrowException) as exc:  # what faiss, hnswlib and Arrow raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise VsearchError(f"index {path} is damaged ({first}); rebuild it") from None
+            raise VsearchError(f"index {path} is damaged ({first_line(exc)}); rebuild it") from None
         if len(self.backend) != self.rows.count:
             raise VsearchError(f"index {path} is damaged: {cls.file_name} holds {len(self.backend):,} vectors "
                                f"but {ROWS} {self.rows.count:,} rows; rebuild it")

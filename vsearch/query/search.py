@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from vsearch.embeddings import Encoder, load_encoder
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, first_line
 from vsearch.indexes import Index, load_index
 from vsearch.query.rerank import Candidate, Weights, rerank
 
@@ -118,8 +118,7 @@ class Searcher:
         try:
             kept = self.db.execute(f"SELECT _position FROM candidates WHERE ({where})").fetchnumpy()["_position"]
         except duckdb.Error as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise VsearchError(f"bad --where predicate {where!r}: {first}") from None
+            raise VsearchError(f"bad --where predicate {where!r}: {first_line(exc)}") from None
         finally:
             self.db.unregister("candidates")
         return np.sort(np.asarray(kept, np.int64))
