@@ -151,7 +151,7 @@ class Searcher:
             seconds["search"] += searched - started
             seconds["metadata"] += time.perf_counter() - searched
             if len(rows) >= wanted or fetch >= len(self.index):
-                return self._candidates(rows.slice(0, wanted), scores)
+                return self._as_candidates(rows.slice(0, wanted), scores)
             fetch = min(len(self.index), fetch * 4)
         return self.exact_candidates(vector, wanted, where, seconds)
 
@@ -166,10 +166,10 @@ class Searcher:
         rows = self.index.rows.take(labels[0])
         seconds["metadata"] += filtered - started + time.perf_counter() - searched
         seconds["search"] += searched - filtered
-        return self._candidates(rows, scores[0])
+        return self._as_candidates(rows, scores[0])
 
     @staticmethod
-    def _candidates(rows: pa.Table, scores: np.ndarray) -> list[Candidate]:
+    def _as_candidates(rows: pa.Table, scores: np.ndarray) -> list[Candidate]:
         return [Candidate(row["id"], float(score), row.get("title"), row.get("ocr"), row.get("uri"))
                 for row, score in zip(rows.to_pylist(), scores)]
 
