@@ -79,6 +79,11 @@ def test_demo_covers_and_clips_with_uniclip(workspace, tiny_uniclip):
     presence = np.array(covers.column("ocr_presence").to_pylist())
     assert ((presence >= 0) & (presence <= 1)).all() and presence.std() > 0
     assert clips.column("ocr_presence").null_count == 10
+    # A clip's uri is its video; its cover column is the cover image the same id has as a cover.
+    assert all(uri.endswith(".mp4") for uri in clips.column("uri").to_pylist())
+    cover_uris = dict(zip(covers.column("id").to_pylist(), covers.column("uri").to_pylist()))
+    assert [cover_uris[i] for i in clips.column("id").to_pylist()] == clips.column("cover").to_pylist()
+    assert covers.column("cover").null_count == 199
     manifest = json.loads((result.directory / "_manifest.json").read_text())
     assert manifest["encoder"]["spec"] == f"uniclip:{tiny_uniclip.resolve()}" and manifest["dim"] == 32
     assert manifest["failed"] == []

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vsearch.embeddings import load_encoder
+from vsearch.embeddings.datasets import open_dataset
 from vsearch.embeddings.media import load_image
 from vsearch.query import Searcher
 from vsearch.query.rerank import lexical_overlap
@@ -177,6 +178,20 @@ def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo, tiny_uniclip
         encoder.match(["大宅门演员表"] * len(covers), covers).tolist(), abs=1e-5)
 
 
+def test_clips_are_reranked_on_the_cover_images_of_their_videos(cli, workspace, tiny_uniclip):
+    spec = f"uniclip:{tiny_uniclip}"
+    assert cli("embed", "--dataset", "demo", "--model", spec, "--kind", "clip", "--device", "cpu",
+               "--workers", "0").code == 0
+    assert cli("build-index", "--type", "flat", "--kind", "clip").code == 0
+    payload = results(cli, "大宅门演员表", "-k", "3", "--rerank-images", "3", "--device", "cpu")
+    hits = payload["results"]
+    assert payload["notes"] == [] and all(h["uri"].endswith(".mp4") for h in hits)
+    cover_of = {row.id: row.uri for row in open_dataset("demo", workspace).rows()}
+    covers = [load_image(cover_of[h["id"]]) for h in hits]
+    encoder = load_encoder(spec, "cpu")
+    assert [h["parts"]["presence"] for h in hits] == pytest.approx(encoder.presence(covers).tolist(), abs=1e-5)
+
+
 def test_where_filters_on_per_row_model_outputs(uniclip_demo):
     everything = results(uniclip_demo, "大宅门", "-k", "5", "--no-rerank", "--device", "cpu",
                          "--where", "ocr_presence BETWEEN 0 AND 1")["results"]
@@ -199,7 +214,8 @@ def test_unreachable_cover_images_drop_the_head_parts_with_a_note(uniclip_demo, 
         hit_id = table.column("id")[0].as_py()
         payload = results(uniclip_demo, table.column("ocr")[0].as_py(), "-k", "3", "--device", "cpu",
                           "--rerank-images", "50", "--candidates", "200")
-        assert any("image unreachable" in note for note in payload["notes"])
+        assert any("whose image cannot be read" in note and moved.removesuffix(".moved") in note
+                   for note in payload["notes"])
         assert any(h["id"] == hit_id and "semantic" not in h["parts"] for h in payload["results"]) or \
             hit_id not in [h["id"] for h in payload["results"]]
     finally:

@@ -14,7 +14,8 @@ otherwise its url, resolved against the dataset file's folder when relative.
 Rows with an id seen before are skipped, so ids are unique within a dataset.
 
 Videos (for clip vectors) are found the same way: `<videos>/<id>.<ext>`, by default in
-`<stem>-videos/` beside the file; rows without a video there have no clip.
+`<stem>-videos/` beside the file; rows without a video there have no clip. A clip row's `uri` is
+its video and its `cover` the cover image, which the reranker's OCR heads read.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Row:
     title: str | None
     ocr: str | None
     uri: str | None
+    cover: str | None = None  # clip rows only: the cover image of the video at `uri`
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Dataset:
             yield row
 
     def clip_rows(self) -> Iterator[Row]:
-        """The rows that have a video, with `uri` pointing at it."""
+        """The rows that have a video, with `uri` pointing at it and `cover` at the cover image."""
         if self.videos is None or not _isdir(self.videos):
             raise VsearchError(
                 f"dataset {self.name} has no videos folder {self.videos or ''}: put videos named "
@@ -79,7 +81,7 @@ class Dataset:
         location = (lambda path: path) if _is_local(fs) else (lambda path: fs.unstrip_protocol(path))
         for row in self.rows():
             if row.id in found:
-                yield replace(row, uri=location(found[row.id]))
+                yield replace(row, uri=location(found[row.id]), cover=row.uri)
 
 
 def url_id(url: str) -> str:

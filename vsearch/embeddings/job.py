@@ -102,7 +102,8 @@ def _failure(row: Row, kind: str, reason: str) -> dict[str, Any]:
 
 def _columns(rows: list[Row], vectors: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     return {"id": [r.id for r in rows], "vector": vectors, "title": [r.title for r in rows],
-            "ocr": [r.ocr for r in rows], "uri": [r.uri for r in rows], **(extra or {})}
+            "ocr": [r.ocr for r in rows], "uri": [r.uri for r in rows], "cover": [r.cover for r in rows],
+            **(extra or {})}
 
 
 def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:

@@ -6,7 +6,8 @@
     id      string, unique within a kind (covers and clips of one video share it)
     kind    string, "cover" or "clip"
     vector  fixed_size_list<float16>[dim], L2-normalised before the cast to float16
-    title, ocr, uri   string, nullable
+    title, ocr, uri   string, nullable; a clip's uri is its video
+    cover   string, nullable: a clip's cover image (null for covers, whose uri is the image)
     ...     per-row model outputs an encoder declares (e.g. `ocr_presence`, float32)
 
 Shard N of a kind holds the dataset's rows N*shard_size .. (N+1)*shard_size - 1 that encoded
@@ -43,7 +44,7 @@ MANIFEST = "_manifest.json"
 LOCK = ".lock"
 KINDS = ("cover", "clip")
 MANIFEST_SHARE = 0.05
-METADATA_COLUMNS = ("title", "ocr", "uri")
+METADATA_COLUMNS = ("title", "ocr", "uri", "cover")
 
 
 def shard_schema(dim: int, extra: dict[str, pa.DataType] | None = None) -> pa.Schema:

@@ -9,15 +9,16 @@ Each candidate's final score is a weighted sum of its parts:
   share of the query's character 1-3-grams (the lexical encoder's n-grams and weights) found there.
 * semantic: UniCLIP's semantic head, the probability that the query matches the text on the cover
   (the query stands in for the OCR text the head was trained on), from the cover's visual tokens,
-  recomputed from its image.
+  recomputed from its image (for a clip, the cover image of its video).
 * presence: UniCLIP's presence head, the probability that the cover carries text at all. It gates
   semantic: a cover without text has no text for the query to match.
 
 semantic and presence need a UniCLIP encoder and the cover image; the image work is capped at
 `image_budget` candidates (best ANN first) so a query stays interactive, and the candidates past
-the cap follow the reranked ones in ANN order. Covers are read, decoded and resized on a pool of
-threads (PIL releases the GIL): about 3 ms of CPU a cover, so 50 covers one after another would
-spend five times the 30 ms GPU budget before the GPU starts. A part that cannot be computed drops
+the cap follow the reranked ones in ANN order. Covers are fetched together (remote ones
+concurrently), then decoded and resized on a pool of threads (PIL releases the GIL): about 3 ms of
+CPU a cover, so 50 covers one after another would spend five times the 30 ms GPU budget before
+the GPU starts. A part that cannot be computed drops
 out, and the result says why.
 """
 
@@ -27,10 +28,10 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 
 from vsearch.embeddings.lexical import NGRAM_WEIGHT, ngrams
-from vsearch.embeddings.media import MediaError, load_image
+from vsearch.embeddings.media import MediaError, decode_image, read_all
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,14 @@ class Candidate:
     title: str | None
     ocr: str | None
     uri: str | None
+    cover: str | None = None  # a clip's cover image; a cover's image is its uri
     parts: dict[str, float] = field(default_factory=dict)
     score: float = 0.0
+
+    @property
+    def image(self) -> str | None:
+        """Where the cover image the OCR heads read is."""
+        return self.cover or self.uri
 
 
 @lru_cache(maxsize=256)
@@ -100,25 +107,28 @@ def _cover_readers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="vsearch-covers")
 
 
-def _cover_pixels(transform: Callable, uri: str | None):
-    """The cover at `uri` preprocessed for the image tower, or None when it cannot be read."""
+def _cover_pixels(transform: Callable, data: bytes | MediaError, uri: str | None):
+    """The cover in `data` (read from `uri`) preprocessed for the image tower, or why it cannot be."""
+    if isinstance(data, MediaError):
+        return data
     try:
-        return transform(load_image(uri))
-    except MediaError:
-        return None
+        return transform(decode_image(data, uri))
+    except MediaError as exc:
+        return exc
 
 
 def _add_head_parts(encoder, query: str, pool: list[Candidate], notes: list[str]) -> None:
     import torch
 
-    pixels = list(_cover_readers().map(lambda c: _cover_pixels(encoder.image_transform, c.uri), pool))
-    readable = [c for c, p in zip(pool, pixels) if p is not None]
-    if len(readable) < len(pool):
-        notes.append(f"semantic and presence parts dropped for {len(pool) - len(readable)} of {len(pool)} covers: "
-                     "image unreachable")
+    uris = [c.image for c in pool]
+    pixels = list(_cover_readers().map(partial(_cover_pixels, encoder.image_transform), read_all(uris), uris))
+    failures = [p for p in pixels if isinstance(p, MediaError)]
+    if failures:
+        notes.append(f"semantic and presence parts dropped for {len(failures)} of {len(pool)} covers "
+                     f"whose image cannot be read ({failures[0]})")
+    readable = [(c, p) for c, p in zip(pool, pixels) if not isinstance(p, MediaError)]
     if not readable:
         return
-    batch = torch.stack([p for p in pixels if p is not None])
-    semantic, presence = encoder.match_and_presence([query] * len(readable), batch)
-    for candidate, s, p in zip(readable, semantic, presence):
+    semantic, presence = encoder.match_and_presence([query] * len(readable), torch.stack([p for _, p in readable]))
+    for (candidate, _), s, p in zip(readable, semantic, presence):
         candidate.parts.update(semantic=float(s), presence=float(p))

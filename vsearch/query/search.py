@@ -170,7 +170,7 @@ class Searcher:
 
     @staticmethod
     def _as_candidates(rows: pa.Table, scores: np.ndarray) -> list[Candidate]:
-        return [Candidate(row["id"], float(score), row.get("title"), row.get("ocr"), row.get("uri"))
+        return [Candidate(row["id"], float(score), row.get("title"), row.get("ocr"), row.get("uri"), row.get("cover"))
                 for row, score in zip(rows.to_pylist(), scores)]
 
     def search(self, config: QueryConfig) -> Result:
