@@ -192,6 +192,11 @@ def test_clips_are_reranked_on_the_cover_images_of_their_videos(cli, workspace, 
     assert [h["parts"]["presence"] for h in hits] == pytest.approx(encoder.presence(covers).tolist(), abs=1e-5)
 
 
+def test_on_a_cpu_the_heads_read_one_cover_per_core_by_default(uniclip_demo):
+    hits = results(uniclip_demo, "大宅门演员表", "-k", "60", "--device", "cpu")["results"]
+    assert sum("semantic" in h["parts"] for h in hits) == min(50, torch.get_num_threads())
+
+
 def test_where_filters_on_per_row_model_outputs(uniclip_demo):
     everything = results(uniclip_demo, "大宅门", "-k", "5", "--no-rerank", "--device", "cpu",
                          "--where", "ocr_presence BETWEEN 0 AND 1")["results"]

@@ -277,7 +277,7 @@ def query(
     out: Annotated[Optional[Path], typer.Option(help="With --file: write the JSON lines here instead of stdout.")] = None,
     candidates: Annotated[Optional[int], typer.Option(help="ANN candidates to rerank (default 10 k).")] = None,
     rerank_images: Annotated[Optional[int], typer.Option(
-        help="Covers whose images the UniCLIP heads read (default 50 on a GPU, 8 on a CPU).")] = None,
+        help="Covers whose images the UniCLIP heads read (default 50 on a GPU, one per core on a CPU).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Fusion weights, e.g. ann=1,lexical=0.3,semantic=0.5.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
