@@ -50,6 +50,23 @@ def test_commands_chain_without_path_arguments(cli, workspace, tmp_path):
     assert result.code == 0 and len(json.loads(result.stdout)["results"]) == 3
 
 
+def test_skipped_dataset_lines_are_counted_and_files_saved_with_a_bom_read(cli, workspace, tmp_path):
+    source = tmp_path / "covers.txt"
+    source.write_bytes("大宅门演员表\thttp://a/1.jpg\t大宅门\n".encode("utf-8-sig") + b"\xff\xfe\tbroken\n"
+                       + "陈情令\thttp://a/1.jpg\t陈情令\n".encode() + "原神\thttp://a/2.jpg\t原神\n".encode())
+    embedded = cli("embed", "--dataset", str(source), "--model", "lexical")
+    assert embedded.code == 0 and "1 repeated ids skipped; 1 malformed lines skipped" in embedded.stderr
+    manifest = json.loads((workspace.embeddings_dir("covers") / "_manifest.json").read_text())
+    assert (manifest["duplicates"], manifest["malformed_lines"]) == (1, 1)
+    assert cli("build-index", "--type", "flat").code == 0
+    queries = tmp_path / "queries.txt"
+    queries.write_bytes("大宅门\r\n".encode("utf-8-sig"))
+    answered = cli("query", "--file", str(queries))
+    assert answered.code == 0
+    payload = json.loads(answered.stdout)
+    assert payload["query"] == "大宅门" and payload["results"][0]["title"] == "大宅门演员表"
+
+
 def test_workspace_option_overrides_the_environment(cli, tmp_path):
     other = tmp_path / "other"
     assert cli("--workspace", str(other), "demo").code == 0

@@ -11,13 +11,13 @@ from tests.conftest import SHARED
 
 def test_cbvs_covers_parse_nulls_skip_short_lines_and_duplicates(tmp_path, workspace):
     source = tmp_path / "cbvs5m.txt"
-    source.write_text(
-        "标题一\thttp://a/1.jpg\t文字一\n"
+    source.write_bytes(
+        "标题一\thttp://a/1.jpg\t文字一\r\n"  # saved with a byte-order mark and Windows line ends
         "\\N\thttp://a/2.jpg\t\\N\n"
         "too\tshort\n"
-        "标题三\thttp://a/1.jpg\t重复的url\n"
-        "标题四\tcovers/4.jpg\t文字四\n",
-        encoding="utf-8",
+        "标题三\thttp://a/1.jpg\t重复的url\n".encode("utf-8-sig")
+        + "坏\thttp://a/3.jpg\t行\n".encode("gbk")
+        + "标题四\tcovers/4.jpg\t文字四\n".encode()
     )
     dataset = open_dataset(str(source), workspace)
     rows = list(dataset.rows())
@@ -25,8 +25,15 @@ def test_cbvs_covers_parse_nulls_skip_short_lines_and_duplicates(tmp_path, works
     assert (rows[0].title, rows[0].ocr, rows[0].uri) == ("标题一", "文字一", "http://a/1.jpg")
     assert (rows[1].title, rows[1].ocr) == (None, None)
     assert rows[2].uri == f"{tmp_path}/covers/4.jpg"
-    assert dataset.duplicates == 1
+    assert dataset.duplicates == 1 and dataset.malformed == 2  # the short line and the one not in UTF-8
     assert dataset.name == "cbvs5m" and dataset.has_text
+
+
+def test_a_file_in_another_encoding_is_refused(tmp_path, workspace):
+    source = tmp_path / "gbk.txt"
+    source.write_bytes("大宅门演员表\thttp://a/1.jpg\t大宅门\n".encode("gbk"))
+    with pytest.raises(VsearchError, match="is not UTF-8 text; convert it"):
+        list(open_dataset(str(source), workspace).rows())
 
 
 def test_url_id_is_stable_across_versions():

@@ -83,3 +83,10 @@ def test_a_malformed_scores_line_names_its_place(cli, tmp_path):
     bad.write_text("1\tq\td\t0.5\nnot a score line\n", encoding="utf-8")
     result = cli("eval", "--scores", str(bad))
     assert result.code == 1 and f"{bad}:2: expected label" in result.stderr
+
+
+def test_a_scores_line_not_in_utf8_names_its_place(cli, tmp_path):
+    bad = tmp_path / "scores.txt"
+    bad.write_bytes("1\tq\td\t0.5\n".encode() + "1\t大宅门\td\t0.5\n".encode("gbk"))
+    result = cli("eval", "--scores", str(bad))
+    assert result.code == 1 and f"{bad}:2: not UTF-8 text" in result.stderr

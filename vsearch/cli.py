@@ -106,10 +106,12 @@ def embed(
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
     with progress(f"embed {dataset} ({kind})", limit, unit=unit) as advance:
         result = run_embed(config, ctx.obj, advance)
+    skipped = {"repeated ids": result.manifest.duplicates, "malformed lines": result.manifest.malformed_lines}
     stderr.print(
         f"{result.rows_written} vectors written in {result.shards_written} shards, "
         f"{result.shards_skipped} shards already done, {result.rows_failed} failed "
         f"(reasons in {result.directory / '_manifest.json'}) -> {result.directory}"
+        + "".join(f"; {count:,} {what} skipped" for what, count in skipped.items() if count)
     )
 
 
@@ -220,13 +222,15 @@ def delete(
 ) -> None:
     """Delete ids from an index (they stop appearing in results at once; rebuild to reclaim space)."""
     from vsearch.console import stderr
+    from vsearch.files import text_lines
     from vsearch.indexes import delete_ids
 
     wanted = list(ids or [])
     if ids_file is not None:
         if not ids_file.is_file():
             raise VsearchError(f"ids file not found: {ids_file}")
-        wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with open(ids_file, "rb") as handle:
+            wanted += [line.strip() for _, line in text_lines(handle, str(ids_file)) if line.strip()]
     if not wanted:
         raise VsearchError("no ids to delete: give ids or --ids-file")
     index_dir = _index_dir(ctx.obj, index)
@@ -258,8 +262,11 @@ def _parse_weights(text: str | None):
 @contextlib.contextmanager
 def _query_lines(file: Path) -> Iterator[Iterator[str]]:
     """The non-blank lines of `file`, or of standard input for `-`, read as they come."""
-    with contextlib.nullcontext(sys.stdin) if str(file) == "-" else open(file, encoding="utf-8") as handle:
-        yield (line.rstrip("\r\n") for line in handle if line.strip())
+    from vsearch.files import text_lines
+
+    stdin = str(file) == "-"
+    with contextlib.nullcontext(sys.stdin.buffer) if stdin else open(file, "rb") as handle:
+        yield (line for _, line in text_lines(handle, "standard input" if stdin else str(file)) if line.strip())
 
 
 @app.command()

@@ -1,12 +1,13 @@
-"""File helpers shared by every stage: opening URLs, checksums and crash-safe writes."""
+"""File helpers shared by every stage: opening URLs, reading text, checksums and crash-safe writes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 
@@ -31,6 +32,28 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
         raise VsearchError(f"cannot open {url}: {exc}") from None
+
+
+def decoded_lines(raw: Iterable[bytes], name: str) -> Iterator[str | None]:
+    """Each line of `raw` as UTF-8 text without its line end (a leading byte-order mark dropped),
+    or None for a line that is not UTF-8. A first line that is not UTF-8 is an error: the whole
+    file is in another encoding (GBK, say), which would make every line None."""
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            if number == 1:
+                raise VsearchError(f"{name} is not UTF-8 text; convert it, e.g. iconv -f GBK -t UTF-8") from None
+            yield None
+
+
+def text_lines(handle: IO[bytes], name: str) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line of a file a user wrote (queries, ids, scores), read as it
+    comes; a line that is not UTF-8 is an error naming it."""
+    for number, line in enumerate(decoded_lines(handle, name), start=1):
+        if line is None:
+            raise VsearchError(f"{name}:{number}: not UTF-8 text; convert the file, e.g. iconv -f GBK -t UTF-8")
+        yield number, line
 
 
 def sha256_of(path: Path) -> str:

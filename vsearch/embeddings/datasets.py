@@ -11,7 +11,8 @@ Sources and their ids:
 A row's `uri` is where its cover image is read from: `<images>/<id>.jpg` when the dataset
 has an images folder (pre-downloaded covers; by default `<stem>-images/` beside the file),
 otherwise its url, resolved against the dataset file's folder when relative.
-Rows with an id seen before are skipped, so ids are unique within a dataset.
+Rows with an id seen before are skipped, so ids are unique within a dataset; so are lines with
+too few fields or bytes that are not UTF-8 (a file whose first line is not UTF-8 is refused).
 
 Videos (for clip vectors) are found the same way: `<videos>/<id>.<ext>`, by default in
 `<stem>-videos/` beside the file; rows without a video there have no clip. A clip row's `uri` is
@@ -29,7 +30,7 @@ from pathlib import PurePosixPath
 import fsspec
 
 from vsearch.errors import VsearchError
-from vsearch.files import url_to_fs
+from vsearch.files import decoded_lines, url_to_fs
 from vsearch.workspace import Workspace
 
 NULL = "\\N"
@@ -53,15 +54,20 @@ class Dataset:
     source: str
     format: str
     has_text: bool
-    _rows: Callable[[], Iterator[Row]] = field(repr=False)
+    _rows: Callable[[], Iterator[Row | None]] = field(repr=False)  # None for a line it cannot use
     videos: str | None = None
     duplicates: int = 0
+    malformed: int = 0
 
     def rows(self) -> Iterator[Row]:
-        """Yield rows with unique ids, counting the skipped repeats in `duplicates`."""
+        """Yield rows with unique ids, counting the lines skipped as repeats in `duplicates`, and
+        those too short or not UTF-8 in `malformed`."""
         seen: set[str] = set()
-        self.duplicates = 0
+        self.duplicates = self.malformed = 0
         for row in self._rows():
+            if row is None:
+                self.malformed += 1
+                continue
             if row.id in seen:
                 self.duplicates += 1
                 continue
@@ -115,14 +121,14 @@ def _isdir(url: str) -> bool:
     return fs.isdir(path)
 
 
-def _lines(url: str) -> Iterator[list[str]]:
+def _lines(url: str) -> Iterator[list[str] | None]:
+    """The tab-separated fields of each non-empty line, None for a line that is not UTF-8."""
     fs, path = url_to_fs(url)
     try:
-        with fs.open(path, "rt", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                line = line.rstrip("\r\n")
-                if line:
-                    yield line.split("\t")
+        with fs.open(path, "rb") as handle:
+            for line in decoded_lines(handle, f"dataset {url}"):
+                if line is None or line:
+                    yield None if line is None else line.split("\t")
     except (OSError, ValueError) as exc:
         raise VsearchError(f"cannot read dataset {url}: {exc}") from exc
 
@@ -166,9 +172,10 @@ def cbvs_covers(source: str, name: str, images: str | None = None, videos: str |
     """CBVS-5M / CBVS-10M: `title \\t url \\t ocr`; lines with fewer than 3 fields are skipped."""
     locate = _image_locator(source, images)
 
-    def rows() -> Iterator[Row]:
+    def rows() -> Iterator[Row | None]:
         for fields in _lines(source):
-            if len(fields) < 3 or _value(fields[1]) is None:
+            if fields is None or len(fields) < 3 or _value(fields[1]) is None:
+                yield None
                 continue
             url = fields[1].strip()
             id_ = url_id(url)
@@ -181,9 +188,10 @@ def cbvs20k(source: str, name: str, images: str | None = None, videos: str | Non
     """CBVS-20K: `query \\t docid \\t url \\t label`; one row per distinct docid, no text."""
     locate = _image_locator(source, images)
 
-    def rows() -> Iterator[Row]:
+    def rows() -> Iterator[Row | None]:
         for fields in _lines(source):
-            if len(fields) < 4:
+            if fields is None or len(fields) < 4:
+                yield None
                 continue
             docid, url = fields[1].strip(), _value(fields[2])
             yield Row(docid, None, None, locate(docid, url))
@@ -220,6 +228,8 @@ REGISTERED = {
 def _sniff(source: str) -> str:
     """Tell CBVS-20K (4 fields, label last) from CBVS-5M/10M (3 fields) by the first lines."""
     for count, fields in enumerate(_lines(source)):
+        if fields is None:
+            continue
         if len(fields) == 4 and fields[3].strip() in ("0", "1", "2"):
             return "cbvs20k"
         if len(fields) == 3:

@@ -263,7 +263,7 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         for shard in encoded_shards(encoder, dataset, kind, config, mine, lambda n: None):
             entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns)
             results.put(("shard", entry, shard.input_rows, shard.failed))
-        results.put(("done", rank, skipped, None))
+        results.put(("done", rank, skipped, (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
         results.put(("error", rank, str(exc), None))
     except BaseException:
@@ -271,7 +271,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
 
 
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
-                    writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None]) -> None:
+                    writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None]) -> tuple[int, int]:
+    """Run one process per device; return the lines they skipped, as repeats and as malformed."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
@@ -283,21 +284,22 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                  for rank in range(len(devices))]
     for process in processes:
         process.start()
-    running = len(processes)
+    running, skipped_lines = len(processes), (0, 0)
     try:
         while running:
             try:
-                message, payload, detail, failed = results.get(timeout=5)
+                message, payload, detail, extra = results.get(timeout=5)
             except queue.Empty:
                 if not any(p.is_alive() for p in processes):
                     raise VsearchError("an embedding process died without reporting (out of memory?)") from None
                 continue
             if message == "shard":
-                writer.record(payload, detail, failed)
-                _count(result, payload["rows"], failed)
+                writer.record(payload, detail, extra)
+                _count(result, payload["rows"], extra)
                 on_rows(detail)
             elif message == "done":
                 result.shards_skipped += detail
+                skipped_lines = extra  # every process reads every line, so any one's counts will do
                 running -= 1
             elif message == "error":
                 raise VsearchError(detail)
@@ -308,6 +310,7 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
             if process.is_alive():
                 process.terminate()
             process.join()
+    return skipped_lines
 
 
 def _count(result: EmbedResult, rows: int, failed: list) -> None:
@@ -363,9 +366,11 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
             rows_seen += rows
             on_rows(rows)
 
+        skipped_lines = (0, 0)  # (repeated ids, malformed lines) as the last pass over the dataset counted
         for kind in kinds:
             if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
-                _run_on_devices(devices, encoder.spec, config, workspace, kind, writer, result, progress)
+                skipped_lines = _run_on_devices(devices, encoder.spec, config, workspace, kind, writer, result,
+                                                progress)
                 continue
 
             def is_pending(number: int, input_rows: int) -> bool:
@@ -374,8 +379,10 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
                 return pending
 
             _write_in_background(encoded_shards(encoder, dataset, kind, config, is_pending, progress), writer, result)
+            skipped_lines = (dataset.duplicates, dataset.malformed)
         if rows_seen == 0 and not any(before.values()):
-            raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}")
-        writer.manifest.duplicates = dataset.duplicates
+            malformed = f" ({skipped_lines[1]:,} malformed lines skipped)" if skipped_lines[1] else ""
+            raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}{malformed}")
+        writer.manifest.duplicates, writer.manifest.malformed_lines = skipped_lines
         writer.write_manifest()
     return result

@@ -74,7 +74,8 @@ class Manifest:
     format: str = FORMAT
     shards: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
-    duplicates: int = 0
+    duplicates: int = 0  # dataset lines skipped because their id came before
+    malformed_lines: int = 0  # dataset lines skipped: too few fields, or not UTF-8
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     updated_at: str = ""
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vsearch.errors import VsearchError
+from vsearch.files import text_lines
 
 # The CBVS paper's UniCLIP ViT-B/16 row (fine-tuned on CBVS-5M).
 PAPER_UNICLIP = {"R@1": 0.503, "R@5": 0.754, "R@10": 0.820, "MR": 0.692, "PNR": 3.069,
@@ -48,15 +49,16 @@ def read_scores(path: Path) -> list[Pair]:
     if not path.is_file():
         raise VsearchError(f"scores file not found: {path}")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        try:
-            label, query, docid, score = fields
-            pairs.append(Pair(query, docid, int(label), float(score)))
-        except ValueError:
-            raise VsearchError(f"{path}:{number}: expected label\\tquery\\tdocid\\tscore, got {line[:80]!r}") from None
+    with open(path, "rb") as handle:
+        for number, line in text_lines(handle, str(path)):
+            if not line.strip():
+                continue
+            try:
+                label, query, docid, score = line.split("\t")
+                pairs.append(Pair(query, docid, int(label), float(score)))
+            except ValueError:
+                raise VsearchError(f"{path}:{number}: expected label\\tquery\\tdocid\\tscore, "
+                                   f"got {line[:80]!r}") from None
     if not pairs:
         raise VsearchError(f"scores file {path} has no pairs")
     return pairs
@@ -136,13 +138,14 @@ def read_pairs(path: Path) -> list[Pair]:
     if not path.is_file():
         raise VsearchError(f"CBVS-20K file not found: {path}")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        fields = line.split("\t")
-        if len(fields) < 4 or not fields[3].strip().isdigit():
-            if line.strip():
-                raise VsearchError(f"{path}:{number}: expected query\\tdocid\\turl\\tlabel, got {line[:80]!r}")
-            continue
-        pairs.append(Pair(fields[0].strip(), fields[1].strip(), int(fields[3]), math.nan))
+    with open(path, "rb") as handle:
+        for number, line in text_lines(handle, str(path)):
+            fields = line.split("\t")
+            if len(fields) < 4 or not fields[3].strip().isdigit():
+                if line.strip():
+                    raise VsearchError(f"{path}:{number}: expected query\\tdocid\\turl\\tlabel, got {line[:80]!r}")
+                continue
+            pairs.append(Pair(fields[0].strip(), fields[1].strip(), int(fields[3]), math.nan))
     return pairs
 
 
