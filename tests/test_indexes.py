@@ -237,6 +237,30 @@ def test_a_failed_build_leaves_the_previous_index_untouched(embedded, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_build_removes_what_killed_builds_left_and_nothing_else(byo, tmp_path):
+    import os
+    import socket
+
+    host = socket.gethostname()
+    killed = tmp_path / f".index.tmp-{host}-{_pid_of_exited()}"
+    running = tmp_path / f".index.tmp-{host}-{os.getppid()}"
+    elsewhere = tmp_path / f".index.tmp-another-host-{_pid_of_exited()}"
+    for folder in (killed, running, elsewhere):
+        folder.mkdir()
+        (folder / "index.hnsw").write_bytes(b"half written")
+    build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
+    assert not killed.exists() and running.exists() and elsewhere.exists()
+
+
+def _pid_of_exited() -> int:
+    """The pid of a process that has gone, as a killed build's has."""
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def test_build_refuses_to_replace_a_folder_that_is_not_an_index(byo, tmp_path):
     precious = tmp_path / "documents"
     precious.mkdir()

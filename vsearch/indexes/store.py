@@ -12,15 +12,17 @@
     deleted.parquet  (after deletes) `label`, `id` of deleted rows, filtered out at query time
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
-place, so a failed build never replaces a good index.
+place, so a failed build never replaces a good index; the next build removes what a killed one left.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,9 +107,35 @@ def _check_replaceable(destination: Path) -> None:
         raise VsearchError(f"refusing to replace {destination}: it is not empty and not a vsearch index")
 
 
+def _beside(destination: Path, role: str) -> Path:
+    """This process's `role` (tmp, old) folder beside `destination`, named for its host and pid."""
+    return destination.with_name(f".{destination.name}.{role}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_killed_builds(destination: Path) -> None:
+    """Remove the folders that builds into `destination` on this host left when they were killed:
+    at 10M vectors each holds gigabytes. A live build's folder, or another host's, is left alone."""
+    for role in ("tmp", "old"):
+        prefix = f".{destination.name}.{role}-{socket.gethostname()}-"
+        for folder in destination.parent.glob(glob.escape(prefix) + "*"):
+            pid = folder.name[len(prefix):]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def _replace_dir(built: Path, destination: Path) -> None:
     """Swap `built` into `destination`; the old index is removed only after the new one is in place."""
-    old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+    old = _beside(destination, "old")
     if destination.exists():
         os.replace(destination, old)
     os.replace(built, destination)
@@ -117,7 +145,8 @@ def _replace_dir(built: Path, destination: Path) -> None:
 def _in_work_dir(destination: Path, fill: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Run `fill(work)` in a fresh temporary folder, then swap it into `destination`; clean up on failure."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    work = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+    _remove_killed_builds(destination)
+    work = _beside(destination, "tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
