@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import random
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +134,43 @@ def write_video(path: Path, seconds: float, fps: int = 10, gop: int = 10, size: 
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+class CoverServer(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; a path under /slow/ answers after 3 s, one under /trickle/ sends its file in
+    8 pieces 0.3 s apart."""
+
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            time.sleep(3)
+        if not self.path.startswith("/trickle/"):
+            return super().do_GET()
+        data = Path(self.translate_path(self.path.replace("/trickle/", "/", 1))).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        step = len(data) // 8 + 1
+        for start in range(0, len(data), step):
+            time.sleep(0.3)
+            self.wfile.write(data[start:start + step])
+            self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def cover_server(tmp_path):
+    """(folder, base url) of an http server on this machine serving the folder."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CoverServer, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

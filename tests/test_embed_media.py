@@ -1,15 +1,9 @@
 """Cover and clip vectors from image models: the batch job end to end on the demo data and on
 videos made here, with a small UniCLIP saved in the released format."""
 
-import functools
-import http.server
 import json
 import re
 import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +19,7 @@ from vsearch.embeddings.job import EmbedConfig, OomBackoff, run_embed
 from vsearch.embeddings.media import MediaError, sample_frames
 from vsearch.embeddings.shards import Manifest
 from vsearch.errors import VsearchError
-from tests.conftest import write_video
+from tests.conftest import closed_port, write_video
 
 
 def table(directory, kind):
@@ -133,46 +127,6 @@ def test_corrupt_covers_and_videos_are_recorded_and_the_job_goes_on(tmp_path, wo
     reasons = sorted((f["kind"], re.match(r"\D+?(?= /|:)", f["reason"]).group(0)) for f in result.manifest.failed)
     assert reasons == [("clip", "cannot decode video"), ("clip", "cannot decode video"), ("clip", "video too short"),
                        ("cover", "cannot decode image"), ("cover", "image not found")]
-
-
-class CoverServer(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; a path under /slow/ answers after 3 s, one under /trickle/ sends its file in
-    8 pieces 0.3 s apart."""
-
-    def do_GET(self):
-        if self.path.startswith("/slow/"):
-            time.sleep(3)
-        if not self.path.startswith("/trickle/"):
-            return super().do_GET()
-        data = Path(self.translate_path(self.path.replace("/trickle/", "/", 1))).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        step = len(data) // 8 + 1
-        for start in range(0, len(data), step):
-            time.sleep(0.3)
-            self.wfile.write(data[start:start + step])
-            self.wfile.flush()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def cover_server(tmp_path):
-    """(folder, base url) of an http server on this machine serving the folder."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CoverServer, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield folder, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -192,6 +192,26 @@ def test_clips_are_reranked_on_the_cover_images_of_their_videos(cli, workspace, 
     assert [h["parts"]["presence"] for h in hits] == pytest.approx(encoder.presence(covers).tolist(), abs=1e-5)
 
 
+def test_a_slow_cover_server_holds_a_query_up_only_until_the_fetch_deadline(cli, workspace, tiny_uniclip,
+                                                                           cover_server, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr("vsearch.query.rerank.COVER_FETCH_SECONDS", 1.0)
+    folder, base = cover_server
+    for number, row in enumerate(list(open_dataset("demo", workspace).rows())[:2]):
+        shutil.copy(row.uri, folder / f"{number}.jpg")
+    fast, slow = f"{base}/0.jpg", f"{base}/trickle/1.jpg"  # the second takes 2.4 s, sending all the while
+    source = tmp_path / "remote.txt"
+    source.write_text(f"封面零\t{fast}\t封面\n封面一\t{slow}\t封面\n", encoding="utf-8")
+    assert cli("embed", "--dataset", str(source), "--model", f"uniclip:{tiny_uniclip}", "--device", "cpu",
+               "--workers", "0").code == 0  # the embed job waits for a server that keeps sending
+    assert cli("build-index", "--type", "flat").code == 0
+    payload = results(cli, "封面", "--rerank-images", "2", "--device", "cpu")
+    parts = {h["uri"]: h["parts"] for h in payload["results"]}
+    assert "semantic" in parts[fast] and "semantic" not in parts[slow]
+    assert any("1 of 2 covers" in note and slow in note for note in payload["notes"])
+
+
 def test_on_a_cpu_the_heads_read_one_cover_per_core_by_default(uniclip_demo):
     hits = results(uniclip_demo, "大宅门演员表", "-k", "60", "--device", "cpu")["results"]
     assert sum("semantic" in h["parts"] for h in hits) == min(50, torch.get_num_threads())

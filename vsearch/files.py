@@ -19,15 +19,17 @@ from vsearch.errors import VsearchError
 HTTP_TIMEOUT_SECONDS = 30
 
 
-def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(url: str, deadline: float | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec's filesystem and path for a local path or URL. An unknown protocol, or one whose
-    package is not installed (s3fs for s3://, gcsfs for gs://), is a one-line `VsearchError`."""
+    package is not installed (s3fs for s3://, gcsfs for gs://), is a one-line `VsearchError`.
+    An http request fails when its server is silent for `HTTP_TIMEOUT_SECONDS` or, given a
+    `deadline`, when it takes longer than that many seconds in all."""
     options: dict[str, Any] = {}
     if url.startswith(("http://", "https://")):
         import aiohttp
 
         options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(
-            total=None, sock_connect=HTTP_TIMEOUT_SECONDS, sock_read=HTTP_TIMEOUT_SECONDS)}
+            total=deadline, sock_connect=HTTP_TIMEOUT_SECONDS, sock_read=HTTP_TIMEOUT_SECONDS)}
     try:
         return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:

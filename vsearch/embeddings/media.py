@@ -33,17 +33,18 @@ def _unreadable(uri: str, exc: BaseException) -> MediaError:
     return MediaError(f"cannot read image {uri}: {str(exc) or type(exc).__name__}")  # some (timeouts) have no message
 
 
-def read_all(uris: list[str | None]) -> list[bytes | MediaError]:
+def read_all(uris: list[str | None], deadline: float | None = None) -> list[bytes | MediaError]:
     """The bytes of each uri, or the `MediaError` saying why not. Each async filesystem's files
     (http, s3, gcs) are fetched concurrently in one call: a cover is one small request, and a
-    reader fetching them one after another would mostly wait on the network."""
+    reader fetching them one after another would mostly wait on the network. An http fetch
+    taking more than `deadline` seconds fails (see `url_to_fs`)."""
     results: list[bytes | MediaError] = [MediaError("no image url")] * len(uris)
     remote: dict[fsspec.AbstractFileSystem, list[tuple[int, str]]] = defaultdict(list)
     for position, uri in enumerate(uris):
         if uri is None:
             continue
         try:
-            fs, path = url_to_fs(uri)
+            fs, path = url_to_fs(uri, deadline)
             if fs.async_impl:
                 remote[fs].append((position, path))
             else:

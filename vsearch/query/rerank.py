@@ -16,10 +16,10 @@ Each candidate's final score is a weighted sum of its parts:
 semantic and presence need a UniCLIP encoder and the cover image; the image work is capped at
 `image_budget` candidates (best ANN first) so a query stays interactive, and the candidates past
 the cap follow the reranked ones in ANN order. Covers are fetched together (remote ones
-concurrently), then decoded and resized on a pool of threads (PIL releases the GIL): about 3 ms of
-CPU a cover, so 50 covers one after another would spend five times the 30 ms GPU budget before
-the GPU starts. A part that cannot be computed drops
-out, and the result says why.
+concurrently, within `COVER_FETCH_SECONDS`), then decoded and resized on a pool of threads (PIL
+releases the GIL): about 3 ms of CPU a cover, so 50 covers one after another would spend five times
+the 30 ms GPU budget before the GPU starts. A part that cannot be computed drops out, and the
+result says why.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ from functools import cache, lru_cache, partial
 
 from vsearch.embeddings.lexical import NGRAM_WEIGHT, ngrams
 from vsearch.embeddings.media import MediaError, decode_image, read_all
+
+
+# A remote cover taking longer than this drops out of a query's reranking (the embed job waits on a
+# server as long as it keeps sending): a query waits on a slow cover server for this long at most.
+COVER_FETCH_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,8 @@ def _add_head_parts(encoder, query: str, pool: list[Candidate], notes: list[str]
     import torch
 
     uris = [c.image for c in pool]
-    pixels = list(_cover_readers().map(partial(_cover_pixels, encoder.image_transform), read_all(uris), uris))
+    fetched = read_all(uris, deadline=COVER_FETCH_SECONDS)
+    pixels = list(_cover_readers().map(partial(_cover_pixels, encoder.image_transform), fetched, uris))
     failures = [p for p in pixels if isinstance(p, MediaError)]
     if failures:
         notes.append(f"semantic and presence parts dropped for {len(failures)} of {len(pool)} covers "
