@@ -168,6 +168,7 @@ def cover_server(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield folder, f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+    server.server_close()
 
 
 def closed_port() -> int:
