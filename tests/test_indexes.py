@@ -182,6 +182,13 @@ def test_deleted_ids_never_come_back(index_type, engine, byo, tmp_path):
     scores, ids = index.search(vectors[:1], 10)
     assert not set(ids[0]) & set(before[:15]) and len(set(ids[0])) == 10 and None not in ids[0]
     assert len(index) == 3000 - 15
+    # Rebuilding into the same folder leaves them out (reclaiming their space), and so does the next one.
+    for _ in range(2):
+        build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), tmp_path / "index")
+        rebuilt = load_index(tmp_path / "index")
+        assert rebuilt.rows.count == len(rebuilt) == 3000 - 15
+        assert not set(rebuilt.search(vectors[:1], 20)[1][0]) & set(before[:15])
+    assert delete_ids(tmp_path / "index", [before[0], before[15]]) == (1, [before[0]])  # gone already
 
 
 @pytest.mark.parametrize("index_type, engine", TYPES)

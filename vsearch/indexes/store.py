@@ -9,7 +9,9 @@
     vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
     rows.arrow       row i: the id and metadata (title, ocr, uri, ...) of library label i, read
                      memory-mapped (see rows.py)
-    deleted.parquet  (after deletes) `label`, `id` of deleted rows, filtered out at query time
+    deleted.parquet  (after deletes) `label`, `id` of deleted rows, filtered out at query time; a
+                     rebuild into the same folder leaves their ids out and keeps them here with
+                     label -1, so a deleted id stays deleted
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
 place, so a failed build never replaces a good index; the next build removes what a killed one left.
@@ -25,7 +27,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +201,15 @@ def _leave_one_out_recall(backend: Backend, source: VectorSource, params: dict[s
 
 def build_index(config: BuildConfig, source: VectorSource, destination: Path,
                 on_rows: Callable[[int], None] = lambda n: None, note: Notes = lambda line: None) -> dict[str, Any]:
-    """Build an index of `config.type` from `source` into `destination`."""
+    """Build an index of `config.type` from `source` into `destination`. Ids deleted from the index
+    there (`delete_ids`) are left out and stay deleted."""
     cls = backend_class(config.type, config.engine)
+    _check_replaceable(destination)
+    carried = _deleted(destination)
+    if len(carried):
+        source = replace(source, excluded=frozenset(carried.column("id").to_pylist()))
+        note(f"leaving out the {len(carried):,} ids deleted from {destination} "
+             f"({source.excluded_rows:,} of them in these vectors)")
     count = source.count
     if count == 0:
         raise VsearchError(f"no {config.kind} vectors in {source.directory}: nothing to index")
@@ -210,7 +219,6 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
     for reason in choice.reasons:
         note(reason)
     params = choice.params
-    _check_replaceable(destination)
     started = time.perf_counter()
 
     def fill(work: Path) -> dict[str, Any]:
@@ -230,6 +238,9 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
             else:
                 measured = _leave_one_out_recall(backend, source, params, config.recall_queries)
         backend.save(work)
+        if len(carried):
+            _write_deleted(work, pa.table({"label": pa.array(np.full(len(carried), -1), pa.int64()),
+                                           "id": carried.column("id")}))
         note(f"recall@10 {measured['recall@10']} with "
              + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
         return {
@@ -299,20 +310,32 @@ def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     wanted = pa.array(sorted(set(ids)), pa.string())
     labels = pc.indices_nonzero(pc.is_in(table, value_set=wanted)).to_numpy().astype(np.int64)
     known = set(table.take(pa.array(labels)).to_pylist())
-    previous = _deleted_labels(path)
-    fresh = np.setdiff1d(labels, previous)
-    merged = np.union1d(previous, labels)
-    deleted = pa.table({"label": pa.array(merged, pa.int64()), "id": table.take(pa.array(merged))})
-    temporary = path / (DELETED + ".tmp")
-    pq.write_table(deleted, temporary)
-    os.replace(temporary, path / DELETED)
+    previous = _deleted(path)
+    fresh = np.setdiff1d(labels, previous.column("label").to_numpy())
+    _write_deleted(path, pa.concat_tables([previous, pa.table({"label": pa.array(fresh, pa.int64()),
+                                                                "id": table.take(pa.array(fresh))})]))
     return len(fresh), sorted(set(ids) - known)
 
 
-def _deleted_labels(path: Path) -> np.ndarray:
+def _deleted(path: Path) -> pa.Table:
+    """The index's deleted rows: `label` (-1 for an id a rebuild left out) and `id`."""
     if not (path / DELETED).is_file():
-        return np.zeros(0, np.int64)
-    return pq.read_table(path / DELETED, columns=["label"]).column("label").to_numpy()
+        return pa.table({"label": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
+    try:
+        return pq.read_table(path / DELETED, columns=["label", "id"])
+    except (pa.ArrowException, OSError) as exc:
+        raise VsearchError(f"index {path} is damaged ({first_line(exc)} in {DELETED}); rebuild it") from None
+
+
+def _write_deleted(path: Path, deleted: pa.Table) -> None:
+    temporary = path / (DELETED + ".tmp")
+    pq.write_table(deleted, temporary)
+    os.replace(temporary, path / DELETED)
+
+
+def _deleted_labels(path: Path) -> np.ndarray:
+    labels = _deleted(path).column("label").to_numpy()
+    return labels[labels >= 0]
 
 
 class Index:

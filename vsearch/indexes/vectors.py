@@ -9,7 +9,7 @@ Its vectors are indexed L2-normalised, as vsearch's own are: scores are cosine s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vsearch.embeddings.encoders import Encoder, l2_normalise
@@ -44,10 +45,19 @@ class VectorSource:
     encoder: dict[str, str] | None  # spec and fingerprint; None for bring-your-own embeddings
     id_column: str = "id"
     vector_column: str = "vector"
+    excluded: frozenset[str] = frozenset()  # ids left out (deleted from the index a build replaces)
 
     @property
     def count(self) -> int:
-        return sum(f.rows for f in self.files)
+        return sum(f.rows for f in self.files) - self.excluded_rows
+
+    @cached_property
+    def excluded_rows(self) -> int:
+        """How many rows of the files have an `excluded` id (their id columns are read once to count)."""
+        if not self.excluded:
+            return 0
+        wanted = pa.array(sorted(self.excluded), pa.string())
+        return sum(pc.sum(pc.is_in(rows.column("id"), value_set=wanted)).as_py() or 0 for rows, _ in self._read())
 
     @cached_property
     def row_schema(self) -> pa.Schema:
@@ -64,19 +74,30 @@ class VectorSource:
         source, because every index scores by cosine: vsearch's shards already are (to float16
         rounding), and bring-your-own vectors need not be."""
         names = self.row_schema.names[1:] if metadata else []
+        wanted = pa.array(sorted(self.excluded), pa.string()) if self.excluded else None
+        for rows, batch in self._read(files, batch_rows, names, vectors=True):
+            column = batch.column(self.vector_column)
+            vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
+            vectors = vectors.reshape(len(batch), self.dim)
+            if wanted is not None:
+                keep = pc.invert(pc.is_in(rows.column("id"), value_set=wanted))
+                rows, vectors = rows.filter(keep), vectors[keep.to_numpy(zero_copy_only=False)]
+            yield rows, l2_normalise(vectors.astype(np.float32))
+
+    def _read(self, files: list[VectorFile] | None = None, batch_rows: int = 65536, names: Sequence[str] = (),
+              vectors: bool = False) -> Iterator[tuple[pa.Table, pa.RecordBatch]]:
+        """(rows: `id` as a string and the `names` columns a file has, the record batch) of every
+        record batch, with the vector column when `vectors`."""
         for file in files if files is not None else self.files:
             if not file.path.is_file():
                 raise VsearchError(f"shard {file.path} is listed in the manifest but missing")
             parquet = _parquet(file.path)
             present = [n for n in names if n in parquet.schema_arrow.names]
+            columns = [self.id_column, *([self.vector_column] if vectors else []), *present]
             try:
-                for batch in parquet.iter_batches(batch_size=batch_rows,
-                                                  columns=[self.id_column, self.vector_column, *present]):
-                    column = batch.column(self.vector_column)
-                    vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
+                for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
                     ids = batch.column(self.id_column).cast(pa.string())
-                    rows = pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present])
-                    yield rows, l2_normalise(vectors.reshape(len(batch), self.dim).astype(np.float32))
+                    yield pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present]), batch
             except (pa.ArrowException, OSError) as exc:  # a shard damaged after it was written
                 raise VsearchError(f"cannot read {file.path}: {exc}") from None
 
