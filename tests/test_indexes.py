@@ -163,6 +163,46 @@ def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
         assert ids[0, 0] == "doc2500", (index_type, engine)
 
 
+def test_an_append_replaces_the_vectors_of_ids_it_brings_again(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")
+    moved = clustered(10, seed=5)  # doc0..doc9 again, with new vectors
+    write_parquet(folder, moved, 0, "part-2.parquet")
+    append_index(tmp_path / "index", open_source(folder))
+    index = load_index(tmp_path / "index")
+    assert len(index) == 3000 and index.rows.count == 3010
+    scores, ids = index.search(moved[:1], 3)
+    assert ids[0, 0] == "doc0" and scores[0, 0] == pytest.approx(1, abs=1e-3) and "doc0" not in ids[0, 1:]
+    scores, _ = index.search(vectors[:1], 1)  # the old doc0 vector is gone
+    assert scores[0, 0] < 0.999
+
+
+def test_repeated_ids_in_bring_your_own_files_keep_the_last_vector(tmp_path):
+    vectors = clustered(200)
+    write_parquet(tmp_path / "byo", vectors[:100], 0, "part-0.parquet")
+    write_parquet(tmp_path / "byo", vectors[100:], 50, "part-1.parquet")  # doc50..doc149: doc50..doc99 again
+    notes = []
+    build_index(BuildConfig(type="flat"), open_source(tmp_path / "byo"), tmp_path / "index", note=notes.append)
+    assert "50 vectors replaced by later ones with the same id" in notes
+    index = load_index(tmp_path / "index")
+    assert len(index) == 150
+    scores, ids = index.search(vectors, 1)
+    assert list(ids[:50, 0]) + list(ids[100:, 0]) == [f"doc{i}" for i in range(150)]
+    assert (scores[:50, 0] > 0.999).all() and (scores[100:, 0] > 0.999).all()
+    assert (scores[50:100, 0] < 0.999).all()  # the first vectors of doc50..doc99 are gone
+
+
+def test_an_id_deleted_then_appended_again_survives_a_rebuild(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    delete_ids(tmp_path / "index", ["doc0", "doc1"])
+    write_parquet(folder, vectors[:1], 0, "part-2.parquet")  # doc0 comes back
+    append_index(tmp_path / "index", open_source(folder))
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    _, ids = load_index(tmp_path / "index").search(vectors[:2], 1)
+    assert ids[0, 0] == "doc0" and ids[1, 0] != "doc1"
+
+
 def test_append_refuses_a_file_that_changed(byo, tmp_path):
     folder, vectors = byo
     build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")

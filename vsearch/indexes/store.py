@@ -9,9 +9,10 @@
     vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
     rows.arrow       row i: the id and metadata (title, ocr, uri, ...) of library label i, read
                      memory-mapped (see rows.py)
-    deleted.parquet  (after deletes) `label`, `id` of deleted rows, filtered out at query time; a
-                     rebuild into the same folder leaves their ids out and keeps them here with
-                     label -1, so a deleted id stays deleted
+    deleted.parquet  `label`, `id` of deleted rows, filtered out at query time: deleted ids, and
+                     vectors replaced by a later one with the same id (appends are upserts); a
+                     rebuild into the same folder leaves deleted ids out and keeps them here with
+                     label -1, so a deleted id stays deleted until an append brings it back
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
 place, so a failed build never replaces a good index; the next build removes what a killed one left.
@@ -205,7 +206,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
     there (`delete_ids`) are left out and stay deleted."""
     cls = backend_class(config.type, config.engine)
     _check_replaceable(destination)
-    carried = _deleted(destination)
+    carried = _still_deleted(destination)
     if len(carried):
         source = replace(source, excluded=frozenset(carried.column("id").to_pylist()))
         note(f"leaving out the {len(carried):,} ids deleted from {destination} "
@@ -238,9 +239,8 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
             else:
                 measured = _leave_one_out_recall(backend, source, params, config.recall_queries)
         backend.save(work)
-        if len(carried):
-            _write_deleted(work, pa.table({"label": pa.array(np.full(len(carried), -1), pa.int64()),
-                                           "id": carried.column("id")}))
+        held_last = np.concatenate([np.delete(np.arange(count), held.positions), held.positions])
+        _mark_superseded(work, carried, note, held_last)
         note(f"recall@10 {measured['recall@10']} with "
              + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
         return {
@@ -289,6 +289,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
                 rows.write(table, str(path / ROWS))
             _add_files(backend, source, new, info["count"], rows, on_rows)
         backend.save(work)
+        _mark_superseded(work, _deleted(path), note)
         everything = VectorSource(source.directory, source.dataset, source.dim,
                                   [entry_file(s) for s in info["shards"]] + new, source.encoder,
                                   source.id_column, source.vector_column)
@@ -312,8 +313,7 @@ def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     known = set(table.take(pa.array(labels)).to_pylist())
     previous = _deleted(path)
     fresh = np.setdiff1d(labels, previous.column("label").to_numpy())
-    _write_deleted(path, pa.concat_tables([previous, pa.table({"label": pa.array(fresh, pa.int64()),
-                                                                "id": table.take(pa.array(fresh))})]))
+    _write_deleted(path, pa.concat_tables([previous, _deleted_rows(fresh, table.take(pa.array(fresh)))]))
     return len(fresh), sorted(set(ids) - known)
 
 
@@ -331,6 +331,53 @@ def _write_deleted(path: Path, deleted: pa.Table) -> None:
     temporary = path / (DELETED + ".tmp")
     pq.write_table(deleted, temporary)
     os.replace(temporary, path / DELETED)
+
+
+def _deleted_rows(labels: np.ndarray, ids: pa.Array | pa.ChunkedArray) -> pa.Table:
+    return pa.table({"label": pa.array(labels, pa.int64()), "id": ids})
+
+
+def _superseded(ids: pa.ChunkedArray, order: np.ndarray) -> np.ndarray:
+    """Labels whose id comes again later in `order` (each label's place in the files): the later
+    vector replaces the earlier one (an append bringing an id again, an id repeated in
+    bring-your-own files)."""
+    latest = pa.table({"id": ids, "order": order}).group_by("id").aggregate([("order", "max")])
+    kept = np.zeros(len(ids), bool)
+    kept[np.argsort(order)[latest.column("order_max").to_numpy()]] = True
+    return np.flatnonzero(~kept)
+
+
+def _mark_superseded(work: Path, deleted: pa.Table, note: Notes, order: np.ndarray | None = None) -> None:
+    """Write the built index's deleted rows: `deleted` and the vectors later ones replace; `order`
+    is each label's place in the files (labels follow it, but for rows held out to measure recall)."""
+    ids = Rows(work / ROWS).ids()
+    order = np.arange(len(ids)) if order is None else order
+    replaced = np.setdiff1d(_superseded(ids, order), deleted.column("label").to_numpy())
+    if len(replaced):
+        note(f"{len(replaced):,} vectors replaced by later ones with the same id")
+        deleted = pa.concat_tables([deleted, _deleted_rows(replaced, ids.take(pa.array(replaced)))])
+    if len(deleted):
+        _write_deleted(work, deleted)
+
+
+def _still_deleted(path: Path) -> pa.Table:
+    """The ids deleted from the index at `path` that it does not hold again (an append can bring a
+    deleted id back), as deleted rows of label -1 for the index that replaces it."""
+    deleted = _deleted(path)
+    if not len(deleted):
+        return deleted
+    ids = deleted.column("id").combine_chunks()
+    try:
+        every = Rows(path / ROWS).ids()
+    except VsearchError:  # a damaged index being rebuilt: keep every deletion
+        gone = ids
+    else:
+        live = np.ones(len(every), bool)
+        live[_deleted_labels(path)] = False
+        back = pc.is_in(ids, value_set=every.filter(pa.array(live)).combine_chunks())
+        gone = ids.filter(pc.invert(back))
+    gone = pc.unique(gone)
+    return _deleted_rows(np.full(len(gone), -1), gone)
 
 
 def _deleted_labels(path: Path) -> np.ndarray:
