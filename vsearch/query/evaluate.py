@@ -19,6 +19,7 @@ Definitions (the published evaluation):
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,6 +162,9 @@ def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 64) 
     whole pool of covers found for R@k."""
     from vsearch.embeddings.media import MediaError, load_image
 
+    if not hasattr(encoder, "encode_images"):
+        raise VsearchError(f"{encoder.spec} encodes text only, and CBVS-20K pairs are scored against the cover "
+                           "image: use --model uniclip:PATH or open_clip:ARCH:PATH")
     covers: list[str] = []
     parts: list[np.ndarray] = []
     docids = list(dict.fromkeys(p.docid for p in pairs))
@@ -192,4 +196,6 @@ def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 64) 
 
 
 def write_scores(pairs: list[Pair], path: Path) -> None:
-    path.write_text("".join(f"{p.label}\t{p.query}\t{p.docid}\t{p.score}\n" for p in pairs), encoding="utf-8")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(f"{p.label}\t{p.query}\t{p.docid}\t{p.score}\n" for p in pairs), encoding="utf-8")
+    os.replace(temporary, path)
