@@ -105,6 +105,9 @@ def test_a_file_of_queries_gives_json_lines(demo, tmp_path):
     out = tmp_path / "out.jsonl"
     assert demo("query", "--file", str(queries), "--out", str(out)).code == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    same = demo("query", "--file", str(queries), "--out", str(tmp_path / "." / "queries.txt"))
+    assert same.code == 1 and "would erase the queries" in same.stderr
+    assert queries.read_text(encoding="utf-8") == "大宅门演员表\n\n周杰伦个人资料\n"
 
 
 def test_queries_on_standard_input_are_answered_as_they_arrive(demo, workspace):

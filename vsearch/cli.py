@@ -297,6 +297,8 @@ def query(
         raise VsearchError("give a query text or --file FILE (one query per line)")
     if file is not None and str(file) != "-" and not file.is_file():
         raise VsearchError(f"queries file not found: {file}")
+    if out is not None and file is not None and out.exists() and out.resolve() == Path(file).resolve():
+        raise VsearchError(f"--out {out} is the queries file: writing the results would erase the queries")
     index_dir = _index_dir(ctx.obj, index)
     searcher = Searcher(index_dir, device)
 
