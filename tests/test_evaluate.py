@@ -85,6 +85,14 @@ def test_a_text_only_model_cannot_score_covers(cli, tmp_path):
     assert result.code == 1 and "lexical encodes text only" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_scores_are_never_written_over_the_pairs_file(cli, tmp_path):
+    source = tmp_path / "pairs.txt"
+    source.write_text("大宅门\td1\thttp://x/1.jpg\t2\n", encoding="utf-8")
+    result = cli("eval", "--dataset", str(source), "--model", "lexical", "--images", str(tmp_path), "--out", str(source))
+    assert result.code == 1 and "would erase it" in result.stderr
+    assert source.read_text(encoding="utf-8") == "大宅门\td1\thttp://x/1.jpg\t2\n"
+
+
 def test_a_malformed_scores_line_names_its_place(cli, tmp_path):
     bad = tmp_path / "scores.txt"
     bad.write_text("1\tq\td\t0.5\nnot a score line\n", encoding="utf-8")

@@ -373,6 +373,8 @@ def eval_command(
         from vsearch.embeddings.job import resolve_model
 
         source = ws.datasets / "cbvs20k.txt" if dataset == "cbvs20k" else Path(dataset)
+        if out is not None and out.exists() and out.resolve() == source.resolve():
+            raise VsearchError(f"--out {out} is the CBVS-20K file: writing the scores would erase it")
         encoder = load_encoder(resolve_model(model, ws), device)
         scored = evaluate.score_with_model(encoder, evaluate.read_pairs(source), images)
         if out is not None:
