@@ -41,3 +41,13 @@ def test_the_cli_writes_it_under_the_workspace_datasets(cli, workspace):
     assert len((workspace.datasets / "cbvs10m-HNSW").read_text(encoding="utf-8").splitlines()) == 15
     wrong = cli("build-index", "--type", "flat", "--layout", "cbvs10m-hnsw")
     assert wrong.code == 1 and "the one layout is cbvs10m-hnsw (hnsw)" in wrong.stderr
+
+
+def test_the_dataset_file_is_never_written_over(cli, workspace):
+    workspace.datasets.mkdir(parents=True)
+    dataset = workspace.datasets / "cbvs10m.txt"
+    dataset.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    result = cli("build-index", "--type", "hnsw", "--layout", "cbvs10m-hnsw", "--dataset", "cbvs10m",
+                 "--model", "lexical", "--out", str(dataset))
+    assert result.code == 1 and "would erase it" in result.stderr
+    assert dataset.read_text(encoding="utf-8") == "\n".join(LINES) + "\n"

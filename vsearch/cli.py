@@ -141,6 +141,8 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
 
         encoder.context_length = SEMANTIC_CONTEXT  # OCR texts are read as the semantic head saw them in training
     destination = out or ws.datasets / f"{source.name}-HNSW"
+    if destination.exists() and destination.resolve() == Path(source.source.removeprefix("file://")).resolve():
+        raise VsearchError(f"--out {destination} is the dataset file: writing the hard negatives would erase it")
     with progress(f"{source.name} OCR texts", None, unit="texts") as advance:
         lines = write_hard_negatives(source, encoder, destination, on_rows=advance)
     stderr.print(f"{lines:,} OCR texts with their nearest neighbours -> {destination}")
