@@ -133,7 +133,7 @@ def _raw_search(index: Index):
     return lambda q, k: backend.index.search(q, k)
 
 
-def _time_ratio(ours, theirs, inputs: list[np.ndarray], repeats: int = 10) -> float:
+def time_ratio(ours, theirs, inputs: list[np.ndarray], repeats: int = 10) -> float:
     """Sum over `inputs` (query batches) of each one's best time through `ours(queries, 10)`, over the
     same through `theirs`. The two run in alternation, each going first in every other round, so that
     drift in the machine's state (page cache, allocator, other load), and whatever a call leaves
@@ -174,8 +174,8 @@ def measure(index: Index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarr
 def overhead(index: Index, queries: np.ndarray) -> dict[str, float]:
     """vsearch's search time over the raw library call's, batch and single query, at k = 10."""
     raw = _raw_search(index)
-    return {"batch": _time_ratio(index.search, raw, [queries]),
-            "single": _time_ratio(index.search, raw, [query[None] for query in queries[:200]])}
+    return {"batch": time_ratio(index.search, raw, [queries]),
+            "single": time_ratio(index.search, raw, [query[None] for query in queries[:200]])}
 
 
 def _size(path: Path) -> int:

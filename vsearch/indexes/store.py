@@ -402,6 +402,11 @@ class Index:
             raise VsearchError(f"index {path} is damaged: {cls.file_name} holds {len(self.backend):,} vectors "
                                f"but {ROWS} {self.rows.count:,} rows; rebuild it")
         self.deleted = _deleted_labels(path)
+        # Dead labels as a mask, its last slot standing for the padding label -1: a lookup costs 0.3 µs
+        # a query where np.isin took 84 µs with 1,000 deleted labels and 770 ms with a million.
+        self._dead = np.zeros(self.rows.count + 1, bool)
+        self._dead[self.deleted] = True
+        self._dead[-1] = True
         # Without deletes, a backend that never pads its results needs no per-query check for -1 labels.
         self._unpadded = cls.full_results and not len(self.deleted)
 
@@ -442,7 +447,7 @@ class Index:
         filter so selective that an ANN search would have to be widened over most of the index."""
         labels = np.asarray(labels, np.int64)
         if len(self.deleted):
-            labels = labels[~np.isin(labels, self.deleted)]
+            labels = labels[~self._dead[labels]]
         return self.backend.search_among(self._queries(queries), labels, min(k, len(labels)))
 
     def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -452,17 +457,26 @@ class Index:
         total = self.rows.count
         if not len(self.deleted):
             return self.backend.search(queries, min(k, total))
-        # Fetch past the deleted rows; widen until every query has k live results or the index is exhausted.
-        fetch = min(total, k + len(self.deleted)) if len(self.deleted) <= 4 * k else min(total, 4 * k)
-        while True:
-            scores, labels = self.backend.search(queries, fetch)
-            live = (labels >= 0) & ~np.isin(labels, self.deleted)
-            if fetch >= total or live.sum(axis=1).min() >= k:
-                break
-            fetch = min(total, fetch * 4)
-        order = np.argsort(~live, axis=1, kind="stable")[:, :k]
-        scores = np.where(np.take_along_axis(live, order, axis=1), np.take_along_axis(scores, order, axis=1), -np.inf)
-        labels = np.where(np.take_along_axis(live, order, axis=1), np.take_along_axis(labels, order, axis=1), -1)
+        # Fetch past the deleted rows (all of a few; with many, twice their share of k, for fetching more
+        # costs every query: 4k made 1,000 deletes in 100k cost 2.5 times the search), and search again,
+        # 4 times wider, for the queries still short of k live results (a whole batch again took 1.6
+        # times as long with 10% deleted), until the index is exhausted.
+        few = len(self.deleted) <= 4 * k
+        fetch = min(total, k + len(self.deleted) if few else k + 2 + 2 * k * len(self.deleted) // total)
+        width = min(k, total)
+        scores = np.full((len(queries), width), -np.inf, np.float32)
+        labels = np.full((len(queries), width), -1, np.int64)
+        pending = np.arange(len(queries))
+        while len(pending):
+            found_scores, found = self.backend.search(queries[pending], fetch)
+            live = ~self._dead[found]
+            done = (live.sum(axis=1) >= width) | (fetch >= total)
+            # Live results first, in their order; plain fancy indexing, as take_along_axis costs 6 µs a call.
+            order = np.argsort(~live[done], axis=1, kind="stable")[:, :width]
+            rows, columns = np.arange(len(order))[:, None], order.shape[1]
+            scores[pending[done], :columns] = np.where(live, found_scores, -np.inf)[done][rows, order]
+            labels[pending[done], :columns] = np.where(live, found, -1)[done][rows, order]
+            pending, fetch = pending[~done], min(total, fetch * 4)
         return scores, labels
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
