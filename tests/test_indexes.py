@@ -398,6 +398,20 @@ def test_an_index_in_an_older_format_is_a_clear_error(byo, tmp_path):
         load_index(tmp_path / "index")
 
 
+def test_hnswlib_vectors_are_read_from_its_file_as_get_items_returns_them(byo, tmp_path):
+    from vsearch.indexes.backends import hnswlib_file_vectors
+
+    build_index(BuildConfig(type="hnsw"), open_source(byo[0]), tmp_path / "index")
+    backend = load_index(tmp_path / "index").backend
+    labels = np.random.default_rng(0).permutation(len(backend))[:100]
+    assert np.array_equal(backend.vectors(labels), backend.index.get_items(labels, return_type="numpy"))
+    assert backend._mapped is not None  # from the file, not through get_items
+    path = tmp_path / "index" / "index.hnsw"
+    assert hnswlib_file_vectors(path, 64, len(backend) + 1) is None  # another count: not this file
+    assert hnswlib_file_vectors(path, 32, len(backend)) is None
+    assert hnswlib_file_vectors(tmp_path / "index" / "rows.arrow", 64, len(backend)) is None
+
+
 def test_hnswlib_returns_every_neighbour_asked_for_even_where_its_graph_cannot_reach_them(tmp_path):
     # 90% identical vectors: hnswlib's graph reaches too few nodes to return them all, and hnswlib raises.
     # A search widened to the whole index meets that. One build thread, so that the graph (and whether
