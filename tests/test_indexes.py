@@ -406,10 +406,10 @@ def test_hnswlib_vectors_are_read_from_its_file_as_get_items_returns_them(byo, t
     labels = np.random.default_rng(0).permutation(len(backend))[:100]
     assert np.array_equal(backend.vectors(labels), backend.index.get_items(labels, return_type="numpy"))
     assert backend._mapped is not None  # from the file, not through get_items
-    path = tmp_path / "index" / "index.hnsw"
-    assert hnswlib_file_vectors(path, 64, len(backend) + 1) is None  # another count: not this file
-    assert hnswlib_file_vectors(path, 32, len(backend)) is None
-    assert hnswlib_file_vectors(tmp_path / "index" / "rows.arrow", 64, len(backend)) is None
+    mapped = np.memmap(tmp_path / "index" / "index.hnsw", np.uint8, "r")
+    assert hnswlib_file_vectors(mapped, 64, len(backend) + 1) is None  # another count: not this file
+    assert hnswlib_file_vectors(mapped, 32, len(backend)) is None
+    assert hnswlib_file_vectors(np.memmap(tmp_path / "index" / "rows.arrow", np.uint8, "r"), 64, len(backend)) is None
 
 
 def test_hnswlib_returns_every_neighbour_asked_for_even_where_its_graph_cannot_reach_them(tmp_path):

@@ -197,19 +197,17 @@ HNSWLIB_HEADER = np.dtype([
     ("max_m", "<u8"), ("max_m0", "<u8"), ("m", "<u8"), ("mult", "<f8"), ("ef_construction", "<u8")])
 
 
-def hnswlib_file_vectors(path: Path, dim: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(each element's vector, memory-mapped from an hnswlib index file, in hnswlib's internal
-    order; the internal position of each label 0..count-1), or None when the file is not laid out
-    as expected."""
-    try:
-        header = np.fromfile(path, HNSWLIB_HEADER, count=1)[0]
-    except (OSError, ValueError, IndexError):
+def hnswlib_file_vectors(file: np.ndarray, dim: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(each element's vector in an hnswlib index file, mapped as bytes, in hnswlib's internal order;
+    the internal position of each label 0..count-1), or None when the file is not laid out so."""
+    if len(file) < HNSWLIB_HEADER.itemsize:
         return None
+    header = file[:HNSWLIB_HEADER.itemsize].view(HNSWLIB_HEADER)[0]
     size, data, label = (int(header[name]) for name in ("size_per_element", "data_offset", "label_offset"))
     if (int(header["count"]) != count or label - data != 4 * dim or label + 8 > size
-            or path.stat().st_size < HNSWLIB_HEADER.itemsize + count * size):
+            or len(file) < HNSWLIB_HEADER.itemsize + count * size):
         return None
-    records = np.memmap(path, np.uint8, "r", offset=HNSWLIB_HEADER.itemsize, shape=(count, size))
+    records = file[HNSWLIB_HEADER.itemsize:HNSWLIB_HEADER.itemsize + count * size].reshape(count, size)
     labels = records[:, label:label + 8].view("<u8")[:, 0]
     if count and int(labels.max()) >= count:
         return None
@@ -226,11 +224,13 @@ class HnswlibBackend(Backend):
     search_params = {"ef_search": 128}
     full_results = True  # where hnswlib cannot find k, search falls back to exact search
 
-    def __init__(self, index: Any, ef_search: int, saved: Path | None = None):
+    def __init__(self, index: Any, ef_search: int, saved: np.ndarray | None = None):
         self.index, self.ef_search, self.threads = index, ef_search, -1
         self.count = index.get_current_count()
         self._ef = 0  # the ef last given to hnswlib; set only when it changes
-        self.saved = saved  # the file the index was loaded from, while nothing has been added since
+        # The file the index was loaded from, mapped (so a rebuild replacing it cannot change what
+        # is read), while nothing has been added since; parsed on the first call to `vectors`.
+        self.saved = saved
         self._mapped: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
@@ -247,8 +247,8 @@ class HnswlibBackend(Backend):
 
         index = hnswlib.Index(space="ip", dim=dim)
         index.load_index(str(directory / cls.file_name))
-        return cls(index, params.get("ef_search", cls.search_params["ef_search"]),
-                   None if writable else directory / cls.file_name)
+        saved = None if writable else np.memmap(directory / cls.file_name, np.uint8, "r")
+        return cls(index, params.get("ef_search", cls.search_params["ef_search"]), saved)
 
     def prepare(self, directory: Path, new_rows: int) -> None:
         needed = self.index.get_current_count() + new_rows
@@ -278,7 +278,8 @@ class HnswlibBackend(Backend):
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         """Read from the loaded file, memory-mapped, where it can be: 0.4 µs a vector (200k×512, in
         the page cache) where hnswlib's get_items takes 28 µs, building a Python list of floats per
-        vector. An index being built or appended to has no such file."""
+        vector. The first call reads every element's label, a pass over the file (in the page cache
+        after hnswlib's own load). An index being built or appended to has no such file."""
         if self._mapped is None and self.saved is not None:
             self._mapped = hnswlib_file_vectors(self.saved, self.index.dim, self.count)
             self.saved = None  # mapped now, or not laid out as expected: get_items from here on
