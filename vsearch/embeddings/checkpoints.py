@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 from vsearch.errors import VsearchError
-from vsearch.files import sha256_of
+from vsearch.files import sha256_of, write_json_atomic
+
+REMEMBERED_FINGERPRINTS = 64
+
+
+def fingerprint_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "vsearch" / "fingerprints.json"
 
 
 def file_fingerprint(path: Path) -> str:
-    """First 16 hex digits of the file's SHA-256: identifies the weights, not the path."""
-    return sha256_of(path)[:16]
+    """First 16 hex digits of the file's SHA-256: identifies the weights, not the path.
+
+    Hashing reads the whole file, 1.7 s of every query's start for a 1 GB UniCLIP checkpoint, so
+    the digest is remembered in the user's cache under what changes whenever the file does: its
+    path, device, inode, size, and modification and change times (no tool sets a change time
+    back). A cache that cannot be read or written is no cache: the file is hashed."""
+    stat = path.stat()
+    key = "|".join(map(str, (path.resolve(), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                             stat.st_ctime_ns)))
+    cache = fingerprint_cache()
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    fingerprint = sha256_of(path)[:16]
+    kept = dict(list(known.items())[-(REMEMBERED_FINGERPRINTS - 1):])
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache, {**kept, key: fingerprint})
+    except OSError:
+        pass
+    return fingerprint
 
 
 def existing_file(path: str, what: str) -> Path:
