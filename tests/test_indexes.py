@@ -163,6 +163,20 @@ def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
         assert ids[0, 0] == "doc2500", (index_type, engine)
 
 
+def test_a_loaded_index_drops_ids_deleted_since_but_not_what_an_append_replaced(byo, tmp_path, monkeypatch):
+    monkeypatch.setattr("vsearch.indexes.store.DELETES_CHECK_SECONDS", 0.0)
+    folder, vectors = byo
+    build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")
+    serving = load_index(tmp_path / "index")
+    assert serving.search(vectors[:1], 1)[1][0, 0] == "doc0"
+    delete_ids(tmp_path / "index", ["doc0"])  # as `vsearch delete` from another process
+    assert "doc0" not in serving.search(vectors[:1], 5)[1][0] and len(serving) == 2999
+    write_parquet(folder, clustered(1, seed=5), 1, "part-2.parquet")  # doc1 again, elsewhere
+    append_index(tmp_path / "index", open_source(folder))
+    assert serving.search(vectors[1:2], 1)[1][0, 0] == "doc1"  # its old vector, until reloaded
+    assert serving.search(vectors[:1], 5)[1][0, 0] != "doc0"
+
+
 def test_an_append_replaces_the_vectors_of_ids_it_brings_again(byo, tmp_path):
     folder, vectors = byo
     build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")

@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,7 @@ from vsearch.indexes.vectors import VectorFile, VectorSource, entry_file, file_e
 FORMAT = "vsearch-index/2"
 MANIFEST = "index.json"
 DELETED = "deleted.parquet"
+DELETES_CHECK_SECONDS = 1.0
 Notes = Callable[[str], None]
 
 
@@ -250,7 +252,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
             "files": {"index": cls.file_name, "rows": ROWS},
             "memory_bytes": memory_bytes(config.type, count, source.dim, params), "recall": measured,
             "build_seconds": round(time.perf_counter() - started, 3),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "appends": [],
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_id": uuid.uuid4().hex, "appends": [],
         }
 
     return _in_work_dir(destination, fill)
@@ -380,6 +382,20 @@ def _still_deleted(path: Path) -> pa.Table:
     return _deleted_rows(np.full(len(gone), -1), gone)
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file at `path` is replaced or rewritten; None when there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _version_of(manifest: dict[str, Any]) -> tuple[Any, Any, int]:
+    """What tells one build of an index, and each append to it, from another (a delete changes none)."""
+    return manifest.get("build_id"), manifest.get("built_at"), len(manifest.get("appends", []))
+
+
 def _deleted_labels(path: Path) -> np.ndarray:
     labels = _deleted(path).column("label").to_numpy()
     return labels[labels >= 0]
@@ -401,14 +417,42 @@ class Index:
         if len(self.backend) != self.rows.count:
             raise VsearchError(f"index {path} is damaged: {cls.file_name} holds {len(self.backend):,} vectors "
                                f"but {ROWS} {self.rows.count:,} rows; rebuild it")
-        self.deleted = _deleted_labels(path)
+        self._deletes_checked = time.monotonic()
+        self._take_deletes()
+
+    def _take_deletes(self) -> None:
+        """Leave out the labels deleted.parquet lists now."""
+        self._deletes_seen = _file_stamp(self.path / DELETED)
+        self.deleted = _deleted_labels(self.path)
         # Dead labels as a mask, its last slot standing for the padding label -1: a lookup costs 0.3 µs
         # a query where np.isin took 84 µs with 1,000 deleted labels and 770 ms with a million.
-        self._dead = np.zeros(self.rows.count + 1, bool)
-        self._dead[self.deleted] = True
-        self._dead[-1] = True
+        dead = np.zeros(self.rows.count + 1, bool)
+        dead[self.deleted] = True
+        dead[-1] = True
+        self._dead = dead
         # Without deletes, a backend that never pads its results needs no per-query check for -1 labels.
-        self._unpadded = cls.full_results and not len(self.deleted)
+        self._unpadded = type(self.backend).full_results and not len(self.deleted)
+
+    def _follow_deletes(self) -> None:
+        """Take up deletes made since loading (`vsearch delete` from another process), looking at most
+        once a `DELETES_CHECK_SECONDS`: a long-running searcher drops deleted ids without a restart.
+        After an append or a rebuild the folder holds another index, whose deleted rows may be rows
+        this one lacks (an upsert deletes the vector it replaces): this one then keeps its deletes
+        until it is loaded again."""
+        now = time.monotonic()
+        if now - self._deletes_checked < DELETES_CHECK_SECONDS:
+            return
+        self._deletes_checked = now
+        stamp = _file_stamp(self.path / DELETED)
+        if stamp == self._deletes_seen:
+            return
+        self._deletes_seen = stamp
+        try:
+            current = read_index_manifest(self.path)
+        except VsearchError:  # the folder is being replaced
+            return
+        if _version_of(current) == _version_of(self.manifest):
+            self._take_deletes()
 
     @functools.cached_property
     def ids(self) -> np.ndarray:
@@ -446,6 +490,7 @@ class Index:
         """Exact (scores, labels) of the k best of the rows `labels` only, deleted ones left out: for a
         filter so selective that an ANN search would have to be widened over most of the index."""
         labels = np.asarray(labels, np.int64)
+        self._follow_deletes()
         if len(self.deleted):
             labels = labels[~self._dead[labels]]
         return self.backend.search_among(self._queries(queries), labels, min(k, len(labels)))
@@ -455,6 +500,7 @@ class Index:
         and at most as many columns as the index has rows."""
         queries = self._queries(queries)
         total = self.rows.count
+        self._follow_deletes()
         if not len(self.deleted):
             return self.backend.search(queries, min(k, total))
         # Fetch past the deleted rows (all of a few; with many, twice their share of k, for fetching more
