@@ -4,7 +4,7 @@
 
     index.json       manifest: type, engine, build and search parameters and why they were chosen,
                      dim, metric, count, kind, the files it was built from (with checksums), the
-                     encoder spec and fingerprint, build time, measured recall, appends
+                     encoder spec and fingerprint, build time and id, measured recall, appends
     index.faiss | index.hnsw   the library's own file, loadable by plain faiss or hnswlib
     vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
     rows.arrow       row i: the id and metadata (title, ocr, uri, ...) of library label i, read
