@@ -125,6 +125,16 @@ def test_queries_on_standard_input_are_answered_as_they_arrive(demo, workspace):
     assert "大宅门" in answers[0]["results"][0]["title"] and "周杰伦" in answers[1]["results"][0]["title"]
 
 
+def test_a_query_with_a_model_free_encoder_never_loads_torch(demo, workspace):
+    # torch takes seconds to import: a lexical index must answer a one-off `vsearch query` without it.
+    script = ("import sys\nfrom vsearch.cli import main\ntry:\n    main(['query', '大宅门', '--json'])\n"
+              "finally:\n    print('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8",
+                          env={**os.environ, ENV_VAR: str(workspace.root)}, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["results"], done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False"
+
+
 def test_long_queries_are_truncated_with_a_note(demo):
     payload = results(demo, "大宅门" * 100, "-k", "1")
     assert payload["query"] == ("大宅门" * 100)[:128]

@@ -203,7 +203,9 @@ class Searcher:
             notes.append(f"nothing in the index passes --where {config.where}")
         started = time.perf_counter()
         if config.rerank:
-            budget = config.image_budget if config.image_budget is not None else default_image_budget(self.on_gpu)
+            budget = config.image_budget
+            if budget is None:  # an encoder without heads reads no covers, nor imports torch to count cores
+                budget = default_image_budget(self.on_gpu) if hasattr(self.encoder, "match_and_presence") else 0
             pool, rerank_notes = rerank(self.encoder, text, pool, config.weights, budget)
             notes += rerank_notes
         else:
