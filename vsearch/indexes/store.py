@@ -374,8 +374,9 @@ def _still_deleted(path: Path) -> pa.Table:
     except VsearchError:  # a damaged index being rebuilt: keep every deletion
         gone = ids
     else:
+        labels = deleted.column("label").to_numpy()
         live = np.ones(len(every), bool)
-        live[_deleted_labels(path)] = False
+        live[labels[labels >= 0]] = False
         back = pc.is_in(ids, value_set=every.filter(pa.array(live)).combine_chunks())
         gone = ids.filter(pc.invert(back))
     gone = pc.unique(gone)
