@@ -115,6 +115,12 @@ def embed(
     )
 
 
+def _refuse_overwriting(out: Path | None, source: Path, why: str) -> None:
+    """Refuse an --out that is the command's own input file, saying `why`."""
+    if out is not None and out.exists() and out.resolve() == source.resolve():
+        raise VsearchError(f"--out {out} is {why}")
+
+
 def _parse_size(text: str) -> int:
     """Bytes from `8GiB`, `500MB`, `2G` or a plain number."""
     units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -141,8 +147,8 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
 
         encoder.context_length = SEMANTIC_CONTEXT  # OCR texts are read as the semantic head saw them in training
     destination = out or ws.datasets / f"{source.name}-HNSW"
-    if destination.exists() and destination.resolve() == Path(source.source.removeprefix("file://")).resolve():
-        raise VsearchError(f"--out {destination} is the dataset file: writing the hard negatives would erase it")
+    _refuse_overwriting(destination, Path(source.source.removeprefix("file://")),
+                        "the dataset file: writing the hard negatives would erase it")
     with progress(f"{source.name} OCR texts", None, unit="texts") as advance:
         lines = write_hard_negatives(source, encoder, destination, on_rows=advance)
     stderr.print(f"{lines:,} OCR texts with their nearest neighbours -> {destination}")
@@ -299,8 +305,8 @@ def query(
         raise VsearchError("give a query text or --file FILE (one query per line)")
     if file is not None and str(file) != "-" and not file.is_file():
         raise VsearchError(f"queries file not found: {file}")
-    if out is not None and file is not None and out.exists() and out.resolve() == Path(file).resolve():
-        raise VsearchError(f"--out {out} is the queries file: writing the results would erase the queries")
+    if file is not None:
+        _refuse_overwriting(out, file, "the queries file: writing the results would erase the queries")
     index_dir = _index_dir(ctx.obj, index)
     searcher = Searcher(index_dir, device)
 
@@ -375,8 +381,7 @@ def eval_command(
         from vsearch.embeddings.job import resolve_model
 
         source = ws.datasets / "cbvs20k.txt" if dataset == "cbvs20k" else Path(dataset)
-        if out is not None and out.exists() and out.resolve() == source.resolve():
-            raise VsearchError(f"--out {out} is the CBVS-20K file: writing the scores would erase it")
+        _refuse_overwriting(out, source, "the CBVS-20K file: writing the scores would erase it")
         encoder = load_encoder(resolve_model(model, ws), device)
         scored = evaluate.score_with_model(encoder, evaluate.read_pairs(source), images)
         if out is not None:
