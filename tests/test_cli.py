@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -232,3 +233,24 @@ def test_index_option_errors(args, message, cli, tmp_path):
     (tmp_path / "a-file.txt").write_text("大宅门\n", encoding="utf-8")
     result = cli(*[a.format(file=tmp_path / "a-file.txt") for a in args])
     assert result.code == 1 and message in result.stderr, result.stderr
+
+
+def test_shards_and_indexes_never_share_a_folder(cli, workspace):
+    """A build replaces its folder whole: shards inside it would be lost with the old index."""
+    assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0
+    shards = workspace.embeddings / "demo"
+    assert cli("build-index", "--type", "flat").code == 0
+    index = workspace.indexes / "demo-flat"
+    before = sorted(p.name for p in shards.iterdir())
+
+    into_index = cli("embed", "--dataset", "demo", "--model", "lexical", "--out", str(index))
+    assert into_index.code == 1 and "is an index folder" in into_index.stderr
+    for out in (shards, workspace.embeddings):
+        over_shards = cli("build-index", "--type", "flat", "--embeddings", str(shards), "--out", str(out))
+        assert over_shards.code == 1 and "it holds the embeddings being indexed" in over_shards.stderr
+    inside = index / "shards"
+    shutil.copytree(shards, inside)
+    append = cli("build-index", "--append", "--embeddings", str(inside), "--out", str(index))
+    assert append.code == 1 and "the embeddings are inside the index folder" in append.stderr
+    assert sorted(p.name for p in shards.iterdir()) == before and sorted(p.name for p in inside.iterdir()) == before
+    assert (index / "index.json").is_file()

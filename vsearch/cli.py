@@ -97,7 +97,11 @@ def embed(
     """Encode a dataset's covers or clips into Parquet shards (re-running resumes)."""
     from vsearch.console import progress, stderr
     from vsearch.embeddings.job import EmbedConfig, run_embed
+    from vsearch.indexes.store import MANIFEST
 
+    if out is not None and (out / MANIFEST).is_file():
+        raise VsearchError(f"--out {out} is an index folder, which rebuilding the index replaces whole; "
+                           "give the shards a folder of their own")
     config = EmbedConfig(dataset=dataset, model=model, kind=kind, out=out, images=images, videos=videos,
                          frames=frames, decode=decode, shard_size=shard_size, batch_size=batch_size, limit=limit,
                          overwrite=overwrite, device=device)

@@ -104,8 +104,17 @@ def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], 
     return label
 
 
-def _check_replaceable(destination: Path) -> None:
-    """Refuse to build over a folder that holds anything but a vsearch index."""
+def _holds(folder: Path, source: VectorSource) -> bool:
+    """Whether `source`'s files lie in `folder` or below it."""
+    return folder.resolve() in (source.directory.resolve(), *source.directory.resolve().parents)
+
+
+def _check_replaceable(destination: Path, source: VectorSource) -> None:
+    """Refuse to build over a folder that holds anything but a vsearch index, or the vectors being
+    indexed: the new index replaces the folder whole."""
+    if _holds(destination, source):
+        raise VsearchError(f"refusing to replace {destination}: it holds the embeddings being indexed "
+                           f"({source.directory}); give the index a folder of its own")
     if destination.exists() and not destination.is_dir():
         raise VsearchError(f"refusing to replace {destination}: it is a file, not an index folder")
     if destination.exists() and not (destination / MANIFEST).is_file() and any(destination.iterdir()):
@@ -207,7 +216,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
     """Build an index of `config.type` from `source` into `destination`. Ids deleted from the index
     there (`delete_ids`) are left out and stay deleted."""
     cls = backend_class(config.type, config.engine)
-    _check_replaceable(destination)
+    _check_replaceable(destination, source)
     carried = _still_deleted(destination)
     if len(carried):
         source = replace(source, excluded=frozenset(carried.column("id").to_pylist()))
@@ -262,6 +271,9 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
                  note: Notes = lambda line: None, recall_queries: int = 500) -> dict[str, Any]:
     """Add the files of `source` that the index at `path` has not seen, without rebuilding it."""
     info = read_index_manifest(path)
+    if _holds(path, source):
+        raise VsearchError(f"cannot append {source.directory} to index {path}: the embeddings are inside the "
+                           f"index folder, which an append replaces; move them to a folder of their own")
     if source.dim != info["dim"]:
         raise VsearchError(f"cannot append {source.dim}-d vectors to the {info['dim']}-d index {path}")
     if source.encoder and info.get("encoder") and source.encoder["fingerprint"] != info["encoder"]["fingerprint"]:

@@ -62,8 +62,10 @@ def memory_bytes(index_type: str, count: int, dim: int, params: dict[str, int]) 
     return count * (params["m"] + 8) + params["nlist"] * dim * 4 + rotation
 
 
-def _gib(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+def _human_size(size: float) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def _power_of_two(value: float) -> int:
@@ -89,9 +91,9 @@ def choose_build_params(index_type: str, defaults: dict[str, int], count: int, d
     size = memory_bytes(index_type, count, dim, choice.params)
     if memory_budget is not None and size > memory_budget:
         hint = "; ivfpq fits far more vectors in the same memory" if index_type != "ivfpq" else ""
-        raise VsearchError(f"{index_type} with {count:,} x {dim}-d vectors needs about {_gib(size)}, "
-                           f"over the memory budget of {_gib(memory_budget)}{hint}")
-    choice.reasons.append(f"estimated memory {_gib(size)} for {count:,} vectors")
+        raise VsearchError(f"{index_type} with {count:,} x {dim}-d vectors needs about {_human_size(size)}, "
+                           f"over the memory budget of {_human_size(memory_budget)}{hint}")
+    choice.reasons.append(f"estimated memory {_human_size(size)} for {count:,} vectors")
     return choice
 
 
@@ -114,8 +116,8 @@ def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | Non
         per_vector = (memory_budget - nlist * dim * 4 - dim * dim * 4) / max(count, 1) - 8
         fitting = [x for x in divisors if x <= per_vector]
         if not fitting:
-            raise VsearchError(f"ivfpq cannot fit {count:,} vectors in {_gib(memory_budget)}: even PQ{divisors[0]} "
-                               f"needs about {_gib(count * (divisors[0] + 8))}")
+            raise VsearchError(f"ivfpq cannot fit {count:,} vectors in {_human_size(memory_budget)}: even PQ{divisors[0]} "
+                               f"needs about {_human_size(count * (divisors[0] + 8))}")
         if target > 0.95 or max(fitting) < m:
             m = max(fitting)
             why = f"m={m}: the most bytes per vector the memory budget allows"
