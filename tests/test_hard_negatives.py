@@ -2,7 +2,7 @@
 
 from vsearch.embeddings.datasets import open_dataset
 from vsearch.embeddings import load_encoder
-from vsearch.indexes.hard_negatives import write_hard_negatives
+from vsearch.indexes.hard_negatives import read_as_trained, write_hard_negatives
 
 LINES = [
     "大宅门演员表\thttp://c/1.jpg\t大宅门 演员表",
@@ -51,3 +51,16 @@ def test_the_dataset_file_is_never_written_over(cli, workspace):
                  "--model", "lexical", "--out", str(dataset))
     assert result.code == 1 and "would erase it" in result.stderr
     assert dataset.read_text(encoding="utf-8") == "\n".join(LINES) + "\n"
+
+
+def test_uniclip_reads_ocr_texts_at_the_semantic_heads_training_length(tiny_uniclip):
+    import numpy as np
+
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
+    long_text = "大宅门演员表现在都怎么样了完整版第一部第二部"  # 22 characters: 12 and 20 tokens both cut it, at different places
+    at_query_length = encoder.encode_texts([long_text])
+    assert read_as_trained(encoder) is encoder and encoder.context_length == 20
+    assert np.allclose(encoder.encode_texts([long_text]), encoder.encode_texts([long_text], context_length=20))
+    assert not np.allclose(encoder.encode_texts([long_text]), at_query_length)
+    lexical = load_encoder("lexical")
+    assert read_as_trained(lexical) is lexical and not hasattr(lexical, "context_length")

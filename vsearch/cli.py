@@ -142,14 +142,10 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
     from vsearch.embeddings.job import resolve_model
-    from vsearch.indexes.hard_negatives import write_hard_negatives
+    from vsearch.indexes.hard_negatives import read_as_trained, write_hard_negatives
 
     source = open_dataset(dataset or "cbvs10m", ws)
-    encoder = load_encoder(resolve_model(model, ws), device)
-    if hasattr(encoder, "context_length"):
-        from vsearch.embeddings.uniclip import SEMANTIC_CONTEXT
-
-        encoder.context_length = SEMANTIC_CONTEXT  # OCR texts are read as the semantic head saw them in training
+    encoder = read_as_trained(load_encoder(resolve_model(model, ws), device))
     destination = out or ws.datasets / f"{source.name}-HNSW"
     _refuse_overwriting(destination, Path(source.source.removeprefix("file://")),
                         "the dataset file: writing the hard negatives would erase it")

@@ -34,6 +34,16 @@ def distinct_ocr_texts(dataset: Dataset) -> Iterator[str]:
             yield row.ocr
 
 
+def read_as_trained(encoder: Encoder) -> Encoder:
+    """`encoder`, set to read OCR texts as UniCLIP's semantic head did in training (20 tokens, not a
+    query's 12); encoders without a context length are returned as they are."""
+    if hasattr(encoder, "context_length"):
+        from vsearch.embeddings.uniclip import SEMANTIC_CONTEXT
+
+        encoder.context_length = SEMANTIC_CONTEXT
+    return encoder
+
+
 def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: int = 2048,
                          on_rows: Callable[[int], None] = lambda n: None) -> int:
     """Write the file for `dataset` to `out` (via a temporary file); returns the number of lines."""
