@@ -19,10 +19,11 @@ def test_one_line_per_distinct_ocr_text_with_its_ten_nearest_others(tmp_path, wo
     source = tmp_path / "cbvs10m.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     out = tmp_path / "cbvs10m-HNSW"
-    count = write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4)
+    written = write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4)
     lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
     texts = [fields[0] for fields in lines]
-    assert count == len(lines) == 15
+    assert written.texts == len(lines) == 15
+    assert written.recall == 1.0 and written.ef_search == 16  # 15 texts: the cheapest setting finds them all
     assert texts[:2] == ["大宅门 演员表", "大宅门 第二部"] and len(set(texts)) == 15
     assert "\\N" not in texts
     for fields in lines:

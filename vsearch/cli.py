@@ -137,7 +137,8 @@ def _parse_size(text: str) -> int:
         raise VsearchError(f"bad size {text!r}: expected e.g. 8GiB, 500MB or a number of bytes") from None
 
 
-def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str) -> None:
+def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str,
+                          target_recall: float) -> None:
     from vsearch.console import progress, stderr
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
@@ -150,8 +151,9 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
     _refuse_overwriting(destination, Path(source.source.removeprefix("file://")),
                         "the dataset file: writing the hard negatives would erase it")
     with progress(f"{source.name} OCR texts", None, unit="texts") as advance:
-        lines = write_hard_negatives(source, encoder, destination, on_rows=advance)
-    stderr.print(f"{lines:,} OCR texts with their nearest neighbours -> {destination}")
+        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, on_rows=advance)
+    stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
+                 f"exact search at ef_search={written.ef_search}) -> {destination}")
 
 
 @app.command("build-index")
@@ -190,15 +192,15 @@ def build_index_command(
 
     ws: Workspace = ctx.obj
     backend_class(type, engine)
+    if not 0 < target_recall <= 1:
+        raise VsearchError("--target-recall must be in (0, 1]")
     if layout is not None:
         if layout != "cbvs10m-hnsw" or type != "hnsw":
             raise VsearchError(f"unknown layout {layout!r} for --type {type}: the one layout is cbvs10m-hnsw (hnsw)")
-        _write_hard_negatives(ws, dataset, model or "uniclip", out, device)
+        _write_hard_negatives(ws, dataset, model or "uniclip", out, device, target_recall)
         return
     if kind not in ("cover", "clip"):
         raise VsearchError(f"unknown --kind {kind!r}: use cover or clip")
-    if not 0 < target_recall <= 1:
-        raise VsearchError("--target-recall must be in (0, 1]")
     source = open_source(_embeddings_dir(ws, dataset, embeddings), kind, id_column, vector_column)
     if model is not None:
         from vsearch.embeddings import load_encoder
