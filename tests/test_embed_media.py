@@ -225,3 +225,32 @@ def test_a_corrupt_jpeg_decoded_on_the_device_is_recorded(tmp_path, workspace, t
     assert table(result.directory, "cover").column("id").to_pylist() == ["good"]
     (failure,) = result.manifest.failed
     assert failure["id"] == "bad" and failure["reason"].startswith("cannot decode image")
+
+
+def test_a_jpeg_the_device_cannot_decode_is_decoded_on_the_host(tmp_path, workspace, tiny_uniclip, monkeypatch):
+    # nvjpeg rejects some JPEGs that PIL reads (unusual chroma subsampling); here the device decoder
+    # is made to reject one cover, which must then be read as the workers read it, not recorded as failed.
+    import torchvision.io
+
+    real_decode = torchvision.io.decode_jpeg
+    rejected = open_dataset("demo", workspace).rows().__next__().uri
+    rejected_bytes = open(rejected, "rb").read()
+
+    def picky_decode(data, *args, **kwargs):
+        files = data if isinstance(data, list) else [data]
+        if any(bytes(f.numpy()) == rejected_bytes for f in files):
+            raise RuntimeError("nvjpeg: unsupported chroma subsampling")
+        return real_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", picky_decode)
+    on_device = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0,
+                                      limit=5, decode="device", out=tmp_path / "device"), workspace)
+    monkeypatch.undo()
+    on_workers = embed_demo(workspace, tiny_uniclip, limit=5, decode="workers")
+    assert on_device.manifest.failed == []
+    a, b = table(on_workers.directory, "cover"), table(on_device.directory, "cover")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    va = np.array(a.column("vector").to_pylist(), np.float32)
+    vb = np.array(b.column("vector").to_pylist(), np.float32)
+    assert (va * vb).sum(axis=1).min() > 0.995
+    assert np.allclose(va[0], vb[0], atol=2e-3)  # the rejected cover went the workers' way exactly

@@ -198,7 +198,7 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
             yield shard.finished(encoder.dim)
             shard = None
         shard = shard or _ShardInProgress(kind, batch.number, batch.input_rows)
-        pixels, rows, failed = device_pixels(batch, encoder.device, transform)
+        pixels, rows, failed = device_pixels(batch, encoder.device, transform, encoder.image_transform)
         shard.failed += [_failure(row, kind, reason) for row, reason in failed]
         if pixels is not None:
             if kind == "cover":

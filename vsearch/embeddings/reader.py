@@ -95,34 +95,47 @@ def collate(items: list[Item]) -> Batch:
     )
 
 
-def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device,
-                 transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor | None, dict[int, str]]:
+def decode_jpegs(jpegs: list[torch.Tensor], uris: list[str | None], device: torch.device,
+                 transform: Callable[[torch.Tensor], torch.Tensor],
+                 host_transform: Callable) -> tuple[torch.Tensor | None, dict[int, str]]:
     """Decode JPEG bytes on `device` (nvjpeg on CUDA) and prepare them with the encoder's tensor
-    transform; returns the pixels of those that decoded and the reasons of those that did not."""
+    transform; returns the model input of those that decoded and the reasons of those that did not.
+    A JPEG the device cannot decode (nvjpeg rejects some chroma subsamplings and colour spaces that
+    PIL reads) is decoded on the host, as the workers would have, with `host_transform`."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    try:
-        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-        failed: dict[int, str] = {}
-    except RuntimeError:  # one bad file fails the whole call: find it, keep the rest
-        images, failed = [], {}
-        for position, data in enumerate(jpegs):
-            try:
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as exc:
-                failed[position] = f"cannot decode image: {str(exc).strip().splitlines()[-1]}"
-    pixels = torch.stack([transform(image) for image in images]) if images else None
-    return pixels, failed
+    def on_device(data: torch.Tensor | list[torch.Tensor]):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a file it rejects, or out of memory (one at a time needs less)
+            return None
+
+    images = on_device(jpegs)  # one file the device rejects fails the whole call: then one by one
+    if images is not None:
+        return torch.stack([transform(image) for image in images]), {}
+    inputs, failed = [], {}
+    for position, (data, uri) in enumerate(zip(jpegs, uris)):
+        image = on_device(data)
+        if image is not None:
+            inputs.append(transform(image))
+            continue
+        try:
+            inputs.append(host_transform(decode_image(data.numpy().tobytes(), uri)).to(device))
+        except MediaError as exc:
+            failed[position] = str(exc)
+    return (torch.stack(inputs) if inputs else None), failed
 
 
-def device_pixels(batch: Batch, device: torch.device, transform: Callable | None
+def device_pixels(batch: Batch, device: torch.device, transform: Callable | None, host_transform: Callable
                   ) -> tuple[torch.Tensor | None, list[Row], list[tuple[Row, str]]]:
     """(model input on `device`, its rows, the batch's failures) for one batch: the pixels the
     workers prepared, then the JPEGs decoded on the device."""
-    decoded, undecodable = decode_jpegs(batch.jpegs, device, transform) if batch.jpegs else (None, {})
     ready = 0 if batch.pixels is None else len(batch.pixels)
-    rows = batch.rows[:ready] + [row for i, row in enumerate(batch.rows[ready:]) if i not in undecodable]
-    failed = batch.failed + [(batch.rows[ready + i], reason) for i, reason in undecodable.items()]
+    undecoded = batch.rows[ready:]
+    decoded, undecodable = (decode_jpegs(batch.jpegs, [row.uri for row in undecoded], device, transform, host_transform)
+                            if batch.jpegs else (None, {}))
+    rows = batch.rows[:ready] + [row for i, row in enumerate(undecoded) if i not in undecodable]
+    failed = batch.failed + [(undecoded[i], reason) for i, reason in undecodable.items()]
     parts = [p for p in (None if batch.pixels is None else batch.pixels.to(device, non_blocking=True), decoded)
              if p is not None]
     return (torch.cat(parts) if parts else None), rows, failed
