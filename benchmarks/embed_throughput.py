@@ -66,9 +66,7 @@ def model_only(encoder, covers: int, batch_size: int) -> float:
 
 def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Namespace) -> float:
     config = EmbedConfig(dataset=str(folder), model=encoder.spec, device=str(encoder.device), batch_size=args.batch_size,
-                         shard_size=args.covers, out=workspace.root / "shards", overwrite=True)
-    if args.workers is not None:
-        config.workers = args.workers
+                         shard_size=args.covers, out=workspace.root / "shards", overwrite=True, workers=args.workers)
     started = time.perf_counter()
     result = run_embed(config, workspace, encoder=encoder)
     elapsed = time.perf_counter() - started

@@ -15,7 +15,7 @@ import vsearch.embeddings.media as media
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.datasets import open_dataset
 from vsearch.embeddings.encoders import l2_normalise
-from vsearch.embeddings.job import EmbedConfig, OomBackoff, run_embed
+from vsearch.embeddings.job import EmbedConfig, OomBackoff, run_embed, total_workers
 from vsearch.embeddings.media import MediaError, sample_frames
 from vsearch.embeddings.shards import Manifest
 from vsearch.errors import VsearchError
@@ -188,6 +188,14 @@ def test_one_process_per_device_writes_the_same_shards(workspace, tiny_uniclip, 
     assert split.shards_written == single.shards_written == 6
     for kind in ("cover", "clip"):
         assert table(split.directory, kind).equals(table(single.directory, kind))
+
+
+def test_each_gpu_gets_its_own_readers_unless_told_otherwise(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 96)
+    assert total_workers(None, 1) == 8 and total_workers(None, 8) == 64  # not 8 shared by 8 GPUs
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert total_workers(None, 2) == 4
+    assert total_workers(3, 2) == 3
 
 
 def test_text_only_encoders_cannot_make_clip_vectors(workspace):

@@ -88,7 +88,8 @@ def embed(
     frames: Annotated[int, typer.Option(help="Frames sampled per video for clip vectors.")] = 12,
     shard_size: Annotated[int, typer.Option(help="Dataset rows per shard.")] = 10_000,
     batch_size: Annotated[int, typer.Option(help="Images per encoder call (halved on CUDA out-of-memory).")] = 256,
-    workers: Annotated[Optional[int], typer.Option(help="Processes decoding media (default: cores, at most 8).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Processes reading and decoding media, shared by the GPUs (default: the cores, at most 8 a GPU).")] = None,
     decode: Annotated[str, typer.Option(help="Where JPEG covers are decoded: auto (GPU when there is one), device, workers.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Embed only the first N rows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete existing shards in the folder first.")] = False,
@@ -104,9 +105,7 @@ def embed(
                            "give the shards a folder of their own")
     config = EmbedConfig(dataset=dataset, model=model, kind=kind, out=out, images=images, videos=videos,
                          frames=frames, decode=decode, shard_size=shard_size, batch_size=batch_size, limit=limit,
-                         overwrite=overwrite, device=device)
-    if workers is not None:
-        config.workers = workers
+                         overwrite=overwrite, device=device, workers=workers)
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
     with progress(f"embed {dataset} ({kind})", limit, unit=unit) as advance:
         result = run_embed(config, ctx.obj, advance)

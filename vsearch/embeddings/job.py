@@ -48,7 +48,7 @@ class EmbedConfig:
     limit: int | None = None
     overwrite: bool = False
     device: str = "auto"
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    workers: int | None = None  # DataLoader processes in all, shared by the devices; None: see `total_workers`
 
 
 @dataclass
@@ -77,6 +77,12 @@ def resolve_model(spec: str, workspace: Workspace) -> str:
     from vsearch.embeddings.uniclip import default_checkpoint
 
     return f"uniclip:{default_checkpoint(workspace.models)}"
+
+
+def total_workers(workers: int | None, devices: int) -> int:
+    """The DataLoader processes for `devices` device processes: as given, or every core, at most 8 a
+    device (8 keep one GPU fed when it decodes the JPEGs itself; more only contend for the disk)."""
+    return workers if workers is not None else min(8 * devices, os.cpu_count() or 1)
 
 
 def resolve_devices(device: str) -> list[str]:
@@ -344,12 +350,13 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
         raise VsearchError("--shard-size, --batch-size and --frames must be at least 1")
     if config.limit is not None and config.limit < 1:
         raise VsearchError("--limit must be at least 1")
-    if config.workers < 0:
+    if config.workers is not None and config.workers < 0:
         raise VsearchError("--workers must be at least 0")
     kinds = KINDS[config.kind]
     dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
     spec = resolve_model(config.model, workspace)
     devices = resolve_devices(config.device)
+    config = replace(config, workers=total_workers(config.workers, len(devices)))
     encoder = encoder or load_encoder(spec, devices[0])
     check_encodable(encoder, dataset, kinds)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
