@@ -191,6 +191,19 @@ def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo, tiny_uniclip
         encoder.match(["大宅门演员表"] * len(covers), covers).tolist(), abs=1e-5)
 
 
+def test_the_image_budget_goes_to_the_candidates_the_cheap_parts_rank_best(uniclip_demo):
+    # Random weights make the ANN order arbitrary; the covers carrying the query's words must still
+    # be the ones whose images are read.
+    payload = results(uniclip_demo, "大宅门演员表", "-k", "40", "--candidates", "40", "--rerank-images", "2",
+                      "--device", "cpu")
+    hits = payload["results"]
+    cheap = [h["parts"]["ann"] + 0.3 * h["parts"]["lexical"] for h in hits]
+    with_heads, rest = [h for h in hits if "semantic" in h["parts"]], hits[2:]
+    assert hits[:2] == with_heads and all("大宅门" in h["title"] for h in with_heads)
+    assert min(cheap[:2]) >= max(cheap[2:])
+    assert [h["score"] for h in rest] == sorted((h["score"] for h in rest), reverse=True)
+
+
 def test_clips_are_reranked_on_the_cover_images_of_their_videos(cli, workspace, tiny_uniclip):
     spec = f"uniclip:{tiny_uniclip}"
     assert cli("embed", "--dataset", "demo", "--model", spec, "--kind", "clip", "--device", "cpu",

@@ -14,8 +14,10 @@ Each candidate's final score is a weighted sum of its parts:
   semantic: a cover without text has no text for the query to match.
 
 semantic and presence need a UniCLIP encoder and the cover image; the image work is capped at
-`image_budget` candidates (best ANN first) so a query stays interactive, and the candidates past
-the cap follow the reranked ones in ANN order. Covers are fetched together (remote ones
+`image_budget` candidates so a query stays interactive. The cheap parts (ann and lexical) rank
+every candidate first and the cap takes the best of that order, so a cover whose text holds the
+query's words gets its image read even when its vector ranked it lower; the candidates past the cap
+follow the reranked ones in that order. Covers are fetched together (remote ones
 concurrently, within `COVER_FETCH_SECONDS`), then decoded and resized on a pool of threads (PIL
 releases the GIL): about 3 ms of CPU a cover, so 50 covers one after another would spend five times
 the 30 ms GPU budget before the GPU starts. A part that cannot be computed drops out, and the
@@ -94,17 +96,19 @@ def rerank(encoder, query: str, candidates: Sequence[Candidate], weights: Weight
     for candidate in candidates:
         candidate.parts = {"ann": candidate.ann,
                            "lexical": lexical_overlap(query, " ".join(filter(None, (candidate.title, candidate.ocr))))}
-    pool = list(candidates)
+        candidate.score = _fuse(candidate, weights)
+    ranked = sorted(candidates, key=lambda c: -c.score)
     if not hasattr(encoder, "match_and_presence"):
         notes.append(f"semantic and presence parts dropped: {encoder.spec} has no OCR heads (UniCLIP has)")
-    elif image_budget <= 0:
+        return ranked, notes
+    if image_budget <= 0:
         notes.append("semantic and presence parts dropped: --rerank-images is 0")
-    else:
-        pool = list(candidates[:image_budget])
-        _add_head_parts(encoder, query, pool, notes)
-    for candidate in candidates:
+        return ranked, notes
+    pool = ranked[:image_budget]
+    _add_head_parts(encoder, query, pool, notes)
+    for candidate in pool:
         candidate.score = _fuse(candidate, weights)
-    return sorted(pool, key=lambda c: -c.score) + list(candidates[len(pool):]), notes
+    return sorted(pool, key=lambda c: -c.score) + ranked[len(pool):], notes
 
 
 @cache
