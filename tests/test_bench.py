@@ -72,3 +72,12 @@ def test_remote_covers_compares_batched_fetching_with_one_request_at_a_time(tmp_
     rows = json.loads(out.read_text())["rows"]
     assert [row["latency_ms"] for row in rows] == [0, 5]
     assert all(row["batched_covers_per_s"] > 0 and row["one_at_a_time_covers_per_s"] > 0 for row in rows)
+
+
+def test_hard_negatives_reports_the_files_recall_as_measured_and_as_checked(tmp_path):
+    out = tmp_path / "hard_negatives.json"
+    run_script("hard_negatives.py", "--lines", "2000", "--sample", "100", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["lines"] == 2000 and 0 < report["texts"] <= 1600  # every fifth OCR text is \N
+    assert report["ef_search"] >= 16 and report["recall@10_measured"] >= 0.95
+    assert report["recall@10_checked"] >= 0.9 and report["peak_rss_mib"] > 0
