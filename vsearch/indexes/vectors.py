@@ -52,11 +52,16 @@ class VectorSource:
         return sum(f.rows for f in self.files) - self.excluded_rows
 
     @cached_property
+    def _excluded_ids(self) -> pa.Array | None:
+        """`excluded` as the value set of Arrow's `is_in`, made once for every pass over the files."""
+        return pa.array(sorted(self.excluded), pa.string()) if self.excluded else None
+
+    @cached_property
     def excluded_rows(self) -> int:
         """How many rows of the files have an `excluded` id (their id columns are read once to count)."""
-        if not self.excluded:
+        wanted = self._excluded_ids
+        if wanted is None:
             return 0
-        wanted = pa.array(sorted(self.excluded), pa.string())
         return sum(pc.sum(pc.is_in(rows.column("id"), value_set=wanted)).as_py() or 0 for rows, _ in self._read())
 
     @cached_property
@@ -74,7 +79,7 @@ class VectorSource:
         source, because every index scores by cosine: vsearch's shards already are (to float16
         rounding), and bring-your-own vectors need not be."""
         names = self.row_schema.names[1:] if metadata else []
-        wanted = pa.array(sorted(self.excluded), pa.string()) if self.excluded else None
+        wanted = self._excluded_ids
         for rows, batch in self._read(files, batch_rows, names, vectors=True):
             column = batch.column(self.vector_column)
             vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
