@@ -82,6 +82,24 @@ def test_explain_shows_the_parts_of_the_score(demo):
     assert "lexical" in table.stdout and "note: semantic and presence parts dropped" in table.stderr
 
 
+def test_an_explained_table_at_80_columns_keeps_every_id_and_score_whole():
+    from rich.console import Console
+
+    from vsearch.console import hits_table
+    from vsearch.query import Hit
+
+    parts = {"ann": 0.785, "lexical": 1.0, "semantic": 0.912, "presence": 0.998}
+    hits = [Hit(rank, f"{rank:016x}", 1.5 + rank / 1000, "大宅门演员表 现在都怎么样了 完整版 高清", "大宅门 演员表", None, parts)
+            for rank in range(1, 4)]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(hits_table("大宅门演员表", hits, explain=True))
+    lines = console.export_text().splitlines()
+    assert max(console.measure(line).maximum for line in lines) <= 80
+    for hit in hits:
+        row = next(line for line in lines if hit.id in line)
+        assert f"{hit.score:.3f}" in row and all(f"{value:.3f}" in row for value in parts.values())
+
+
 def test_no_rerank_ranks_by_ann_alone(demo):
     hits = results(demo, "大宅门演员表", "--no-rerank", "-k", "5")["results"]
     assert [h["parts"] for h in hits] == [{"ann": h["score"]} for h in hits]

@@ -53,14 +53,16 @@ PARTS = ("ann", "lexical", "semantic", "presence")
 def hits_table(query: str, hits: list[Hit], caption: str | None = None, explain: bool = False) -> Table:
     """Results as a table; with `explain`, one column per part of the final score."""
     table = Table(title=f"[bold]{query}[/]", caption=caption, title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("score", justify="right")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
     shown = [p for p in PARTS if any(p in hit.parts for hit in hits)] if explain else []
     for part in shown:
-        table.add_column(part, justify="right", style="cyan")
-    table.add_column("title")
-    table.add_column("OCR text")
-    table.add_column("id", style="dim")
+        table.add_column(part, justify="right", style="cyan", no_wrap=True)
+    table.add_column("title", overflow="fold")
+    table.add_column("OCR text", overflow="fold")
+    # An id is what a user copies into `vsearch delete` or a lookup, so the title and OCR columns narrow
+    # (folding their text) before it does, and an id that still cannot fit wraps rather than loses its end.
+    table.add_column("id", style="dim", no_wrap=True, overflow="fold")
     for hit in hits:
         parts = [f"{hit.parts[p]:.3f}" if p in hit.parts else "–" for p in shown]
         table.add_row(str(hit.rank), f"{hit.score:.3f}", *parts, _snippet(hit.title), _snippet(hit.ocr), hit.id)
