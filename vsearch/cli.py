@@ -352,7 +352,7 @@ def demo(ctx: typer.Context, k: Annotated[int, typer.Option("-k", help="Results 
     stderr.print(f"{run.embed.manifest.rows('cover')} demo covers in {run.embed.directory}, index in {run.index_dir}")
     for text, hits in run.results:
         stdout.print(hits_table(text, hits))
-    stdout.print('Try your own: vsearch query "大宅门演员表"  (add --json for machine-readable output)')
+    stdout.print('Try your own: vsearch query "大宅门演员表" (--json for machine-readable output)')
 
 
 @app.command("eval")
