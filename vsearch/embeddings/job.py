@@ -357,7 +357,9 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     spec = resolve_model(config.model, workspace)
     devices = resolve_devices(config.device)
     config = replace(config, workers=total_workers(config.workers, len(devices)))
-    encoder = encoder or load_encoder(spec, devices[0])
+    # With several devices the model here only describes the job (spec, fingerprint, dim) while each
+    # device process loads its own, so it stays on the CPU rather than take GPU 0's memory twice.
+    encoder = encoder or load_encoder(spec, devices[0] if len(devices) == 1 else "cpu")
     check_encodable(encoder, dataset, kinds)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
     fresh = Manifest(dataset=dataset.name, source=dataset.source,
