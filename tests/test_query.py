@@ -82,22 +82,29 @@ def test_explain_shows_the_parts_of_the_score(demo):
     assert "lexical" in table.stdout and "note: semantic and presence parts dropped" in table.stderr
 
 
-def test_an_explained_table_at_80_columns_keeps_every_id_and_score_whole():
+def test_an_explained_table_fits_80_columns_with_every_part_title_and_id_readable():
     from rich.console import Console
 
     from vsearch.console import hits_table
     from vsearch.query import Hit
 
     parts = {"ann": 0.785, "lexical": 1.0, "semantic": 0.912, "presence": 0.998}
-    hits = [Hit(rank, f"{rank:016x}", 1.5 + rank / 1000, "大宅门演员表 现在都怎么样了 完整版 高清", "大宅门 演员表", None, parts)
-            for rank in range(1, 4)]
+    long_id = "covers/2026/" + "x" * 70 + "-end"
+    hits = [Hit(rank, f"{rank:016x}", 1.5, "大宅门演员表 现在都怎么样了 完整版", "大宅门 演员表", None, parts)
+            for rank in (1, 2)] + [Hit(3, long_id, 0.9, "周杰伦", "周杰伦", None, {"ann": 0.9, "lexical": 0.0})]
     console = Console(width=80, record=True, color_system=None)
     console.print(hits_table("大宅门演员表", hits, explain=True))
     lines = console.export_text().splitlines()
     assert max(console.measure(line).maximum for line in lines) <= 80
-    for hit in hits:
-        row = next(line for line in lines if hit.id in line)
-        assert f"{hit.score:.3f}" in row and all(f"{value:.3f}" in row for value in parts.values())
+    shown = re.findall(r"(ann|lexical|semantic|presence) +(\d\.\d{3})", "\n".join(lines))
+    assert shown == [(name, f"{value:.3f}") for name, value in parts.items()] * 2 + [("ann", "0.900"), ("lexical", "0.000")]
+    assert any("大宅门演员表" in line for line in lines)
+    id_cells = "".join(line.split("│")[-2].strip() for line in lines if line.startswith("│"))
+    assert all(hit.id in id_cells for hit in hits)  # a long id wraps, whole
+
+    console.print(hits_table("大宅门演员表", hits[:2], explain=True))
+    lines = console.export_text().splitlines()
+    assert all(any(hit.id in line for line in lines) for hit in hits[:2])  # short ids stay on one line
 
 
 def test_no_rerank_ranks_by_ann_alone(demo):

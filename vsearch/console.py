@@ -50,20 +50,27 @@ def _snippet(text: str | None, width: int = 40) -> str:
 PARTS = ("ann", "lexical", "semantic", "presence")
 
 
+def _parts_cell(parts: dict[str, float], shown: list[str]) -> str:
+    width = max(map(len, shown))
+    return "\n".join(f"{part:<{width}} {parts[part]:.3f}" if part in parts else f"{part:<{width}}     –"
+                     for part in shown)
+
+
 def hits_table(query: str, hits: list[Hit], caption: str | None = None, explain: bool = False) -> Table:
-    """Results as a table; with `explain`, one column per part of the final score."""
+    """Results as a table; with `explain`, the parts of each final score stacked beside it (a column
+    per part would leave the title and OCR text no room in 80 columns)."""
     table = Table(title=f"[bold]{query}[/]", caption=caption, title_justify="left")
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("score", justify="right", no_wrap=True)
     shown = [p for p in PARTS if any(p in hit.parts for hit in hits)] if explain else []
-    for part in shown:
-        table.add_column(part, justify="right", style="cyan", no_wrap=True)
+    if shown:
+        table.add_column("parts", style="cyan", no_wrap=True)
     table.add_column("title", overflow="fold")
     table.add_column("OCR text", overflow="fold")
-    # An id is what a user copies into `vsearch delete` or a lookup, so the title and OCR columns narrow
-    # (folding their text) before it does, and an id that still cannot fit wraps rather than loses its end.
-    table.add_column("id", style="dim", no_wrap=True, overflow="fold")
+    # An id is what a user copies into `vsearch delete` or a lookup: the title and OCR text narrow
+    # before ids of up to 32 characters do; where one is longer, the ids wrap rather than lose their end.
+    table.add_column("id", style="dim", overflow="fold", no_wrap=all(len(hit.id) <= 32 for hit in hits))
     for hit in hits:
-        parts = [f"{hit.parts[p]:.3f}" if p in hit.parts else "–" for p in shown]
+        parts = [_parts_cell(hit.parts, shown)] if shown else []
         table.add_row(str(hit.rank), f"{hit.score:.3f}", *parts, _snippet(hit.title), _snippet(hit.ocr), hit.id)
     return table
