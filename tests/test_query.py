@@ -207,7 +207,9 @@ def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo, tiny_uniclip
         assert 0 <= parts["semantic"] <= 1 and 0 <= parts["presence"] <= 1
         assert hit["score"] == pytest.approx(parts["ann"] + 0.3 * parts["lexical"]
                                              + 0.5 * parts["presence"] * parts["semantic"], abs=1e-6)
-    assert payload["notes"] == []
+    # Ranks 7-10 are past the budget: the note says why they have no head parts.
+    assert payload["notes"] == ["semantic and presence read for the 6 covers ranked best on ann and lexical "
+                                "(--rerank-images 6); the rest follow them in that order"]
     # Each cover's parts are the heads' outputs for that cover (covers are read in parallel).
     encoder = load_encoder(f"uniclip:{tiny_uniclip}", "cpu")
     covers = [load_image(h["uri"]) for h in with_heads]

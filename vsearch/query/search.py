@@ -208,6 +208,9 @@ class Searcher:
                 budget = default_image_budget(self.on_gpu) if hasattr(self.encoder, "match_and_presence") else 0
             pool, rerank_notes = rerank(self.encoder, text, pool, config.weights, budget)
             notes += rerank_notes
+            if 0 < budget < min(config.k, len(pool)) and hasattr(self.encoder, "match_and_presence"):
+                notes.append(f"semantic and presence read for the {budget} covers ranked best on ann and "
+                             f"lexical (--rerank-images {budget}); the rest follow them in that order")
         else:
             for candidate in pool:
                 candidate.parts, candidate.score = {"ann": candidate.ann}, candidate.ann
