@@ -1,4 +1,4 @@
-"""Kill an embed with SIGKILL part-way; the re-run must equal an uninterrupted run exactly."""
+"""Kill an embed part-way (SIGKILL, Ctrl-C); the re-run must equal an uninterrupted run exactly."""
 
 import json
 import os
@@ -20,7 +20,16 @@ def embed(source, out, workspace):
     command = [sys.executable, "-m", "vsearch", "--workspace", str(workspace.root), "embed",
                "--dataset", str(source), "--model", "lexical", "--out", str(out), "--shard-size", str(SHARD),
                "--batch-size", "100"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C must reach it even where the test runner was started with SIGINT ignored (a background job).
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_shards(process, out, count):
+    deadline = time.monotonic() + 120
+    while len(recorded_shards(out)) < count and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the embed finished before it could be stopped; raise ROWS"
 
 
 def recorded_shards(out):
@@ -40,10 +49,7 @@ def test_sigkill_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_p
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
 
     process = embed(source, interrupted, workspace)
-    deadline = time.monotonic() + 120
-    while len(recorded_shards(interrupted)) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert process.poll() is None, "the embed finished before it could be killed; raise ROWS"
+    wait_for_shards(process, interrupted, 3)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done_before = len(recorded_shards(interrupted))
@@ -61,3 +67,25 @@ def test_sigkill_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_p
     assert got.equals(want)
     assert sorted(p.name for p in interrupted.iterdir()) == sorted(p.name for p in reference.iterdir())
     assert not list(interrupted.glob("*.tmp"))
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_completes_the_job(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "covers.txt", ROWS)
+    out = tmp_path / "shards"
+    process = embed(source, out, workspace)
+    wait_for_shards(process, out, 2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-2:] == ["the shards finished are kept: run the same command again to resume",
+                                             "vsearch: interrupted"]
+    done_before = len(recorded_shards(out))
+    assert not list(out.glob("*.tmp"))
+
+    resumed = embed(source, out, workspace)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"{done_before} shards already done" in " ".join(err.split())
+    ids = table(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == ROWS

@@ -107,8 +107,12 @@ def embed(
                          frames=frames, decode=decode, shard_size=shard_size, batch_size=batch_size, limit=limit,
                          overwrite=overwrite, device=device, workers=workers)
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
-    with progress(f"embed {dataset} ({kind})", limit, unit=unit) as advance:
-        result = run_embed(config, ctx.obj, advance)
+    try:
+        with progress(f"embed {dataset} ({kind})", limit, unit=unit) as advance:
+            result = run_embed(config, ctx.obj, advance)
+    except KeyboardInterrupt:
+        stderr.print("the shards finished are kept: run the same command again to resume")
+        raise
     skipped = {"repeated ids": result.manifest.duplicates, "malformed lines": result.manifest.malformed_lines}
     stderr.print(
         f"{result.rows_written} vectors written in {result.shards_written} shards, "
@@ -444,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"vsearch: error: {exc.strerror or exc}{where}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("vsearch: interrupted; re-run the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # how typer ends a command that Ctrl-C (KeyboardInterrupt) stopped
+            print("vsearch: interrupted", file=sys.stderr)
+        raise
