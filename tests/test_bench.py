@@ -81,3 +81,12 @@ def test_hard_negatives_reports_the_files_recall_as_measured_and_as_checked(tmp_
     assert report["lines"] == 2000 and 0 < report["texts"] <= 1600  # every fifth OCR text is \N
     assert report["ef_search"] >= 16 and report["recall@10_measured"] >= 0.95
     assert report["recall@10_checked"] >= 0.9 and report["peak_rss_mib"] > 0
+
+
+def test_ocr_bench_compares_the_reader_pool_with_the_library_in_process(tmp_path):
+    out = tmp_path / "ocr.json"
+    run_script("ocr.py", "--covers", "3", "--workers", "0", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["workers"] for row in rows] == [0, 1]
+    assert all(row["covers"] == 3 and row["exact"] == 3 and row["covers_per_s"] > 0 for row in rows)
+    assert rows[0]["speed_vs_in_process"] == 1

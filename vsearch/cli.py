@@ -92,6 +92,9 @@ def embed(
         help="Processes reading and decoding media, shared by the GPUs (default: the cores, at most 8 a GPU).")] = None,
     decode: Annotated[str, typer.Option(help="Where JPEG covers are decoded: auto (GPU when there is one), device, workers.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Embed only the first N rows.")] = None,
+    ocr: Annotated[bool, typer.Option(
+        "--ocr", help="Read the text on covers whose row has none, with RapidOCR (pip install 'vsearch[ocr]'); "
+                      "about 0.25 s of a core per cover, by the --workers processes.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete existing shards in the folder first.")] = False,
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda:N, or a list: cuda:0,cuda:1.")] = "auto",
 ) -> None:
@@ -105,7 +108,7 @@ def embed(
                            "give the shards a folder of their own")
     config = EmbedConfig(dataset=dataset, model=model, kind=kind, out=out, images=images, videos=videos,
                          frames=frames, decode=decode, shard_size=shard_size, batch_size=batch_size, limit=limit,
-                         overwrite=overwrite, device=device, workers=workers)
+                         overwrite=overwrite, device=device, workers=workers, ocr=ocr)
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
     try:
         with progress(f"embed {dataset} ({kind})", limit, unit=unit) as advance:

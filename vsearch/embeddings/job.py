@@ -26,6 +26,7 @@ import numpy as np
 
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, l2_normalise, load_encoder
+from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
 from vsearch.embeddings.shards import Manifest, ShardWriter, shard_schema, write_shard_file
 from vsearch.errors import VsearchError
 from vsearch.workspace import Workspace
@@ -49,6 +50,7 @@ class EmbedConfig:
     overwrite: bool = False
     device: str = "auto"
     workers: int | None = None  # DataLoader processes in all, shared by the devices; None: see `total_workers`
+    ocr: bool = False  # read the text on covers whose row has none (see `ocr.with_cover_text`)
 
 
 @dataclass
@@ -226,6 +228,8 @@ def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
                    is_pending: Callable[[int, int], bool], on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
     shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending, on_rows)
+    if config.ocr:
+        shards = with_cover_text(shards, kind, config.workers or 0)
     if hasattr(encoder, "encode_pixels"):
         yield from encode_media_shards(encoder, kind, shards, config, on_rows)
         return
@@ -234,16 +238,16 @@ def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedC
         on_rows(len(rows))
 
 
-def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...]) -> None:
+def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], ocr: bool) -> None:
     if hasattr(encoder, "encode_pixels"):
         return
     if "clip" in kinds:
         raise VsearchError(f"clip vectors need an image model; {encoder.spec} encodes text only "
                            "(use --model uniclip:PATH or open_clip:ARCH:PATH)")
-    if not dataset.has_text:
+    if not dataset.has_text and not ocr:
         raise VsearchError(
             f"dataset {dataset.name} has no title or OCR text, so {encoder.spec} cannot embed it; "
-            "use an image model (--model uniclip:PATH or open_clip:ARCH:PATH)"
+            "use an image model (--model uniclip:PATH or open_clip:ARCH:PATH) or --ocr to read the covers' text"
         )
 
 
@@ -353,6 +357,8 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     if config.workers is not None and config.workers < 0:
         raise VsearchError("--workers must be at least 0")
     kinds = KINDS[config.kind]
+    if config.ocr:
+        require_ocr_engine()
     dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
     spec = resolve_model(config.model, workspace)
     devices = resolve_devices(config.device)
@@ -360,11 +366,11 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     # With several devices the model here only describes the job (spec, fingerprint, dim) while each
     # device process loads its own, so it stays on the CPU rather than take GPU 0's memory twice.
     encoder = encoder or load_encoder(spec, devices[0] if len(devices) == 1 else "cpu")
-    check_encodable(encoder, dataset, kinds)
+    check_encodable(encoder, dataset, kinds, config.ocr)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
     fresh = Manifest(dataset=dataset.name, source=dataset.source,
                      encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint},
-                     dim=encoder.dim, shard_size=config.shard_size)
+                     dim=encoder.dim, shard_size=config.shard_size, ocr=OCR_ENGINE if config.ocr else None)
     with ShardWriter.open(directory, fresh, getattr(encoder, "extra_columns", None), config.overwrite) as writer:
         result = EmbedResult(directory, writer.manifest)
         before = {kind: writer.manifest.rows(kind) for kind in kinds}

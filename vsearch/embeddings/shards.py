@@ -69,6 +69,7 @@ class Manifest:
     encoder: dict[str, str]
     dim: int
     shard_size: int
+    ocr: str | None = None  # the engine that read the text on covers whose row had none (`--ocr`)
     metric: str = "cosine"
     dtype: str = "float16"
     format: str = FORMAT
@@ -217,7 +218,7 @@ def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Mani
     if not (directory / MANIFEST).exists():
         return fresh
     existing = Manifest.read(directory)
-    for key in ("source", "encoder", "dim", "shard_size"):
+    for key in ("source", "encoder", "dim", "shard_size", "ocr"):
         if getattr(existing, key) != getattr(fresh, key):
             raise VsearchError(
                 f"{directory} holds embeddings with a different {key} "

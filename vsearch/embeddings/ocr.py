@@ -1,0 +1,84 @@
+"""Reading the text on covers whose dataset row has none (`vsearch embed --ocr`), with RapidOCR.
+
+A CBVS row carries the OCR text its platform read off the cover; a folder of images carries none,
+and without it the lexical encoder has nothing to encode, the reranker's lexical part nothing to
+match and `--where "ocr LIKE …"` nothing to filter. RapidOCR runs PP-OCR's Chinese and English
+models, shipped inside its wheel (nothing is downloaded), on ONNX Runtime. A small cover costs
+about 0.25 s of one core, far more than encoding it, so a shard's covers are read by a pool of
+processes with one ONNX thread each before the shard is encoded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+from vsearch.embeddings.datasets import Row
+from vsearch.embeddings.media import MediaError, load_image
+from vsearch.errors import VsearchError
+
+ENGINE = "rapidocr"
+PACKAGE = "rapidocr_onnxruntime"
+
+_engine: Any = None  # this process's RapidOCR, started by `_start_engine`
+
+
+def require_engine() -> None:
+    """Refuse `--ocr` up front, before any work, when RapidOCR is not installed."""
+    if importlib.util.find_spec(PACKAGE) is None:
+        raise VsearchError("--ocr needs RapidOCR: pip install 'vsearch[ocr]' (the rapidocr-onnxruntime package)")
+
+
+def _start_engine(threads: int) -> None:
+    global _engine
+    from rapidocr_onnxruntime import RapidOCR
+
+    _engine = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1)
+
+
+def read_text(uri: str) -> str | None:
+    """The text on the image at `uri`, its lines in reading order joined by spaces; None when it
+    carries none or cannot be read (an image encoder records why when it fails to read it too)."""
+    try:
+        image = load_image(uri)
+    except MediaError:
+        return None
+    lines, _ = _engine(image)
+    return " ".join(text for _, text, _ in lines or ()) or None
+
+
+@contextmanager
+def _text_reader(workers: int) -> Iterator[Callable[[list[str]], Iterable[str | None]]]:
+    """`read_text` over a list of uris, by a pool of `workers` processes, or by this one for 0."""
+    if workers == 0:
+        if _engine is None:
+            _start_engine(-1)  # the one engine uses every core
+        yield partial(map, read_text)
+        return
+    # spawn, not fork: the job's process holds torch's threads and the shard writer's.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_engine, initargs=(1,)) as pool:
+        yield partial(pool.map, read_text)
+
+
+def with_cover_text(shards: Iterator[tuple[int, list[Row]]], kind: str,
+                    workers: int) -> Iterator[tuple[int, list[Row]]]:
+    """`shards` with the text read off the cover of each row that has no OCR text (for a clip, its
+    video's cover), by `workers` processes."""
+    with _text_reader(workers) as read_texts:
+        for number, rows in shards:
+            blank = [i for i, row in enumerate(rows) if not row.ocr and _image(row, kind)]
+            rows = list(rows)
+            for i, text in zip(blank, read_texts([_image(rows[i], kind) for i in blank])):
+                rows[i] = replace(rows[i], ocr=text)
+            yield number, rows
+
+
+def _image(row: Row, kind: str) -> str | None:
+    return row.cover if kind == "clip" else row.uri
