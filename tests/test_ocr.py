@@ -5,6 +5,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from vsearch.embeddings.datasets import Row, open_dataset
 from vsearch.embeddings.ocr import with_cover_text
@@ -52,14 +53,17 @@ def test_a_folder_of_covers_is_searchable_by_the_text_read_off_them(cli, workspa
     assert {hit["id"] for hit in json.loads(result.stdout)["results"]} == {"000", "001", "005"}
 
 
-def test_text_the_dataset_gives_is_kept_and_clips_read_their_videos_cover(demo_covers):
+def test_text_the_dataset_gives_is_kept_and_clips_read_their_videos_cover(demo_covers, tmp_path):
     given = Row("a", "标题", "原有文字", demo_covers["000.jpg"].uri)
     blank = Row("b", "标题", None, demo_covers["033.jpg"].uri)
     clip = Row("c", None, None, "video.mp4", cover=demo_covers["144.jpg"].uri)
     unreadable = Row("d", None, None, "/nowhere/cover.jpg")
-    (number, covers), = with_cover_text(iter([(7, [given, blank, unreadable])]), "cover", workers=0)
+    sliver = tmp_path / "sliver.png"  # too thin for RapidOCR to resize
+    Image.new("RGB", (1, 1)).save(sliver)
+    rows = [given, blank, unreadable, Row("e", None, None, str(sliver))]
+    (number, covers), = with_cover_text(iter([(7, rows)]), "cover", workers=0)
     assert number == 7
-    assert covers[0].ocr == "原有文字" and covers[2].ocr is None
+    assert covers[0].ocr == "原有文字" and covers[2].ocr is None and covers[3].ocr is None
     assert covers[1].ocr.replace(" ", "") == "艾尔登法环马怎么获得"  # wrapped over two lines: one space between
     (_, clips), = with_cover_text(iter([(0, [clip])]), "clip", workers=0)
     assert clips[0].ocr == "小猫简笔画" and clips[0].uri == "video.mp4"

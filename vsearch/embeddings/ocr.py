@@ -49,7 +49,10 @@ def read_text(uri: str) -> str | None:
         image = load_image(uri)
     except MediaError:
         return None
-    lines, _ = _engine(image)
+    try:
+        lines, _ = _engine(image)
+    except Exception:  # RapidOCR's own errors (and OpenCV's) on shapes it cannot resize: one cover, not the job
+        return None
     return " ".join(text for _, text, _ in lines or ()) or None
 
 
