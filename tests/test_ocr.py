@@ -61,8 +61,9 @@ def test_text_the_dataset_gives_is_kept_and_clips_read_their_videos_cover(demo_c
     sliver = tmp_path / "sliver.png"  # too thin for RapidOCR to resize
     Image.new("RGB", (1, 1)).save(sliver)
     rows = [given, blank, unreadable, Row("e", None, None, str(sliver))]
-    (number, covers), = with_cover_text(iter([(7, rows)]), "cover", workers=0)
-    assert number == 7
+    read = []
+    (number, covers), = with_cover_text(iter([(7, rows)]), "cover", workers=0, on_rows=read.append)
+    assert number == 7 and read == [1, 1, 1, 1]  # each cover read, then the row that had text
     assert covers[0].ocr == "原有文字" and covers[2].ocr is None and covers[3].ocr is None
     assert covers[1].ocr.replace(" ", "") == "艾尔登法环马怎么获得"  # wrapped over two lines: one space between
     (_, clips), = with_cover_text(iter([(0, [clip])]), "clip", workers=0)

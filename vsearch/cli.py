@@ -99,7 +99,7 @@ def embed(
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda:N, or a list: cuda:0,cuda:1.")] = "auto",
 ) -> None:
     """Encode a dataset's covers or clips into Parquet shards (re-running resumes)."""
-    from vsearch.console import progress, stderr
+    from vsearch.console import progress_bars, stderr
     from vsearch.embeddings.job import EmbedConfig, run_embed
     from vsearch.indexes.store import MANIFEST
 
@@ -111,8 +111,9 @@ def embed(
                          overwrite=overwrite, device=device, workers=workers, ocr=ocr)
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
     try:
-        with progress(f"embed {dataset} ({kind})", limit, unit=unit) as advance:
-            result = run_embed(config, ctx.obj, advance)
+        bars = [f"embed {dataset} ({kind})"] + ["read cover text (--ocr)"] * ocr
+        with progress_bars(bars, limit, unit=unit) as advances:
+            result = run_embed(config, ctx.obj, advances[0], on_text=advances[1] if ocr else lambda n: None)
     except KeyboardInterrupt:
         stderr.print("the shards finished are kept: run the same command again to resume")
         raise

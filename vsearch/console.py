@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
@@ -29,15 +30,24 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress(description: str, total: int | None = None, unit: str = "rows") -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr; yields `advance(n)`. Shows rate and ETA when `total` is known."""
+def progress_bars(descriptions: list[str], total: int | None = None,
+                  unit: str = "rows") -> Iterator[list[Callable[[int], None]]]:
+    """Progress bars on stderr, one per description, counting the same `unit` towards the same
+    `total`; yields an `advance(n)` for each. Shows rate and ETA when `total` is known."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                TimeElapsedColumn()]
     if total is not None:
         columns.append(TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bars:
+        tasks = [bars.add_task(description, total=total) for description in descriptions]
+        yield [partial(bars.advance, task) for task in tasks]
+
+
+@contextmanager
+def progress(description: str, total: int | None = None, unit: str = "rows") -> Iterator[Callable[[int], None]]:
+    """One progress bar (see `progress_bars`); yields `advance(n)`."""
+    with progress_bars([description], total, unit) as (advance,):
+        yield advance
 
 
 def _snippet(text: str | None, width: int = 40) -> str:

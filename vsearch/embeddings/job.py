@@ -226,10 +226,11 @@ def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
 
 
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
-                   is_pending: Callable[[int, int], bool], on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
+                   is_pending: Callable[[int, int], bool], on_rows: Callable[[int], None],
+                   on_text: Callable[[int], None]) -> Iterator[EncodedShard]:
     shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending, on_rows)
     if config.ocr:
-        shards = with_cover_text(shards, kind, config.workers or 0)
+        shards = with_cover_text(shards, kind, config.workers or 0, on_text)
     if hasattr(encoder, "encode_pixels"):
         yield from encode_media_shards(encoder, kind, shards, config, on_rows)
         return
@@ -270,7 +271,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
             skipped += finished
             return not finished
 
-        for shard in encoded_shards(encoder, dataset, kind, config, mine, lambda n: None):
+        for shard in encoded_shards(encoder, dataset, kind, config, mine, lambda n: None,
+                                    lambda n: results.put(("text", n, None, None))):
             entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns)
             results.put(("shard", entry, shard.input_rows, shard.failed))
         results.put(("done", rank, skipped, (dataset.duplicates, dataset.malformed)))
@@ -281,7 +283,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
 
 
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
-                    writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None]) -> tuple[int, int]:
+                    writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None],
+                    on_text: Callable[[int], None]) -> tuple[int, int]:
     """Run one process per device; return the lines they skipped, as repeats and as malformed."""
     import torch.multiprocessing as mp
 
@@ -303,7 +306,9 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 if not any(p.is_alive() for p in processes):
                     raise VsearchError("an embedding process died without reporting (out of memory?)") from None
                 continue
-            if message == "shard":
+            if message == "text":
+                on_text(payload)
+            elif message == "shard":
                 writer.record(payload, detail, extra)
                 _count(result, payload["rows"], extra)
                 on_rows(detail)
@@ -344,8 +349,9 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
 
 
 def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int], None] = lambda n: None,
-              encoder: Encoder | None = None) -> EmbedResult:
-    """Embed `config.dataset`; pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
+              encoder: Encoder | None = None, on_text: Callable[[int], None] = lambda n: None) -> EmbedResult:
+    """Embed `config.dataset`; `on_rows(n)` as rows are written (or found done), `on_text(n)` as
+    `--ocr` reads covers; pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
     if config.kind not in KINDS:
         raise VsearchError(f"unknown --kind {config.kind!r}: use cover, clip or both")
     if config.decode not in ("auto", "device", "workers"):
@@ -385,7 +391,7 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
         for kind in kinds:
             if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
                 skipped_lines = _run_on_devices(devices, encoder.spec, config, workspace, kind, writer, result,
-                                                progress)
+                                                progress, on_text)
                 continue
 
             def is_pending(number: int, input_rows: int) -> bool:
@@ -393,7 +399,8 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
                 result.shards_skipped += not pending
                 return pending
 
-            _write_in_background(encoded_shards(encoder, dataset, kind, config, is_pending, progress), writer, result)
+            _write_in_background(encoded_shards(encoder, dataset, kind, config, is_pending, progress, on_text),
+                                 writer, result)
             skipped_lines = (dataset.duplicates, dataset.malformed)
         if rows_seen == 0 and not any(before.values()):
             malformed = f" ({skipped_lines[1]:,} malformed lines skipped)" if skipped_lines[1] else ""

@@ -70,16 +70,19 @@ def _text_reader(workers: int) -> Iterator[Callable[[list[str]], Iterable[str | 
         yield partial(pool.map, read_text)
 
 
-def with_cover_text(shards: Iterator[tuple[int, list[Row]]], kind: str,
-                    workers: int) -> Iterator[tuple[int, list[Row]]]:
+def with_cover_text(shards: Iterator[tuple[int, list[Row]]], kind: str, workers: int,
+                    on_rows: Callable[[int], None] = lambda n: None) -> Iterator[tuple[int, list[Row]]]:
     """`shards` with the text read off the cover of each row that has no OCR text (for a clip, its
-    video's cover), by `workers` processes."""
+    video's cover), by `workers` processes; `on_rows(n)` as each cover is read (a whole shard must be
+    read before it is encoded, so the job's own progress moves a shard at a time)."""
     with _text_reader(workers) as read_texts:
         for number, rows in shards:
             blank = [i for i, row in enumerate(rows) if not row.ocr and _image(row, kind)]
             rows = list(rows)
             for i, text in zip(blank, read_texts([_image(rows[i], kind) for i in blank])):
                 rows[i] = replace(rows[i], ocr=text)
+                on_rows(1)
+            on_rows(len(rows) - len(blank))
             yield number, rows
 
 
