@@ -16,6 +16,7 @@ texts made from CBVS-20K queries a fixed ef_search of 200 listed 88% of the true
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -101,36 +102,35 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
     # The vectors again, for the queries and the exact search that tunes them: hnswlib hands them
     # back only as Python lists (get_items, about 23 µs a vector: 4 minutes at 10M), a float16 file
     # beside the output in a few seconds. The graph holds the same float16 values, so that exact and
-    # graph scores of a pair agree.
-    spilled = out.with_name(out.name + ".vectors.tmp")
+    # graph scores of a pair agree. The file has no name (10 GB at 10M texts), so a job killed
+    # outright leaves nothing of it behind.
     texts: list[str] = []
     try:
-        with open(spilled, "wb") as vectors_out:
+        with tempfile.TemporaryFile(dir=out.parent) as spilled:
             stream = distinct_ocr_texts(dataset)
             while chunk := list(islice(stream, batch)):
                 if len(texts) + len(chunk) > index.get_max_elements():
                     index.resize_index(2 * index.get_max_elements())
                 vectors = encoder.encode_texts(chunk).astype(np.float16)
                 index.add_items(vectors.astype(np.float32), np.arange(len(texts), len(texts) + len(chunk)))
-                vectors_out.write(vectors.tobytes())
+                spilled.write(vectors.tobytes())
                 texts += chunk
                 on_rows(len(chunk))
-        if len(texts) < 2:
-            raise VsearchError(f"dataset {dataset.name} has {len(texts)} distinct OCR text(s): need at least 2")
-        queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
-        ef, reached = _tune_ef(index, queries, target_recall)
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for start in range(0, len(texts), batch):
-                found, _ = index.knn_query(np.asarray(queries[start:start + batch], np.float32),
-                                           k=min(NEIGHBOURS + 1, len(texts)))
-                for label, row in enumerate(found, start):
-                    others = [texts[j] for j in row if j != label][:NEIGHBOURS]
-                    handle.write("\t".join([texts[label], *others]) + "\n")
+            if len(texts) < 2:
+                raise VsearchError(f"dataset {dataset.name} has {len(texts)} distinct OCR text(s): need at least 2")
+            spilled.flush()
+            queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
+            ef, reached = _tune_ef(index, queries, target_recall)
+            with open(temporary, "w", encoding="utf-8") as handle:
+                for start in range(0, len(texts), batch):
+                    found, _ = index.knn_query(np.asarray(queries[start:start + batch], np.float32),
+                                               k=min(NEIGHBOURS + 1, len(texts)))
+                    for label, row in enumerate(found, start):
+                        others = [texts[j] for j in row if j != label][:NEIGHBOURS]
+                        handle.write("\t".join([texts[label], *others]) + "\n")
         fsync_file(temporary)
         os.replace(temporary, out)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    finally:
-        spilled.unlink(missing_ok=True)
     return HardNegatives(len(texts), ef, reached)
