@@ -111,7 +111,7 @@ def embed(
                          overwrite=overwrite, device=device, workers=workers, ocr=ocr)
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
     try:
-        bars = [f"embed {dataset} ({kind})"] + ["read cover text (--ocr)"] * ocr
+        bars = [f"embed {dataset} ({kind})"] + (["read cover text (--ocr)"] if ocr else [])
         with progress_bars(bars, limit, unit=unit) as advances:
             result = run_embed(config, ctx.obj, advances[0], on_text=advances[1] if ocr else lambda n: None)
     except KeyboardInterrupt:
