@@ -203,12 +203,13 @@ class Searcher:
             notes.append(f"nothing in the index passes --where {config.where}")
         started = time.perf_counter()
         if config.rerank:
+            heads = hasattr(self.encoder, "match_and_presence")
             budget = config.image_budget
             if budget is None:  # an encoder without heads reads no covers, nor imports torch to count cores
-                budget = default_image_budget(self.on_gpu) if hasattr(self.encoder, "match_and_presence") else 0
+                budget = default_image_budget(self.on_gpu) if heads else 0
             pool, rerank_notes = rerank(self.encoder, text, pool, config.weights, budget)
             notes += rerank_notes
-            if 0 < budget < min(config.k, len(pool)) and hasattr(self.encoder, "match_and_presence"):
+            if heads and 0 < budget < min(config.k, len(pool)):
                 notes.append(f"semantic and presence read for the {budget} covers ranked best on ann and "
                              f"lexical (--rerank-images {budget}); the rest follow them in that order")
         else:
