@@ -102,6 +102,32 @@ def test_missing_dataset_is_a_clear_error(spec, message, workspace):
         open_dataset(spec, workspace)
 
 
+def test_expected_rows_is_an_upper_bound_counted_without_reading_the_rows(tmp_path, workspace):
+    source = tmp_path / "c.txt"
+    source.write_text("a\thttp://a/1.jpg\to\nb\thttp://a/1.jpg\to\nshort\nc\thttp://a/2.jpg\to", encoding="utf-8")
+    dataset = open_dataset(str(source), workspace)
+    assert dataset.expected_rows() == 4  # the last line has no line end; the repeat and the short line count
+    assert len(list(dataset.rows())) == 2
+    videos = tmp_path / "c-videos"
+    videos.mkdir()
+    (videos / f"{url_id('http://a/1.jpg')}.mp4").write_bytes(b"")
+    (videos / "notes.txt").write_text("not a video")
+    assert dataset.expected_rows("clip") == 1
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.png", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    assert open_dataset(str(folder), workspace).expected_rows() == 2
+
+
+def test_a_remote_dataset_file_is_not_read_twice_to_count_its_rows(cover_server, workspace):
+    folder, base = cover_server
+    (folder / "remote.txt").write_text("t\thttp://a/1.jpg\to\n", encoding="utf-8")
+    dataset = open_dataset(f"{base}/remote.txt", workspace)
+    assert dataset.expected_rows() is None and len(list(dataset.rows())) == 1
+
+
 def test_unrecognised_file_format_is_a_clear_error(tmp_path, workspace):
     source = tmp_path / "weird.txt"
     source.write_text("just one column\n" * 3)

@@ -74,6 +74,15 @@ def test_rerun_skips_complete_shards_and_writes_nothing_twice(tmp_path, workspac
     assert {p.name: p.stat().st_mtime_ns for p in again.directory.glob("*.parquet")} == before
 
 
+@pytest.mark.parametrize("limit, expected", [(None, 120), (70, 70), (500, 120)])
+def test_the_job_says_how_many_rows_to_expect_for_its_progress_bar(limit, expected, tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    totals, advanced = [], []
+    run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50, limit=limit), workspace,
+              on_rows=advanced.append, on_total=totals.append)
+    assert totals == [expected] and sum(advanced) == expected
+
+
 def test_a_limited_run_followed_by_a_full_run_gives_every_row_once(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 120)
     run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50, limit=70), workspace)

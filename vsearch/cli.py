@@ -112,8 +112,13 @@ def embed(
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
     try:
         bars = [f"embed {dataset} ({kind})"] + (["read cover text (--ocr)"] if ocr else [])
-        with progress_bars(bars, limit, unit=unit) as advances:
-            result = run_embed(config, ctx.obj, advances[0], on_text=advances[1] if ocr else lambda n: None)
+        with progress_bars(bars, limit, unit=unit) as shown:
+            def expect(total: int) -> None:
+                for bar in shown:
+                    bar.expect(total)
+
+            result = run_embed(config, ctx.obj, shown[0], on_text=shown[-1] if ocr else lambda n: None,
+                               on_total=expect)
     except KeyboardInterrupt:
         stderr.print("the shards finished are kept: run the same command again to resume")
         raise
@@ -146,7 +151,7 @@ def _parse_size(text: str) -> int:
 
 def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str,
                           target_recall: float) -> None:
-    from vsearch.console import progress, stderr
+    from vsearch.console import progress_bars, stderr
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
     from vsearch.embeddings.job import resolve_model
@@ -157,8 +162,14 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
     destination = out or ws.datasets / f"{source.name}-HNSW"
     _refuse_overwriting(destination, Path(source.source.removeprefix("file://")),
                         "the dataset file: writing the hard negatives would erase it")
-    with progress(f"{source.name} OCR texts", None, unit="texts") as advance:
-        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, on_rows=advance)
+    with progress_bars([f"encode {source.name} OCR texts", "find their nearest neighbours"], unit="texts") as (
+            encoded, listed):
+        def all_read(texts: int) -> None:
+            encoded.expect(texts)
+            listed.expect(texts)
+
+        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, on_rows=encoded,
+                                       on_texts=all_read, on_written=listed)
     stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
                  f"exact search at ef_search={written.ef_search}) -> {destination}")
 

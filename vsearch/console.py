@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
@@ -29,25 +28,43 @@ class RateColumn(ProgressColumn):
         return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s", style="cyan")
 
 
+class Bar:
+    """One progress bar: `bar(n)` advances it by n; `bar.expect(total)` sets the total once known."""
+
+    def __init__(self, bars: Progress, task: TaskID):
+        self.bars, self.task = bars, task
+
+    def __call__(self, n: int) -> None:
+        self.bars.advance(self.task, n)
+
+    def expect(self, total: int) -> None:
+        self.bars.update(self.task, total=total)
+
+    def finish(self) -> None:
+        """Fill the bar: the work is done, whatever total was expected (an estimate may be high)."""
+        completed = next(task.completed for task in self.bars.tasks if task.id == self.task)
+        self.bars.update(self.task, total=completed)
+
+
 @contextmanager
-def progress_bars(descriptions: list[str], total: int | None = None,
-                  unit: str = "rows") -> Iterator[list[Callable[[int], None]]]:
+def progress_bars(descriptions: list[str], total: int | None = None, unit: str = "rows") -> Iterator[list[Bar]]:
     """Progress bars on stderr, one per description, counting the same `unit` towards the same
-    `total`; yields an `advance(n)` for each. Shows rate and ETA when `total` is known."""
+    `total` (or one set later with `Bar.expect`), with rate and time left; filled when the
+    block ends without an exception."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-               TimeElapsedColumn()]
-    if total is not None:
-        columns.append(TimeRemainingColumn())
+               TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bars:
-        tasks = [bars.add_task(description, total=total) for description in descriptions]
-        yield [partial(bars.advance, task) for task in tasks]
+        made = [Bar(bars, bars.add_task(description, total=total)) for description in descriptions]
+        yield made
+        for bar in made:
+            bar.finish()
 
 
 @contextmanager
-def progress(description: str, total: int | None = None, unit: str = "rows") -> Iterator[Callable[[int], None]]:
-    """One progress bar (see `progress_bars`); yields `advance(n)`."""
-    with progress_bars([description], total, unit) as (advance,):
-        yield advance
+def progress(description: str, total: int | None = None, unit: str = "rows") -> Iterator[Bar]:
+    """One progress bar (see `progress_bars`)."""
+    with progress_bars([description], total, unit) as (bar,):
+        yield bar
 
 
 def _snippet(text: str | None, width: int = 40) -> str:

@@ -22,6 +22,7 @@ its video and its `cover` the cover image, which the reranker's OCR heads read.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -55,6 +56,7 @@ class Dataset:
     format: str
     has_text: bool
     _rows: Callable[[], Iterator[Row | None]] = field(repr=False)  # None for a line it cannot use
+    _expected_rows: Callable[[], int | None] = field(repr=False)
     videos: str | None = None
     duplicates: int = 0
     malformed: int = 0
@@ -74,20 +76,30 @@ class Dataset:
             seen.add(row.id)
             yield row
 
-    def clip_rows(self) -> Iterator[Row]:
-        """The rows that have a video, with `uri` pointing at it and `cover` at the cover image."""
+    def expected_rows(self, kind: str = "cover") -> int | None:
+        """About how many rows `rows()` (kind cover) or `clip_rows()` (kind clip) will yield, for a
+        progress bar: at most that many, as the lines of the file (repeats and malformed lines
+        included) or the videos in the folder; None for a remote file, which counting would read twice."""
+        return self._expected_rows() if kind == "cover" else len(self._videos_found())
+
+    def _videos_found(self) -> dict[str, str]:
+        """{id: where it is read from} of the videos in the videos folder."""
         if self.videos is None or not _isdir(self.videos):
             raise VsearchError(
                 f"dataset {self.name} has no videos folder {self.videos or ''}: put videos named "
                 "<id>.mp4 in <dataset file stem>-videos/ beside the dataset file, or pass --videos DIR"
             )
         fs, folder = url_to_fs(self.videos)
-        found = {PurePosixPath(path).stem: path for path in fs.ls(folder, detail=False)
-                 if path.lower().endswith(VIDEO_SUFFIXES)}
         location = (lambda path: path) if _is_local(fs) else (lambda path: fs.unstrip_protocol(path))
+        return {PurePosixPath(path).stem: location(path) for path in fs.ls(folder, detail=False)
+                if path.lower().endswith(VIDEO_SUFFIXES)}
+
+    def clip_rows(self) -> Iterator[Row]:
+        """The rows that have a video, with `uri` pointing at it and `cover` at the cover image."""
+        found = self._videos_found()
         for row in self.rows():
             if row.id in found:
-                yield replace(row, uri=location(found[row.id]), cover=row.uri)
+                yield replace(row, uri=found[row.id], cover=row.uri)
 
 
 def url_id(url: str) -> str:
@@ -119,6 +131,32 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def _isdir(url: str) -> bool:
     fs, path = url_to_fs(url)
     return fs.isdir(path)
+
+
+def _line_count(url: str) -> int | None:
+    """The lines of a local file (a last line without a line end counts), None for a remote one."""
+    fs, path = url_to_fs(url)
+    if not _is_local(fs):
+        return None
+    count, last = 0, b"\n"
+    with fs.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+class _Once:
+    """A value computed on first call, once even when threads ask at the same time."""
+
+    def __init__(self, compute: Callable[[], list[str]]):
+        self.compute, self.value, self.lock = compute, None, threading.Lock()
+
+    def __call__(self) -> list[str]:
+        with self.lock:
+            if self.value is None:
+                self.value = self.compute()
+            return self.value
 
 
 def _lines(url: str) -> Iterator[list[str] | None]:
@@ -181,7 +219,7 @@ def cbvs_covers(source: str, name: str, images: str | None = None, videos: str |
             id_ = url_id(url)
             yield Row(id_, _value(fields[0]), _value(fields[2]), locate(id_, url))
 
-    return Dataset(name, source, "cbvs-covers", True, rows, _videos_folder(source, videos))
+    return Dataset(name, source, "cbvs-covers", True, rows, lambda: _line_count(source), _videos_folder(source, videos))
 
 
 def cbvs20k(source: str, name: str, images: str | None = None, videos: str | None = None) -> Dataset:
@@ -196,22 +234,22 @@ def cbvs20k(source: str, name: str, images: str | None = None, videos: str | Non
             docid, url = fields[1].strip(), _value(fields[2])
             yield Row(docid, None, None, locate(docid, url))
 
-    return Dataset(name, source, "cbvs20k", False, rows, _videos_folder(source, videos))
+    return Dataset(name, source, "cbvs20k", False, rows, lambda: _line_count(source), _videos_folder(source, videos))
 
 
 def image_folder(source: str, name: str, videos: str | None = None) -> Dataset:
     """A folder of images, searched recursively; id = relative path without extension."""
     fs, root = url_to_fs(source)
+    # Listed once: a progress bar's count and the rows share one walk of a folder of millions.
+    images = _Once(lambda: sorted(path for path in fs.find(root) if path.lower().endswith(IMAGE_SUFFIXES)))
 
     def rows() -> Iterator[Row]:
-        for path in sorted(fs.find(root)):
-            if not path.lower().endswith(IMAGE_SUFFIXES):
-                continue
+        for path in images():
             relative = PurePosixPath(path).relative_to(PurePosixPath(root).as_posix())
             uri = path if _is_local(fs) else fs.unstrip_protocol(path)
             yield Row(str(relative.with_suffix("")), None, None, uri)
 
-    return Dataset(name, source, "image-folder", False, rows, videos)
+    return Dataset(name, source, "image-folder", False, rows, lambda: len(images()), videos)
 
 
 def demo_source() -> str:

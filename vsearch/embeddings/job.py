@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -239,6 +240,31 @@ def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedC
         on_rows(len(rows))
 
 
+def expected_rows(dataset: Dataset, kinds: tuple[str, ...], limit: int | None) -> int | None:
+    """About how many rows the job will read, at most: see `Dataset.expected_rows`."""
+    counts = [dataset.expected_rows(kind) for kind in kinds]
+    if None in counts:
+        return None
+    return sum(count if limit is None else min(count, limit) for count in counts)
+
+
+def _count_in_background(dataset: Dataset, kinds: tuple[str, ...], limit: int | None,
+                         on_total: Callable[[int], None]) -> threading.Thread:
+    """Count the rows to expect while the job starts: 10 million lines take a few seconds to count."""
+
+    def count() -> None:
+        try:
+            expected = expected_rows(dataset, kinds, limit)
+        except (OSError, VsearchError):
+            return  # the job itself reports a dataset it cannot read
+        if expected is not None:
+            on_total(expected)
+
+    thread = threading.Thread(target=count, name="count-rows", daemon=True)
+    thread.start()
+    return thread
+
+
 def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], ocr: bool) -> None:
     if hasattr(encoder, "encode_pixels"):
         return
@@ -349,9 +375,11 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
 
 
 def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int], None] = lambda n: None,
-              encoder: Encoder | None = None, on_text: Callable[[int], None] = lambda n: None) -> EmbedResult:
+              encoder: Encoder | None = None, on_text: Callable[[int], None] = lambda n: None,
+              on_total: Callable[[int], None] = lambda n: None) -> EmbedResult:
     """Embed `config.dataset`; `on_rows(n)` as rows are written (or found done), `on_text(n)` as
-    `--ocr` reads covers; pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
+    `--ocr` reads covers, `on_total(n)` once with the rows to expect at most (from another thread,
+    where they can be counted cheaply); pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
     if config.kind not in KINDS:
         raise VsearchError(f"unknown --kind {config.kind!r}: use cover, clip or both")
     if config.decode not in ("auto", "device", "workers"):
@@ -373,6 +401,7 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     # device process loads its own, so it stays on the CPU rather than take GPU 0's memory twice.
     encoder = encoder or load_encoder(spec, devices[0] if len(devices) == 1 else "cpu")
     check_encodable(encoder, dataset, kinds, config.ocr)
+    counting = _count_in_background(dataset, kinds, config.limit, on_total)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
     fresh = Manifest(dataset=dataset.name, source=dataset.source,
                      encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint},
@@ -407,4 +436,5 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
             raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}{malformed}")
         writer.manifest.duplicates, writer.manifest.malformed_lines = skipped_lines
         writer.write_manifest()
+    counting.join()
     return result

@@ -89,8 +89,12 @@ def _tune_ef(index, vectors: np.ndarray, target: float) -> tuple[int, float]:
 
 
 def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: int = 2048, target_recall: float = 0.95,
-                         on_rows: Callable[[int], None] = lambda n: None) -> HardNegatives:
-    """Write the file for `dataset` to `out` (via a temporary file)."""
+                         on_rows: Callable[[int], None] = lambda n: None,
+                         on_texts: Callable[[int], None] = lambda n: None,
+                         on_written: Callable[[int], None] = lambda n: None) -> HardNegatives:
+    """Write the file for `dataset` to `out` (via a temporary file). Progress: `on_rows(n)` as texts
+    are encoded, `on_texts(n)` once with the number of distinct texts, `on_written(n)` as their
+    neighbour lines are written (at 10M, minutes of graph search)."""
     import hnswlib
 
     if not dataset.has_text:
@@ -118,6 +122,7 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                 on_rows(len(chunk))
             if len(texts) < 2:
                 raise VsearchError(f"dataset {dataset.name} has {len(texts)} distinct OCR text(s): need at least 2")
+            on_texts(len(texts))
             spilled.flush()
             queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
             ef, reached = _tune_ef(index, queries, target_recall)
@@ -128,6 +133,7 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                     for label, row in enumerate(found, start):
                         others = [texts[j] for j in row if j != label][:NEIGHBOURS]
                         handle.write("\t".join([texts[label], *others]) + "\n")
+                    on_written(len(found))
         fsync_file(temporary)
         os.replace(temporary, out)
     except BaseException:

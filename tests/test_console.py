@@ -1,0 +1,39 @@
+"""Progress bars on a terminal: a total can arrive after the work starts, and finished work shows full."""
+
+import io
+
+import pytest
+from rich.console import Console
+
+from vsearch import console
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    screen = Console(file=io.StringIO(), force_terminal=True, width=120)
+    monkeypatch.setattr(console, "stderr", screen)
+    return screen
+
+
+def totals(bar):
+    return [(task.completed, task.total) for task in bar.bars.tasks]
+
+
+def test_a_total_found_later_is_shown_and_finished_work_fills_the_bar(terminal):
+    with console.progress("embed", unit="covers") as bar:
+        bar(3)
+        assert totals(bar) == [(3, None)]
+        bar.expect(10)  # an upper bound: fewer rows turned out to be usable
+        bar(4)
+        assert totals(bar) == [(7, 10)]
+    assert totals(bar) == [(7, 7)]
+    assert "7/7" in terminal.file.getvalue()
+
+
+def test_interrupted_work_is_not_shown_as_finished(terminal):
+    with pytest.raises(KeyboardInterrupt):
+        with console.progress("embed", 10, unit="covers") as bar:
+            bar(4)
+            raise KeyboardInterrupt
+    assert totals(bar) == [(4, 10)]
+    assert "4/10" in terminal.file.getvalue()
