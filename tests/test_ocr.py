@@ -75,7 +75,7 @@ def test_resuming_with_a_different_ocr_setting_is_refused(cli, workspace):
     manifest = workspace.embeddings / "demo" / MANIFEST
     before = manifest.read_text()
     refused = cli("embed", "--dataset", "demo", "--model", "lexical", "--ocr", "--workers", "0")
-    assert refused.code == 1 and "different ocr (None vs rapidocr)" in refused.stderr
+    assert refused.code == 1 and "made without --ocr, not with --ocr (rapidocr)" in refused.stderr
     assert manifest.read_text() == before
 
 

@@ -221,11 +221,24 @@ def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Mani
     for key in ("source", "encoder", "dim", "shard_size", "ocr"):
         if getattr(existing, key) != getattr(fresh, key):
             raise VsearchError(
-                f"{directory} holds embeddings with a different {key} "
-                f"({getattr(existing, key)} vs {getattr(fresh, key)}); "
-                "pass --overwrite to replace them or --out for another folder"
+                f"{directory} holds embeddings made {_setting(key, getattr(existing, key))}, not "
+                f"{_setting(key, getattr(fresh, key))}: run the command that made them to resume, "
+                "or pass --overwrite to replace them or --out for another folder"
             )
     return existing
+
+
+def _setting(key: str, value: Any) -> str:
+    """A manifest setting as the words that follow "made" in a sentence."""
+    if key == "source":
+        return f"from {value}"
+    if key == "encoder":
+        return f"by {value['spec']} (weights {value['fingerprint'][:12]})"
+    if key == "dim":
+        return f"of {value}-d vectors"
+    if key == "shard_size":
+        return f"with --shard-size {value}"
+    return f"with --ocr ({value})" if value else "without --ocr"
 
 
 def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str, Any]) -> pa.Array:
