@@ -71,11 +71,15 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Replace `path` with the JSON of `payload` so readers see the old or the new, never half."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new, never half."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, ensure_ascii=False, indent=1)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=1))

@@ -23,7 +23,6 @@ every metric; with all 19,662 covers present the two agree.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vsearch.errors import VsearchError
-from vsearch.files import text_lines
+from vsearch.files import text_lines, write_text_atomic
 
 # The CBVS paper's UniCLIP ViT-B/16 row (fine-tuned on CBVS-5M).
 PAPER_UNICLIP = {"R@1": 0.503, "R@5": 0.754, "R@10": 0.820, "MR": 0.692, "PNR": 3.069,
@@ -200,6 +199,4 @@ def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 64) 
 
 
 def write_scores(pairs: list[Pair], path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(f"{p.label}\t{p.query}\t{p.docid}\t{p.score}\n" for p in pairs), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(path, "".join(f"{p.label}\t{p.query}\t{p.docid}\t{p.score}\n" for p in pairs))
