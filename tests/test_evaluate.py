@@ -52,8 +52,9 @@ def test_a_model_scores_the_pairs_and_ranks_the_pool(cli, workspace, tiny_unicli
     images.mkdir()
     for number, row in enumerate(rows[:7]):  # the eighth cover is missing
         shutil.copy(row.uri, images / f"doc{number}.jpg")
+    (images / "doc9.jpg").write_bytes(b"\xff\xd8\xff not a JPEG")
     lines = [f"{rows[0].ocr}\tdoc{i}\thttp://x/{i}.jpg\t{2 if i == 0 else i % 2}" for i in range(4)]
-    lines += [f"{rows[4].ocr}\tdoc{i}\thttp://x/{i}.jpg\t{2 if i == 4 else 0}" for i in range(4, 8)]
+    lines += [f"{rows[4].ocr}\tdoc{i}\thttp://x/{i}.jpg\t{2 if i == 4 else 0}" for i in range(4, 10)]
     source = tmp_path / "cbvs20k.txt"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "scores.txt"
@@ -66,6 +67,9 @@ def test_a_model_scores_the_pairs_and_ranks_the_pool(cli, workspace, tiny_unicli
     assert metrics["MR"] == pytest.approx((metrics["R@1"] + metrics["R@5"] + metrics["R@10"]) / 3)
     written = out.read_text(encoding="utf-8").splitlines()
     assert len(written) == 7 and written[0].split("\t")[:3] == ["2", rows[0].ocr, "doc0"]
+    table = cli("eval", "--dataset", str(source), "--model", f"uniclip:{tiny_uniclip}", "--images", str(images),
+                "--device", "cpu")
+    assert "pairs scored: 7, covers missing or unreadable: 3" in " ".join(table.stdout.split())
 
 
 @pytest.mark.parametrize("args, message", [

@@ -386,6 +386,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as a JSON object.")] = False,
 ) -> None:
     """CBVS-20K ranking metrics (PNR, NDCG@k, MAP; R@k with a model), beside the paper's UniCLIP row."""
+    from vsearch.console import progress
     from vsearch.query import evaluate
 
     ws: Workspace = ctx.obj
@@ -403,11 +404,13 @@ def eval_command(
         source = ws.datasets / "cbvs20k.txt" if dataset == "cbvs20k" else Path(dataset)
         _refuse_overwriting(out, source, "the CBVS-20K file: writing the scores would erase it")
         encoder = load_encoder(resolve_model(model, ws), device)
-        scored = evaluate.score_with_model(encoder, evaluate.read_pairs(source), images)
+        pairs = evaluate.read_pairs(source)
+        with progress("encode CBVS-20K covers", len({p.docid for p in pairs}), unit="covers") as advance:
+            scored = evaluate.score_with_model(encoder, pairs, images, on_covers=advance)
         if out is not None:
             evaluate.write_scores(scored.pairs, out)
         metrics = {**scored.retrieval, **evaluate.ranking_metrics(scored.pairs)}
-        extra = {"pairs scored": len(scored.pairs), "covers missing": scored.missing_covers}
+        extra = {"pairs scored": len(scored.pairs), "covers missing or unreadable": scored.missing_covers}
     if as_json:
         sys.stdout.write(json.dumps(metrics) + "\n")
         return

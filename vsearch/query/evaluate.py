@@ -15,7 +15,7 @@ Definitions (the published evaluation):
   when one of its label-2 covers is among its k nearest covers; R@k is the share of queries with a
   label-2 cover that hit; MR is the mean of R@1, R@5 and R@10.
 
-Scoring the pairs with a model, a pair whose cover image is missing is left out and counted. The
+Scoring the pairs with a model, a pair whose cover image is missing or unreadable is left out and counted. The
 released evaluation scores it against a blank image instead, an arbitrary score that would move
 every metric; with all 19,662 covers present the two agree.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,36 +155,31 @@ def read_pairs(path: Path) -> list[Pair]:
 
 @dataclass
 class ModelScores:
-    pairs: list[Pair]  # the pairs whose cover image was found, scored
+    pairs: list[Pair]  # the pairs whose cover image was read, scored
     retrieval: dict[str, float]
-    missing_covers: int
+    missing_covers: int  # covers not found or not readable as an image
 
 
-def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 64) -> ModelScores:
+def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 256, workers: int | None = None,
+                     on_covers: Callable[[int], None] = lambda n: None) -> ModelScores:
     """Score each pair by the cosine of its query and its cover (`<images>/<docid>.jpg`), and rank the
-    whole pool of covers found for R@k."""
-    from vsearch.embeddings.media import MediaError, load_image
+    whole pool of covers found for R@k. Covers are read and encoded as `vsearch embed` does (reader
+    processes, GPU JPEG decoding, fp16 on CUDA); `on_covers(n)` as they are."""
+    from vsearch.embeddings.datasets import Row
+    from vsearch.embeddings.job import EmbedConfig, encode_media_shards, total_workers
 
-    if not hasattr(encoder, "encode_images"):
+    if not hasattr(encoder, "encode_pixels"):
         raise VsearchError(f"{encoder.spec} encodes text only, and CBVS-20K pairs are scored against the cover "
                            "image: use --model uniclip:PATH or open_clip:ARCH:PATH")
-    covers: list[str] = []
-    parts: list[np.ndarray] = []
     docids = list(dict.fromkeys(p.docid for p in pairs))
-    missing = 0
-    for start in range(0, len(docids), batch):
-        loaded = []
-        for docid in docids[start:start + batch]:
-            try:
-                loaded.append((docid, load_image(str(images / f"{docid}.jpg"))))
-            except MediaError:
-                missing += 1
-        if loaded:
-            covers += [docid for docid, _ in loaded]
-            parts.append(encoder.encode_images([image for _, image in loaded]))
+    rows = [Row(docid, None, None, str(images / f"{docid}.jpg")) for docid in docids]
+    config = EmbedConfig(batch_size=batch, workers=total_workers(workers, 1))
+    encoded = list(encode_media_shards(encoder, "cover", iter([(0, rows)]), config, on_covers))
+    covers: list[str] = encoded[0].columns["id"] if encoded else []
     if not covers:
         raise VsearchError(f"none of the {len(docids):,} covers is in {images} (expected <docid>.jpg files)")
-    cover_vectors = np.concatenate(parts)
+    missing = len(encoded[0].failed)
+    cover_vectors = encoded[0].columns["vector"]
     queries = list(dict.fromkeys(p.query for p in pairs))
     query_vectors = np.concatenate([encoder.encode_texts(queries[s:s + 256]) for s in range(0, len(queries), 256)])
     cover_at = {docid: i for i, docid in enumerate(covers)}
