@@ -182,7 +182,9 @@ def test_an_append_replaces_the_vectors_of_ids_it_brings_again(byo, tmp_path):
     build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")
     moved = clustered(10, seed=5)  # doc0..doc9 again, with new vectors
     write_parquet(folder, moved, 0, "part-2.parquet")
-    append_index(tmp_path / "index", open_source(folder))
+    expected, added = [], []
+    append_index(tmp_path / "index", open_source(folder), on_rows=added.append, on_total=expected.append)
+    assert expected == [10] and sum(added) == 10
     index = load_index(tmp_path / "index")
     assert len(index) == 3000 and index.rows.count == 3010
     scores, ids = index.search(moved[:1], 3)

@@ -229,8 +229,8 @@ def build_index_command(
     default_name = f"{source.directory.name}-{type}" if kind == "cover" else f"{source.directory.name}-clip-{type}"
     destination = out or ws.index_dir(name or default_name)
     if append:
-        with progress(f"append to {destination.name}", None, unit="vectors") as advance:
-            append_index(destination, source, advance, note=lambda line: stderr.print(line))
+        with progress(f"append to {destination.name}", None, unit="vectors") as bar:
+            append_index(destination, source, bar, note=lambda line: stderr.print(line), on_total=bar.expect)
         return
     config = BuildConfig(type=type, engine=engine, kind=kind, params=_parse_params(param), threads=threads,
                          memory_budget=_parse_size(memory_budget) if memory_budget else None,

@@ -268,8 +268,10 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
 
 
 def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
-                 note: Notes = lambda line: None, recall_queries: int = 500) -> dict[str, Any]:
-    """Add the files of `source` that the index at `path` has not seen, without rebuilding it."""
+                 note: Notes = lambda line: None, recall_queries: int = 500,
+                 on_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Add the files of `source` that the index at `path` has not seen, without rebuilding it;
+    `on_total(n)` once with the number of vectors to add, `on_rows(n)` as they are."""
     info = read_index_manifest(path)
     if _holds(path, source):
         raise VsearchError(f"cannot append {source.directory} to index {path}: the embeddings are inside the "
@@ -296,6 +298,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
                 os.link(path / name, work / name)  # unchanged files: share them, don't copy
         backend = cls.load(path, info["dim"], info["params"], writable=True)
         new_rows = sum(f.rows for f in new)
+        on_total(new_rows)
         backend.prepare(work, new_rows)
         existing = Rows(path / ROWS)
         with RowsWriter(work / ROWS, existing.schema) as rows:
