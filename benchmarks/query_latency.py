@@ -75,8 +75,8 @@ def synthetic_index(workspace: Workspace, count: int) -> Path:
         for number, vectors in enumerate(clip_like(count, encoder.dim, seed=5)):
             ids = [f"s{i}" for i in range(start, start + len(vectors))]
             titles = ["".join(rng.sample(WORDS, 3)) for _ in ids]
-            writer.write("cover", number, len(ids), {"id": ids, "vector": vectors, "title": titles,
-                                                     "ocr": [t[:6] for t in titles], "uri": [None] * len(ids)}, [])
+            writer.write("cover", number, {"id": ids, "vector": vectors, "title": titles,
+                                           "ocr": [t[:6] for t in titles], "uri": [None] * len(ids)}, [])
             start += len(vectors)
     destination = workspace.index_dir("synthetic-hnsw")
     build_index(BuildConfig(type="hnsw", recall_queries=200), open_source(directory), destination)

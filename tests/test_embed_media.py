@@ -192,6 +192,23 @@ def test_one_process_per_device_writes_the_same_shards(workspace, tiny_uniclip, 
         assert table(split.directory, kind).equals(table(single.directory, kind))
 
 
+def test_device_processes_bring_the_shards_up_to_date_with_a_changed_dataset(workspace, tiny_uniclip, tmp_path):
+    rows = list(open_dataset("demo", workspace).rows())[:40]
+    source = tmp_path / "covers.txt"
+
+    def embed(selected):
+        source.write_text("".join(f"{r.title}\t{r.uri}\t{r.ocr}\n" for r in selected), encoding="utf-8")
+        return run_embed(EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", device="cpu,cpu",
+                                     workers=0, shard_size=10), workspace)
+
+    embed(rows)
+    kept = rows[:20] + rows[32:]  # shard 2 now holds other rows, and shard 3 is past the end
+    again = embed(kept)
+    assert (again.shards_skipped, again.shards_redone, again.shards_written, again.shards_removed) == (2, 1, 1, 1)
+    expected = sorted(r.id for r in open_dataset(str(source), workspace).rows())
+    assert len(expected) == 28 and sorted(table(again.directory, "cover").column("id").to_pylist()) == expected
+
+
 def test_each_gpu_gets_its_own_readers_unless_told_otherwise(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 96)
     assert total_workers(None, 1) == 8 and total_workers(None, 8) == 64  # not 8 shared by 8 GPUs

@@ -92,6 +92,69 @@ def test_a_limited_run_followed_by_a_full_run_gives_every_row_once(tmp_path, wor
     assert len(ids) == len(set(ids)) == 120
 
 
+def shard_times(directory):
+    return {p.name: p.stat().st_mtime_ns for p in directory.glob("*.parquet")}
+
+
+def embed_lines(source, lines, workspace, **options):
+    source.write_text("".join(lines), encoding="utf-8")
+    return run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50, **options), workspace)
+
+
+def assert_shards_hold_exactly(directory, lines):
+    """The folder's shards and manifest hold each row of `lines` once, and nothing else."""
+    rows = rows_of(directory)
+    assert sorted(r["uri"] for r in rows) == sorted(line.split("\t")[1] for line in lines)
+    manifest = Manifest.read(directory)
+    assert sorted(p.name for p in directory.glob("*.parquet")) == [s["name"] for s in manifest.shards]
+    assert sum(s["input_rows"] for s in manifest.shards) == len(lines)
+
+
+def test_rows_added_at_the_end_embed_only_the_new_rows(tmp_path, workspace):
+    lines = write_cbvs_covers(tmp_path / "c.txt", 170).read_text(encoding="utf-8").splitlines(keepends=True)
+    first = embed_lines(tmp_path / "c.txt", lines[:120], workspace)
+    before = shard_times(first.directory)
+    again = embed_lines(tmp_path / "c.txt", lines, workspace)
+    assert (again.shards_skipped, again.shards_redone, again.shards_written) == (2, 1, 2)
+    assert {name: t for name, t in shard_times(again.directory).items() if name in before} == {
+        **before, "cover-00002.parquet": shard_times(again.directory)["cover-00002.parquet"]}
+    assert_shards_hold_exactly(again.directory, lines)
+
+
+def test_rows_inserted_or_removed_mid_dataset_redo_the_shards_after_them(tmp_path, workspace):
+    lines = write_cbvs_covers(tmp_path / "c.txt", 170).read_text(encoding="utf-8").splitlines(keepends=True)
+    embed_lines(tmp_path / "c.txt", lines[10:], workspace)
+    grown = embed_lines(tmp_path / "c.txt", lines, workspace)  # ten rows inserted at the top
+    assert (grown.shards_skipped, grown.shards_redone, grown.shards_written) == (0, 4, 4)
+    assert_shards_hold_exactly(grown.directory, lines)
+
+    shrunk_lines = lines[:60] + lines[130:]  # seventy rows removed from the middle
+    shrunk = embed_lines(tmp_path / "c.txt", shrunk_lines, workspace)
+    assert (shrunk.shards_skipped, shrunk.shards_redone, shrunk.shards_removed) == (1, 1, 2)
+    assert_shards_hold_exactly(shrunk.directory, shrunk_lines)
+
+
+def test_a_dataset_left_with_no_rows_is_refused_and_its_shards_kept(tmp_path, workspace):
+    lines = write_cbvs_covers(tmp_path / "c.txt", 120).read_text(encoding="utf-8").splitlines(keepends=True)
+    directory = embed_lines(tmp_path / "c.txt", lines, workspace).directory
+    before = shard_times(directory)
+    with pytest.raises(VsearchError, match="has no rows to embed"):
+        embed_lines(tmp_path / "c.txt", ["标题\t\\N\t没有url的行\n"], workspace)
+    assert shard_times(directory) == before
+    assert_shards_hold_exactly(directory, lines)
+
+
+def test_shards_listed_before_their_ids_were_digested_are_trusted_on_their_row_count(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    directory = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace).directory
+    manifest = json.loads((directory / MANIFEST).read_text())
+    for entry in manifest["shards"]:
+        del entry["input_digest"]
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    again = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace)
+    assert (again.shards_skipped, again.shards_written) == (3, 0)
+
+
 def test_shards_from_another_encoder_are_never_mixed_in(tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 30)
     run_embed(EmbedConfig(model="lexical", dataset=str(source), out=tmp_path), workspace)
@@ -128,14 +191,14 @@ def test_a_slow_manifest_is_rewritten_less_often_and_closing_records_every_shard
     with shards.ShardWriter.open(tmp_path, Manifest("d", "d.txt", {"spec": "lexical", "fingerprint": "f"}, 4, 2)) as writer:
         for number in range(4):
             clock[0] += 10.0  # a shard encodes in 10 s
-            writer.write("cover", number, 2, {"id": [f"{number}a", f"{number}b"], "vector": np.eye(2, 4)}, [])
+            writer.write("cover", number, {"id": [f"{number}a", f"{number}b"], "vector": np.eye(2, 4)}, [])
         # Rewritten after shard 0, then only once 5 s is at most 5% of the time since: after 100 s.
         assert shards_on_disk() == [0]
         clock[0] += 100.0
-        writer.write("cover", 4, 2, {"id": ["4a", "4b"], "vector": np.eye(2, 4)}, [])
+        writer.write("cover", 4, {"id": ["4a", "4b"], "vector": np.eye(2, 4)}, [])
         assert shards_on_disk() == [0, 1, 2, 3, 4]
         clock[0] += 10.0
-        writer.write("cover", 5, 2, {"id": ["5a", "5b"], "vector": np.eye(2, 4)}, [])
+        writer.write("cover", 5, {"id": ["5a", "5b"], "vector": np.eye(2, 4)}, [])
         assert shards_on_disk() == [0, 1, 2, 3, 4]
     assert shards_on_disk() == [0, 1, 2, 3, 4, 5]
 

@@ -123,11 +123,14 @@ def embed(
         stderr.print("the shards finished are kept: run the same command again to resume")
         raise
     skipped = {"repeated ids": result.manifest.duplicates, "malformed lines": result.manifest.malformed_lines}
+    changed = {"shards made again, their rows having changed since the last run": result.shards_redone,
+               "shards removed, past the dataset's new end": result.shards_removed}
     stderr.print(
         f"{result.rows_written} vectors written in {result.shards_written} shards, "
         f"{result.shards_skipped} shards already done, {result.rows_failed} failed "
         f"(reasons in {result.directory / '_manifest.json'}) -> {result.directory}"
         + "".join(f"; {count:,} {what} skipped" for what, count in skipped.items() if count)
+        + "".join(f"; {what}: {count:,}" for what, count in changed.items() if count)
     )
 
 

@@ -2,7 +2,8 @@
 
 Shard N of a kind always covers the dataset's rows N*shard_size .. (N+1)*shard_size - 1 (for
 clips: of the rows that have a video), so a re-run reads the cheap text rows again, skips every
-shard the manifest lists as complete, and encodes only the rest: no row is written twice.
+shard the manifest lists as made from the rows now at its place, and encodes only the rest
+(`ResumePlan`): no row is written twice, even when the dataset file changed in between.
 
 Reading (DataLoader workers), encoding (this process, on the device) and writing (a background
 thread) overlap. With several devices, one process per device encodes the shards whose number
@@ -28,7 +29,7 @@ import numpy as np
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, l2_normalise, load_encoder
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
-from vsearch.embeddings.shards import Manifest, ShardWriter, shard_schema, write_shard_file
+from vsearch.embeddings.shards import Manifest, ShardWriter, made_from, shard_schema, write_shard_file
 from vsearch.errors import VsearchError
 from vsearch.workspace import Workspace
 
@@ -60,6 +61,8 @@ class EmbedResult:
     manifest: Manifest
     shards_written: int = 0
     shards_skipped: int = 0
+    shards_redone: int = 0  # written again: their place in the dataset holds other rows than before
+    shards_removed: int = 0  # beyond the end of a dataset that has fewer rows than before
     rows_written: int = 0
     rows_failed: int = 0
 
@@ -68,7 +71,6 @@ class EmbedResult:
 class EncodedShard:
     kind: str
     number: int
-    input_rows: int
     columns: dict[str, Any]
     failed: list[dict[str, Any]]
 
@@ -120,11 +122,12 @@ def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
         yield chunk
 
 
-def pending_shards(rows: Iterator[Row], shard_size: int, is_pending: Callable[[int, int], bool],
+def pending_shards(rows: Iterator[Row], shard_size: int, is_pending: Callable[[int, list[str]], bool],
                    on_skip: Callable[[int], None]) -> Iterator[tuple[int, list[Row]]]:
-    """(number, rows) of every shard still to write; skipped shards' rows are reported to `on_skip`."""
+    """(number, rows) of every shard still to write, asking `is_pending(number, ids)` of each shard
+    of the dataset; skipped shards' rows are reported to `on_skip`."""
     for number, chunk in enumerate(_chunks(rows, shard_size)):
-        if is_pending(number, len(chunk)):
+        if is_pending(number, [row.id for row in chunk]):
             yield number, chunk
         else:
             on_skip(len(chunk))
@@ -140,7 +143,7 @@ def encode_text_shard(encoder: Encoder, number: int, rows: list[Row], batch_size
     failed += [_failure(r, "cover", "no letters or digits in title or OCR text")
                for r, e in zip(rows_with_text, empty) if e]
     kept = [r for r, e in zip(rows_with_text, empty) if not e]
-    return EncodedShard("cover", number, len(rows), _columns(kept, vectors[~empty]), failed)
+    return EncodedShard("cover", number, _columns(kept, vectors[~empty]), failed)
 
 
 class OomBackoff:
@@ -176,7 +179,6 @@ def mean_pool(frame_vectors: np.ndarray, frames: int) -> np.ndarray:
 class _ShardInProgress:
     kind: str
     number: int
-    input_rows: int
     rows: list[Row] = field(default_factory=list)
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
@@ -186,7 +188,7 @@ class _ShardInProgress:
         merged = {name: np.concatenate([o[name] for o in self.outputs]) if self.outputs else np.zeros((0, dim))
                   for name in names}
         vectors = merged.pop("vector")
-        return EncodedShard(self.kind, self.number, self.input_rows, _columns(self.rows, vectors, merged), self.failed)
+        return EncodedShard(self.kind, self.number, _columns(self.rows, vectors, merged), self.failed)
 
 
 def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, list[Row]]],
@@ -206,7 +208,7 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
         if shard is not None and batch.number != shard.number:
             yield shard.finished(encoder.dim)
             shard = None
-        shard = shard or _ShardInProgress(kind, batch.number, batch.input_rows)
+        shard = shard or _ShardInProgress(kind, batch.number)
         pixels, rows, failed = device_pixels(batch, encoder.device, transform, encoder.image_transform)
         shard.failed += [_failure(row, kind, reason) for row, reason in failed]
         if pixels is not None:
@@ -227,7 +229,7 @@ def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
 
 
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
-                   is_pending: Callable[[int, int], bool], on_rows: Callable[[int], None],
+                   is_pending: Callable[[int, list[str]], bool], on_rows: Callable[[int], None],
                    on_text: Callable[[int], None]) -> Iterator[EncodedShard]:
     shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending, on_rows)
     if config.ocr:
@@ -278,8 +280,34 @@ def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], 
         )
 
 
+@dataclass
+class ResumePlan:
+    """Which shards of one kind a pass over the dataset writes, given the manifest's `done` ones:
+    those not made from the rows now at their place (see `shards.made_from`). With `share`
+    (rank, processes), only the shards whose number is rank modulo processes. Counts as it goes."""
+
+    kind: str
+    done: dict[tuple[str, int], dict[str, Any]]
+    share: tuple[int, int] = (0, 1)
+    skipped: int = 0
+    redone: int = 0
+    count: int = 0  # shards the dataset has, pending or not
+
+    def is_pending(self, number: int, ids: list[str]) -> bool:
+        self.count = max(self.count, number + 1)
+        rank, processes = self.share
+        if number % processes != rank:
+            return False
+        entry = self.done.get((self.kind, number))
+        if made_from(entry, ids):
+            self.skipped += 1
+            return False
+        self.redone += entry is not None
+        return True
+
+
 def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str, kind: str,
-                    done: dict[tuple[str, int], int], directory: str, results: Any) -> None:
+                    done: dict[tuple[str, int], dict[str, Any]], directory: str, results: Any) -> None:
     """One device's share of the shards: encode, write the files, report each to the parent."""
     try:
         workspace = Workspace.resolve(root)
@@ -287,21 +315,12 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
 
-        skipped = 0
-
-        def mine(number: int, input_rows: int) -> bool:
-            nonlocal skipped
-            if number % len(devices) != rank:
-                return False
-            finished = done.get((kind, number)) == input_rows
-            skipped += finished
-            return not finished
-
-        for shard in encoded_shards(encoder, dataset, kind, config, mine, lambda n: None,
+        plan = ResumePlan(kind, done, (rank, len(devices)))
+        for shard in encoded_shards(encoder, dataset, kind, config, plan.is_pending, lambda n: None,
                                     lambda n: results.put(("text", n, None, None))):
-            entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns)
-            results.put(("shard", entry, shard.input_rows, shard.failed))
-        results.put(("done", rank, skipped, (dataset.duplicates, dataset.malformed)))
+            entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns, shard.failed)
+            results.put(("shard", entry, None, shard.failed))
+        results.put(("done", rank, (plan.skipped, plan.redone, plan.count), (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
         results.put(("error", rank, str(exc), None))
     except BaseException:
@@ -310,8 +329,9 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
 
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
                     writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None],
-                    on_text: Callable[[int], None]) -> tuple[int, int]:
-    """Run one process per device; return the lines they skipped, as repeats and as malformed."""
+                    on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
+    """Run one process per device; return the lines they skipped, as repeats and as malformed, and
+    the number of shards the dataset has."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
@@ -323,7 +343,7 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                  for rank in range(len(devices))]
     for process in processes:
         process.start()
-    running, skipped_lines = len(processes), (0, 0)
+    running, skipped_lines, shards = len(processes), (0, 0), 0
     try:
         while running:
             try:
@@ -335,12 +355,14 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
             if message == "text":
                 on_text(payload)
             elif message == "shard":
-                writer.record(payload, detail, extra)
+                writer.record(payload, extra)
                 _count(result, payload["rows"], extra)
-                on_rows(detail)
+                on_rows(payload["input_rows"])
             elif message == "done":
-                result.shards_skipped += detail
-                skipped_lines = extra  # every process reads every line, so any one's counts will do
+                skipped, redone, shards = detail  # every process sees every shard, so any one's count will do
+                result.shards_skipped += skipped
+                result.shards_redone += redone
+                skipped_lines = extra  # likewise every line
                 running -= 1
             elif message == "error":
                 raise VsearchError(detail)
@@ -351,7 +373,7 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
             if process.is_alive():
                 process.terminate()
             process.join()
-    return skipped_lines
+    return skipped_lines, shards
 
 
 def _count(result: EmbedResult, rows: int, failed: list) -> None:
@@ -367,8 +389,7 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
         for shard in shards:
             if len(pending) >= 2:
                 pending.pop(0).result()
-            pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.input_rows,
-                                       shard.columns, shard.failed))
+            pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.columns, shard.failed))
             _count(result, len(shard.columns["id"]), shard.failed)
         for future in pending:
             future.result()
@@ -408,7 +429,6 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
                      dim=encoder.dim, shard_size=config.shard_size, ocr=OCR_ENGINE if config.ocr else None)
     with ShardWriter.open(directory, fresh, getattr(encoder, "extra_columns", None), config.overwrite) as writer:
         result = EmbedResult(directory, writer.manifest)
-        before = {kind: writer.manifest.rows(kind) for kind in kinds}
         rows_seen = 0
 
         def progress(rows: int) -> None:
@@ -417,23 +437,23 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
             on_rows(rows)
 
         skipped_lines = (0, 0)  # (repeated ids, malformed lines) as the last pass over the dataset counted
+        shards = {}  # kind -> how many shards the dataset has
         for kind in kinds:
             if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
-                skipped_lines = _run_on_devices(devices, encoder.spec, config, workspace, kind, writer, result,
-                                                progress, on_text)
+                skipped_lines, shards[kind] = _run_on_devices(devices, encoder.spec, config, workspace, kind,
+                                                              writer, result, progress, on_text)
                 continue
-
-            def is_pending(number: int, input_rows: int) -> bool:
-                pending = not writer.is_done(kind, number, input_rows)
-                result.shards_skipped += not pending
-                return pending
-
-            _write_in_background(encoded_shards(encoder, dataset, kind, config, is_pending, progress, on_text),
+            plan = ResumePlan(kind, writer.done)
+            _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.is_pending, progress, on_text),
                                  writer, result)
-            skipped_lines = (dataset.duplicates, dataset.malformed)
-        if rows_seen == 0 and not any(before.values()):
+            result.shards_skipped += plan.skipped
+            result.shards_redone += plan.redone
+            skipped_lines, shards[kind] = (dataset.duplicates, dataset.malformed), plan.count
+        if rows_seen == 0:  # checked before removing anything: an emptied dataset file is more likely a mistake
             malformed = f" ({skipped_lines[1]:,} malformed lines skipped)" if skipped_lines[1] else ""
             raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}{malformed}")
+        if config.limit is None:
+            result.shards_removed = sum(writer.remove_beyond(kind, count) for kind, count in shards.items())
         writer.manifest.duplicates, writer.manifest.malformed_lines = skipped_lines
         writer.write_manifest()
     counting.join()

@@ -24,7 +24,6 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 @dataclass
 class Batch:
     number: int  # the shard it belongs to
-    input_rows: int  # how many dataset rows that shard covers
     rows: list[Row]  # rows whose media were read: those in `pixels` first, then those in `jpegs`
     pixels: torch.Tensor | None  # (n, 3, H, W) for covers, (n, frames, 3, H, W) for clips
     jpegs: list[torch.Tensor]  # encoded JPEG bytes, left for the device to decode
@@ -39,7 +38,6 @@ class Batch:
 @dataclass
 class Item:
     number: int
-    input_rows: int
     row: Row
     pixels: torch.Tensor | None = None
     jpeg: torch.Tensor | None = None
@@ -47,7 +45,7 @@ class Item:
 
 
 class MediaRows(torch.utils.data.Dataset):
-    """Indexed by (shard number, shard input rows, row); reads and prepares that row's media.
+    """Indexed by (shard number, row); reads and prepares that row's media.
 
     The DataLoader asks for a whole batch at once (`__getitems__`), so a batch's remote covers are
     fetched concurrently. With `raw_jpegs`, JPEG covers are passed on undecoded for the device to
@@ -57,10 +55,10 @@ class MediaRows(torch.utils.data.Dataset):
     def __init__(self, kind: str, transform: Callable, frames: int, raw_jpegs: bool = False):
         self.kind, self.transform, self.frames, self.raw_jpegs = kind, transform, frames, raw_jpegs
 
-    def __getitem__(self, index: tuple[int, int, Row]) -> Item:
+    def __getitem__(self, index: tuple[int, Row]) -> Item:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: list[tuple[int, int, Row]]) -> list[Item]:
+    def __getitems__(self, indices: list[tuple[int, Row]]) -> list[Item]:
         items = [Item(*index) for index in indices]
         if self.kind == "clip":
             for item in items:
@@ -87,7 +85,6 @@ def collate(items: list[Item]) -> Batch:
     encoded = [item for item in items if item.jpeg is not None]
     return Batch(
         number=items[0].number,
-        input_rows=items[0].input_rows,
         rows=[item.row for item in decoded + encoded],
         pixels=torch.stack([item.pixels for item in decoded]) if decoded else None,
         jpegs=[item.jpeg for item in encoded],
@@ -141,11 +138,11 @@ def device_pixels(batch: Batch, device: torch.device, transform: Callable | None
     return (torch.cat(parts) if parts else None), rows, failed
 
 
-def _batch_plan(shards: Iterator[tuple[int, list[Row]]], batch_rows: int) -> Iterator[list[tuple[int, int, Row]]]:
+def _batch_plan(shards: Iterator[tuple[int, list[Row]]], batch_rows: int) -> Iterator[list[tuple[int, Row]]]:
     for number, rows in shards:
         it = iter(rows)
         while batch := list(islice(it, batch_rows)):
-            yield [(number, len(rows), row) for row in batch]
+            yield [(number, row) for row in batch]
 
 
 def media_batches(shards: Iterator[tuple[int, list[Row]]], kind: str, transform: Callable, frames: int,

@@ -13,8 +13,11 @@
 Shard N of a kind holds the dataset's rows N*shard_size .. (N+1)*shard_size - 1 that encoded
 successfully; the rest are listed under `failed` in the manifest with their reasons. A shard
 is written to `<name>.tmp`, flushed and renamed, and only then recorded in the manifest
-(itself replaced atomically), so a crash leaves no partial shard and a re-run skips exactly
-the shards the manifest lists. A `.lock` file, locked while a job writes, keeps a second job out.
+(itself replaced atomically), so a crash leaves no partial shard. The manifest records the ids
+each shard was made from (`input_rows` of them, digested in `input_digest`); a re-run skips a
+shard whose place in the dataset still holds those ids and makes it again otherwise (rows added,
+removed or reordered since, a longer `--limit`), so every row is in exactly one shard however the
+dataset file changed. A `.lock` file, locked while a job writes, keeps a second job out.
 
 The manifest is rewritten after each shard, unless its last rewrite took more than a
 `MANIFEST_SHARE` of the time since: a job listing a million failed rows (a 250 MB manifest, 5 s to
@@ -25,6 +28,7 @@ shards finished since the last rewrite; closing the writer, on success or error,
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -60,6 +64,19 @@ def shard_schema(dim: int, extra: dict[str, pa.DataType] | None = None) -> pa.Sc
 
 def shard_name(kind: str, number: int) -> str:
     return f"{kind}-{number:05d}.parquet"
+
+
+def input_digest(ids: list[str]) -> str:
+    """What a shard was made from: a digest of its dataset rows' ids, in any order."""
+    return hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:16]
+
+
+def made_from(entry: dict[str, Any] | None, ids: list[str]) -> bool:
+    """Whether the shard a manifest `entry` lists was made from the rows with these `ids`.
+    Manifests written before `input_digest` was recorded are trusted on the row count."""
+    if entry is None or entry["input_rows"] != len(ids):
+        return False
+    return entry.get("input_digest") in (None, input_digest(ids))
 
 
 @dataclass
@@ -108,7 +125,7 @@ class ShardWriter:
         self.directory = directory
         self.manifest = manifest
         self.schema = shard_schema(manifest.dim, extra)
-        self._done = {(s["kind"], s["number"]): s["input_rows"] for s in manifest.shards}
+        self._done = {(s["kind"], s["number"]): s for s in manifest.shards}
         self._written_at = time.monotonic()
         self._write_seconds = 0.0
         self._unwritten = False
@@ -152,36 +169,46 @@ class ShardWriter:
         return writer
 
     @property
-    def done(self) -> dict[tuple[str, int], int]:
-        """(kind, number) -> input rows of every shard the manifest lists."""
+    def done(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """(kind, number) -> manifest entry of every shard the manifest lists."""
         return dict(self._done)
 
-    def is_done(self, kind: str, number: int, input_rows: int) -> bool:
-        """True when the manifest lists this shard as made from the same `input_rows` dataset rows.
+    def write(self, kind: str, number: int, columns: dict[str, Any], failed: list[dict[str, Any]]) -> None:
+        """Write one shard and record it."""
+        self.record(write_shard_file(self.directory, self.schema, kind, number, columns, failed), failed)
 
-        A shard cut short by `--limit` covers fewer rows, so a later, longer run redoes it.
-        """
-        return self._done.get((kind, number)) == input_rows
-
-    def write(self, kind: str, number: int, input_rows: int, columns: dict[str, Any],
-              failed: list[dict[str, Any]]) -> None:
-        """Write one shard and record it; `input_rows` = its rows plus `failed`."""
-        self.record(write_shard_file(self.directory, self.schema, kind, number, columns), input_rows, failed)
-
-    def record(self, entry: dict[str, Any], input_rows: int, failed: list[dict[str, Any]]) -> None:
-        """Add a shard file already in place (see `write_shard_file`) to the manifest (see the module
-        docstring for when it is rewritten).
+    def record(self, entry: dict[str, Any], failed: list[dict[str, Any]]) -> None:
+        """Add a shard file already in place (see `write_shard_file`) to the manifest, in place of
+        any earlier shard of its number (see the module docstring for when it is rewritten).
 
         Only one process records, so shards written by several processes never race on the manifest.
         """
-        name = entry["name"]
-        if (entry["kind"], entry["number"]) in self._done:  # done again (after a shorter --limit run)
+        self._forget(entry["kind"], entry["number"])
+        self.manifest.shards.append(entry)
+        self.manifest.shards.sort(key=lambda s: (s["kind"], s["number"]))
+        self.manifest.failed.extend(dict(f, shard=entry["name"]) for f in failed)
+        self._done[(entry["kind"], entry["number"])] = entry
+        self._changed()
+
+    def remove_beyond(self, kind: str, count: int) -> int:
+        """Delete the shards of `kind` numbered `count` and up, left from a dataset that had more
+        rows; return how many there were."""
+        beyond = [number for k, number in self._done if k == kind and number >= count]
+        if beyond:
+            for number in beyond:
+                self._forget(kind, number)
+            self.write_manifest()  # first, so that a manifest never lists a file already deleted
+            for number in beyond:
+                (self.directory / shard_name(kind, number)).unlink(missing_ok=True)
+        return len(beyond)
+
+    def _forget(self, kind: str, number: int) -> None:
+        if self._done.pop((kind, number), None) is not None:
+            name = shard_name(kind, number)
             self.manifest.shards = [s for s in self.manifest.shards if s["name"] != name]
             self.manifest.failed = [f for f in self.manifest.failed if f["shard"] != name]
-        self.manifest.shards.append(dict(entry, input_rows=input_rows))
-        self.manifest.shards.sort(key=lambda s: (s["kind"], s["number"]))
-        self.manifest.failed.extend(dict(f, shard=name) for f in failed)
-        self._done[(entry["kind"], entry["number"])] = input_rows
+
+    def _changed(self) -> None:
         self._unwritten = True
         if self._write_seconds <= MANIFEST_SHARE * (time.monotonic() - self._written_at):
             self.write_manifest()
@@ -252,10 +279,11 @@ def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str,
     return pa.nulls(rows, field_.type)
 
 
-def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int,
-                     columns: dict[str, Any]) -> dict[str, Any]:
+def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int, columns: dict[str, Any],
+                     failed: list[dict[str, Any]]) -> dict[str, Any]:
     """Write shard `number` of `kind` from column data (`vector` as an (n, dim) array) via a
-    temporary file and a rename; return its manifest entry (name, kind, number, rows, bytes, sha256)."""
+    temporary file and a rename; return its manifest entry (name, kind, number, rows, bytes, sha256,
+    and the rows it was made from: those written and the `failed` ones)."""
     vectors = np.ascontiguousarray(columns["vector"], dtype=np.float16)
     table = pa.Table.from_arrays([_column(f, kind, vectors, columns) for f in schema], schema=schema)
     name = shard_name(kind, number)
@@ -264,5 +292,7 @@ def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int,
     pq.write_table(table, temporary, compression="zstd")
     fsync_file(temporary)
     os.replace(temporary, final)
+    inputs = list(columns["id"]) + [f["id"] for f in failed]
     return {"name": name, "kind": kind, "number": number, "rows": len(table),
-            "bytes": final.stat().st_size, "sha256": sha256_of(final)}
+            "bytes": final.stat().st_size, "sha256": sha256_of(final),
+            "input_rows": len(inputs), "input_digest": input_digest(inputs)}
