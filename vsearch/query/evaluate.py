@@ -15,9 +15,9 @@ Definitions (the published evaluation):
   when one of its label-2 covers is among its k nearest covers; R@k is the share of queries with a
   label-2 cover that hit; MR is the mean of R@1, R@5 and R@10.
 
-Scoring the pairs with a model, a pair whose cover image is missing or unreadable is left out and counted. The
-released evaluation scores it against a blank image instead, an arbitrary score that would move
-every metric; with all 19,662 covers present the two agree.
+Scoring the pairs with a model, a pair whose cover image is missing or unreadable is left out and
+counted. The released evaluation scores it against a blank image instead, an arbitrary score that
+would move every metric; with all 19,662 covers present the two agree.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class ModelScores:
     missing_covers: int  # covers not found or not readable as an image
 
 
-def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 256, workers: int | None = None,
+def score_with_model(encoder, pairs: list[Pair], images: Path,
                      on_covers: Callable[[int], None] = lambda n: None) -> ModelScores:
     """Score each pair by the cosine of its query and its cover (`<images>/<docid>.jpg`), and rank the
     whole pool of covers found for R@k. Covers are read and encoded as `vsearch embed` does (reader
@@ -173,7 +173,7 @@ def score_with_model(encoder, pairs: list[Pair], images: Path, batch: int = 256,
                            "image: use --model uniclip:PATH or open_clip:ARCH:PATH")
     docids = list(dict.fromkeys(p.docid for p in pairs))
     rows = [Row(docid, None, None, str(images / f"{docid}.jpg")) for docid in docids]
-    config = EmbedConfig(batch_size=batch, workers=total_workers(workers, 1))
+    config = EmbedConfig(workers=total_workers(None, 1))
     encoded = list(encode_media_shards(encoder, "cover", iter([(0, rows)]), config, on_covers))
     covers: list[str] = encoded[0].columns["id"] if encoded else []
     if not covers:
