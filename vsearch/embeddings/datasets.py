@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import PurePosixPath
+from typing import Generic, TypeVar
 
 import fsspec
 
@@ -34,6 +35,7 @@ from vsearch.errors import VsearchError
 from vsearch.files import decoded_lines, url_to_fs
 from vsearch.workspace import Workspace
 
+T = TypeVar("T")
 NULL = "\\N"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts")
@@ -49,6 +51,19 @@ class Row:
     cover: str | None = None  # clip rows only: the cover image of the video at `uri`
 
 
+class _Once(Generic[T]):
+    """A value computed on first call, once even when threads ask at the same time."""
+
+    def __init__(self, compute: Callable[[], T]):
+        self.compute, self.value, self.lock = compute, None, threading.Lock()
+
+    def __call__(self) -> T:
+        with self.lock:
+            if self.value is None:
+                self.value = self.compute()
+            return self.value
+
+
 @dataclass
 class Dataset:
     name: str
@@ -60,6 +75,10 @@ class Dataset:
     videos: str | None = None
     duplicates: int = 0
     malformed: int = 0
+
+    def __post_init__(self) -> None:
+        # Listed once: a progress bar's count and the clip rows share one listing of the folder.
+        self._videos_found = _Once(self._list_videos)
 
     def rows(self) -> Iterator[Row]:
         """Yield rows with unique ids, counting the lines skipped as repeats in `duplicates`, and
@@ -82,7 +101,7 @@ class Dataset:
         included) or the videos in the folder; None for a remote file, which counting would read twice."""
         return self._expected_rows() if kind == "cover" else len(self._videos_found())
 
-    def _videos_found(self) -> dict[str, str]:
+    def _list_videos(self) -> dict[str, str]:
         """{id: where it is read from} of the videos in the videos folder."""
         if self.videos is None or not _isdir(self.videos):
             raise VsearchError(
@@ -144,19 +163,6 @@ def _line_count(url: str) -> int | None:
             count += block.count(b"\n")
             last = block[-1:]
     return count + (last != b"\n")
-
-
-class _Once:
-    """A value computed on first call, once even when threads ask at the same time."""
-
-    def __init__(self, compute: Callable[[], list[str]]):
-        self.compute, self.value, self.lock = compute, None, threading.Lock()
-
-    def __call__(self) -> list[str]:
-        with self.lock:
-            if self.value is None:
-                self.value = self.compute()
-            return self.value
 
 
 def _lines(url: str) -> Iterator[list[str] | None]:
