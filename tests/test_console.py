@@ -37,3 +37,9 @@ def test_interrupted_work_is_not_shown_as_finished(terminal):
             raise KeyboardInterrupt
     assert totals(bar) == [(4, 10)]
     assert "4/10" in terminal.file.getvalue()
+
+
+def test_one_total_can_be_set_on_several_bars(terminal):
+    with console.progress_bars(["encode", "neighbours"], unit="texts") as bars:
+        console.expect_on_all(bars)(5)
+        assert totals(bars[0]) == [(0, 5), (0, 5)]

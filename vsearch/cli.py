@@ -99,7 +99,7 @@ def embed(
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda:N, or a list: cuda:0,cuda:1.")] = "auto",
 ) -> None:
     """Encode a dataset's covers or clips into Parquet shards (re-running resumes)."""
-    from vsearch.console import progress_bars, stderr
+    from vsearch.console import expect_on_all, progress_bars, stderr
     from vsearch.embeddings.job import EmbedConfig, run_embed
     from vsearch.indexes.store import MANIFEST
 
@@ -113,12 +113,8 @@ def embed(
     try:
         bars = [f"embed {dataset} ({kind})"] + (["read cover text (--ocr)"] if ocr else [])
         with progress_bars(bars, limit, unit=unit) as shown:
-            def expect(total: int) -> None:
-                for bar in shown:
-                    bar.expect(total)
-
             result = run_embed(config, ctx.obj, shown[0], on_text=shown[-1] if ocr else lambda n: None,
-                               on_total=expect)
+                               on_total=expect_on_all(shown))
     except KeyboardInterrupt:
         stderr.print("the shards finished are kept: run the same command again to resume")
         raise
@@ -154,7 +150,7 @@ def _parse_size(text: str) -> int:
 
 def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str,
                           target_recall: float) -> None:
-    from vsearch.console import progress_bars, stderr
+    from vsearch.console import expect_on_all, progress_bars, stderr
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
     from vsearch.embeddings.job import resolve_model
@@ -167,12 +163,8 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
                         "the dataset file: writing the hard negatives would erase it")
     with progress_bars([f"encode {source.name} OCR texts", "find their nearest neighbours"], unit="texts") as (
             encoded, listed):
-        def all_read(texts: int) -> None:
-            encoded.expect(texts)
-            listed.expect(texts)
-
         written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, on_rows=encoded,
-                                       on_texts=all_read, on_written=listed)
+                                       on_texts=expect_on_all([encoded, listed]), on_written=listed)
     stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
                  f"exact search at ef_search={written.ef_search}) -> {destination}")
 

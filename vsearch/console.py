@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -44,6 +44,16 @@ class Bar:
         """Fill the bar: the work is done, whatever total was expected (an estimate may be high)."""
         completed = next(task.completed for task in self.bars.tasks if task.id == self.task)
         self.bars.update(self.task, total=completed)
+
+
+def expect_on_all(bars: list[Bar]) -> Callable[[int], None]:
+    """A callback that sets the total of every one of `bars` to the number it is given."""
+
+    def expect(total: int) -> None:
+        for bar in bars:
+            bar.expect(total)
+
+    return expect
 
 
 @contextmanager
