@@ -29,7 +29,7 @@ from vsearch.embeddings.encoders import Encoder
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file
 from vsearch.indexes.backends import exact_top_k
-from vsearch.indexes.tuning import EF_SWEEP, recall, sample_positions
+from vsearch.indexes.tuning import sample_positions, tune_search
 
 NEIGHBOURS = 10
 RECALL_SAMPLE = 500
@@ -62,6 +62,20 @@ def read_as_trained(encoder: Encoder) -> Encoder:
     return encoder
 
 
+class _Graph:
+    """The hnswlib index as `tune_search` sees an index backend."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def set_search(self, setting: dict[str, int]) -> None:
+        self.index.set_ef(setting["ef_search"])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        labels, distances = self.index.knn_query(queries, k=k)
+        return 1 - distances, labels.astype(np.int64)  # hnswlib's "ip" distance is 1 - inner product
+
+
 def _tune_ef(index, vectors: np.ndarray, target: float) -> tuple[int, float]:
     """The cheapest ef_search whose neighbour lists reach `target` recall@10 on a sample of the
     indexed `vectors` (else the best tried), and that recall; each text is left out of its own list."""
@@ -72,20 +86,9 @@ def _tune_ef(index, vectors: np.ndarray, target: float) -> tuple[int, float]:
     chunks = ((np.arange(start, min(start + EXACT_CHUNK, count)), vectors[start:start + EXACT_CHUNK])
               for start in range(0, count, EXACT_CHUNK))
     truth = exact_top_k(queries, chunks, k + 1)
-
-    def search(batch: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        labels, distances = index.knn_query(batch, k=width)
-        return 1 - distances, labels.astype(np.int64)  # hnswlib's "ip" distance is 1 - inner product
-
-    tried = []
-    for ef in EF_SWEEP:
-        index.set_ef(ef)
-        tried.append((recall(search, queries, positions, truth, k), ef))
-        if tried[-1][0] >= target:
-            break
-    reached, ef = tried[-1] if tried[-1][0] >= target else max(tried)
-    index.set_ef(ef)
-    return ef, reached
+    chosen, sweep = tune_search("hnsw", _Graph(index), {}, queries, positions, truth, target, k)
+    ef = chosen["ef_search"]
+    return ef, next(s["recall@10"] for s in sweep if s["ef_search"] == ef)
 
 
 def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: int = 2048, target_recall: float = 0.95,

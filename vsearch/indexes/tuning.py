@@ -195,11 +195,13 @@ def recall(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], q
 
 
 def tune_search(index_type: str, backend, params: dict[str, int], queries: np.ndarray, own: np.ndarray,
-                truth: tuple[np.ndarray, np.ndarray], target: float) -> tuple[dict[str, int], list[dict[str, float]]]:
-    """The cheapest search parameters that reach `target` recall@10 (else the best tried), and the sweep."""
+                truth: tuple[np.ndarray, np.ndarray], target: float,
+                k: int = RECALL_K) -> tuple[dict[str, int], list[dict[str, float]]]:
+    """The cheapest search parameters that reach `target` recall@10 (recall@k for a `k` below 10,
+    where there are fewer neighbours to find), else the best tried, and the sweep."""
     def measure(setting: dict[str, int]) -> float:
         backend.set_search(setting)
-        return recall(backend.search, queries, own, truth)
+        return recall(backend.search, queries, own, truth, k)
 
     if index_type == "hnsw":
         settings = [{"ef_search": ef} for ef in EF_SWEEP]
