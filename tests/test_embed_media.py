@@ -4,6 +4,9 @@ videos made here, with a small UniCLIP saved in the released format."""
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -242,6 +245,26 @@ def test_jpegs_decoded_on_the_device_give_the_same_vectors(workspace, tiny_unicl
     assert (va * vb).sum(axis=1).min() > 0.995
 
 
+def test_jpegs_for_the_device_cross_from_reader_processes_in_few_file_descriptors(workspace, tiny_uniclip, tmp_path):
+    # Each tensor a reader process hands over costs a file descriptor while in flight; JPEGs sent
+    # one tensor each ran a 16-core GPU machine out of them (batches of 512). Here: batches of 199
+    # covers, two readers, 128 descriptors.
+    script = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from pathlib import Path
+from vsearch.embeddings.job import EmbedConfig, run_embed
+from vsearch.workspace import Workspace
+result = run_embed(EmbedConfig(dataset="demo", model="uniclip:{tiny_uniclip}", device="cpu", workers=2, batch_size=199,
+                               decode="device", out=Path(sys.argv[1])), Workspace.resolve(Path(sys.argv[2])))
+print(result.rows_written, result.rows_failed)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out"), str(workspace.root)],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["199", "0"]
+
+
 def test_a_corrupt_jpeg_decoded_on_the_device_is_recorded(tmp_path, workspace, tiny_uniclip):
     covers = tmp_path / "covers"
     covers.mkdir()
@@ -261,7 +284,7 @@ def test_a_jpeg_the_device_cannot_decode_is_decoded_on_the_host(tmp_path, worksp
 
     real_decode = torchvision.io.decode_jpeg
     rejected = open_dataset("demo", workspace).rows().__next__().uri
-    rejected_bytes = open(rejected, "rb").read()
+    rejected_bytes = Path(rejected).read_bytes()
 
     def picky_decode(data, *args, **kwargs):
         files = data if isinstance(data, list) else [data]

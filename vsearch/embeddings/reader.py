@@ -26,8 +26,16 @@ class Batch:
     number: int  # the shard it belongs to
     rows: list[Row]  # rows whose media were read: those in `pixels` first, then those in `jpegs`
     pixels: torch.Tensor | None  # (n, 3, H, W) for covers, (n, frames, 3, H, W) for clips
-    jpegs: list[torch.Tensor]  # encoded JPEG bytes, left for the device to decode
+    # Encoded JPEG files left for the device to decode, end to end in one buffer: a tensor crosses
+    # from a worker process as a file descriptor, and a batch of 512 separate files ran the main
+    # process out of descriptors on a 16-core GPU machine.
+    jpeg_bytes: torch.Tensor
+    jpeg_sizes: list[int]
     failed: list[tuple[Row, str]]
+
+    @property
+    def jpegs(self) -> list[torch.Tensor]:
+        return list(torch.split(self.jpeg_bytes, self.jpeg_sizes))
 
     def pin_memory(self) -> "Batch":
         if self.pixels is not None:
@@ -87,9 +95,25 @@ def collate(items: list[Item]) -> Batch:
         number=items[0].number,
         rows=[item.row for item in decoded + encoded],
         pixels=torch.stack([item.pixels for item in decoded]) if decoded else None,
-        jpegs=[item.jpeg for item in encoded],
+        jpeg_bytes=torch.cat([item.jpeg for item in encoded]) if encoded else torch.empty(0, dtype=torch.uint8),
+        jpeg_sizes=[len(item.jpeg) for item in encoded],
         failed=[(item.row, item.error) for item in items if item.error is not None],
     )
+
+
+def transform_by_size(images: list[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`transform` applied once to each group of same-sized images, results in input order: covers
+    come in a few sizes, and one resize per image cost the GPU machine's CPU more than the model."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(position)
+    out = None
+    for positions in groups.values():
+        prepared = transform(torch.stack([images[i] for i in positions]))
+        if out is None:
+            out = prepared.new_empty((len(images), *prepared.shape[1:]))
+        out[positions] = prepared
+    return out
 
 
 def decode_jpegs(jpegs: list[torch.Tensor], uris: list[str | None], device: torch.device,
@@ -109,12 +133,12 @@ def decode_jpegs(jpegs: list[torch.Tensor], uris: list[str | None], device: torc
 
     images = on_device(jpegs)  # one file the device rejects fails the whole call: then one by one
     if images is not None:
-        return torch.stack([transform(image) for image in images]), {}
+        return transform_by_size(images, transform), {}
     inputs, failed = [], {}
     for position, (data, uri) in enumerate(zip(jpegs, uris)):
         image = on_device(data)
         if image is not None:
-            inputs.append(transform(image))
+            inputs.append(transform(image[None])[0])
             continue
         try:
             inputs.append(host_transform(decode_image(data.numpy().tobytes(), uri)).to(device))
@@ -130,7 +154,7 @@ def device_pixels(batch: Batch, device: torch.device, transform: Callable | None
     ready = 0 if batch.pixels is None else len(batch.pixels)
     undecoded = batch.rows[ready:]
     decoded, undecodable = (decode_jpegs(batch.jpegs, [row.uri for row in undecoded], device, transform, host_transform)
-                            if batch.jpegs else (None, {}))
+                            if batch.jpeg_sizes else (None, {}))
     rows = batch.rows[:ready] + [row for i, row in enumerate(undecoded) if i not in undecodable]
     failed = batch.failed + [(undecoded[i], reason) for i, reason in undecodable.items()]
     parts = [p for p in (None if batch.pixels is None else batch.pixels.to(device, non_blocking=True), decoded)

@@ -38,7 +38,8 @@ def resolve_device(device: str) -> torch.device:
 class TorchImageEncoder:
     """Subclasses set `device`, `image_transform` (PIL image -> CHW float tensor) and implement
     `_encode_pixels(pixels) -> dict of tensors` with at least `vector`. Those that also define
-    `tensor_transform` (uint8 CHW tensor on the device -> the same input) get JPEGs decoded on the GPU."""
+    `tensor_transform` (uint8 NCHW images of one size on the device -> the same input) get JPEGs
+    decoded on the GPU."""
 
     device: torch.device
     image_transform: Callable

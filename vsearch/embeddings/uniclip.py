@@ -256,14 +256,12 @@ class UniClipEncoder(TorchImageEncoder):
         self.fingerprint = file_fingerprint(checkpoint)
         self.dim = config.embed_dim
 
-    def tensor_transform(self, image: torch.Tensor) -> torch.Tensor:
-        """`image_transform` for a uint8 CHW tensor already on the device (a JPEG decoded there).
-
-        Antialiased bicubic matches PIL's resize to within a few grey levels.
-        """
+    def tensor_transform(self, images: torch.Tensor) -> torch.Tensor:
+        """`image_transform` for a batch of uint8 NCHW images of one size already on the device
+        (JPEGs decoded there). Antialiased bicubic matches PIL's resize to within a few grey levels."""
         size = self.image_transform.transforms[0].size
-        resized = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bicubic",
-                                                  antialias=True, align_corners=False)[0]
+        resized = torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", antialias=True,
+                                                  align_corners=False)
         return normalize(resized.clamp(0, 255) / 255, list(MEAN), list(STD))
 
     def tokenize(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
