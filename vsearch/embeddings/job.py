@@ -191,6 +191,20 @@ class _ShardInProgress:
         return EncodedShard(self.kind, self.number, _columns(self.rows, vectors, merged), self.failed)
 
 
+def prefetched(items: Iterator[Any], prepare: Callable[[Any], Any]) -> Iterator[Any]:
+    """`prepare` of each item, each computed on a thread while the caller works on the one before:
+    the next batch's JPEGs are decoded and resized (GPU kernels launched from Python) while the
+    model runs on this one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-batch") as pool:
+        pending: Future | None = None
+        for item in items:
+            ready, pending = pending, pool.submit(prepare, item)
+            if ready is not None:
+                yield ready.result()
+        if pending is not None:
+            yield pending.result()
+
+
 def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, list[Row]]],
                         config: EmbedConfig, on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
     """Encode covers (images) or clips (pooled frames) shard by shard with an image encoder."""
@@ -204,12 +218,12 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
     transform = getattr(encoder, "tensor_transform", None)
     encode = OomBackoff(encoder, config.batch_size)
     shard: _ShardInProgress | None = None
-    for batch in batches:
+    on_device_batches = prefetched(batches, lambda b: (b, *device_pixels(b, encoder.device, transform, encoder.image_transform)))
+    for batch, pixels, rows, failed in on_device_batches:
         if shard is not None and batch.number != shard.number:
             yield shard.finished(encoder.dim)
             shard = None
         shard = shard or _ShardInProgress(kind, batch.number)
-        pixels, rows, failed = device_pixels(batch, encoder.device, transform, encoder.image_transform)
         shard.failed += [_failure(row, kind, reason) for row, reason in failed]
         if pixels is not None:
             if kind == "cover":
