@@ -311,3 +311,27 @@ def test_a_model_whose_weights_changed_is_refused(uniclip_demo, tiny_uniclip, tm
         assert result.code == 1 and "fingerprint" in result.stderr and "re-embed and rebuild" in result.stderr
     finally:
         tiny_uniclip.write_bytes(saved.read_bytes())
+
+
+def test_covers_decoded_on_the_device_give_the_heads_what_the_threads_give(tiny_uniclip, workspace, tmp_path):
+    # On a GPU the reranker decodes and resizes JPEG covers there (nvjpeg), as the embed job does;
+    # here the same code runs on the CPU device. Other formats and unreadable files keep their place.
+    from PIL import Image
+
+    from vsearch.embeddings.media import MediaError, read_all
+    from vsearch.query.rerank import _cover_inputs
+
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", "cpu")
+    uris = [row.uri for row in list(open_dataset("demo", workspace).rows())[:6]]
+    Image.open(uris[1]).save(tmp_path / "cover.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    uris[1:1] = [str(tmp_path / "bad.jpg"), str(tmp_path / "cover.png")]
+    fetched = read_all(uris)
+    on_device, on_threads = (_cover_inputs(encoder, fetched, uris, on_device=flag) for flag in (True, False))
+    readable = [not isinstance(p, MediaError) for p in on_device]
+    assert readable == [not isinstance(p, MediaError) for p in on_threads] == [True, False] + [True] * 6
+    texts = ["大宅门演员表"] * readable.count(True)
+    heads = [encoder.match_and_presence(texts, torch.stack([p for p, ok in zip(inputs, readable) if ok]))
+             for inputs in (on_device, on_threads)]
+    for device_part, thread_part in zip(*heads):
+        assert np.abs(device_part - thread_part).max() < 0.01

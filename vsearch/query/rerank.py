@@ -18,9 +18,9 @@ semantic and presence need a UniCLIP encoder and the cover image; the image work
 every candidate first and the cap takes the best of that order, so a cover whose text holds the
 query's words gets its image read even when its vector ranked it lower; the candidates past the cap
 follow the reranked ones in that order. Covers are fetched together (remote ones
-concurrently, within `COVER_FETCH_SECONDS`), then decoded and resized on a pool of threads (PIL
-releases the GIL): about 3 ms of CPU a cover, so 50 covers one after another would spend five times
-the 30 ms GPU budget before the GPU starts. A part that cannot be computed drops out, and the
+concurrently, within `COVER_FETCH_SECONDS`), then decoded and resized: on a GPU there, as the embed
+job does; otherwise on a pool of threads (PIL releases the GIL). About 3 ms of CPU a cover, so 50
+covers one after another would spend five times the 30 ms GPU budget before the GPU starts. A part that cannot be computed drops out, and the
 result says why.
 """
 
@@ -126,12 +126,37 @@ def _cover_pixels(transform: Callable, data: bytes | MediaError, uri: str | None
         return exc
 
 
+def _cover_inputs(encoder, fetched: list[bytes | MediaError], uris: list[str | None], on_device: bool) -> list:
+    """Each fetched cover preprocessed for the image tower, or why it cannot be. `on_device`: JPEGs
+    are decoded and resized on the encoder's device (a GPU), as the embed job does."""
+    import torch
+
+    from vsearch.embeddings.reader import JPEG_MAGIC, decode_jpegs
+
+    inputs: list = [None] * len(fetched)
+    if on_device:
+        jpegs = [i for i, data in enumerate(fetched) if isinstance(data, bytes) and data.startswith(JPEG_MAGIC)]
+        if jpegs:
+            decoded, failed = decode_jpegs([torch.frombuffer(bytearray(fetched[i]), dtype=torch.uint8) for i in jpegs],
+                                           [uris[i] for i in jpegs], encoder.device, encoder.tensor_transform,
+                                           encoder.image_transform)
+            rest = iter([] if decoded is None else decoded)
+            for position, i in enumerate(jpegs):
+                inputs[i] = MediaError(failed[position]) if position in failed else next(rest)
+    left = [i for i, done in enumerate(inputs) if done is None]
+    prepared = _cover_readers().map(partial(_cover_pixels, encoder.image_transform),
+                                    [fetched[i] for i in left], [uris[i] for i in left])
+    for i, pixels in zip(left, prepared):
+        inputs[i] = pixels
+    return inputs
+
+
 def _add_head_parts(encoder, query: str, pool: list[Candidate], notes: list[str]) -> None:
     import torch
 
     uris = [c.image for c in pool]
-    fetched = read_all(uris, deadline=COVER_FETCH_SECONDS)
-    pixels = list(_cover_readers().map(partial(_cover_pixels, encoder.image_transform), fetched, uris))
+    pixels = _cover_inputs(encoder, read_all(uris, deadline=COVER_FETCH_SECONDS), uris,
+                           on_device=encoder.device.type == "cuda" and hasattr(encoder, "tensor_transform"))
     failures = [p for p in pixels if isinstance(p, MediaError)]
     if failures:
         notes.append(f"semantic and presence parts dropped for {len(failures)} of {len(pool)} covers "
@@ -139,6 +164,6 @@ def _add_head_parts(encoder, query: str, pool: list[Candidate], notes: list[str]
     readable = [(c, p) for c, p in zip(pool, pixels) if not isinstance(p, MediaError)]
     if not readable:
         return
-    semantic, presence = encoder.match_and_presence([query] * len(readable), torch.stack([p for _, p in readable]))
+    semantic, presence = encoder.match_and_presence([query] * len(readable), torch.stack([p.to(encoder.device) for _, p in readable]))
     for (candidate, _), s, p in zip(readable, semantic, presence):
         candidate.parts.update(semantic=float(s), presence=float(p))
