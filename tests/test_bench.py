@@ -36,6 +36,15 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     assert written["plot"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_makes_its_scratch_folder(cli, tmp_path):
+    scratch = tmp_path / "not" / "there"
+    result = cli("bench", "--sizes", "1000", "--dim", "16", "--queries", "20", "--indexes", "flat",
+                 "--out", str(tmp_path / "ann"), "--scratch", str(scratch))
+    assert result.code == 0, result.err
+    assert scratch.is_dir() and list(scratch.iterdir()) == []  # its temporary folder is gone
+    assert "| 1,000 | flat (faiss) |" in (tmp_path / "ann.md").read_text()
+
+
 def run_script(script: str, *args: str) -> None:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,

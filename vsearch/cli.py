@@ -445,6 +445,8 @@ def bench(
         raise VsearchError(f"bad --sizes {sizes!r}: expected numbers like 100000,1000000") from None
     config = BenchConfig(sizes=counts, dim=dim, queries=queries, indexes=[i.strip() for i in indexes.split(",")],
                          embeddings=embeddings, out=out)
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
         written = run_bench(config, Path(folder), say=stderr.print)
     print(written["markdown"].read_text())
