@@ -2,6 +2,7 @@
 (pre-made tensors already on the device), for UniCLIP ViT-B/16 with random weights.
 
     python benchmarks/embed_throughput.py [--covers 2048] [--device auto] [--batch-size 256] [--workers 8]
+                                          [--decode auto|device|workers]
 
 Prints a table and writes JSON (default benchmarks/out/embed_throughput.json). The pipeline's goal
 is at least 90% of model-only throughput: decoding and resizing must keep the device busy.
@@ -66,7 +67,8 @@ def model_only(encoder, covers: int, batch_size: int) -> float:
 
 def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Namespace) -> float:
     config = EmbedConfig(dataset=str(folder), model=encoder.spec, device=str(encoder.device), batch_size=args.batch_size,
-                         shard_size=args.covers, out=workspace.root / "shards", overwrite=True, workers=args.workers)
+                         shard_size=args.covers, out=workspace.root / "shards", overwrite=True, workers=args.workers,
+                         decode=args.decode)
     started = time.perf_counter()
     result = run_embed(config, workspace, encoder=encoder)
     elapsed = time.perf_counter() - started
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode", default="auto", help="where JPEGs are decoded: auto, device or workers")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "embed_throughput.json")
     args = parser.parse_args()
 
@@ -95,7 +98,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": device, "model": "UniCLIP ViT-B/16 (random weights)",
-        "covers": args.covers, "batch_size": args.batch_size, "workers": args.workers,
+        "covers": args.covers, "batch_size": args.batch_size, "workers": args.workers, "decode": args.decode,
         "model_only_covers_per_s": round(alone, 1), "end_to_end_covers_per_s": round(pipeline, 1),
         "end_to_end_over_model_only": round(pipeline / alone, 3),
     }

@@ -99,3 +99,14 @@ def test_ocr_bench_compares_the_reader_pool_with_the_library_in_process(tmp_path
     assert [row["workers"] for row in rows] == [0, 1]
     assert all(row["covers"] == 3 and row["exact"] == 3 and row["covers_per_s"] > 0 for row in rows)
     assert rows[0]["speed_vs_in_process"] == 1
+
+
+def test_rerank_latency_times_each_stage_of_reranking_with_the_heads(tmp_path, tiny_uniclip):
+    out = tmp_path / "rerank.json"
+    run_script("rerank_latency.py", "--uniclip", str(tiny_uniclip), "--device", "cpu", "--candidates", "4",
+               "--repeats", "3", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["candidates"] == 4 and list(report["stages"]) == [
+        "read covers", "prepare covers on threads", "prepare covers on cpu", "heads on prepared covers",
+        "query text vector", "rerank (all parts)"]
+    assert all(stage["max_ms"] >= stage["median_ms"] > 0 for stage in report["stages"].values())
