@@ -304,3 +304,25 @@ def test_a_jpeg_the_device_cannot_decode_is_decoded_on_the_host(tmp_path, worksp
     vb = np.array(b.column("vector").to_pylist(), np.float32)
     assert (va * vb).sum(axis=1).min() > 0.995
     assert np.allclose(va[0], vb[0], atol=2e-3)  # the rejected cover went the workers' way exactly
+
+
+def test_covers_of_one_size_are_resized_together_and_come_back_in_order(monkeypatch, tiny_uniclip):
+    import vsearch.embeddings.reader as reader
+
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", "cpu")
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator)
+              for size in [(36, 64), (64, 36), (36, 64), (48, 48), (36, 64), (64, 36)]]
+    calls = []
+
+    def counted(batch):
+        calls.append(len(batch))
+        return encoder.tensor_transform(batch)
+
+    one_by_one = torch.cat([encoder.tensor_transform(image[None]) for image in images])
+    assert torch.allclose(reader.transform_by_size(images, counted), one_by_one, atol=1e-5)
+    assert sorted(calls) == [1, 2, 3]  # one call a size
+    monkeypatch.setattr(reader, "TRANSFORM_VALUES", 2 * 3 * 36 * 64)  # at most two such images a call
+    calls.clear()
+    assert torch.allclose(reader.transform_by_size(images, counted), one_by_one, atol=1e-5)
+    assert sorted(calls) == [1, 1, 2, 2]

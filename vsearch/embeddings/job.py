@@ -217,9 +217,12 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
                             pin_memory=encoder.device.type == "cuda", raw_jpegs=on_device)
     transform = getattr(encoder, "tensor_transform", None)
     encode = OomBackoff(encoder, config.batch_size)
+
+    def with_pixels(batch: Any) -> tuple:
+        return batch, *device_pixels(batch, encoder.device, transform, encoder.image_transform)
+
     shard: _ShardInProgress | None = None
-    on_device_batches = prefetched(batches, lambda b: (b, *device_pixels(b, encoder.device, transform, encoder.image_transform)))
-    for batch, pixels, rows, failed in on_device_batches:
+    for batch, pixels, rows, failed in prefetched(batches, with_pixels):
         if shard is not None and batch.number != shard.number:
             yield shard.finished(encoder.dim)
             shard = None

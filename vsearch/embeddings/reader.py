@@ -101,18 +101,26 @@ def collate(items: list[Item]) -> Batch:
     )
 
 
+# Values a call of the tensor transform takes at most: it makes float copies of its input.
+TRANSFORM_VALUES = 2 ** 26
+
+
 def transform_by_size(images: list[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`transform` applied once to each group of same-sized images, results in input order: covers
-    come in a few sizes, and one resize per image cost the GPU machine's CPU more than the model."""
+    """`transform` applied to same-sized images together (up to TRANSFORM_VALUES at a time),
+    results in input order: covers come in a few sizes, and one resize per image cost the GPU
+    machine's CPU more than the model."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for position, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(position)
     out = None
     for positions in groups.values():
-        prepared = transform(torch.stack([images[i] for i in positions]))
-        if out is None:
-            out = prepared.new_empty((len(images), *prepared.shape[1:]))
-        out[positions] = prepared
+        step = max(1, TRANSFORM_VALUES // images[positions[0]].numel())
+        for start in range(0, len(positions), step):
+            chunk = positions[start:start + step]
+            prepared = transform(torch.stack([images[i] for i in chunk]))
+            if out is None:
+                out = prepared.new_empty((len(images), *prepared.shape[1:]))
+            out[chunk] = prepared
     return out
 
 

@@ -17,11 +17,11 @@ semantic and presence need a UniCLIP encoder and the cover image; the image work
 `image_budget` candidates so a query stays interactive. The cheap parts (ann and lexical) rank
 every candidate first and the cap takes the best of that order, so a cover whose text holds the
 query's words gets its image read even when its vector ranked it lower; the candidates past the cap
-follow the reranked ones in that order. Covers are fetched together (remote ones
-concurrently, within `COVER_FETCH_SECONDS`), then decoded and resized: on a GPU there, as the embed
-job does; otherwise on a pool of threads (PIL releases the GIL). About 3 ms of CPU a cover, so 50
-covers one after another would spend five times the 30 ms GPU budget before the GPU starts. A part that cannot be computed drops out, and the
-result says why.
+follow the reranked ones in that order. Covers are fetched together (remote ones concurrently,
+within `COVER_FETCH_SECONDS`), then decoded and resized: on a GPU there, as the embed job does;
+otherwise on a pool of threads (PIL releases the GIL). About 3 ms of CPU a cover, so 50 covers one
+after another would spend five times the 30 ms GPU budget before the GPU starts. A part that cannot
+be computed drops out, and the result says why.
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def _add_head_parts(encoder, query: str, pool: list[Candidate], notes: list[str]
     readable = [(c, p) for c, p in zip(pool, pixels) if not isinstance(p, MediaError)]
     if not readable:
         return
-    semantic, presence = encoder.match_and_presence([query] * len(readable), torch.stack([p.to(encoder.device) for _, p in readable]))
+    pixels = torch.stack([p.to(encoder.device) for _, p in readable])  # some may have been decoded there
+    semantic, presence = encoder.match_and_presence([query] * len(readable), pixels)
     for (candidate, _), s, p in zip(readable, semantic, presence):
         candidate.parts.update(semantic=float(s), presence=float(p))
