@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Wheels that a lent GPU machine lacks, for its Python 3.12 (it has torch, torchvision, transformers,
 # pyarrow, typer, rich, fsspec, pillow, timm; nothing can be downloaded there). A call carries at
-# most 64 MiB with the working tree, so they come in two sets, each enough on its own:
-#   .whl-embed/  open_clip_torch, ftfy, wcwidth, av                  embed, benchmarks/embed_throughput.py
-#   .whl-index/  open_clip_torch, ftfy, wcwidth, faiss-cpu, duckdb,  build-index, query, bench,
-#                hnswlib's source (no wheels on PyPI; built there,   benchmarks/query_latency.py
-#                for that machine's CPU: it compiles with -march=native)
+# most 64 MiB with the working tree, so they come in two sets:
+#   .whl-embed/  open_clip_torch, ftfy, wcwidth, av                  embed, clips included
+#   .whl-index/  open_clip_torch, ftfy, wcwidth, faiss-cpu, duckdb,  everything but clips: embed (covers),
+#                hnswlib's source (no wheels on PyPI; built there,   build-index, query, bench, and
+#                for that machine's CPU: it compiles with -march=native)  benchmarks/{embed_throughput,
+#                                                                    rerank_latency,query_latency}.py
 # Usage: scripts/device_wheels.sh [PYTHON3.12]    (DEVELOPERS.md, "Measuring on a lent GPU")
 set -euo pipefail
 cd "$(dirname "$0")/.."
