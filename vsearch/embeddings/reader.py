@@ -21,6 +21,11 @@ from vsearch.embeddings.media import MediaError, decode_image, read_all, sample_
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def jpeg_tensor(data: bytes) -> torch.Tensor | None:
+    """A file's bytes as the device's JPEG decoder takes them, or None when it is not a JPEG."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data.startswith(JPEG_MAGIC) else None
+
+
 @dataclass
 class Batch:
     number: int  # the shard it belongs to
@@ -78,8 +83,8 @@ class MediaRows(torch.utils.data.Dataset):
         for item, data in zip(items, read_all([item.row.uri for item in items])):
             if isinstance(data, MediaError):
                 item.error = str(data)
-            elif self.raw_jpegs and data.startswith(JPEG_MAGIC):
-                item.jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            elif self.raw_jpegs and (jpeg := jpeg_tensor(data)) is not None:
+                item.jpeg = jpeg
             else:
                 try:
                     item.pixels = self.transform(decode_image(data, item.row.uri))

@@ -129,17 +129,15 @@ def _cover_pixels(transform: Callable, data: bytes | MediaError, uri: str | None
 def _cover_inputs(encoder, fetched: list[bytes | MediaError], uris: list[str | None], on_device: bool) -> list:
     """Each fetched cover preprocessed for the image tower, or why it cannot be. `on_device`: JPEGs
     are decoded and resized on the encoder's device (a GPU), as the embed job does."""
-    import torch
-
-    from vsearch.embeddings.reader import JPEG_MAGIC, decode_jpegs
+    from vsearch.embeddings.reader import decode_jpegs, jpeg_tensor
 
     inputs: list = [None] * len(fetched)
     if on_device:
-        jpegs = [i for i, data in enumerate(fetched) if isinstance(data, bytes) and data.startswith(JPEG_MAGIC)]
+        tensors = {i: jpeg_tensor(data) for i, data in enumerate(fetched) if not isinstance(data, MediaError)}
+        jpegs = [i for i, tensor in tensors.items() if tensor is not None]
         if jpegs:
-            decoded, failed = decode_jpegs([torch.frombuffer(bytearray(fetched[i]), dtype=torch.uint8) for i in jpegs],
-                                           [uris[i] for i in jpegs], encoder.device, encoder.tensor_transform,
-                                           encoder.image_transform)
+            decoded, failed = decode_jpegs([tensors[i] for i in jpegs], [uris[i] for i in jpegs], encoder.device,
+                                           encoder.tensor_transform, encoder.image_transform)
             rest = iter([] if decoded is None else decoded)
             for position, i in enumerate(jpegs):
                 inputs[i] = MediaError(failed[position]) if position in failed else next(rest)
