@@ -188,8 +188,9 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing():
 
 def test_one_process_per_device_writes_the_same_shards(workspace, tiny_uniclip, tmp_path):
     single = embed_demo(workspace, tiny_uniclip, kind="both", shard_size=40)
+    # A reader process each: device processes are spawned, so their readers are too.
     split = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", kind="both", device="cpu,cpu",
-                                  workers=0, shard_size=40, out=tmp_path / "split"), workspace)
+                                  workers=2, shard_size=40, out=tmp_path / "split"), workspace)
     assert split.shards_written == single.shards_written == 6
     for kind in ("cover", "clip"):
         assert table(split.directory, kind).equals(table(single.directory, kind))

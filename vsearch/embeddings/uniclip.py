@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
+from PIL import Image
 from torch import nn
 from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
 from torchvision.transforms.functional import normalize
@@ -216,10 +217,15 @@ def chinese_tokenizer() -> BertTokenizer:
     return BertTokenizer.from_pretrained(str(folder), do_lower_case=True)
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
 def image_transform(size: int) -> Compose:
-    """Resize straight to size x size (bicubic, no crop), RGB, [0, 1], CLIP mean/std."""
-    return Compose([Resize((size, size), interpolation=InterpolationMode.BICUBIC),
-                    lambda image: image.convert("RGB"), ToTensor(), Normalize(MEAN, STD)])
+    """Resize straight to size x size (bicubic, no crop), RGB, [0, 1], CLIP mean/std. Picklable, as
+    reader processes started by spawn or forkserver (device processes, Python 3.14) need it."""
+    return Compose([Resize((size, size), interpolation=InterpolationMode.BICUBIC), _rgb, ToTensor(),
+                    Normalize(MEAN, STD)])
 
 
 def default_checkpoint(models_dir: Path) -> str:
