@@ -61,6 +61,9 @@ def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
     # The rates are rounded to 0.1 covers/s in the report, a few per cent of a CPU's rate.
     assert report["end_to_end_over_model_only"] == pytest.approx(
         report["end_to_end_covers_per_s"] / report["model_only_covers_per_s"], rel=0.05)
+    assert report["after_first_batch_covers_per_s"] > 0  # two batches of 8: the second one's rate
+    assert report["job_seconds"]["model_s"] > 0 and set(report["job_seconds"]) == {
+        "input_s", "model_s", "output_s", "decoding_s"}
 
 
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ import pytest
 import torch
 
 import vsearch.embeddings.media as media
+from vsearch.cli import _stage_line
+from vsearch.embeddings import reader
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.datasets import open_dataset
 from vsearch.embeddings.encoders import l2_normalise
-from vsearch.embeddings.job import EmbedConfig, OomBackoff, run_embed, total_workers
+from vsearch.embeddings.job import EmbedConfig, OomBackoff, StageTimes, run_embed, total_workers
 from vsearch.embeddings.media import MediaError, sample_frames
 from vsearch.embeddings.shards import Manifest
 from vsearch.errors import VsearchError
@@ -192,8 +195,24 @@ def test_one_process_per_device_writes_the_same_shards(workspace, tiny_uniclip, 
     split = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", kind="both", device="cpu,cpu",
                                   workers=2, shard_size=40, out=tmp_path / "split"), workspace)
     assert split.shards_written == single.shards_written == 6
+    assert split.times.model > 0  # the processes' own timings, summed
     for kind in ("cover", "clip"):
         assert table(split.directory, kind).equals(table(single.directory, kind))
+
+
+def test_the_job_says_which_stage_bounds_it(workspace, tiny_uniclip, monkeypatch):
+    from vsearch.embeddings.uniclip import UniClipEncoder
+
+    read, encode = reader.MediaRows.__getitems__, UniClipEncoder.encode_pixels
+    monkeypatch.setattr(reader.MediaRows, "__getitems__", lambda self, items: time.sleep(0.5) or read(self, items))
+    monkeypatch.setattr(UniClipEncoder, "encode_pixels", lambda self, pixels: time.sleep(0.1) or encode(self, pixels))
+    started = time.perf_counter()
+    times = embed_demo(workspace, tiny_uniclip, batch_size=50).times  # 4 batches
+    # The next batch is read while the model runs: the job waits 0.5 s for the first, then about 0.4 s.
+    assert times.input >= 1.0 and 0.4 <= times.model < times.input
+    assert times.input + times.model + times.output <= time.perf_counter() - started
+    assert "reading bounds this job" in _stage_line(times)
+    assert "bounds" not in _stage_line(StageTimes(input=1.0, model=9.0, output=0.5))
 
 
 def test_device_processes_bring_the_shards_up_to_date_with_a_changed_dataset(workspace, tiny_uniclip, tmp_path):

@@ -7,12 +7,15 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from vsearch.errors import VsearchError
 from vsearch.workspace import ENV_VAR, Workspace
+
+if TYPE_CHECKING:
+    from vsearch.embeddings.job import StageTimes
 
 app = typer.Typer(
     help="Vector search for short-video covers and clips: embed -> build-index -> query.",
@@ -128,6 +131,18 @@ def embed(
         + "".join(f"; {count:,} {what} skipped" for what, count in skipped.items() if count)
         + "".join(f"; {what}: {count:,}" for what, count in changed.items() if count)
     )
+    if result.times.model + result.times.input + result.times.output >= 10:  # long enough to be worth tuning
+        stderr.print(_stage_line(result.times))
+
+
+def _stage_line(times: StageTimes) -> str:
+    """Where an embed job's time went, and what bounded it."""
+    decoding = f" (decoding on the device {times.decoding:.1f} s, beside the model)" if times.decoding else ""
+    line = (f"time: model {times.model:.1f} s, waiting for input {times.input:.1f} s{decoding}, "
+            f"waiting for the disk {times.output:.1f} s")
+    if times.input > times.model:
+        line += "; reading bounds this job: more --workers may help"
+    return line
 
 
 def _refuse_overwriting(out: Path | None, source: Path, why: str) -> None:

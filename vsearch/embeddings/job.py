@@ -16,13 +16,15 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,9 +33,11 @@ from vsearch.embeddings.encoders import Encoder, l2_normalise, load_encoder
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
 from vsearch.embeddings.shards import Manifest, ShardWriter, made_from, shard_schema, write_shard_file
 from vsearch.errors import VsearchError
+from vsearch.overlap import read_ahead
 from vsearch.workspace import Workspace
 
 KINDS = {"cover": ("cover",), "clip": ("clip",), "both": ("cover", "clip")}
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,6 +60,41 @@ class EmbedConfig:
 
 
 @dataclass
+class StageTimes:
+    """Seconds the encoding loop spent waiting for input (readers, OCR, JPEG decoding on the device),
+    in the model, and waiting for the shard writer (the disk): the largest is the stage that bounds
+    the job. `decoding` is the time spent preparing batches on the device (JPEG decoding, resizing)
+    beside the model, on a thread of its own."""
+
+    input: float = 0.0
+    model: float = 0.0
+    output: float = 0.0
+    decoding: float = 0.0
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
+
+    def waited(self, items: Iterator[T], stage: str = "input") -> Iterator[T]:
+        """`items`, the time spent waiting for each added to `stage`."""
+        end = object()
+        while True:
+            with self.timing(stage):
+                item = next(items, end)
+            if item is end:
+                return
+            yield item
+
+    def add(self, other: dict[str, float]) -> None:
+        for stage, seconds in other.items():
+            setattr(self, stage, getattr(self, stage) + seconds)
+
+
+@dataclass
 class EmbedResult:
     directory: Path
     manifest: Manifest
@@ -65,6 +104,7 @@ class EmbedResult:
     shards_removed: int = 0  # beyond the end of a dataset that has fewer rows than before
     rows_written: int = 0
     rows_failed: int = 0
+    times: StageTimes = field(default_factory=StageTimes)
 
 
 @dataclass
@@ -191,23 +231,11 @@ class _ShardInProgress:
         return EncodedShard(self.kind, self.number, _columns(self.rows, vectors, merged), self.failed)
 
 
-def prefetched(items: Iterator[Any], prepare: Callable[[Any], Any]) -> Iterator[Any]:
-    """`prepare` of each item, each computed on a thread while the caller works on the one before:
-    the next batch's JPEGs are decoded and resized (GPU kernels launched from Python) while the
-    model runs on this one."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-batch") as pool:
-        pending: Future | None = None
-        for item in items:
-            ready, pending = pending, pool.submit(prepare, item)
-            if ready is not None:
-                yield ready.result()
-        if pending is not None:
-            yield pending.result()
-
-
 def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, list[Row]]],
-                        config: EmbedConfig, on_rows: Callable[[int], None]) -> Iterator[EncodedShard]:
+                        config: EmbedConfig, on_rows: Callable[[int], None], times: StageTimes | None = None
+                        ) -> Iterator[EncodedShard]:
     """Encode covers (images) or clips (pooled frames) shard by shard with an image encoder."""
+    times = times or StageTimes()
     from vsearch.embeddings.reader import device_pixels, media_batches
 
     batch_rows = config.batch_size if kind == "cover" else max(1, config.batch_size // config.frames)
@@ -219,21 +247,22 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
     encode = OomBackoff(encoder, config.batch_size)
 
     def with_pixels(batch: Any) -> tuple:
-        return batch, *device_pixels(batch, encoder.device, transform, encoder.image_transform)
+        with times.timing("decoding") if on_device else nullcontext():
+            return batch, *device_pixels(batch, encoder.device, transform, encoder.image_transform)
 
     shard: _ShardInProgress | None = None
-    for batch, pixels, rows, failed in prefetched(batches, with_pixels):
+    # The next batch is read and prepared on the device (JPEGs decoded and resized) while the model
+    # runs on this one.
+    for batch, pixels, rows, failed in times.waited(read_ahead(map(with_pixels, batches))):
         if shard is not None and batch.number != shard.number:
             yield shard.finished(encoder.dim)
             shard = None
         shard = shard or _ShardInProgress(kind, batch.number)
         shard.failed += [_failure(row, kind, reason) for row, reason in failed]
         if pixels is not None:
-            if kind == "cover":
-                shard.outputs.append(encode(pixels))
-            else:
-                frames = encode(pixels.flatten(0, 1))["vector"]
-                shard.outputs.append({"vector": mean_pool(frames, config.frames)})
+            with times.timing("model"):
+                outputs = encode(pixels if kind == "cover" else pixels.flatten(0, 1))
+            shard.outputs.append(outputs if kind == "cover" else {"vector": mean_pool(outputs["vector"], config.frames)})
             shard.rows += rows
         on_rows(len(batch.rows) + len(batch.failed))
     if shard is not None:
@@ -247,15 +276,17 @@ def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
 
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
                    is_pending: Callable[[int, list[str]], bool], on_rows: Callable[[int], None],
-                   on_text: Callable[[int], None]) -> Iterator[EncodedShard]:
+                   on_text: Callable[[int], None], times: StageTimes) -> Iterator[EncodedShard]:
     shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending, on_rows)
     if config.ocr:
         shards = with_cover_text(shards, kind, config.workers or 0, on_text)
     if hasattr(encoder, "encode_pixels"):
-        yield from encode_media_shards(encoder, kind, shards, config, on_rows)
+        yield from encode_media_shards(encoder, kind, shards, config, on_rows, times)
         return
-    for number, rows in shards:
-        yield encode_text_shard(encoder, number, rows, config.batch_size)
+    for number, rows in times.waited(shards):
+        with times.timing("model"):
+            shard = encode_text_shard(encoder, number, rows, config.batch_size)
+        yield shard
         on_rows(len(rows))
 
 
@@ -332,12 +363,14 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
 
-        plan = ResumePlan(kind, done, (rank, len(devices)))
+        plan, times = ResumePlan(kind, done, (rank, len(devices))), StageTimes()
         for shard in encoded_shards(encoder, dataset, kind, config, plan.is_pending, lambda n: None,
-                                    lambda n: results.put(("text", n, None, None))):
-            entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns, shard.failed)
+                                    lambda n: results.put(("text", n, None, None)), times):
+            with times.timing("output"):
+                entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns, shard.failed)
             results.put(("shard", entry, None, shard.failed))
-        results.put(("done", rank, (plan.skipped, plan.redone, plan.count), (dataset.duplicates, dataset.malformed)))
+        results.put(("done", rank, (plan.skipped, plan.redone, plan.count, asdict(times)),
+                     (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
         results.put(("error", rank, str(exc), None))
     except BaseException:
@@ -376,9 +409,10 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 _count(result, payload["rows"], extra)
                 on_rows(payload["input_rows"])
             elif message == "done":
-                skipped, redone, shards = detail  # every process sees every shard, so any one's count will do
+                skipped, redone, shards, times = detail  # every process sees every shard: any one's count will do
                 result.shards_skipped += skipped
                 result.shards_redone += redone
+                result.times.add(times)
                 skipped_lines = extra  # likewise every line
                 running -= 1
             elif message == "error":
@@ -405,11 +439,13 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
         for shard in shards:
             if len(pending) >= 2:
-                pending.pop(0).result()
+                with result.times.timing("output"):
+                    pending.pop(0).result()
             pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.columns, shard.failed))
             _count(result, len(shard.columns["id"]), shard.failed)
-        for future in pending:
-            future.result()
+        with result.times.timing("output"):
+            for future in pending:
+                future.result()
 
 
 def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int], None] = lambda n: None,
@@ -461,8 +497,8 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
                                                               writer, result, progress, on_text)
                 continue
             plan = ResumePlan(kind, writer.done)
-            _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.is_pending, progress, on_text),
-                                 writer, result)
+            _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.is_pending, progress, on_text,
+                                                result.times), writer, result)
             result.shards_skipped += plan.skipped
             result.shards_redone += plan.redone
             skipped_lines, shards[kind] = (dataset.duplicates, dataset.malformed), plan.count
