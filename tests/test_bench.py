@@ -66,6 +66,18 @@ def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
         "input_s", "model_s", "output_s", "decoding_s"}
 
 
+def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count(tmp_path):
+    out = tmp_path / "threads.json"
+    run_script("build_threads.py", "--count", "3000", "--dim", "32", "--threads", "2,1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [row["threads"] for row in report["rows"]] == [1, 2]
+    first = report["rows"][0]
+    assert first["vsearch_scaling"] == first["hnswlib_scaling"] == 1.0
+    assert all(row["vsearch_build_vectors_per_s"] > 0 and row["hnswlib_add_items_vectors_per_s"] > 0
+               for row in report["rows"])
+    assert (report["params"]["M"], report["params"]["ef_construction"]) == (32, 200)  # the build's defaults
+
+
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):
     out = tmp_path / "latency.json"
     run_script("query_latency.py", "--queries", "5", "--synthetic", "3000", "--device", "cpu", "--out", str(out))

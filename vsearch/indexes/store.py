@@ -87,20 +87,19 @@ def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], 
     """Stream `files` into the backend and the row file, one record batch (float32 only per batch) at a
     time, setting `held` rows aside; returns the next label. Labels follow insertion order."""
     label, position = first_label, 0
-    for file in files:
-        for rows, vectors in source.batches([file], metadata=True):
-            size = len(rows)
-            inside = held.positions[(held.positions >= position) & (held.positions < position + size)] \
-                if held is not None else []
-            if len(inside):  # most batches hold none: they go in whole, with no copy
-                keep = np.ones(size, bool)
-                keep[inside - position] = False
-                held.vectors.append(np.asarray(vectors[~keep], np.float32))
-                held.rows.append(conform(rows.filter(pa.array(~keep)), out.schema, str(file.path)))
-                vectors, rows = vectors[keep], rows.filter(pa.array(keep))
-            label = _add(backend, vectors, rows, label, out, str(file.path))
-            position += size
-            on_rows(size)
+    for file, rows, vectors in source.file_batches(files, metadata=True):
+        size = len(rows)
+        inside = held.positions[(held.positions >= position) & (held.positions < position + size)] \
+            if held is not None else []
+        if len(inside):  # most batches hold none: they go in whole, with no copy
+            keep = np.ones(size, bool)
+            keep[inside - position] = False
+            held.vectors.append(np.asarray(vectors[~keep], np.float32))
+            held.rows.append(conform(rows.filter(pa.array(~keep)), out.schema, str(file.path)))
+            vectors, rows = vectors[keep], rows.filter(pa.array(keep))
+        label = _add(backend, vectors, rows, label, out, str(file.path))
+        position += size
+        on_rows(size)
     return label
 
 
