@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import faiss
 import hnswlib
@@ -10,7 +11,7 @@ import pytest
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
-from vsearch.indexes.tuning import recall_at
+from vsearch.indexes.tuning import exact_neighbours, recall_at
 from vsearch.indexes.vectors import open_source
 from tests.conftest import write_cbvs_covers
 
@@ -49,6 +50,20 @@ def embedded(tmp_path, workspace):
 
 def exact(vectors, queries, k):
     return np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
+
+
+def test_exact_neighbours_read_files_in_parallel_and_count_positions_across_them(tmp_path):
+    vectors = clustered(2500)
+    for number, start in enumerate(range(0, 2500, 700)):  # four files, the last one shorter
+        write_parquet(tmp_path / "parts", vectors[start:start + 700], start, f"part-{number}.parquet")
+    source = open_source(tmp_path / "parts")
+    gone = {5, 701, 1402, 2499}  # deleted ids shift the positions of every later row
+    source = replace(source, excluded=frozenset(f"doc{i}" for i in gone))
+    kept = np.array([i for i in range(2500) if i not in gone])
+    queries = clustered(40, seed=1)
+    scores, positions = exact_neighbours(source, queries, 25)
+    np.testing.assert_array_equal(kept[positions], kept[exact(vectors[kept], queries, 25)])
+    np.testing.assert_allclose(scores, np.sort(queries @ vectors[kept].T, axis=1)[:, ::-1][:, :25], atol=1e-3)
 
 
 @pytest.mark.parametrize("index_type, engine", TYPES)

@@ -12,7 +12,7 @@ index is built; search parameters (ef_search, nprobe, k_factor) can change at an
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,15 +34,24 @@ def exact_top_k(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarr
     """Scores and labels of each query's k best by exact inner product over `chunks` of (labels,
     vectors), best first. Each chunk's own top k is taken first, so the merge holds 2k columns
     whatever the chunk's width."""
-    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
-    best_labels = np.full((len(queries), 0), -1, np.int64)
-    for labels, vectors in chunks:
-        if not len(labels) or k < 1:
-            continue
-        scores = queries @ np.asarray(vectors, np.float32).T
-        local = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
-        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, local, axis=1)], axis=1)
-        best_labels = np.concatenate([best_labels, np.asarray(labels, np.int64)[local]], axis=1)
+    def chunk_best() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for labels, vectors in chunks:
+            if not len(labels) or k < 1:
+                continue
+            scores = queries @ np.asarray(vectors, np.float32).T
+            local = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+            yield np.take_along_axis(scores, local, axis=1), np.asarray(labels, np.int64)[local]
+
+    return merged_top_k(len(queries), chunk_best(), k)
+
+
+def merged_top_k(rows: int, parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each of `rows` rows' k best of the (scores, labels) `parts` (each rows x any width), best first."""
+    best_scores = np.full((rows, 0), -np.inf, np.float32)
+    best_labels = np.full((rows, 0), -1, np.int64)
+    for scores, labels in parts:
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_labels = np.concatenate([best_labels, labels], axis=1)
         if best_scores.shape[1] > k:
             keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
             best_scores = np.take_along_axis(best_scores, keep, axis=1)

@@ -15,19 +15,25 @@ optimistic for graphs, whose search starts next to a query that is itself in the
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vsearch.errors import VsearchError
-from vsearch.indexes.backends import exact_top_k
-from vsearch.indexes.vectors import VectorSource
+from vsearch.indexes.backends import exact_top_k, merged_top_k
+from vsearch.indexes.vectors import VectorFile, VectorSource
 
 RECALL_K = 10
 # Two scores of one pair of float16 vectors, summed in different orders by different libraries,
 # differ by float32 rounding only; closer than this, scores are ties.
 TIE_TOLERANCE = 1e-5
+# The exact pass reads at most this many files at once, in batches of this many rows: a reader
+# holds two batches of vectors and one of scores, about 200 MB at 500 queries.
+EXACT_THREADS = 8
+EXACT_BATCH = 16_384
 EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
 NPROBE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -154,14 +160,25 @@ def gather(source: VectorSource, positions: np.ndarray) -> np.ndarray:
 
 def exact_neighbours(source: VectorSource, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Scores and row positions of each query's k nearest vectors by exact inner product, best
-    first, streaming the vectors once."""
-    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        start = 0
-        for _, vectors in source.batches():
-            yield np.arange(start, start + len(vectors)), vectors
-            start += len(vectors)
+    first, in one pass over the vectors. Files are read in parallel: decoding them is most of the
+    pass (1M×512 on two cores: 20 s one file at a time, 12 s two at a time)."""
+    def file_best(file: VectorFile) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+        """The file's k best with positions within it, and its rows (those not deleted)."""
+        rows = 0
 
-    return exact_top_k(queries, chunks(), k)
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            nonlocal rows
+            for _, vectors in source.batches([file], batch_rows=EXACT_BATCH):
+                yield np.arange(rows, rows + len(vectors)), vectors
+                rows += len(vectors)
+
+        return exact_top_k(queries, chunks(), k), rows
+
+    with ThreadPoolExecutor(max(1, min(len(source.files), EXACT_THREADS, os.cpu_count() or 1))) as pool:
+        per_file = list(pool.map(file_best, source.files))
+    starts = np.cumsum([0] + [rows for _, rows in per_file[:-1]])
+    return merged_top_k(len(queries), ((scores, labels + start) for ((scores, labels), _), start
+                                       in zip(per_file, starts)), k)
 
 
 def recall_at(k: int, found: tuple[np.ndarray, np.ndarray], exact: tuple[np.ndarray, np.ndarray]) -> float:
