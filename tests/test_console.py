@@ -43,3 +43,15 @@ def test_one_total_can_be_set_on_several_bars(terminal):
     with console.progress_bars(["encode", "neighbours"], unit="texts") as bars:
         console.expect_on_all(bars)(5)
         assert totals(bars[0]) == [(0, 5), (0, 5)]
+
+
+def test_work_done_before_leaves_the_total_and_not_the_rate(terminal):
+    with console.progress("embed", unit="covers") as bar:
+        bar.skip(6000)  # a resumed job finds these shards written: no rate of 6,000 covers in no time
+        bar.expect(10000)  # the count comes later, done rows included
+        bar(100)
+        bar.skip(1000)
+        assert totals(bar) == [(100, 3000)]
+        assert bar.bars.tasks[0].speed is None or bar.bars.tasks[0].speed < 6000
+    assert totals(bar) == [(100, 100)]
+    assert "7,000 done before" in terminal.file.getvalue()

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -192,10 +193,15 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing():
 def test_one_process_per_device_writes_the_same_shards(workspace, tiny_uniclip, tmp_path):
     single = embed_demo(workspace, tiny_uniclip, kind="both", shard_size=40)
     # A reader process each: device processes are spawned, so their readers are too.
-    split = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", kind="both", device="cpu,cpu",
-                                  workers=2, shard_size=40, out=tmp_path / "split"), workspace)
+    config = EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", kind="both", device="cpu,cpu",
+                         workers=2, shard_size=40, out=tmp_path / "split")
+    split = run_embed(config, workspace)
     assert split.shards_written == single.shards_written == 6
     assert split.times.model > 0  # the processes' own timings, summed
+    done = []  # running the same command again finds every shard done, and says how many rows they hold
+    again = run_embed(replace(config, workers=0), workspace, on_done=done.append)
+    assert (again.shards_written, again.shards_skipped) == (0, 6)
+    assert sum(done) == single.rows_written + single.rows_failed
     for kind in ("cover", "clip"):
         assert table(split.directory, kind).equals(table(single.directory, kind))
 

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -210,3 +211,12 @@ def test_a_second_job_on_the_same_folder_is_refused_while_the_first_writes(tmp_p
         with pytest.raises(VsearchError, match=r"another vsearch embed \(process \d+\) is writing to"):
             run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace)
     assert run_embed(EmbedConfig(model="lexical", dataset=str(source)), workspace).rows_written == 20
+
+
+def test_a_rerun_reports_the_rows_done_before_apart_from_the_rows_it_writes(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 25)
+    config = EmbedConfig(model="lexical", dataset=str(source), shard_size=10)
+    run_embed(replace(config, limit=20), workspace)
+    written, done = [], []
+    result = run_embed(config, workspace, on_rows=written.append, on_done=done.append)
+    assert (done, sum(written), result.shards_skipped, result.shards_written) == ([10, 10], 5, 2, 1)

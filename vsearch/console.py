@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,16 +30,34 @@ class RateColumn(ProgressColumn):
 
 
 class Bar:
-    """One progress bar: `bar(n)` advances it by n; `bar.expect(total)` sets the total once known."""
+    """One progress bar: `bar(n)` advances it by n; `bar.expect(total)` sets the total once known;
+    `bar.skip(n)` takes n items done by an earlier run off it."""
 
-    def __init__(self, bars: Progress, task: TaskID):
+    def __init__(self, bars: Progress, task: TaskID, total: int | None = None):
         self.bars, self.task = bars, task
+        self.total, self.skipped = total, 0
+        self.description = next(t.description for t in bars.tasks if t.id == task)
+        self.lock = threading.Lock()  # `expect` may come from another thread than `skip`
 
     def __call__(self, n: int) -> None:
         self.bars.advance(self.task, n)
 
     def expect(self, total: int) -> None:
-        self.bars.update(self.task, total=total)
+        with self.lock:
+            self.total = total
+            self._show_total()
+
+    def skip(self, n: int) -> None:
+        """Items a resumed job finds done leave the total rather than fill the bar, which would show
+        a rate many times the real one, and too little time left, for rich's 30-second window."""
+        with self.lock:
+            self.skipped += n
+            self.bars.update(self.task, description=f"{self.description} ({self.skipped:,} done before)")
+            self._show_total()
+
+    def _show_total(self) -> None:
+        if self.total is not None:
+            self.bars.update(self.task, total=max(self.total - self.skipped, 0))
 
     def finish(self) -> None:
         """Fill the bar: the work is done, whatever total was expected (an estimate may be high)."""
@@ -64,7 +83,7 @@ def progress_bars(descriptions: list[str], total: int | None = None, unit: str =
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bars:
-        made = [Bar(bars, bars.add_task(description, total=total)) for description in descriptions]
+        made = [Bar(bars, bars.add_task(description, total=total), total) for description in descriptions]
         yield made
         for bar in made:
             bar.finish()

@@ -29,7 +29,7 @@ class DemoRun:
 def run_demo(workspace: Workspace, progress: Progress, k: int = 5) -> DemoRun:
     """Embed the demo covers with `lexical`, build an HNSW index, and run the example queries."""
     with progress("embed demo covers", None) as advance:
-        embedded = run_embed(EmbedConfig(dataset="demo", model="lexical"), workspace, advance)
+        embedded = run_embed(EmbedConfig(dataset="demo", model="lexical"), workspace, advance, on_done=advance)
     index_dir = workspace.index_dir(f"demo-{INDEX_TYPE}")
     with progress("build hnsw index", embedded.manifest.rows("cover")) as advance:
         build_index(BuildConfig(type=INDEX_TYPE), open_source(embedded.directory), index_dir, advance)

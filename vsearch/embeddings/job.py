@@ -162,15 +162,13 @@ def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
         yield chunk
 
 
-def pending_shards(rows: Iterator[Row], shard_size: int, is_pending: Callable[[int, list[str]], bool],
-                   on_skip: Callable[[int], None]) -> Iterator[tuple[int, list[Row]]]:
+def pending_shards(rows: Iterator[Row], shard_size: int,
+                   is_pending: Callable[[int, list[str]], bool]) -> Iterator[tuple[int, list[Row]]]:
     """(number, rows) of every shard still to write, asking `is_pending(number, ids)` of each shard
-    of the dataset; skipped shards' rows are reported to `on_skip`."""
+    of the dataset."""
     for number, chunk in enumerate(_chunks(rows, shard_size)):
         if is_pending(number, [row.id for row in chunk]):
             yield number, chunk
-        else:
-            on_skip(len(chunk))
 
 
 def encode_text_shard(encoder: Encoder, number: int, rows: list[Row], batch_size: int) -> EncodedShard:
@@ -277,7 +275,7 @@ def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
                    is_pending: Callable[[int, list[str]], bool], on_rows: Callable[[int], None],
                    on_text: Callable[[int], None], times: StageTimes) -> Iterator[EncodedShard]:
-    shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending, on_rows)
+    shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending)
     if config.ocr:
         shards = with_cover_text(shards, kind, config.workers or 0, on_text)
     if hasattr(encoder, "encode_pixels"):
@@ -332,11 +330,13 @@ def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], 
 class ResumePlan:
     """Which shards of one kind a pass over the dataset writes, given the manifest's `done` ones:
     those not made from the rows now at their place (see `shards.made_from`). With `share`
-    (rank, processes), only the shards whose number is rank modulo processes. Counts as it goes."""
+    (rank, processes), only the shards whose number is rank modulo processes. Counts as it goes, and
+    reports the rows of each shard found done to `on_done`."""
 
     kind: str
     done: dict[tuple[str, int], dict[str, Any]]
     share: tuple[int, int] = (0, 1)
+    on_done: Callable[[int], None] = lambda rows: None
     skipped: int = 0
     redone: int = 0
     count: int = 0  # shards the dataset has, pending or not
@@ -349,6 +349,7 @@ class ResumePlan:
         entry = self.done.get((self.kind, number))
         if made_from(entry, ids):
             self.skipped += 1
+            self.on_done(len(ids))
             return False
         self.redone += entry is not None
         return True
@@ -363,7 +364,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
 
-        plan, times = ResumePlan(kind, done, (rank, len(devices))), StageTimes()
+        plan = ResumePlan(kind, done, (rank, len(devices)), lambda rows: results.put(("skipped", rows, None, None)))
+        times = StageTimes()
         for shard in encoded_shards(encoder, dataset, kind, config, plan.is_pending, lambda n: None,
                                     lambda n: results.put(("text", n, None, None)), times):
             with times.timing("output"):
@@ -379,7 +381,7 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
 
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
                     writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None],
-                    on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
+                    on_done: Callable[[int], None], on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
     """Run one process per device; return the lines they skipped, as repeats and as malformed, and
     the number of shards the dataset has."""
     import torch.multiprocessing as mp
@@ -404,6 +406,8 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 continue
             if message == "text":
                 on_text(payload)
+            elif message == "skipped":
+                on_done(payload)
             elif message == "shard":
                 writer.record(payload, extra)
                 _count(result, payload["rows"], extra)
@@ -450,10 +454,12 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
 
 def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int], None] = lambda n: None,
               encoder: Encoder | None = None, on_text: Callable[[int], None] = lambda n: None,
-              on_total: Callable[[int], None] = lambda n: None) -> EmbedResult:
-    """Embed `config.dataset`; `on_rows(n)` as rows are written (or found done), `on_text(n)` as
-    `--ocr` reads covers, `on_total(n)` once with the rows to expect at most (from another thread,
-    where they can be counted cheaply); pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
+              on_total: Callable[[int], None] = lambda n: None,
+              on_done: Callable[[int], None] = lambda n: None) -> EmbedResult:
+    """Embed `config.dataset`; `on_rows(n)` as rows are written, `on_done(n)` with the rows of each
+    shard found already written (a resumed job), `on_text(n)` as `--ocr` reads covers, `on_total(n)`
+    once with the rows to expect at most, done ones included (from another thread, where they can
+    be counted cheaply); pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
     if config.kind not in KINDS:
         raise VsearchError(f"unknown --kind {config.kind!r}: use cover, clip or both")
     if config.decode not in ("auto", "device", "workers"):
@@ -489,14 +495,19 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
             rows_seen += rows
             on_rows(rows)
 
+        def done_before(rows: int) -> None:
+            nonlocal rows_seen
+            rows_seen += rows
+            on_done(rows)
+
         skipped_lines = (0, 0)  # (repeated ids, malformed lines) as the last pass over the dataset counted
         shards = {}  # kind -> how many shards the dataset has
         for kind in kinds:
             if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
                 skipped_lines, shards[kind] = _run_on_devices(devices, encoder.spec, config, workspace, kind,
-                                                              writer, result, progress, on_text)
+                                                              writer, result, progress, done_before, on_text)
                 continue
-            plan = ResumePlan(kind, writer.done)
+            plan = ResumePlan(kind, writer.done, on_done=done_before)
             _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.is_pending, progress, on_text,
                                                 result.times), writer, result)
             result.shards_skipped += plan.skipped
