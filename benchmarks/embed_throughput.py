@@ -69,9 +69,9 @@ def model_only(encoder, covers: int, batch_size: int) -> float:
 def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Namespace) -> dict[str, float]:
     """Covers/s of the whole job, covers/s once the first batch is out (a long job's rate: starting
     the reader processes no longer counts), and the job's seconds per stage."""
+    # Shards of the job's default size, so that writing overlaps encoding as in a real job.
     config = EmbedConfig(dataset=str(folder), model=encoder.spec, device=str(encoder.device), batch_size=args.batch_size,
-                         shard_size=args.covers, out=workspace.root / "shards", overwrite=True, workers=args.workers,
-                         decode=args.decode)
+                         out=workspace.root / "shards", overwrite=True, workers=args.workers, decode=args.decode)
     batches: list[tuple[float, int]] = []
     started = time.perf_counter()
     result = run_embed(config, workspace, on_rows=lambda n: batches.append((time.perf_counter(), n)), encoder=encoder)
