@@ -79,11 +79,11 @@ class StageTimes:
         finally:
             setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
 
-    def waited(self, items: Iterator[T], stage: str = "input") -> Iterator[T]:
-        """`items`, the time spent waiting for each added to `stage`."""
+    def waited(self, items: Iterator[T]) -> Iterator[T]:
+        """`items`, the time spent waiting for each added to `input`."""
         end = object()
         while True:
-            with self.timing(stage):
+            with self.timing("input"):
                 item = next(items, end)
             if item is end:
                 return
