@@ -221,6 +221,15 @@ def test_the_job_says_which_stage_bounds_it(workspace, tiny_uniclip, monkeypatch
     assert "bounds" not in _stage_line(StageTimes(input=1.0, model=9.0, output=0.5))
 
 
+def test_covers_are_decoded_by_the_readers_where_torchvision_no_longer_decodes_jpegs(workspace, tiny_uniclip,
+                                                                                     monkeypatch):
+    import torchvision.io
+
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")  # deprecated since 0.29, to be removed
+    result = embed_demo(workspace, tiny_uniclip, decode="device", limit=20)
+    assert (result.rows_written, result.rows_failed, result.times.decoding) == (20, 0, 0)
+
+
 def test_device_processes_bring_the_shards_up_to_date_with_a_changed_dataset(workspace, tiny_uniclip, tmp_path):
     rows = list(open_dataset("demo", workspace).rows())[:40]
     source = tmp_path / "covers.txt"
@@ -269,6 +278,7 @@ def test_jpegs_decoded_on_the_device_give_the_same_vectors(workspace, tiny_unicl
     va = np.array(a.column("vector").to_pylist(), np.float32)
     vb = np.array(b.column("vector").to_pylist(), np.float32)
     assert (va * vb).sum(axis=1).min() > 0.995
+    assert on_device.times.decoding > 0 == on_workers.times.decoding  # the job's time split says which ran
 
 
 def test_jpegs_for_the_device_cross_from_reader_processes_in_few_file_descriptors(workspace, tiny_uniclip, tmp_path):

@@ -234,10 +234,10 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
                         ) -> Iterator[EncodedShard]:
     """Encode covers (images) or clips (pooled frames) shard by shard with an image encoder."""
     times = times or StageTimes()
-    from vsearch.embeddings.reader import device_pixels, media_batches
+    from vsearch.embeddings.reader import decodes_jpegs_on_device, device_pixels, media_batches
 
     batch_rows = config.batch_size if kind == "cover" else max(1, config.batch_size // config.frames)
-    on_device = hasattr(encoder, "tensor_transform") and kind == "cover" and (
+    on_device = kind == "cover" and decodes_jpegs_on_device(encoder) and (
         config.decode == "device" or (config.decode == "auto" and encoder.device.type == "cuda"))
     batches = media_batches(shards, kind, encoder.image_transform, config.frames, batch_rows, config.workers,
                             pin_memory=encoder.device.type == "cuda", raw_jpegs=on_device)

@@ -110,6 +110,15 @@ def collate(items: list[Item]) -> Batch:
 TRANSFORM_VALUES = 2 ** 26
 
 
+def decodes_jpegs_on_device(encoder: object) -> bool:
+    """Whether `encoder` can take covers decoded on its device: it prepares uint8 images there
+    (`tensor_transform`), and this torchvision still decodes JPEGs (its image decoding is
+    deprecated since 0.29 in favour of TorchCodec, and to be removed)."""
+    import torchvision.io
+
+    return hasattr(encoder, "tensor_transform") and hasattr(torchvision.io, "decode_jpeg")
+
+
 def transform_by_size(images: list[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`transform` applied to same-sized images together (up to TRANSFORM_VALUES at a time),
     results in input order: covers come in a few sizes, and one resize per image cost the GPU

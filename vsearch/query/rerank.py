@@ -152,9 +152,11 @@ def _cover_inputs(encoder, fetched: list[bytes | MediaError], uris: list[str | N
 def _add_head_parts(encoder, query: str, pool: list[Candidate], notes: list[str]) -> None:
     import torch
 
+    from vsearch.embeddings.reader import decodes_jpegs_on_device
+
     uris = [c.image for c in pool]
     pixels = _cover_inputs(encoder, read_all(uris, deadline=COVER_FETCH_SECONDS), uris,
-                           on_device=encoder.device.type == "cuda" and hasattr(encoder, "tensor_transform"))
+                           on_device=encoder.device.type == "cuda" and decodes_jpegs_on_device(encoder))
     failures = [p for p in pixels if isinstance(p, MediaError)]
     if failures:
         notes.append(f"semantic and presence parts dropped for {len(failures)} of {len(pool)} covers "
