@@ -55,3 +55,19 @@ def test_work_done_before_leaves_the_total_and_not_the_rate(terminal):
         assert bar.bars.tasks[0].speed is None or bar.bars.tasks[0].speed < 6000
     assert totals(bar) == [(100, 100)]
     assert "7,000 done before" in terminal.file.getvalue()
+
+
+def test_ten_million_rows_fit_an_80_column_terminal(monkeypatch):
+    screen = Console(file=io.StringIO(), force_terminal=True, width=80, record=True)
+    monkeypatch.setattr(console, "stderr", screen)
+    with console.progress_bars(["read cbvs10m, encode its OCR texts", "find their nearest neighbours"], 10_000_000,
+                               unit=["lines", "texts"]) as (read, listed):
+        read(2_500_000)
+        listed(12_345)
+        read.bars.stop()  # the live display drawing on: the table is read alone
+        screen.export_text()
+        screen.print(read.bars.make_tasks_table(read.bars.tasks))
+        lines = screen.export_text().splitlines()
+    assert len(lines) == 2 and all(len(line) <= 80 for line in lines)
+    assert "2.5/10.0M" in lines[0] and "0.0/10.0M" in lines[1]  # the figures stay whole; the description gives way
+    assert lines[0].startswith("read cbvs10m") and "…" in lines[0]

@@ -20,11 +20,17 @@ def test_one_line_per_distinct_ocr_text_with_its_ten_nearest_others(tmp_path, wo
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     out = tmp_path / "cbvs10m-HNSW"
     during = []  # the folder as each batch is encoded: the vectors spilled to disk have no name to leave behind
-    counted, listed = [], []
+    read, line_count, counted, listed = [], [], [], []
+
+    def on_lines(n):
+        read.append(n)
+        during.append(sorted(p.name for p in tmp_path.iterdir()))
+
     written = write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4,
-                                   on_rows=lambda n: during.append(sorted(p.name for p in tmp_path.iterdir())),
-                                   on_texts=counted.append, on_written=listed.append)
+                                   on_lines=on_lines, on_line_count=line_count.append, on_texts=counted.append,
+                                   on_written=listed.append)
     assert during and all(names == [source.name] for names in during)
+    assert line_count == [18] and sum(read) == 18  # every line read counts, repeats, \N and malformed ones too
     assert counted == [15] and listed == [4, 4, 4, 3]
     lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
     texts = [fields[0] for fields in lines]

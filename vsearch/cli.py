@@ -125,14 +125,18 @@ def embed(
     changed = {"shards made again, their rows having changed since the last run": result.shards_redone,
                "shards removed, past the dataset's new end": result.shards_removed}
     stderr.print(
-        f"{result.rows_written} vectors written in {result.shards_written} shards, "
-        f"{result.shards_skipped} shards already done, {result.rows_failed} failed "
+        f"{_counted(result.rows_written, 'vector')} written in {_counted(result.shards_written, 'shard')}, "
+        f"{_counted(result.shards_skipped, 'shard')} already done, {result.rows_failed:,} failed "
         f"(reasons in {result.directory / '_manifest.json'}) -> {result.directory}"
         + "".join(f"; {count:,} {what} skipped" for what, count in skipped.items() if count)
         + "".join(f"; {what}: {count:,}" for what, count in changed.items() if count)
     )
     if result.times.model + result.times.input + result.times.output >= 10:  # long enough to be worth tuning
         stderr.print(_stage_line(result.times))
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _stage_line(times: StageTimes) -> str:
@@ -165,7 +169,7 @@ def _parse_size(text: str) -> int:
 
 def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str,
                           target_recall: float) -> None:
-    from vsearch.console import expect_on_all, progress_bars, stderr
+    from vsearch.console import progress_bars, stderr
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
     from vsearch.embeddings.job import resolve_model
@@ -176,10 +180,10 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
     destination = out or ws.datasets / f"{source.name}-HNSW"
     _refuse_overwriting(destination, Path(source.source.removeprefix("file://")),
                         "the dataset file: writing the hard negatives would erase it")
-    with progress_bars([f"encode {source.name} OCR texts", "find their nearest neighbours"], unit="texts") as (
-            encoded, listed):
-        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, on_rows=encoded,
-                                       on_texts=expect_on_all([encoded, listed]), on_written=listed)
+    with progress_bars([f"read {source.name}, encode its OCR texts", "find their nearest neighbours"],
+                       unit=["lines", "texts"]) as (read, listed):
+        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, on_lines=read,
+                                       on_line_count=read.expect, on_texts=listed.expect, on_written=listed)
     stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
                  f"exact search at ef_search={written.ef_search}) -> {destination}")
 

@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.table import Table
+from rich.filesize import pick_unit_and_suffix
+from rich.progress import (BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Column, Table
 from rich.text import Text
 
 from vsearch.query import Hit
@@ -18,15 +19,24 @@ stdout = Console(soft_wrap=False)
 stderr = Console(stderr=True)
 
 
-class RateColumn(ProgressColumn):
-    """Items per second, e.g. `1,234 covers/s`; blank until rich has measured a rate."""
-
-    def __init__(self, unit: str):
-        super().__init__()
-        self.unit = unit
+class CountColumn(ProgressColumn):
+    """Done and total in the total's unit, e.g. `2.5/10.0M covers`: 10 million rows counted in full
+    would push the rate off an 80-column line."""
 
     def render(self, task: Task) -> Text:
-        return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s", style="cyan")
+        completed = int(task.completed)
+        if task.total is None:
+            return Text(f"{completed:,}", style="progress.download")
+        unit, suffix = pick_unit_and_suffix(int(task.total), ["", "k", "M", "G"], 1000)
+        digits = 0 if unit == 1 else 1
+        return Text(f"{completed / unit:,.{digits}f}/{task.total / unit:,.{digits}f}{suffix}", style="progress.download")
+
+
+class RateColumn(ProgressColumn):
+    """Items per second in the bar's unit, e.g. `1,234 covers/s`; blank until rich has measured a rate."""
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:,.0f} {task.fields['unit']}/s", style="cyan")
 
 
 class Bar:
@@ -76,14 +86,22 @@ def expect_on_all(bars: list[Bar]) -> Callable[[int], None]:
 
 
 @contextmanager
-def progress_bars(descriptions: list[str], total: int | None = None, unit: str = "rows") -> Iterator[list[Bar]]:
-    """Progress bars on stderr, one per description, counting the same `unit` towards the same
-    `total` (or one set later with `Bar.expect`), with rate and time left; filled when the
-    block ends without an exception."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+def progress_bars(descriptions: list[str], total: int | None = None,
+                  unit: str | list[str] = "rows") -> Iterator[list[Bar]]:
+    """Progress bars on stderr, one per description, counting `unit` (one for all, or one per bar)
+    towards the same `total` (or one set later with `Bar.expect`), with rate and time left; filled
+    when the block ends without an exception."""
+    units = [unit] * len(descriptions) if isinstance(unit, str) else unit
+    # On a narrow terminal the description gives way, not the figures: these take about 56 columns
+    # with a bar of 10.
+    description = Column(no_wrap=True, overflow="ellipsis", max_width=max(12, stderr.width - 56))
+    figure = Column(no_wrap=True)
+    columns = [TextColumn("{task.description}", table_column=description), BarColumn(),
+               CountColumn(table_column=figure), RateColumn(table_column=figure), TimeElapsedColumn(),
+               TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bars:
-        made = [Bar(bars, bars.add_task(description, total=total), total) for description in descriptions]
+        made = [Bar(bars, bars.add_task(description, total=total, unit=unit), total)
+                for description, unit in zip(descriptions, units, strict=True)]
         yield made
         for bar in made:
             bar.finish()

@@ -1,11 +1,15 @@
 """Overlapping a stage's reading with its work: the embed job's readers and GPU decoding with the
-model, the index build's Parquet decoding with graph insertion."""
+model, the index build's Parquet decoding with graph insertion, counting a dataset's lines while
+the job that reads them starts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+from vsearch.errors import VsearchError
 
 T = TypeVar("T")
 
@@ -19,3 +23,21 @@ def read_ahead(items: Iterator[T]) -> Iterator[T]:
         while (item := ahead.result()) is not end:
             ahead = pool.submit(next, items, end)
             yield item
+
+
+def in_background(compute: Callable[[], T | None], on_result: Callable[[T], None]) -> threading.Thread:
+    """Run `compute` on a daemon thread and pass its result, unless None, to `on_result`. For a
+    figure the work can start without (a progress bar's total): a dataset it cannot read is left for
+    the work itself to report."""
+
+    def run() -> None:
+        try:
+            result = compute()
+        except (OSError, VsearchError):
+            return
+        if result is not None:
+            on_result(result)
+
+    thread = threading.Thread(target=run, name=getattr(compute, "__name__", "background"), daemon=True)
+    thread.start()
+    return thread

@@ -75,6 +75,7 @@ class Dataset:
     videos: str | None = None
     duplicates: int = 0
     malformed: int = 0
+    read: int = 0  # lines (or images) `rows()` has gone through so far, repeats and malformed ones included
 
     def __post_init__(self) -> None:
         # Listed once: a progress bar's count and the clip rows share one listing of the folder.
@@ -84,8 +85,9 @@ class Dataset:
         """Yield rows with unique ids, counting the lines skipped as repeats in `duplicates`, and
         those too short or not UTF-8 in `malformed`."""
         seen: set[str] = set()
-        self.duplicates = self.malformed = 0
+        self.duplicates = self.malformed = self.read = 0
         for row in self._rows():
+            self.read += 1
             if row is None:
                 self.malformed += 1
                 continue

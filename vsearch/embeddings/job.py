@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import queue
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from vsearch.embeddings.encoders import Encoder, l2_normalise, load_encoder
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
 from vsearch.embeddings.shards import Manifest, ShardWriter, made_from, shard_schema, write_shard_file
 from vsearch.errors import VsearchError
-from vsearch.overlap import read_ahead
+from vsearch.overlap import in_background, read_ahead
 from vsearch.workspace import Workspace
 
 KINDS = {"cover": ("cover",), "clip": ("clip",), "both": ("cover", "clip")}
@@ -296,23 +295,6 @@ def expected_rows(dataset: Dataset, kinds: tuple[str, ...], limit: int | None) -
     return sum(count if limit is None else min(count, limit) for count in counts)
 
 
-def _count_in_background(dataset: Dataset, kinds: tuple[str, ...], limit: int | None,
-                         on_total: Callable[[int], None]) -> threading.Thread:
-    """Count the rows to expect while the job starts: 10 million lines take a few seconds to count."""
-
-    def count() -> None:
-        try:
-            expected = expected_rows(dataset, kinds, limit)
-        except (OSError, VsearchError):
-            return  # the job itself reports a dataset it cannot read
-        if expected is not None:
-            on_total(expected)
-
-    thread = threading.Thread(target=count, name="count-rows", daemon=True)
-    thread.start()
-    return thread
-
-
 def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], ocr: bool) -> None:
     if hasattr(encoder, "encode_pixels"):
         return
@@ -481,7 +463,8 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     # device process loads its own, so it stays on the CPU rather than take GPU 0's memory twice.
     encoder = encoder or load_encoder(spec, devices[0] if len(devices) == 1 else "cpu")
     check_encodable(encoder, dataset, kinds, config.ocr)
-    counting = _count_in_background(dataset, kinds, config.limit, on_total)
+    # 10 million lines take a few seconds to count: counted while the job starts.
+    counting = in_background(lambda: expected_rows(dataset, kinds, config.limit), on_total)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
     fresh = Manifest(dataset=dataset.name, source=dataset.source,
                      encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint},

@@ -30,6 +30,7 @@ from vsearch.errors import VsearchError
 from vsearch.files import fsync_file
 from vsearch.indexes.backends import exact_top_k
 from vsearch.indexes.tuning import sample_positions, tune_search
+from vsearch.overlap import in_background
 
 NEIGHBOURS = 10
 RECALL_SAMPLE = 500
@@ -92,12 +93,14 @@ def _tune_ef(index, vectors: np.ndarray, target: float) -> tuple[int, float]:
 
 
 def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: int = 2048, target_recall: float = 0.95,
-                         on_rows: Callable[[int], None] = lambda n: None,
+                         on_lines: Callable[[int], None] = lambda n: None,
+                         on_line_count: Callable[[int], None] = lambda n: None,
                          on_texts: Callable[[int], None] = lambda n: None,
                          on_written: Callable[[int], None] = lambda n: None) -> HardNegatives:
-    """Write the file for `dataset` to `out` (via a temporary file). Progress: `on_rows(n)` as texts
-    are encoded, `on_texts(n)` once with the number of distinct texts, `on_written(n)` as their
-    neighbour lines are written (at 10M, minutes of graph search)."""
+    """Write the file for `dataset` to `out` (via a temporary file). Progress: `on_lines(n)` as lines
+    of the dataset are read and their new texts encoded, `on_line_count(n)` once with the lines of a
+    local file (counted on another thread), `on_texts(n)` once with the number of distinct texts,
+    `on_written(n)` as their neighbour lines are written (at 10M, minutes of graph search)."""
     import hnswlib
 
     if not dataset.has_text:
@@ -112,8 +115,10 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
     # graph scores of a pair agree. The file has no name (10 GB at 10M texts), so a job killed
     # outright leaves nothing of it behind.
     texts: list[str] = []
+    lines_reported = 0
     try:
         with tempfile.TemporaryFile(dir=out.parent) as spilled:
+            counting = in_background(dataset.expected_rows, on_line_count)
             stream = distinct_ocr_texts(dataset)
             while chunk := list(islice(stream, batch)):
                 if len(texts) + len(chunk) > index.get_max_elements():
@@ -122,7 +127,10 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                 index.add_items(vectors.astype(np.float32), np.arange(len(texts), len(texts) + len(chunk)))
                 spilled.write(vectors.tobytes())
                 texts += chunk
-                on_rows(len(chunk))
+                on_lines(dataset.read - lines_reported)
+                lines_reported = dataset.read
+            on_lines(dataset.read - lines_reported)
+            counting.join()  # a count arriving after the last line would empty the filled bar again
             if len(texts) < 2:
                 raise VsearchError(f"dataset {dataset.name} has {len(texts)} distinct OCR text(s): need at least 2")
             on_texts(len(texts))
