@@ -168,7 +168,7 @@ def test_long_queries_are_truncated_with_a_note(demo):
 
 @pytest.mark.parametrize("args, message", [
     (["query"], "give a query text or --file"),
-    (["query", "x", "--file", "q.txt"], "give a query text or --file"),
+    (["query", "x", "--file", "q.txt"], "give a query text or --file FILE (one query per line), not both"),
     (["query", "--file", "/no/such/queries.txt"], "queries file not found"),
     (["query", "x", "--weights", "ann=high"], "bad --weights"),
     (["query", "x", "--weights", "ocr=1"], "unknown weight ocr"),

@@ -277,7 +277,7 @@ def delete(
         raise VsearchError("no ids to delete: give ids or --ids-file")
     index_dir = _index_dir(ctx.obj, index)
     deleted, unknown = delete_ids(index_dir, wanted)
-    stderr.print(f"{deleted} ids deleted from {index_dir}" + (f"; not in the index: {', '.join(unknown[:5])}"
+    stderr.print(f"{_counted(deleted, 'id')} deleted from {index_dir}" + (f"; not in the index: {', '.join(unknown[:5])}"
                                                              + (" …" if len(unknown) > 5 else "") if unknown else ""))
 
 
@@ -336,7 +336,8 @@ def query(
     from vsearch.query import QueryConfig, Searcher
 
     if (text is None) == (file is None):
-        raise VsearchError("give a query text or --file FILE (one query per line)")
+        raise VsearchError("give a query text or --file FILE (one query per line)"
+                           + (", not both" if text is not None else ""))
     if file is not None and str(file) != "-" and not file.is_file():
         raise VsearchError(f"queries file not found: {file}")
     if file is not None:
