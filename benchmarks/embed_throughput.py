@@ -1,5 +1,6 @@
 """Embedding throughput: covers/s end to end (JPEG files -> Parquet shards) next to the model alone
-(pre-made tensors already on the device), for UniCLIP ViT-B/16 with random weights.
+(pre-made tensors already on the device) and the readers alone (the job's input side with no model
+to wait for), for UniCLIP ViT-B/16 with random weights.
 
     python benchmarks/embed_throughput.py [--covers 2048] [--device auto] [--batch-size 256] [--workers 8]
                                           [--decode auto|device|workers]
@@ -27,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vsearch.embeddings import load_encoder
-from vsearch.embeddings.job import EmbedConfig, run_embed
+from vsearch.embeddings.datasets import Row
+from vsearch.embeddings.job import EmbedConfig, encode_media_shards, run_embed, total_workers
 from vsearch.embeddings.uniclip import UniClip, UniClipConfig
 from vsearch.workspace import Workspace
 
@@ -53,7 +55,7 @@ def random_checkpoint(path: Path) -> None:
 
 def model_only(encoder, covers: int, batch_size: int) -> float:
     """Covers/s of the encoder alone on pre-made pixels already on its device."""
-    pixels = torch.randn(batch_size, 3, 224, 224, device=encoder.device)
+    pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=encoder.device)
     encoder.encode_pixels(pixels)  # warm-up: kernels, autotuning
     batches = max(1, covers // batch_size)
     if encoder.device.type == "cuda":
@@ -64,6 +66,33 @@ def model_only(encoder, covers: int, batch_size: int) -> float:
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
     return batches * batch_size / (time.perf_counter() - started)
+
+
+class NoModel:
+    """The encoder with its model taken out: what the job's readers and device decoding deliver."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        if pixels.is_cuda:
+            torch.cuda.synchronize(pixels.device)  # the batch's decoding and resizing, done
+        return {"vector": np.zeros((len(pixels), self.encoder.dim), np.float32),
+                "ocr_presence": np.zeros(len(pixels), np.float32)}
+
+
+def readers_only(encoder, folder: Path, args: argparse.Namespace) -> float:
+    """Covers/s the job's input side delivers (reader processes, decoding on the device) with no
+    model to wait for: below model-only, the readers bound the job and more workers help."""
+    rows = [Row(path.stem, None, None, str(path)) for path in sorted(folder.iterdir())]
+    config = EmbedConfig(batch_size=args.batch_size, workers=total_workers(args.workers, 1), decode=args.decode)
+    started = time.perf_counter()
+    for _ in encode_media_shards(NoModel(encoder), "cover", iter([(0, rows)]), config, lambda n: None):
+        pass
+    return len(rows) / (time.perf_counter() - started)
 
 
 def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Namespace) -> dict[str, float]:
@@ -100,6 +129,7 @@ def main() -> None:
         random_checkpoint(scratch / "uniclip-random.pt")
         encoder = load_encoder(f"uniclip:{scratch / 'uniclip-random.pt'}", args.device)
         alone = model_only(encoder, args.covers, args.batch_size)
+        reading = readers_only(encoder, scratch / "covers", args)
         job = end_to_end(encoder, scratch / "covers", Workspace.resolve(scratch / "ws"), args)
     pipeline, steady = job.pop("covers_per_s"), job.pop("steady_covers_per_s")
 
@@ -107,15 +137,17 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": device, "model": "UniCLIP ViT-B/16 (random weights)",
         "covers": args.covers, "batch_size": args.batch_size, "workers": args.workers, "decode": args.decode,
-        "model_only_covers_per_s": round(alone, 1), "end_to_end_covers_per_s": round(pipeline, 1),
+        "model_only_covers_per_s": round(alone, 1), "readers_only_covers_per_s": round(reading, 1),
+        "end_to_end_covers_per_s": round(pipeline, 1),
         "end_to_end_over_model_only": round(pipeline / alone, 3),
         "after_first_batch_covers_per_s": round(steady, 1), "job_seconds": job,
     }
     table = Table(title=f"embed throughput on {device}")
-    for column in ("covers", "model only (covers/s)", "end to end (covers/s)", "ratio", "after 1st batch", "ratio"):
+    for column in ("covers", "model only (covers/s)", "readers only", "end to end (covers/s)", "ratio",
+                   "after 1st batch", "ratio"):
         table.add_column(column, justify="right")
-    table.add_row(str(args.covers), f"{alone:,.1f}", f"{pipeline:,.1f}", f"{pipeline / alone:.1%}", f"{steady:,.1f}",
-                  f"{steady / alone:.1%}")
+    table.add_row(str(args.covers), f"{alone:,.1f}", f"{reading:,.1f}", f"{pipeline:,.1f}", f"{pipeline / alone:.1%}",
+                  f"{steady:,.1f}", f"{steady / alone:.1%}")
     Console().print(table)
     Console().print("the job's seconds: " + ", ".join(f"{stage.removesuffix('_s')} {seconds}" for stage, seconds in job.items())
                     + " (input: the model waiting for batches; output: for the shard writer; decoding: on the device, "

@@ -5,9 +5,11 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import Compose, Resize, ToTensor
 
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.job import EmbedConfig, run_embed
+from vsearch.embeddings.torch_encoder import split_preprocess
 from vsearch.errors import VsearchError
 
 
@@ -38,6 +40,17 @@ def test_vectors_match_open_clip_called_directly(tiny_open_clip):
     np.testing.assert_allclose(encoder.encode_images(images), want_images.numpy(), atol=1e-5)
     np.testing.assert_allclose(encoder.encode_texts(texts), want_texts.numpy(), atol=1e-5)
     assert encoder.dim == 32 and len(encoder.fingerprint) == 16
+
+
+def test_readers_send_uint8_pixels_that_the_device_finishes_exactly_as_the_preprocess_would(tiny_open_clip):
+    encoder = load_encoder(spec(tiny_open_clip), device="cpu")
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=None)
+    noise = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    pixels = encoder.pixels([Image.fromarray(noise)])
+    assert pixels.dtype == torch.uint8  # a quarter of the bytes float32 would take from reader to device
+    assert torch.equal(encoder.model_input(pixels)[0], preprocess(Image.fromarray(noise)))
+    unusual = Compose([Resize(32), ToTensor()])  # no Normalize to leave for the device: the readers run it all
+    assert split_preprocess(unusual) == (unusual, None)
 
 
 def test_corrupt_images_are_recorded_and_the_job_goes_on(tiny_open_clip, covers, workspace):

@@ -16,7 +16,7 @@ import torch
 
 from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
 from vsearch.embeddings.encoders import l2_normalise
-from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device
+from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device, split_preprocess
 from vsearch.errors import VsearchError
 
 
@@ -42,7 +42,7 @@ class OpenClipEncoder(TorchImageEncoder):
         # open_clip warns "initialized randomly" when it loads no weights; ours are loaded, strictly, next.
         logging.disable(logging.WARNING)
         try:
-            model, _, self.image_transform = open_clip.create_model_and_transforms(name, pretrained=None)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         finally:
             logging.disable(logging.NOTSET)
         state = {key.removeprefix("module."): value for key, value in state.items()}
@@ -52,6 +52,7 @@ class OpenClipEncoder(TorchImageEncoder):
         except Exception as exc:  # tokenizers that live on a hub fail offline in many ways
             raise VsearchError(f"cannot load the tokenizer of open_clip {name} offline: {exc}") from exc
         self.model = model.to(self.device).eval()
+        self.image_transform, self.normalisation = split_preprocess(preprocess)
         # Absolute paths, so the spec recorded in manifests works from any directory.
         arch_part = str(Path(arch).resolve()) if arch.endswith(".json") else arch
         self.spec = f"open_clip:{arch_part}:{checkpoint.resolve()}"

@@ -30,7 +30,7 @@ def jpeg_tensor(data: bytes) -> torch.Tensor | None:
 class Batch:
     number: int  # the shard it belongs to
     rows: list[Row]  # rows whose media were read: those in `pixels` first, then those in `jpegs`
-    pixels: torch.Tensor | None  # (n, 3, H, W) for covers, (n, frames, 3, H, W) for clips
+    pixels: torch.Tensor | None  # uint8, (n, 3, H, W) for covers, (n, frames, 3, H, W) for clips
     # Encoded JPEG files left for the device to decode, end to end in one buffer: a tensor crosses
     # from a worker process as a file descriptor, and a batch of 512 separate files ran the main
     # process out of descriptors on a 16-core GPU machine.
@@ -141,8 +141,8 @@ def transform_by_size(images: list[torch.Tensor], transform: Callable[[torch.Ten
 def decode_jpegs(jpegs: list[torch.Tensor], uris: list[str | None], device: torch.device,
                  transform: Callable[[torch.Tensor], torch.Tensor],
                  host_transform: Callable) -> tuple[torch.Tensor | None, dict[int, str]]:
-    """Decode JPEG bytes on `device` (nvjpeg on CUDA) and prepare them with the encoder's tensor
-    transform; returns the model input of those that decoded and the reasons of those that did not.
+    """Decode JPEG bytes on `device` (nvjpeg on CUDA) and resize them with the encoder's tensor
+    transform; returns the pixels of those that decoded and the reasons of those that did not.
     A JPEG the device cannot decode (nvjpeg rejects some chroma subsamplings and colour spaces that
     PIL reads) is decoded on the host, as the workers would have, with `host_transform`."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -171,7 +171,7 @@ def decode_jpegs(jpegs: list[torch.Tensor], uris: list[str | None], device: torc
 
 def device_pixels(batch: Batch, device: torch.device, transform: Callable | None, host_transform: Callable
                   ) -> tuple[torch.Tensor | None, list[Row], list[tuple[Row, str]]]:
-    """(model input on `device`, its rows, the batch's failures) for one batch: the pixels the
+    """(pixels on `device`, their rows, the batch's failures) for one batch: the pixels the
     workers prepared, then the JPEGs decoded on the device."""
     ready = 0 if batch.pixels is None else len(batch.pixels)
     undecoded = batch.rows[ready:]

@@ -35,13 +35,12 @@ from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from PIL import Image
 from torch import nn
 from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
-from torchvision.transforms.functional import normalize
 from transformers import BertConfig, BertModel, BertTokenizer
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
 from vsearch.embeddings.encoders import l2_normalise
-from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device
+from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device, split_preprocess
 from vsearch.errors import VsearchError
 
 RELEASED_FILE = "UniCLIP-base-QA-CLIP-5M.pt"
@@ -222,8 +221,9 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 
 def image_transform(size: int) -> Compose:
-    """Resize straight to size x size (bicubic, no crop), RGB, [0, 1], CLIP mean/std. Picklable, as
-    reader processes started by spawn or forkserver (device processes, Python 3.14) need it."""
+    """The released preprocessing: resize straight to size x size (bicubic, no crop), RGB, [0, 1],
+    CLIP mean/std. Picklable, as reader processes started by spawn or forkserver (device processes,
+    Python 3.14) need it."""
     return Compose([Resize((size, size), interpolation=InterpolationMode.BICUBIC), _rgb, ToTensor(),
                     Normalize(MEAN, STD)])
 
@@ -256,7 +256,7 @@ class UniClipEncoder(TorchImageEncoder):
         model = UniClip.for_checkpoint(config, state, checkpoint)
         self.model = model.to(self.device).eval()
         self.tokenizer = chinese_tokenizer()
-        self.image_transform = image_transform(config.image_size)
+        self.image_transform, self.normalisation = split_preprocess(image_transform(config.image_size))
         self.context_length = context_length
         self.spec = f"uniclip:{checkpoint.resolve()}"
         self.fingerprint = file_fingerprint(checkpoint)
@@ -264,11 +264,12 @@ class UniClipEncoder(TorchImageEncoder):
 
     def tensor_transform(self, images: torch.Tensor) -> torch.Tensor:
         """`image_transform` for a batch of uint8 NCHW images of one size already on the device
-        (JPEGs decoded there). Antialiased bicubic matches PIL's resize to within a few grey levels."""
+        (JPEGs decoded there). Antialiased bicubic, rounded to uint8 as PIL's is, matches PIL's resize
+        to within a few grey levels."""
         size = self.image_transform.transforms[0].size
         resized = torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", antialias=True,
                                                   align_corners=False)
-        return normalize(resized.clamp(0, 255) / 255, list(MEAN), list(STD))
+        return resized.round_().clamp_(0, 255).to(torch.uint8)
 
     def tokenize(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
         """[CLS] + the first context_length - 2 WordPiece ids + [SEP], zero-padded."""
@@ -293,11 +294,11 @@ class UniClipEncoder(TorchImageEncoder):
         return self.match_and_presence(texts, self.pixels(images))[0]
 
     def match_and_presence(self, texts: Sequence[str], pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """`match` and `presence` from one pass of the image tower, for covers already preprocessed
-        (`pixels`, a batch of `image_transform` outputs)."""
+        """`match` and `presence` from one pass of the image tower, for covers already read into
+        `pixels` (a batch of `image_transform` outputs)."""
         ids = self.tokenize(texts, SEMANTIC_CONTEXT).to(self.device)
         with torch.inference_mode(), self.autocast():
-            _, tokens = self.model.encode_image_and_tokens(pixels.to(self.device, non_blocking=True))
+            _, tokens = self.model.encode_image_and_tokens(self.model_input(pixels))
             semantic = self.model.semantic_logits(ids, tokens).float().softmax(-1)[:, 1]
             presence = self.model.presence_logits(tokens).float().softmax(-1)[:, 1]
         return semantic.cpu().numpy(), presence.cpu().numpy()
