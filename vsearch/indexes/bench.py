@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from vsearch.embeddings.shards import write_vectors_parquet
 from vsearch.errors import VsearchError
 from vsearch.indexes.backends import ENGINES, HnswlibBackend, IvfPqBackend
 from vsearch.indexes.store import BuildConfig, Index, build_index, load_index
@@ -83,11 +83,11 @@ def _write_synthetic_part(folder: Path, count: int, dim: int, seed: int, number:
     chunk = clip_like_chunk(min(CHUNK, count - start), dim, seed, number)
     column = pa.FixedSizeListArray.from_arrays(pa.array(chunk.astype(np.float16).ravel()), dim)
     ids = pa.array([f"v{i}" for i in range(start, start + len(chunk))])
-    pq.write_table(pa.table({"id": ids, "vector": column}), folder / f"part-{number:05d}.parquet")
+    write_vectors_parquet(pa.table({"id": ids, "vector": column}), folder / f"part-{number:05d}.parquet")
 
 
 def write_synthetic(folder: Path, count: int, dim: int, seed: int) -> VectorSource:
-    """Synthetic vectors as bring-your-own Parquet (float16, as vsearch shards store them), a part
+    """Synthetic vectors as bring-your-own Parquet (float16 and encoded as vsearch shards are), a part
     per chunk made on every core: one core takes about 7 minutes for 10M x 512."""
     folder.mkdir(parents=True, exist_ok=True)
     parts = range(math.ceil(count / CHUNK))
