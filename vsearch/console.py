@@ -43,10 +43,10 @@ class Bar:
     """One progress bar: `bar(n)` advances it by n; `bar.expect(total)` sets the total once known;
     `bar.skip(n)` takes n items done by an earlier run off it."""
 
-    def __init__(self, bars: Progress, task: TaskID, total: int | None = None):
-        self.bars, self.task = bars, task
+    def __init__(self, bars: Progress, description: str, total: int | None, unit: str):
+        self.bars, self.description = bars, description
+        self.task = bars.add_task(description, total=total, unit=unit)
         self.total, self.skipped = total, 0
-        self.description = next(t.description for t in bars.tasks if t.id == task)
         self.lock = threading.Lock()  # `expect` may come from another thread than `skip`
 
     def __call__(self, n: int) -> None:
@@ -100,8 +100,7 @@ def progress_bars(descriptions: list[str], total: int | None = None,
                CountColumn(table_column=figure), RateColumn(table_column=figure), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=False, disable=not stderr.is_terminal) as bars:
-        made = [Bar(bars, bars.add_task(description, total=total, unit=unit), total)
-                for description, unit in zip(descriptions, units, strict=True)]
+        made = [Bar(bars, description, total, unit) for description, unit in zip(descriptions, units, strict=True)]
         yield made
         for bar in made:
             bar.finish()
