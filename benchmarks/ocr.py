@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 from rich.console import Console
@@ -52,7 +53,8 @@ def main() -> None:
     for row in rows:
         row["speed_vs_in_process"] = round(row["covers_per_s"] / rows[0]["covers_per_s"], 2)
 
-    table = Table(title=f"RapidOCR on {len(blank)} demo covers, {os.cpu_count()} cores")
+    engine = f"rapidocr {version('rapidocr')}, onnxruntime {version('onnxruntime')}"
+    table = Table(title=f"{engine} on {len(blank)} demo covers, {os.cpu_count()} cores")
     for column in ("workers", "seconds", "covers/s", "× in-process", "read exactly"):
         table.add_column(column, justify="right")
     for row in rows:
@@ -61,7 +63,8 @@ def main() -> None:
                       f"{row['exact']} of {row['covers']}")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "engine": engine, "cores": os.cpu_count(),
+                                    "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from vsearch.embeddings.datasets import Row, open_dataset
+from vsearch.embeddings import ocr
 from vsearch.embeddings.ocr import with_cover_text
 from vsearch.embeddings.shards import MANIFEST
 
@@ -53,18 +54,31 @@ def test_a_folder_of_covers_is_searchable_by_the_text_read_off_them(cli, workspa
     assert {hit["id"] for hit in json.loads(result.stdout)["results"]} == {"000", "001", "005"}
 
 
-def test_text_the_dataset_gives_is_kept_and_clips_read_their_videos_cover(demo_covers, tmp_path):
+def test_text_the_dataset_gives_is_kept_and_clips_read_their_videos_cover(demo_covers, tmp_path, monkeypatch):
+    shown = []  # the sizes of the images RapidOCR is given
+    start = ocr._start_engine
+
+    def counted(threads):
+        start(threads)
+        engine = ocr._engine
+        monkeypatch.setattr(ocr, "_engine", lambda image: shown.append(image.size) or engine(image))
+
+    monkeypatch.setattr(ocr, "_start_engine", counted)
+    monkeypatch.setattr(ocr, "_engine", None)
     given = Row("a", "标题", "原有文字", demo_covers["000.jpg"].uri)
     blank = Row("b", "标题", None, demo_covers["033.jpg"].uri)
     clip = Row("c", None, None, "video.mp4", cover=demo_covers["144.jpg"].uri)
     unreadable = Row("d", None, None, "/nowhere/cover.jpg")
     sliver = tmp_path / "sliver.png"  # too thin for RapidOCR to resize
     Image.new("RGB", (1, 1)).save(sliver)
-    rows = [given, blank, unreadable, Row("e", None, None, str(sliver))]
+    strip = tmp_path / "strip.png"  # RapidOCR would take 19 s and 5 GB over it: not read
+    Image.open(demo_covers["000.jpg"].uri).resize((2000, 30)).save(strip)
+    rows = [given, blank, unreadable, Row("e", None, None, str(sliver)), Row("f", None, None, str(strip))]
     read = []
     (number, covers), = with_cover_text(iter([(7, rows)]), "cover", workers=0, on_rows=read.append)
-    assert number == 7 and read == [1, 1, 1, 1]  # each cover read, then the row that had text
-    assert covers[0].ocr == "原有文字" and covers[2].ocr is None and covers[3].ocr is None
+    assert (2000, 30) not in shown and (1, 1) in shown
+    assert number == 7 and read == [1, 1, 1, 1, 1]  # each cover read, then the row that had text
+    assert covers[0].ocr == "原有文字" and covers[2].ocr is None and covers[3].ocr is None and covers[4].ocr is None
     assert covers[1].ocr.replace(" ", "") == "艾尔登法环马怎么获得"  # wrapped over two lines: one space between
     (_, clips), = with_cover_text(iter([(0, [clip])]), "clip", workers=0)
     assert clips[0].ocr == "小猫简笔画" and clips[0].uri == "video.mp4"
@@ -84,4 +98,4 @@ def test_ocr_without_rapidocr_installed_is_a_clear_error(cli, monkeypatch):
     result = cli("embed", "--dataset", "demo", "--model", "lexical", "--ocr")
     assert result.code == 1
     assert result.stderr.strip() == ("vsearch: error: --ocr needs RapidOCR: pip install 'vsearch[ocr]' "
-                                     "(the rapidocr-onnxruntime package)")
+                                     "(missing: rapidocr, onnxruntime)")

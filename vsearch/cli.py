@@ -97,7 +97,7 @@ def embed(
     limit: Annotated[Optional[int], typer.Option(help="Embed only the first N rows.")] = None,
     ocr: Annotated[bool, typer.Option(
         "--ocr", help="Read the text on covers whose row has none, with RapidOCR (pip install 'vsearch[ocr]'); "
-                      "about 0.25 s of a core per cover, by the --workers processes.")] = False,
+                      "about 0.3 s of a core per cover, by the --workers processes.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete existing shards in the folder first.")] = False,
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda:N, or a list: cuda:0,cuda:1.")] = "auto",
 ) -> None:

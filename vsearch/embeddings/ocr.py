@@ -2,10 +2,10 @@
 
 A CBVS row carries the OCR text its platform read off the cover; a folder of images carries none,
 and without it the lexical encoder has nothing to encode, the reranker's lexical part nothing to
-match and `--where "ocr LIKE …"` nothing to filter. RapidOCR runs PP-OCR's Chinese and English
-models, shipped inside its wheel (nothing is downloaded), on ONNX Runtime. A small cover costs
-about 0.25 s of one core, far more than encoding it, so a shard's covers are read by a pool of
-processes with one ONNX thread each before the shard is encoded.
+match and `--where "ocr LIKE …"` nothing to filter. RapidOCR (the `rapidocr` package, 3.x) runs
+PP-OCR's Chinese and English models, shipped inside its wheel (nothing is downloaded), on ONNX
+Runtime. A small cover costs about 0.3 s of one core, far more than encoding it, so a shard's
+covers are read by a pool of processes with one ONNX thread each before the shard is encoded.
 """
 
 from __future__ import annotations
@@ -24,36 +24,46 @@ from vsearch.embeddings.media import MediaError, load_image
 from vsearch.errors import VsearchError
 
 ENGINE = "rapidocr"
-PACKAGE = "rapidocr_onnxruntime"
+PACKAGES = ("rapidocr", "onnxruntime")
+# RapidOCR scales an image's short side up to 30 pixels and pads thin lines of text: a 30×2000
+# image took it 19 s and 5 GB, a 3×2000 one 4 GB and a MemoryError (or the kernel's OOM killer).
+# Covers are 16:9 or 9:16; an image this far from square is not read.
+MAX_ASPECT = 10
 
 _engine: Any = None  # this process's RapidOCR, started by `_start_engine`
 
 
 def require_engine() -> None:
-    """Refuse `--ocr` up front, before any work, when RapidOCR is not installed."""
-    if importlib.util.find_spec(PACKAGE) is None:
-        raise VsearchError("--ocr needs RapidOCR: pip install 'vsearch[ocr]' (the rapidocr-onnxruntime package)")
+    """Refuse `--ocr` up front, before any work, when RapidOCR or its runtime is not installed."""
+    missing = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise VsearchError(f"--ocr needs RapidOCR: pip install 'vsearch[ocr]' (missing: {', '.join(missing)})")
 
 
 def _start_engine(threads: int) -> None:
     global _engine
-    from rapidocr_onnxruntime import RapidOCR
+    from rapidocr import RapidOCR
 
-    _engine = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1)
+    _engine = RapidOCR(params={"Global.log_level": "error",
+                               "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                               "EngineConfig.onnxruntime.inter_op_num_threads": 1})
 
 
 def read_text(uri: str) -> str | None:
     """The text on the image at `uri`, its lines in reading order joined by spaces; None when it
-    carries none or cannot be read (an image encoder records why when it fails to read it too)."""
+    carries none, cannot be read (an image encoder records why when it fails to read it too) or
+    is more than MAX_ASPECT times as long as it is wide."""
     try:
         image = load_image(uri)
     except MediaError:
         return None
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        return None
     try:
-        lines, _ = _engine(image)
+        found = _engine(image)
     except Exception:  # RapidOCR's own errors (and OpenCV's) on shapes it cannot resize: one cover, not the job
         return None
-    return " ".join(text for _, text, _ in lines or ()) or None
+    return " ".join(found.txts or ()) or None
 
 
 @contextmanager
