@@ -99,3 +99,13 @@ def test_ocr_without_rapidocr_installed_is_a_clear_error(cli, monkeypatch):
     assert result.code == 1
     assert result.stderr.strip() == ("vsearch: error: --ocr needs RapidOCR: pip install 'vsearch[ocr]' "
                                      "(missing: rapidocr, onnxruntime)")
+
+
+def test_an_ocr_engine_that_cannot_start_is_a_clear_error_before_any_work(cli, workspace, monkeypatch):
+    def offline(threads):
+        raise OSError("Failed to download https://www.modelscope.cn/…/det.onnx")
+
+    monkeypatch.setattr(ocr, "_new_engine", offline)
+    result = cli("embed", "--dataset", "demo", "--model", "lexical", "--ocr")
+    assert result.code == 1 and "RapidOCR cannot start (OSError: Failed to download" in result.stderr
+    assert not (workspace.embeddings / "demo").exists()

@@ -34,19 +34,30 @@ _engine: Any = None  # this process's RapidOCR, started by `_start_engine`
 
 
 def require_engine() -> None:
-    """Refuse `--ocr` up front, before any work, when RapidOCR or its runtime is not installed."""
+    """Refuse `--ocr` up front, before any work, when RapidOCR or its runtime is not installed or
+    cannot start: some releases fetch models or fonts from the internet as they start (3.8 does,
+    3.9 and later do not), which fails offline."""
     missing = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise VsearchError(f"--ocr needs RapidOCR: pip install 'vsearch[ocr]' (missing: {', '.join(missing)})")
+    try:
+        _new_engine(1)
+    except Exception as exc:
+        raise VsearchError(f"RapidOCR cannot start ({type(exc).__name__}: {exc}); "
+                           "pip install 'rapidocr>=3.9', whose models ship in its wheel") from None
+
+
+def _new_engine(threads: int) -> Any:
+    from rapidocr import RapidOCR
+
+    return RapidOCR(params={"Global.log_level": "error",
+                            "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                            "EngineConfig.onnxruntime.inter_op_num_threads": 1})
 
 
 def _start_engine(threads: int) -> None:
     global _engine
-    from rapidocr import RapidOCR
-
-    _engine = RapidOCR(params={"Global.log_level": "error",
-                               "EngineConfig.onnxruntime.intra_op_num_threads": threads,
-                               "EngineConfig.onnxruntime.inter_op_num_threads": 1})
+    _engine = _new_engine(threads)
 
 
 def read_text(uri: str) -> str | None:
