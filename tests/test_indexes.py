@@ -11,7 +11,7 @@ import pytest
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
-from vsearch.indexes.tuning import exact_neighbours, recall_at
+from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
 from tests.conftest import write_cbvs_covers
 
@@ -52,7 +52,7 @@ def exact(vectors, queries, k):
     return np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
 
 
-def test_exact_neighbours_read_files_in_parallel_and_count_positions_across_them(tmp_path):
+def test_exact_search_and_sampling_read_files_in_parallel_and_count_positions_across_them(tmp_path):
     vectors = clustered(2500)
     for number, start in enumerate(range(0, 2500, 700)):  # four files, the last one shorter
         write_parquet(tmp_path / "parts", vectors[start:start + 700], start, f"part-{number}.parquet")
@@ -64,6 +64,10 @@ def test_exact_neighbours_read_files_in_parallel_and_count_positions_across_them
     scores, positions = exact_neighbours(source, queries, 25)
     np.testing.assert_array_equal(kept[positions], kept[exact(vectors[kept], queries, 25)])
     np.testing.assert_allclose(scores, np.sort(queries @ vectors[kept].T, axis=1)[:, ::-1][:, :25], atol=1e-3)
+    assert (source.count, source.excluded_rows) == (2496, 4)
+    sample = np.array([0, 4, 5, 699, 700, 1399, 2300, 2495])  # none in the third file
+    np.testing.assert_allclose(gather(source, sample), vectors[kept[sample]], atol=1e-3)
+    assert gather(source, np.array([], np.int64)).shape == (0, 64)
 
 
 @pytest.mark.parametrize("index_type, engine", TYPES)

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -37,6 +38,8 @@ EXACT_BATCH = 16_384
 EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
 NPROBE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+T = TypeVar("T")
 
 
 # Each parameter's least (and greatest, where it has one) value; every other parameter is at least
@@ -145,40 +148,48 @@ def sample_positions(count: int, size: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
 
 
+def _each_file(source: VectorSource, work: Callable[[VectorFile, int, int], T]) -> list[T]:
+    """`work(file, start, rows)` for every file, where `start` is the position of its first row and
+    `rows` how many it has (excluded ids left out), up to EXACT_THREADS files at once: decoding the
+    vectors is most of a pass over them (1M×512 in 10 files on two cores: 20 s one file at a time,
+    13 s two at a time)."""
+    jobs = list(zip(source.files, source.file_starts, source.live_rows))
+    with ThreadPoolExecutor(max(1, min(len(jobs), EXACT_THREADS, os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda job: work(*job), jobs))
+
+
+def _file_vectors(source: VectorSource, file: VectorFile) -> Iterator[tuple[int, np.ndarray]]:
+    """(position within the file of the first, vectors) for each batch of the file."""
+    at = 0
+    for _, vectors in source.batches([file], batch_rows=EXACT_BATCH):
+        yield at, vectors
+        at += len(vectors)
+
+
 def gather(source: VectorSource, positions: np.ndarray) -> np.ndarray:
-    """The float32 vectors at `positions` (sorted), in one streaming pass."""
+    """The float32 vectors at `positions` (sorted), in one pass over the files that hold any."""
     out = np.empty((len(positions), source.dim), np.float32)
-    start = taken = 0
-    for _, vectors in source.batches():
-        end = start + len(vectors)
-        inside = positions[taken:][positions[taken:] < end]
-        out[taken:taken + len(inside)] = vectors[inside - start]
-        taken += len(inside)
-        start = end
+
+    def fill(file: VectorFile, start: int, rows: int) -> None:
+        first, end = np.searchsorted(positions, [start, start + rows])
+        wanted = positions[first:end] - start
+        for at, vectors in _file_vectors(source, file):
+            low, high = np.searchsorted(wanted, [at, at + len(vectors)])
+            out[first + low:first + high] = vectors[wanted[low:high] - at]
+
+    _each_file(source, fill)
     return out
 
 
 def exact_neighbours(source: VectorSource, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Scores and row positions of each query's k nearest vectors by exact inner product, best
-    first, in one pass over the vectors. Files are read in parallel: decoding them is most of the
-    pass (1M×512 in 10 files on two cores: 20 s one file at a time, 13 s two at a time)."""
-    def file_best(file: VectorFile) -> tuple[tuple[np.ndarray, np.ndarray], int]:
-        """The file's k best with positions within it, and its rows (those not deleted)."""
-        rows = 0
+    first, in one pass over the vectors."""
+    def file_best(file: VectorFile, start: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        chunks = ((np.arange(start + at, start + at + len(vectors)), vectors)
+                  for at, vectors in _file_vectors(source, file))
+        return exact_top_k(queries, chunks, k)
 
-        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            nonlocal rows
-            for _, vectors in source.batches([file], batch_rows=EXACT_BATCH):
-                yield np.arange(rows, rows + len(vectors)), vectors
-                rows += len(vectors)
-
-        return exact_top_k(queries, chunks(), k), rows
-
-    with ThreadPoolExecutor(max(1, min(len(source.files), EXACT_THREADS, os.cpu_count() or 1))) as pool:
-        per_file = list(pool.map(file_best, source.files))
-    starts = np.cumsum([0] + [rows for _, rows in per_file[:-1]])
-    return merged_top_k(len(queries), ((scores, labels + start) for ((scores, labels), _), start
-                                       in zip(per_file, starts)), k)
+    return merged_top_k(len(queries), _each_file(source, file_best), k)
 
 
 def recall_at(k: int, found: tuple[np.ndarray, np.ndarray], exact: tuple[np.ndarray, np.ndarray]) -> float:

@@ -50,7 +50,11 @@ class VectorSource:
 
     @property
     def count(self) -> int:
-        return sum(f.rows for f in self.files) - self.excluded_rows
+        return sum(self.live_rows)
+
+    @property
+    def excluded_rows(self) -> int:
+        return sum(f.rows for f in self.files) - self.count
 
     @cached_property
     def _excluded_ids(self) -> pa.Array | None:
@@ -58,12 +62,21 @@ class VectorSource:
         return pa.array(sorted(self.excluded), pa.string()) if self.excluded else None
 
     @cached_property
-    def excluded_rows(self) -> int:
-        """How many rows of the files have an `excluded` id (their id columns are read once to count)."""
+    def live_rows(self) -> list[int]:
+        """Rows of each file whose id is not `excluded` (with exclusions, the id columns are read
+        once to count them), so that a row's position says which file holds it."""
         wanted = self._excluded_ids
         if wanted is None:
-            return 0
-        return sum(pc.sum(pc.is_in(rows.column("id"), value_set=wanted)).as_py() or 0 for _, rows, _ in self._read())
+            return [f.rows for f in self.files]
+        live = {f.name: f.rows for f in self.files}
+        for file, rows, _ in self._read():
+            live[file.name] -= pc.sum(pc.is_in(rows.column("id"), value_set=wanted)).as_py() or 0
+        return [live[f.name] for f in self.files]
+
+    @property
+    def file_starts(self) -> list[int]:
+        """Position of each file's first row among all rows not excluded."""
+        return np.cumsum([0] + self.live_rows[:-1]).tolist()
 
     @cached_property
     def row_schema(self) -> pa.Schema:
