@@ -72,6 +72,20 @@ def test_a_bad_where_predicate_is_a_clear_error(demo):
     assert result.code == 1 and result.stderr.startswith("vsearch: error: bad --where predicate")
 
 
+@pytest.mark.parametrize("where", [
+    "1=1); COPY (SELECT 1) TO '{file}'; SELECT 1 AS _position WHERE (1",  # a second statement
+    "(SELECT count(*) FROM read_text('{secret}')) > 0",  # a file beside the rows
+    "1=1) UNION ALL SELECT 0 FROM read_text('{secret}') WHERE (1",
+])
+def test_a_where_predicate_reaches_only_the_rows(where, demo, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("大宅门")
+    result = demo("query", "大宅门", "--where", where.format(file=tmp_path / "written.csv", secret=secret))
+    assert result.code == 1 and result.stderr.startswith("vsearch: error: bad --where predicate")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "written.csv").exists()
+
+
 def test_explain_shows_the_parts_of_the_score(demo):
     payload = results(demo, "大宅门演员表", "-k", "3", "--explain")
     for hit in payload["results"]:

@@ -110,7 +110,9 @@ class Searcher:
     def __init__(self, index: Path, device: str = "auto"):
         self.index = load_index(index)
         self.encoder = query_encoder(self.index, device)
-        self.db = duckdb.connect()
+        # A --where predicate is spliced into SQL, and a service may pass its users' text: it gets no
+        # files to read or write and no extensions to load, only the candidates' rows.
+        self.db = duckdb.connect(config={"enable_external_access": False})
         self.on_gpu = getattr(getattr(self.encoder, "device", None), "type", "cpu") == "cuda"
         self._matching: tuple[str, np.ndarray] | None = None  # the last predicate and its rows, for --file
 
@@ -125,9 +127,12 @@ class Searcher:
 
     def passing(self, rows: pa.Table, where: str) -> np.ndarray:
         """Positions of the `rows` for which the SQL predicate `where` holds, as DuckDB evaluates it."""
+        sql = f"SELECT _position FROM candidates WHERE ({where})"
         self.db.register("candidates", rows.append_column("_position", pa.array(np.arange(len(rows)))))
         try:
-            kept = self.db.execute(f"SELECT _position FROM candidates WHERE ({where})").fetchnumpy()["_position"]
+            if len(self.db.extract_statements(sql)) != 1:
+                raise VsearchError(f"bad --where predicate {where!r}: one condition, not SQL statements")
+            kept = self.db.execute(sql).fetchnumpy()["_position"]
         except duckdb.Error as exc:
             raise VsearchError(f"bad --where predicate {where!r}: {first_line(exc)}") from None
         finally:
