@@ -283,6 +283,25 @@ def test_search_among_given_rows_is_exact_and_leaves_out_deleted_ones(index_type
     assert set(labels.ravel()) <= set(live.tolist())
 
 
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_threads_can_search_one_index_at_once(index_type, engine, byo, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, vectors = byo
+    build_index(BuildConfig(type=index_type, engine=engine, params={"ef_search": 16} if index_type == "hnsw" else {}),
+                open_source(folder), tmp_path / "index")
+    delete_ids(tmp_path / "index", [f"doc{i}" for i in range(0, 3000, 7)])
+    index = load_index(tmp_path / "index")
+    jobs = [(vectors[i:i + 3], k) for i in range(0, 600, 3) for k in (5, 40)]  # k above ef_search and below
+
+    def ids(job):
+        return index.search(*job)[1].tolist()
+
+    alone = [ids(job) for job in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ids, jobs)) == alone
+
+
 def test_search_parameters_can_change_after_loading(byo, tmp_path):
     build_index(BuildConfig(type="ivfpq"), open_source(byo[0]), tmp_path / "index")
     index = load_index(tmp_path / "index")

@@ -284,6 +284,26 @@ def test_on_a_cpu_the_heads_read_one_cover_per_core_by_default(uniclip_demo):
     assert sum("semantic" in h["parts"] for h in hits) == min(50, torch.get_num_threads())
 
 
+def test_threads_can_share_one_searcher(uniclip_demo, workspace):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vsearch.query import QueryConfig
+
+    index = next(workspace.indexes.iterdir())
+    searcher = Searcher(index, "cpu")
+    queries = [("大宅门演员表", "title LIKE '%大宅门%'", 5), ("周杰伦个人资料", None, 12),
+               ("艾尔登法环马怎么获得", "ocr_presence >= 0", 3), ("演员表", "ocr LIKE '%陈情令%'", 8)] * 12
+
+    def answer(query):
+        text, where, k = query
+        result = searcher.search(QueryConfig(text, index, k=k, where=where, candidates=20, image_budget=4))
+        return [(h.id, round(h.score, 5), sorted(h.parts)) for h in result.hits]
+
+    alone = [answer(q) for q in queries]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(answer, queries)) == alone
+
+
 def test_where_filters_on_per_row_model_outputs(uniclip_demo):
     everything = results(uniclip_demo, "大宅门", "-k", "5", "--no-rerank", "--device", "cpu",
                          "--where", "ocr_presence BETWEEN 0 AND 1")["results"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,6 +155,15 @@ class UniClip(nn.Module):
         self.ln_ocr_semantic = LayerNorm(config.text_width)
         self.proj_ocr_semantic = nn.Parameter(torch.randn(config.text_width, 2) * config.text_width ** -0.5)
 
+        # The heads read the image tower's raw visual tokens, its transformer's output before ln_post,
+        # which open_clip does not return: a hook keeps them, for the thread whose pass made them
+        # (threads reranking at once each run the tower; a hook per call saw the others' passes too).
+        self._visual_tokens = threading.local()
+        self.visual.transformer.register_forward_hook(self._keep_visual_tokens)
+
+    def _keep_visual_tokens(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._visual_tokens.value = output
+
     @classmethod
     def for_checkpoint(cls, config: UniClipConfig, state: dict[str, torch.Tensor], path: Path) -> "UniClip":
         """The model holding `state`'s weights (checked strictly), in float32.
@@ -175,13 +185,10 @@ class UniClip(nn.Module):
 
     def encode_image_and_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image vectors, raw visual tokens) from one pass of the image tower."""
-        captured: list[torch.Tensor] = []
-        hook = self.visual.transformer.register_forward_hook(lambda module, args, output: captured.append(output))
-        try:
-            vectors = self.visual(pixels)
-        finally:
-            hook.remove()
-        return vectors, captured[0]
+        vectors = self.visual(pixels)
+        tokens = self._visual_tokens.value
+        del self._visual_tokens.value  # not held on the device past the call
+        return vectors, tokens
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
@@ -256,6 +263,10 @@ class UniClipEncoder(TorchImageEncoder):
         model = UniClip.for_checkpoint(config, state, checkpoint)
         self.model = model.to(self.device).eval()
         self.tokenizer = chinese_tokenizer()
+        # The tokenizer (Rust-backed since transformers 5) keeps its truncation and padding between
+        # calls, in state that threads share: queries at 12 tokens and the semantic head's texts at
+        # 20, tokenized at once, got each other's.
+        self._tokenizing = threading.Lock()
         self.image_transform, self.normalisation = split_preprocess(image_transform(config.image_size))
         self.context_length = context_length
         self.spec = f"uniclip:{checkpoint.resolve()}"
@@ -273,8 +284,9 @@ class UniClipEncoder(TorchImageEncoder):
 
     def tokenize(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
         """[CLS] + the first context_length - 2 WordPiece ids + [SEP], zero-padded."""
-        return self.tokenizer(list(texts), max_length=context_length, truncation=True, padding="max_length",
-                              return_tensors="pt")["input_ids"]
+        with self._tokenizing:
+            return self.tokenizer(list(texts), max_length=context_length, truncation=True, padding="max_length",
+                                  return_tensors="pt")["input_ids"]
 
     def encode_texts(self, texts: Sequence[str], context_length: int | None = None) -> np.ndarray:
         ids = self.tokenize(texts, context_length or self.context_length).to(self.device)

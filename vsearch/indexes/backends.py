@@ -12,6 +12,7 @@ index is built; search parameters (ef_search, nprobe, k_factor) can change at an
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -190,11 +191,8 @@ class FaissHnswBackend(FaissBackend):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k <= self.ef_search:
             return self.index.search(queries, k)
-        self.index.hnsw.efSearch = k  # HNSW returns at most ef results
-        try:
-            return self.index.search(queries, k)
-        finally:
-            self.index.hnsw.efSearch = self.ef_search
+        # HNSW returns at most ef results: a wider ef for this call alone, as threads search at once.
+        return self.index.search(queries, k, params=_faiss().SearchParametersHNSW(efSearch=k))
 
 
 # hnswlib's file (`HierarchicalNSW::saveIndex`, unchanged since hnswlib 0.5): this header, then
@@ -236,7 +234,10 @@ class HnswlibBackend(Backend):
     def __init__(self, index: Any, ef_search: int, saved: np.ndarray | None = None):
         self.index, self.ef_search, self.threads = index, ef_search, -1
         self.count = index.get_current_count()
-        self._ef = 0  # the ef last given to hnswlib; set only when it changes
+        # hnswlib searches with max(ef, k) itself: ef changes only with the setting, never per search,
+        # which threads searching at once would race on.
+        index.set_ef(ef_search)
+        self._map_lock = threading.Lock()
         # The file the index was loaded from, mapped (so a rebuild replacing it cannot change what
         # is read), while nothing has been added since; parsed on the first call to `vectors`.
         self.saved = saved
@@ -271,13 +272,10 @@ class HnswlibBackend(Backend):
 
     def set_search(self, params: dict[str, int]) -> None:
         self.ef_search = params.get("ef_search", self.ef_search)
+        self.index.set_ef(self.ef_search)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.count)  # hnswlib cannot return more than it holds
-        ef = max(self.ef_search, k)  # and needs ef >= k to return k neighbours
-        if ef != self._ef:
-            self.index.set_ef(ef)
-            self._ef = ef
         try:
             labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
         except RuntimeError:  # the graph reached fewer than k nodes (it happens with many identical vectors)
@@ -289,9 +287,10 @@ class HnswlibBackend(Backend):
         the page cache) where hnswlib's get_items takes 28 µs, building a Python list of floats per
         vector. The first call reads every element's label, a pass over the file (in the page cache
         after hnswlib's own load). An index being built or appended to has no such file."""
-        if self._mapped is None and self.saved is not None:
-            self._mapped = hnswlib_file_vectors(self.saved, self.index.dim, self.count)
-            self.saved = None  # mapped now, or not laid out as expected: get_items from here on
+        with self._map_lock:
+            if self._mapped is None and self.saved is not None:
+                self._mapped = hnswlib_file_vectors(self.saved, self.index.dim, self.count)
+                self.saved = None  # mapped now, or not laid out as expected: get_items from here on
         if self._mapped is None:
             return np.asarray(self.index.get_items(labels, return_type="numpy"), np.float32)
         stored, internal = self._mapped

@@ -416,8 +416,21 @@ def _held_labels(deleted: pa.Table) -> np.ndarray:
     return labels[labels >= 0]
 
 
+@dataclass(frozen=True)
+class Deletes:
+    """The deleted labels an index leaves out, taken up whole: threads searching while a delete is
+    taken up see the old set or the new one, never a mix."""
+    labels: np.ndarray
+    # Dead labels as a mask, its last slot standing for the padding label -1: a lookup costs 0.3 µs
+    # a query where np.isin took 84 µs with 1,000 deleted labels and 770 ms with a million.
+    dead: np.ndarray
+    # Without deletes, a backend that never pads its results needs no per-query check for -1 labels.
+    unpadded: bool
+
+
 class Index:
-    """A loaded index: `search(queries, k)` returns cosine scores and string ids, deleted ids left out."""
+    """A loaded index: `search(queries, k)` returns cosine scores and string ids, deleted ids left out.
+    Threads may search one index at once."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -438,36 +451,38 @@ class Index:
     def _take_deletes(self) -> None:
         """Leave out the labels deleted.parquet lists now."""
         self._deletes_seen = _file_stamp(self.path / DELETED)
-        self.deleted = _held_labels(_deleted(self.path))
-        # Dead labels as a mask, its last slot standing for the padding label -1: a lookup costs 0.3 µs
-        # a query where np.isin took 84 µs with 1,000 deleted labels and 770 ms with a million.
+        labels = _held_labels(_deleted(self.path))
         dead = np.zeros(self.rows.count + 1, bool)
-        dead[self.deleted] = True
+        dead[labels] = True
         dead[-1] = True
-        self._dead = dead
-        # Without deletes, a backend that never pads its results needs no per-query check for -1 labels.
-        self._unpadded = type(self.backend).full_results and not len(self.deleted)
+        self.deletes = Deletes(labels, dead, type(self.backend).full_results and not len(labels))
 
-    def _follow_deletes(self) -> None:
-        """Take up deletes made since loading (`vsearch delete` from another process), looking at most
-        once a `DELETES_CHECK_SECONDS`: a long-running searcher drops deleted ids without a restart.
+    @property
+    def deleted(self) -> np.ndarray:
+        return self.deletes.labels
+
+    def _follow_deletes(self) -> Deletes:
+        """The deletes a search leaves out, taking up those made since loading (`vsearch delete` from
+        another process), looking at most once a `DELETES_CHECK_SECONDS`: a long-running searcher
+        drops deleted ids without a restart.
         After an append or a rebuild the folder holds another index, whose deleted rows may be rows
         this one lacks (an upsert deletes the vector it replaces): this one then keeps its deletes
         until it is loaded again."""
         now = time.monotonic()
         if now - self._deletes_checked < DELETES_CHECK_SECONDS:
-            return
+            return self.deletes
         self._deletes_checked = now
         stamp = _file_stamp(self.path / DELETED)
         if stamp == self._deletes_seen:
-            return
+            return self.deletes
         self._deletes_seen = stamp
         try:
             current = read_index_manifest(self.path)
         except VsearchError:  # the folder is being replaced
-            return
+            return self.deletes
         if _version_of(current) == _version_of(self.manifest):
             self._take_deletes()
+        return self.deletes
 
     @functools.cached_property
     def ids(self) -> np.ndarray:
@@ -505,32 +520,33 @@ class Index:
         """Exact (scores, labels) of the k best of the rows `labels` only, deleted ones left out: for a
         filter so selective that an ANN search would have to be widened over most of the index."""
         labels = np.asarray(labels, np.int64)
-        self._follow_deletes()
-        if len(self.deleted):
-            labels = labels[~self._dead[labels]]
+        deletes = self._follow_deletes()
+        if len(deletes.labels):
+            labels = labels[~deletes.dead[labels]]
         return self.backend.search_among(self._queries(queries), labels, min(k, len(labels)))
 
     def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, but library labels (-1 past the live rows; `rows.take` gives their metadata),
         and at most as many columns as the index has rows."""
-        queries = self._queries(queries)
+        return self._search_labels(self._queries(queries), k, self._follow_deletes())
+
+    def _search_labels(self, queries: np.ndarray, k: int, deletes: Deletes) -> tuple[np.ndarray, np.ndarray]:
         total = self.rows.count
-        self._follow_deletes()
-        if not len(self.deleted):
+        if not len(deletes.labels):
             return self.backend.search(queries, min(k, total))
         # Fetch past the deleted rows (all of a few; with many, twice their share of k, for fetching more
         # costs every query: 4k made 1,000 deletes in 100k cost 2.5 times the search), and search again,
         # 4 times wider, for the queries still short of k live results (a whole batch again took 1.6
         # times as long with 10% deleted), until the index is exhausted.
-        few = len(self.deleted) <= 4 * k
-        fetch = min(total, k + len(self.deleted) if few else k + 2 + 2 * k * len(self.deleted) // total)
+        few = len(deletes.labels) <= 4 * k
+        fetch = min(total, k + len(deletes.labels) if few else k + 2 + 2 * k * len(deletes.labels) // total)
         width = min(k, total)
         scores = np.full((len(queries), width), -np.inf, np.float32)
         labels = np.full((len(queries), width), -1, np.int64)
         pending = np.arange(len(queries))
         while len(pending):
             found_scores, found = self.backend.search(queries[pending], fetch)
-            live = ~self._dead[found]
+            live = ~deletes.dead[found]
             done = (live.sum(axis=1) >= width) | (fetch >= total)
             # Live results first, in their order; plain fancy indexing, as take_along_axis costs 6 µs a call.
             order = np.argsort(~live[done], axis=1, kind="stable")[:, :width]
@@ -542,8 +558,9 @@ class Index:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores (n, k), ids (n, k)); slots past the live rows hold None and -inf."""
-        scores, labels = self.search_labels(queries, k)
-        if labels.shape[1] == k and (self._unpadded or (labels >= 0).all()):  # the common case, kept lean
+        deletes = self._follow_deletes()
+        scores, labels = self._search_labels(self._queries(queries), k, deletes)
+        if labels.shape[1] == k and (deletes.unpadded or (labels >= 0).all()):  # the common case, kept lean
             return scores, self.ids[labels]
         valid = labels >= 0
         ids = np.full((len(labels), k), None, dtype=object)

@@ -13,6 +13,8 @@ hnswlib), DuckDB finds every row that passes, and the index scores exactly those
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,16 +105,18 @@ def clean_query(text: str, notes: list[str]) -> str:
 
 
 class Searcher:
-    """An index, its encoder and its metadata files, loaded once for any number of queries."""
+    """An index, its encoder and its metadata files, loaded once for any number of queries, from
+    any number of threads."""
 
     widenings = 3  # ANN rounds after the first before a --where predicate is run over every row
 
-    def __init__(self, index: Path, device: str = "auto"):
+    def __init__(self, index: str | os.PathLike, device: str = "auto"):
         self.index = load_index(index)
         self.encoder = query_encoder(self.index, device)
         # A --where predicate is spliced into SQL, and a service may pass its users' text: it gets no
         # files to read or write and no extensions to load, only the candidates' rows.
-        self.db = duckdb.connect(config={"enable_external_access": False})
+        self._db = duckdb.connect(config={"enable_external_access": False})
+        self._local = threading.local()
         self.on_gpu = getattr(getattr(self.encoder, "device", None), "type", "cpu") == "cuda"
         self._matching: tuple[str, np.ndarray] | None = None  # the last predicate and its rows, for --file
 
@@ -125,30 +129,41 @@ class Searcher:
             raise VsearchError(f"query {text!r} has no letters or digits to match")
         return vector
 
+    @property
+    def db(self) -> duckdb.DuckDBPyConnection:
+        """This thread's DuckDB connection: one serves a call at a time, and a service searches from
+        many threads."""
+        if not hasattr(self._local, "db"):
+            self._local.db = self._db.cursor()
+        return self._local.db
+
     def passing(self, rows: pa.Table, where: str) -> np.ndarray:
         """Positions of the `rows` for which the SQL predicate `where` holds, as DuckDB evaluates it."""
         sql = f"SELECT _position FROM candidates WHERE ({where})"
-        self.db.register("candidates", rows.append_column("_position", pa.array(np.arange(len(rows)))))
+        db = self.db
+        db.register("candidates", rows.append_column("_position", pa.array(np.arange(len(rows)))))
         try:
-            if len(self.db.extract_statements(sql)) != 1:
+            if len(db.extract_statements(sql)) != 1:
                 raise VsearchError(f"bad --where predicate {where!r}: one condition, not SQL statements")
-            kept = self.db.execute(sql).fetchnumpy()["_position"]
+            kept = db.execute(sql).fetchnumpy()["_position"]
         except duckdb.Error as exc:
             raise VsearchError(f"bad --where predicate {where!r}: {first_line(exc)}") from None
         finally:
-            self.db.unregister("candidates")
+            db.unregister("candidates")
         return np.sort(np.asarray(kept, np.int64))
 
     def matching(self, where: str) -> np.ndarray:
         """Labels of every row of the index for which `where` holds (the last predicate's are kept)."""
-        if self._matching is None or self._matching[0] != where:
-            self._matching = (where, self.passing(self.index.rows.table(), where))
-        return self._matching[1]
+        matching = self._matching
+        if matching is None or matching[0] != where:
+            matching = self._matching = (where, self.passing(self.index.rows.table(), where))
+        return matching[1]
 
     def known_selective(self, where: str | None) -> bool:
         """Whether `where` has been run over every row and so few passed that widening could not find them."""
-        return (where is not None and self._matching is not None and self._matching[0] == where
-                and len(self._matching[1]) * 4 ** self.widenings < self.index.rows.count)
+        matching = self._matching
+        return (where is not None and matching is not None and matching[0] == where
+                and len(matching[1]) * 4 ** self.widenings < self.index.rows.count)
 
     def candidates(self, vector: np.ndarray, wanted: int, where: str | None,
                    seconds: dict[str, float]) -> list[Candidate]:
