@@ -395,6 +395,13 @@ def test_unknown_index_type_and_parameter_are_clear_errors(index_type, message, 
         build_index(BuildConfig(type=index_type, params=params), open_source(byo[0]), tmp_path / "index")
 
 
+def test_an_index_path_may_start_at_the_home_folder(byo, tmp_path, monkeypatch):
+    folder, vectors = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "home" / "index")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_index("~/index").search(vectors[:1], 1)[1][0, 0] == "doc0"
+
+
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(VsearchError, match="no index at"):
         load_index(tmp_path / "nothing")

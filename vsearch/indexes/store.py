@@ -586,5 +586,5 @@ def read_index_manifest(path: Path) -> dict[str, Any]:
 
 
 def load_index(path: str | os.PathLike) -> Index:
-    """Load an index folder written by `build_index`."""
-    return Index(Path(path))
+    """Load an index folder written by `build_index` (`~` is the home folder, as in a shell)."""
+    return Index(Path(path).expanduser())
