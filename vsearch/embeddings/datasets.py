@@ -15,7 +15,8 @@ Rows with an id seen before are skipped, so ids are unique within a dataset; so 
 too few fields or bytes that are not UTF-8 (a file whose first line is not UTF-8 is refused).
 
 Videos (for clip vectors) are found the same way: `<videos>/<id>.<ext>`, by default in
-`<stem>-videos/` beside the file; rows without a video there have no clip. A clip row's `uri` is
+`<stem>-videos/` beside the file (for a folder of images, `<folder>-videos/` beside it); rows
+without a video there have no clip. A clip row's `uri` is
 its video and its `cover` the cover image, which the reranker's OCR heads read.
 """
 
@@ -72,7 +73,7 @@ class Dataset:
     has_text: bool
     _rows: Callable[[], Iterator[Row | None]] = field(repr=False)  # None for a line it cannot use
     _expected_rows: Callable[[], int | None] = field(repr=False)
-    videos: str | None = None
+    videos: str = ""  # the folder of its videos (see `_videos_folder`)
     duplicates: int = 0
     malformed: int = 0
     read: int = 0  # lines (or images) `rows()` has gone through so far, repeats and malformed ones included
@@ -105,11 +106,9 @@ class Dataset:
 
     def _list_videos(self) -> dict[str, str]:
         """{id: where it is read from} of the videos in the videos folder."""
-        if self.videos is None or not _isdir(self.videos):
-            raise VsearchError(
-                f"dataset {self.name} has no videos folder {self.videos or ''}: put videos named "
-                "<id>.mp4 in <dataset file stem>-videos/ beside the dataset file, or pass --videos DIR"
-            )
+        if not _isdir(self.videos):
+            raise VsearchError(f"dataset {self.name} has no videos folder {self.videos}: put videos named "
+                               "<id>.mp4 there, or pass --videos DIR")
         fs, folder = url_to_fs(self.videos)
         location = (lambda path: path) if _is_local(fs) else (lambda path: fs.unstrip_protocol(path))
         return {PurePosixPath(path).stem: location(path) for path in fs.ls(folder, detail=False)
@@ -210,7 +209,9 @@ def _image_locator(source: str, images: str | None) -> Callable[[str, str | None
     return from_url
 
 
-def _videos_folder(source: str, videos: str | None) -> str | None:
+def _videos_folder(source: str, videos: str | None) -> str:
+    """`--videos`, else `<stem>-videos` beside the dataset file or folder."""
+    source = source.rstrip("/")
     return videos or _join(_parent(source), PurePosixPath(source).stem + "-videos")
 
 
@@ -257,7 +258,7 @@ def image_folder(source: str, name: str, videos: str | None = None) -> Dataset:
             uri = path if _is_local(fs) else fs.unstrip_protocol(path)
             yield Row(str(relative.with_suffix("")), None, None, uri)
 
-    return Dataset(name, source, "image-folder", False, rows, lambda: len(images()), videos)
+    return Dataset(name, source, "image-folder", False, rows, lambda: len(images()), _videos_folder(source, videos))
 
 
 def demo_source() -> str:
