@@ -16,8 +16,8 @@ too few fields or bytes that are not UTF-8 (a file whose first line is not UTF-8
 
 Videos (for clip vectors) are found the same way: `<videos>/<id>.<ext>`, by default in
 `<stem>-videos/` beside the file (for a folder of images, `<folder>-videos/` beside it); rows
-without a video there have no clip. A clip row's `uri` is
-its video and its `cover` the cover image, which the reranker's OCR heads read.
+without a video there have no clip. A clip row's `uri` is its video and its `cover` the cover
+image, which the reranker's OCR heads read.
 """
 
 from __future__ import annotations

@@ -172,6 +172,8 @@ def gather(source: VectorSource, positions: np.ndarray) -> np.ndarray:
 
     def fill(file: VectorFile, start: int, rows: int) -> None:
         first, end = np.searchsorted(positions, [start, start + rows])
+        if first == end:
+            return
         wanted = positions[first:end] - start
         for at, vectors in _file_vectors(source, file):
             low, high = np.searchsorted(wanted, [at, at + len(vectors)])
