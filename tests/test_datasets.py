@@ -82,15 +82,15 @@ def test_image_folder_ids_are_relative_paths_without_extension(tmp_path, workspa
 
 def test_an_image_folder_finds_its_videos_in_a_folder_beside_it(tmp_path, workspace):
     folder = tmp_path / "imgs"
-    folder.mkdir()
-    for name in ("a", "b", "c"):
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
         Image.new("RGB", (8, 8)).save(folder / f"{name}.jpg")
-    (tmp_path / "imgs-videos").mkdir()
-    for name in ("a", "c"):
+    (tmp_path / "imgs-videos" / "sub").mkdir(parents=True)
+    for name in ("a", "sub/c"):  # in subfolders as their images are
         (tmp_path / "imgs-videos" / f"{name}.mp4").write_bytes(b"")
     clips = list(open_dataset(f"{folder}/", workspace).clip_rows())
     assert [(r.id, r.uri, r.cover) for r in clips] == [
-        (name, str(tmp_path / "imgs-videos" / f"{name}.mp4"), str(folder / f"{name}.jpg")) for name in ("a", "c")]
+        (name, str(tmp_path / "imgs-videos" / f"{name}.mp4"), str(folder / f"{name}.jpg")) for name in ("a", "sub/c")]
     with pytest.raises(VsearchError, match=f"dataset imgs has no videos folder {tmp_path / 'elsewhere'}: put videos"):
         list(open_dataset(str(folder), workspace, videos=str(tmp_path / "elsewhere")).clip_rows())
 

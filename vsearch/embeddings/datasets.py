@@ -111,8 +111,9 @@ class Dataset:
                                "<id>.mp4 there, or pass --videos DIR")
         fs, folder = url_to_fs(self.videos)
         location = (lambda path: path) if _is_local(fs) else (lambda path: fs.unstrip_protocol(path))
-        return {PurePosixPath(path).stem: location(path) for path in fs.ls(folder, detail=False)
-                if path.lower().endswith(VIDEO_SUFFIXES)}
+        # Searched recursively, as image folders are: the video of image `sub/a` is `sub/a.mp4`.
+        return {str(PurePosixPath(path).relative_to(folder).with_suffix("")): location(path)
+                for path in fs.find(folder) if path.lower().endswith(VIDEO_SUFFIXES)}
 
     def clip_rows(self) -> Iterator[Row]:
         """The rows that have a video, with `uri` pointing at it and `cover` at the cover image."""
