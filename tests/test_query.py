@@ -149,6 +149,22 @@ def test_a_file_of_queries_gives_json_lines(demo, tmp_path):
     assert queries.read_text(encoding="utf-8") == "大宅门演员表\n\n周杰伦个人资料\n"
 
 
+def test_a_query_that_cannot_be_searched_is_answered_with_its_error_and_the_batch_goes_on(demo, tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("大宅门演员表\n！？…\n周杰伦个人资料\n", encoding="utf-8")
+    result = demo("query", "--file", str(queries), "-k", "2")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["query"] for line in lines] == ["大宅门演员表", "！？…", "周杰伦个人资料"]
+    assert lines[1]["error"] == "query '！？…' has no letters or digits to match" and "results" not in lines[1]
+    assert len(lines[2]["results"]) == 2
+    assert result.code == 1
+    assert result.stderr.strip() == ("vsearch: error: 1 of 3 queries could not be searched "
+                                     "(the error is in their JSON lines)")
+    # A predicate is every query's: a bad one ends the batch at once.
+    bad = demo("query", "--file", str(queries), "--where", "no_such_column = 1")
+    assert bad.code == 1 and bad.stdout == "" and "bad --where predicate" in bad.stderr
+
+
 def test_queries_on_standard_input_are_answered_as_they_arrive(demo, workspace):
     with subprocess.Popen([sys.executable, "-m", "vsearch", "query", "--file", "-", "-k", "2"], text=True,
                           encoding="utf-8", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -333,7 +333,7 @@ def query(
 ) -> None:
     """Search an index with a text query (or a file of them)."""
     from vsearch.console import hits_table, stderr, stdout
-    from vsearch.query import QueryConfig, Searcher
+    from vsearch.query import QueryConfig, QueryTextError, Searcher
 
     if (text is None) == (file is None):
         raise VsearchError("give a query text or --file FILE (one query per line)"
@@ -355,15 +355,22 @@ def query(
                 "notes": result.notes, "seconds": result.seconds}
 
     if file is not None:
-        answered = 0
+        answered, failed = 0, 0
         with _query_lines(file) as lines, \
                 open(out, "w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as sink:
             for line in lines:
-                sink.write(json.dumps(payload(run(line)), ensure_ascii=False) + "\n")
+                try:
+                    answer = payload(run(line))
+                except QueryTextError as exc:  # this query's answer; the batch goes on
+                    answer = {"query": line, "index": str(index_dir), "error": str(exc)}
+                    failed += 1
+                sink.write(json.dumps(answer, ensure_ascii=False) + "\n")
                 sink.flush()
                 answered += 1
         if out:
             stderr.print(f"{answered} queries -> {out}")
+        if failed:
+            raise VsearchError(f"{failed} of {answered} queries could not be searched (the error is in their JSON lines)")
         return
     result = run(text)
     if as_json:

@@ -32,6 +32,11 @@ from vsearch.query.rerank import Candidate, Weights, rerank
 MAX_QUERY_CHARS = 128
 
 
+class QueryTextError(VsearchError):
+    """A query text that cannot be searched (empty, or nothing the model can match): in a batch, that
+    query's answer, not the end of the batch."""
+
+
 @dataclass
 class QueryConfig:
     text: str
@@ -97,7 +102,7 @@ def default_image_budget(on_gpu: bool) -> int:
 def clean_query(text: str, notes: list[str]) -> str:
     text = " ".join(text.split())
     if not text:
-        raise VsearchError("empty query: give some text to search for")
+        raise QueryTextError("empty query: give some text to search for")
     if len(text) > MAX_QUERY_CHARS:
         notes.append(f"query truncated to its first {MAX_QUERY_CHARS} characters")
         text = text[:MAX_QUERY_CHARS]
@@ -126,7 +131,7 @@ class Searcher:
             notes.append(f"the model reads the first {context - 2} tokens of the query")
         vector = self.encoder.encode_texts([text])
         if not np.any(vector):
-            raise VsearchError(f"query {text!r} has no letters or digits to match")
+            raise QueryTextError(f"query {text!r} has no letters or digits to match")
         return vector
 
     @property
