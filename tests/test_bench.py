@@ -107,6 +107,15 @@ def test_hard_negatives_reports_the_files_recall_as_measured_and_as_checked(tmp_
     assert report["recall@10_checked"] >= 0.9 and report["peak_rss_mib"] > 0
 
 
+def test_lexical_bench_times_the_encoder_and_the_embed_job(tmp_path):
+    out = tmp_path / "lexical.json"
+    run_script("lexical.py", "--texts", "1000", "--batch-size", "64", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["texts"] == 1000 and [row["stage"] for row in report["rows"]] == [
+        "encode_texts", "embed job (file -> shards)"]
+    assert all(row["per_s"] > 0 for row in report["rows"])
+
+
 def test_ocr_bench_compares_the_reader_pool_with_the_library_in_process(tmp_path):
     out = tmp_path / "ocr.json"
     run_script("ocr.py", "--covers", "3", "--workers", "0", "1", "--out", str(out))

@@ -33,11 +33,8 @@ _RUN = re.compile(r"[^\W_]+")
 
 def ngrams(text: str) -> Counter[str]:
     """Character n-grams (n = 1..3) of the text's runs of letters and digits."""
-    counts: Counter[str] = Counter()
-    for run in _RUN.findall(unicodedata.normalize("NFKC", text).lower()):
-        for n in NGRAM_WEIGHT:
-            counts.update(run[i : i + n] for i in range(len(run) - n + 1))
-    return counts
+    return Counter(run[i : i + n] for run in _RUN.findall(unicodedata.normalize("NFKC", text).lower())
+                   for n in NGRAM_WEIGHT for i in range(len(run) - n + 1))
 
 
 class LexicalEncoder:
@@ -48,10 +45,23 @@ class LexicalEncoder:
         self.fingerprint = hashlib.sha256(config.encode()).hexdigest()[:16]
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        rows: list[int] = []
+        buckets: list[int] = []
+        weights: list[float] = []
+        slots: dict[str, tuple[int, float]] = {}  # n-gram -> (bucket, signed weight): texts share many
         for row, text in enumerate(texts):
-            for gram, tf in ngrams(text).items():
-                code = zlib.crc32(gram.encode("utf-8"))
-                sign = 1.0 if code & 0x80000000 else -1.0
-                vectors[row, code % self.dim] += sign * (1.0 + math.log(tf)) * NGRAM_WEIGHT[len(gram)]
+            counts = ngrams(text)
+            rows += [row] * len(counts)
+            for gram, tf in counts.items():
+                slot = slots.get(gram)
+                if slot is None:
+                    code = zlib.crc32(gram.encode("utf-8"))
+                    sign = 1.0 if code & 0x80000000 else -1.0
+                    slot = slots[gram] = (code % self.dim, sign * NGRAM_WEIGHT[len(gram)])
+                buckets.append(slot[0])
+                weights.append(slot[1] if tf == 1 else slot[1] * (1.0 + math.log(tf)))  # log 1 = 0: the same
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # One call for the batch (indexing numpy per n-gram cost a sixth of the encoding), adding in
+        # n-gram order as that did, so colliding n-grams sum to the same float32 vector.
+        np.add.at(vectors, (rows, buckets), np.asarray(weights, np.float32))
         return l2_normalise(vectors)
