@@ -16,6 +16,21 @@ def demo_relevant_ids():
     return {url_id(url) for title, url, ocr in lines if "大宅门" in title + ocr}
 
 
+def test_the_demo_leaves_the_demo_covers_embedded_by_another_model_alone(cli, workspace, tiny_uniclip):
+    spec = f"uniclip:{tiny_uniclip}"
+    assert cli("embed", "--dataset", "demo", "--model", spec, "--limit", "8", "--device", "cpu",
+               "--workers", "0").code == 0
+    assert cli("build-index", "--type", "flat").code == 0
+    theirs = {path.name: path.read_bytes() for path in (workspace.embeddings / "demo").iterdir()}
+    result = cli("demo")
+    assert result.code == 0, result.stderr
+    assert {path.name: path.read_bytes() for path in (workspace.embeddings / "demo").iterdir()} == theirs
+    assert (workspace.index_dir("demo-flat") / "index.json").is_file()
+    payload = json.loads(cli("query", "大宅门演员表", "--json").stdout)
+    assert payload["index"] == str(workspace.index_dir("demo-lexical-hnsw"))
+    assert {hit["id"] for hit in payload["results"][:len(demo_relevant_ids())]} == demo_relevant_ids()
+
+
 def test_demo_end_to_end_then_query_uses_the_demo_index(cli, workspace):
     result = cli("demo")
     assert result.code == 0, result.stderr
