@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 
 from vsearch.embeddings.datasets import demo_source
+from vsearch.workspace import ENV_VAR
 
 
 def demo_relevant_ids():
@@ -29,6 +31,16 @@ def test_the_demo_leaves_the_demo_covers_embedded_by_another_model_alone(cli, wo
     payload = json.loads(cli("query", "大宅门演员表", "--json").stdout)
     assert payload["index"] == str(workspace.index_dir("demo-lexical-hnsw"))
     assert {hit["id"] for hit in payload["results"][:len(demo_relevant_ids())]} == demo_relevant_ids()
+
+
+def test_the_demo_never_loads_torch(workspace):
+    # torch takes a second or two and 600 MB to import; the lexical encoder runs on no device.
+    script = ("import sys\nfrom vsearch.cli import main\ntry:\n    main(['demo'])\n"
+              "finally:\n    print('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8",
+                          env={**os.environ, ENV_VAR: str(workspace.root)}, timeout=120)
+    assert done.returncode == 0 and "大宅门演员表" in done.stdout, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False"
 
 
 def test_demo_end_to_end_then_query_uses_the_demo_index(cli, workspace):

@@ -12,6 +12,7 @@ encoders also have `encode_images`. Vectors are float32 and L2-normalised.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -34,25 +35,44 @@ class ImageEncoder(Encoder, Protocol):
 
 
 Factory = Callable[[str, str], Encoder]
-_REGISTRY: dict[str, tuple[Factory, str]] = {}
 
 
-def register_encoder(name: str, factory: Factory, usage: str) -> None:
+@dataclass(frozen=True)
+class _Registered:
+    factory: Factory
+    usage: str
+    on_device: bool  # runs on a torch device (a GPU when there is one); lexical runs on no device
+
+
+_REGISTRY: dict[str, _Registered] = {}
+
+
+def register_encoder(name: str, factory: Factory, usage: str, on_device: bool = True) -> None:
     """Register `factory(args, device)`, called for specs `name` or `name:args`."""
-    _REGISTRY[name] = (factory, usage)
+    _REGISTRY[name] = _Registered(factory, usage, on_device)
 
 
 def encoder_usages() -> list[str]:
-    return [usage for _, usage in _REGISTRY.values()]
+    return [entry.usage for entry in _REGISTRY.values()]
+
+
+def _registered(spec: str) -> tuple[_Registered, str]:
+    name, _, args = spec.partition(":")
+    if name not in _REGISTRY:
+        raise VsearchError(f"unknown model spec {spec!r}: use one of {', '.join(encoder_usages())}")
+    return _REGISTRY[name], args
 
 
 def load_encoder(spec: str, device: str = "auto") -> Encoder:
     """Load the encoder a spec names, e.g. `lexical` or `open_clip:ViT-B-32:/models/b32.pt`."""
-    name, _, args = spec.partition(":")
-    if name not in _REGISTRY:
-        raise VsearchError(f"unknown model spec {spec!r}: use one of {', '.join(encoder_usages())}")
-    factory, _ = _REGISTRY[name]
-    return factory(args, device)
+    entry, args = _registered(spec)
+    return entry.factory(args, device)
+
+
+def runs_on_device(spec: str) -> bool:
+    """Whether the encoder `spec` names runs on a torch device: a job with one that does not needs
+    no devices counted, nor torch imported (a second and 600 MB)."""
+    return _registered(spec)[0].on_device
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -87,6 +107,6 @@ def _uniclip(args: str, device: str) -> Encoder:
     return UniClipEncoder(args, device)
 
 
-register_encoder("lexical", _lexical, "lexical[:DIM]")
+register_encoder("lexical", _lexical, "lexical[:DIM]", on_device=False)
 register_encoder("uniclip", _uniclip, "uniclip:PATH")
 register_encoder("open_clip", _open_clip, "open_clip:ARCH:PATH")
