@@ -150,6 +150,10 @@ def test_recall_at_counts_ties_but_not_lower_scores_or_padding():
     assert recall_at(3, (np.array([[0.9, 0.8, 0.8]]), np.array([[1, 3, 7]])), exact) == 1.0  # 7 ties 2 and 3
     assert recall_at(3, (np.array([[0.9, 0.8, 0.7]]), np.array([[1, 2, 7]])), exact) == pytest.approx(2 / 3)
     assert recall_at(3, (np.array([[0.9, -np.inf, -np.inf]]), np.array([[1, -1, -1]])), exact) == pytest.approx(1 / 3)
+    nothing = (np.zeros((1, 0)), np.zeros((1, 0), np.int64))  # an index of one vector, its own row left out
+    assert recall_at(3, nothing, nothing) == 1.0
+    found = ([[0.9, 0.8, 0.7], []], [[1, 2, 7], []])  # the second row had nothing to find: it does not count
+    assert recall_at(3, found, ([[0.9, 0.8, 0.8], []], [[1, 2, 3], []])) == pytest.approx(2 / 3)
     assert recall_at(1, (np.array([[0.8]]), np.array([[2]])), exact) == 0.0
 
 

@@ -196,18 +196,19 @@ def exact_neighbours(source: VectorSource, queries: np.ndarray, k: int) -> tuple
 
 def recall_at(k: int, found: tuple[np.ndarray, np.ndarray], exact: tuple[np.ndarray, np.ndarray]) -> float:
     """Mean recall@k of `found` (scores, labels) against `exact` (scores, labels), row by row, best
-    first: a found label counts when it is one of the exact k or its score ties the exact k-th."""
+    first: a found label counts when it is one of the exact k or its score ties the exact k-th. A
+    row with nothing to find (in an index of one vector, a query's own row left out) does not
+    count; where no row has anything to find, nothing was missed: 1.0."""
     shares = []
     for found_scores, found_labels, exact_scores, exact_labels in zip(*found, *exact):
         wanted = min(k, len(exact_labels))
         if wanted == 0:
-            shares.append(0.0)
             continue
         right = set(exact_labels[:wanted])
         bar = exact_scores[wanted - 1] - TIE_TOLERANCE
         shares.append(sum(label in right or score >= bar
                           for score, label in zip(found_scores[:k], found_labels[:k])) / wanted)
-    return float(np.mean(shares))
+    return float(np.mean(shares)) if shares else 1.0
 
 
 def _without_own(scores: np.ndarray, labels: np.ndarray, own: np.ndarray, k: int) -> tuple[list, list]:
