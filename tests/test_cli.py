@@ -281,3 +281,27 @@ def test_shards_and_indexes_never_share_a_folder(cli, workspace):
     assert append.code == 1 and "the embeddings are inside the index folder" in append.stderr
     assert sorted(p.name for p in shards.iterdir()) == before and sorted(p.name for p in inside.iterdir()) == before
     assert (index / "index.json").is_file()
+
+
+def test_list_shows_what_the_workspace_holds_and_which_folders_are_the_defaults(cli, workspace, tmp_path):
+    empty = cli("list")
+    assert empty.code == 0 and "nothing here yet" in empty.stderr
+    assert cli("demo").code == 0
+    source = tmp_path / "more.txt"
+    source.write_text("大宅门 第一集\thttp://covers.example/1.jpg\t大宅门\n", encoding="utf-8")
+    assert cli("embed", "--dataset", str(source), "--model", "lexical:64").code == 0
+    assert cli("build-index", "--type", "flat").code == 0
+    listing = json.loads(cli("list", "--json").stdout)
+    shards = {e["name"]: e for e in listing["embeddings"]}
+    indexes = {e["name"]: e for e in listing["indexes"]}
+    assert shards["demo"]["covers"] == 199 and shards["demo"]["model"] == "lexical"
+    assert shards["more"]["model"] == "lexical:64" and shards["more"]["default"] and not shards["demo"]["default"]
+    assert indexes["demo-hnsw"]["type"] == "hnsw" and indexes["demo-hnsw"]["vectors"] == 199
+    assert indexes["more-flat"]["default"] and indexes["more-flat"]["recall@10"] == 1.0
+    shown = cli("list")
+    assert shown.code == 0 and "demo-hnsw" in shown.stdout and "* used when no path is given" in shown.stdout
+    assert all(len(line) <= 80 for line in shown.stdout.splitlines())
+    (workspace.index_dir("demo-hnsw") / "index.json").write_text("{broken", encoding="utf-8")
+    damaged = json.loads(cli("list", "--json").stdout)
+    assert "unreadable index manifest" in {e["name"]: e for e in damaged["indexes"]}["demo-hnsw"]["error"]
+    assert cli("list").code == 0

@@ -396,6 +396,28 @@ def demo(ctx: typer.Context, k: Annotated[int, typer.Option("-k", help="Results 
     stdout.print('Try your own: vsearch query "大宅门演员表" (--json for machine-readable output)')
 
 
+@app.command("list")
+def list_command(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the listing as a JSON object.")] = False,
+) -> None:
+    """What the workspace holds: shard folders and indexes, with the defaults marked."""
+    from vsearch.console import listing_tables, stderr, stdout
+    from vsearch.listing import embeddings_listing, indexes_listing
+
+    ws: Workspace = ctx.obj
+    listing = {"workspace": str(ws.root), "embeddings": embeddings_listing(ws), "indexes": indexes_listing(ws)}
+    if as_json:
+        sys.stdout.write(json.dumps(listing, ensure_ascii=False, indent=1) + "\n")
+        return
+    stderr.print(f"workspace: {ws.root}")
+    if not listing["embeddings"] and not listing["indexes"]:
+        stderr.print("nothing here yet: run vsearch demo, or vsearch embed --dataset NAME")
+        return
+    for table in listing_tables(listing["embeddings"], listing["indexes"]):
+        stdout.print(table)
+
+
 @app.command("eval")
 def eval_command(
     ctx: typer.Context,

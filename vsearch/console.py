@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.filesize import pick_unit_and_suffix
@@ -147,3 +149,55 @@ def hits_table(query: str, hits: list[Hit], caption: str | None = None, explain:
         parts = [_parts_cell(hit.parts, shown)] if shown else []
         table.add_row(str(hit.rank), f"{hit.score:.3f}", *parts, _snippet(hit.title), _snippet(hit.ocr), hit.id)
     return table
+
+
+def _model_cell(spec: str | None) -> str:
+    """A model spec with its checkpoint's folder left out (a path can take the whole line)."""
+    if spec is None:
+        return "(not recorded)"
+    head, sep, path = spec.rpartition(":")
+    return f"{head}{sep}{Path(path).name}" if "/" in path else spec
+
+
+def _listing_table(title: str, entries: list[dict[str, Any]], columns: dict[str, Callable[[dict], str]]) -> Table:
+    """A table of `entries` with a `*` column for the default, then `columns` (heading: cell); an
+    entry whose manifest could not be read shows why in its row."""
+    table = Table(title=title, title_justify="left",
+                  caption="* used when no path is given" if any(e.get("default") for e in entries) else None)
+    table.add_column("")
+    table.add_column("name", no_wrap=True)
+    for heading, _ in columns.items():
+        table.add_column(heading, justify="right" if heading in _COUNTS else "left", overflow="fold")
+    for entry in entries:
+        cells = [f"[red]{entry['error']}[/]"] if "error" in entry else [cell(entry) for cell in columns.values()]
+        table.add_row("*" if entry.get("default") else "", entry["name"], *cells)
+    return table
+
+
+_COUNTS = ("covers", "clips", "failed", "vectors", "recall@10")
+
+
+def _index_type_cell(entry: dict[str, Any]) -> str:
+    """The index type, and its engine where it is not the type's default (hnsw/faiss)."""
+    from vsearch.indexes.backends import backend_class
+
+    default = backend_class(entry["type"]).engine
+    return entry["type"] if entry["engine"] == default else f"{entry['type']}/{entry['engine']}"
+
+
+def listing_tables(embeddings: list[dict[str, Any]], indexes: list[dict[str, Any]]) -> list[Table]:
+    """The workspace's shard folders and indexes (see `vsearch.listing`); clips, failed rows and an
+    index's kind only where some differ from nothing (or covers), so that the rest fits 80 columns."""
+    shard_columns: dict[str, Callable[[dict], str]] = {
+        "dataset": lambda e: e["dataset"], "model": lambda e: _model_cell(e["model"]),
+        "covers": lambda e: f"{e['covers']:,}"}
+    for count in ("clips", "failed"):
+        if any(e.get(count) for e in embeddings):
+            shard_columns[count] = lambda e, count=count: f"{e[count]:,}"
+    shard_columns["updated"] = lambda e: e["updated"][:10]
+    index_columns: dict[str, Callable[[dict], str]] = {"type": _index_type_cell}
+    if any(e.get("kind", "cover") != "cover" for e in indexes):
+        index_columns["kind"] = lambda e: e["kind"]
+    index_columns.update({"vectors": lambda e: f"{e['vectors']:,}", "model": lambda e: _model_cell(e["model"]),
+                          "recall@10": lambda e: f"{e['recall@10']:.3f}"})
+    return [_listing_table("embeddings", embeddings, shard_columns), _listing_table("indexes", indexes, index_columns)]

@@ -1,0 +1,54 @@
+"""`vsearch list`: what a workspace holds, read from the manifests alone (no shard or index is opened).
+
+The embeddings and the index marked `default` are the ones `build-index` and `query` use when given
+no path: the folder whose manifest was written last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vsearch.embeddings.shards import MANIFEST as SHARDS_MANIFEST, Manifest
+from vsearch.errors import VsearchError
+from vsearch.indexes.store import MANIFEST as INDEX_MANIFEST, read_index_manifest
+from vsearch.workspace import Workspace
+
+
+def _folders(parent: Path, marker: str) -> list[Path]:
+    return sorted(path.parent for path in parent.glob(f"*/{marker}") if not path.parent.name.startswith("."))
+
+
+def embeddings_listing(workspace: Workspace) -> list[dict[str, Any]]:
+    """One entry per shard folder: its dataset, model, rows of each kind, failed rows, last update."""
+    default = workspace.latest(workspace.embeddings, SHARDS_MANIFEST)
+    entries = []
+    for folder in _folders(workspace.embeddings, SHARDS_MANIFEST):
+        try:
+            manifest = Manifest.read(folder)
+        except VsearchError as exc:
+            entries.append({"name": folder.name, "path": str(folder), "error": str(exc)})
+            continue
+        entries.append({"name": folder.name, "path": str(folder), "default": folder == default,
+                        "dataset": manifest.dataset, "model": manifest.encoder["spec"],
+                        "covers": manifest.rows("cover"), "clips": manifest.rows("clip"),
+                        "failed": len(manifest.failed), "updated": manifest.updated_at or manifest.created_at})
+    return entries
+
+
+def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
+    """One entry per index folder: its type and engine, kind, vectors, model, measured recall, build time."""
+    default = workspace.latest(workspace.indexes, INDEX_MANIFEST)
+    entries = []
+    for folder in _folders(workspace.indexes, INDEX_MANIFEST):
+        try:
+            info = read_index_manifest(folder)
+        except VsearchError as exc:
+            entries.append({"name": folder.name, "path": str(folder), "error": str(exc)})
+            continue
+        entries.append({"name": folder.name, "path": str(folder), "default": folder == default,
+                        "type": info["type"], "engine": info["engine"], "kind": info.get("kind", "cover"),
+                        "vectors": info["count"], "model": (info.get("encoder") or {}).get("spec"),
+                        "recall@10": info["recall"]["recall@10"], "built": info["built_at"],
+                        "appends": len(info.get("appends", []))})
+    return entries
