@@ -159,6 +159,9 @@ def _model_cell(spec: str | None) -> str:
     return f"{head}{sep}{Path(path).name}" if "/" in path else spec
 
 
+_COUNTS = ("covers", "clips", "failed", "vectors", "recall@10")  # right-aligned
+
+
 def _listing_table(title: str, entries: list[dict[str, Any]], columns: dict[str, Callable[[dict], str]]) -> Table:
     """A table of `entries` with a `*` column for the default, then `columns` (heading: cell); an
     entry whose manifest could not be read shows why in its row."""
@@ -169,12 +172,9 @@ def _listing_table(title: str, entries: list[dict[str, Any]], columns: dict[str,
     for heading, _ in columns.items():
         table.add_column(heading, justify="right" if heading in _COUNTS else "left", overflow="fold")
     for entry in entries:
-        cells = [f"[red]{entry['error']}[/]"] if "error" in entry else [cell(entry) for cell in columns.values()]
+        cells = [Text(entry["error"], style="red")] if "error" in entry else [cell(entry) for cell in columns.values()]
         table.add_row("*" if entry.get("default") else "", entry["name"], *cells)
     return table
-
-
-_COUNTS = ("covers", "clips", "failed", "vectors", "recall@10")
 
 
 def _index_type_cell(entry: dict[str, Any]) -> str:
