@@ -165,6 +165,19 @@ def test_a_query_that_cannot_be_searched_is_answered_with_its_error_and_the_batc
     assert bad.code == 1 and bad.stdout == "" and "bad --where predicate" in bad.stderr
 
 
+def test_ids_to_delete_come_from_a_file_or_standard_input(demo, workspace, tmp_path):
+    hits = [h["id"] for h in results(demo, "大宅门演员表", "-k", "4", "--no-rerank")["results"]]
+    listed = tmp_path / "ids.txt"
+    listed.write_text(f"{hits[0]}\n\n{hits[1]}\n", encoding="utf-8")
+    assert demo("delete", "--ids-file", str(listed)).code == 0
+    done = subprocess.run([sys.executable, "-m", "vsearch", "delete", "--ids-file", "-"], input=f"{hits[2]}\n",
+                          capture_output=True, text=True, encoding="utf-8",
+                          env={**os.environ, ENV_VAR: str(workspace.root)}, timeout=120)
+    assert done.returncode == 0 and "1 id deleted" in done.stderr, done.stderr
+    left = [h["id"] for h in results(demo, "大宅门演员表", "-k", "4", "--no-rerank")["results"]]
+    assert left[0] == hits[3] and not set(hits[:3]) & set(left)
+
+
 def test_queries_on_standard_input_are_answered_as_they_arrive(demo, workspace):
     with subprocess.Popen([sys.executable, "-m", "vsearch", "query", "--file", "-", "-k", "2"], text=True,
                           encoding="utf-8", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

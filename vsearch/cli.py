@@ -255,24 +255,33 @@ def build_index_command(
                  f"recall@10 {info['recall']['recall@10']} -> {destination}")
 
 
+@contextlib.contextmanager
+def _nonblank_lines(file: Path) -> Iterator[Iterator[str]]:
+    """The non-blank lines of `file`, or of standard input for `-`, read as they come."""
+    from vsearch.files import text_lines
+
+    stdin = str(file) == "-"
+    with contextlib.nullcontext(sys.stdin.buffer) if stdin else open(file, "rb") as handle:
+        yield (line for _, line in text_lines(handle, "standard input" if stdin else str(file)) if line.strip())
+
+
 @app.command()
 def delete(
     ctx: typer.Context,
     ids: Annotated[Optional[list[str]], typer.Argument(help="Ids to delete.")] = None,
     index: Annotated[Optional[str], typer.Option(help="Index name or folder (default: the last built).")] = None,
-    ids_file: Annotated[Optional[Path], typer.Option(help="File with one id per line.")] = None,
+    ids_file: Annotated[Optional[Path], typer.Option(help="File with one id per line ('-': standard input).")] = None,
 ) -> None:
     """Delete ids from an index (they stop appearing in results at once; rebuild to reclaim space)."""
     from vsearch.console import stderr
-    from vsearch.files import text_lines
     from vsearch.indexes import delete_ids
 
     wanted = list(ids or [])
     if ids_file is not None:
-        if not ids_file.is_file():
+        if str(ids_file) != "-" and not ids_file.is_file():
             raise VsearchError(f"ids file not found: {ids_file}")
-        with open(ids_file, "rb") as handle:
-            wanted += [line.strip() for _, line in text_lines(handle, str(ids_file)) if line.strip()]
+        with _nonblank_lines(ids_file) as lines:
+            wanted += [line.strip() for line in lines]
     if not wanted:
         raise VsearchError("no ids to delete: give ids or --ids-file")
     index_dir = _index_dir(ctx.obj, index)
@@ -299,16 +308,6 @@ def _parse_weights(text: str | None):
     if unknown:
         raise VsearchError(f"unknown weight {', '.join(sorted(unknown))}: use ann, lexical, semantic")
     return Weights(**values)
-
-
-@contextlib.contextmanager
-def _query_lines(file: Path) -> Iterator[Iterator[str]]:
-    """The non-blank lines of `file`, or of standard input for `-`, read as they come."""
-    from vsearch.files import text_lines
-
-    stdin = str(file) == "-"
-    with contextlib.nullcontext(sys.stdin.buffer) if stdin else open(file, "rb") as handle:
-        yield (line for _, line in text_lines(handle, "standard input" if stdin else str(file)) if line.strip())
 
 
 @app.command()
@@ -356,7 +355,7 @@ def query(
 
     if file is not None:
         answered, failed = 0, 0
-        with _query_lines(file) as lines, \
+        with _nonblank_lines(file) as lines, \
                 open(out, "w", encoding="utf-8") if out else contextlib.nullcontext(sys.stdout) as sink:
             for line in lines:
                 try:
