@@ -72,7 +72,7 @@ def _index_dir(ws: Workspace, index: str | None) -> Path:
     if (named / MANIFEST).is_file():
         return named
     if "/" not in index and not Path(index).exists():
-        built = sorted(path.parent.name for path in ws.indexes.glob(f"*/{MANIFEST}"))
+        built = [path.name for path in ws.holding(ws.indexes, MANIFEST)]
         raise VsearchError(f"no index named {index!r} under {ws.indexes} (built: {', '.join(built) or 'none'})")
     return Path(index)
 

@@ -6,7 +6,6 @@ no path: the folder whose manifest was written last.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from vsearch.embeddings.shards import MANIFEST as SHARDS_MANIFEST, Manifest
@@ -15,15 +14,11 @@ from vsearch.indexes.store import MANIFEST as INDEX_MANIFEST, read_index_manifes
 from vsearch.workspace import Workspace
 
 
-def _folders(parent: Path, marker: str) -> list[Path]:
-    return sorted(path.parent for path in parent.glob(f"*/{marker}") if not path.parent.name.startswith("."))
-
-
 def embeddings_listing(workspace: Workspace) -> list[dict[str, Any]]:
     """One entry per shard folder: its dataset, model, rows of each kind, failed rows, last update."""
     default = workspace.latest(workspace.embeddings, SHARDS_MANIFEST)
     entries = []
-    for folder in _folders(workspace.embeddings, SHARDS_MANIFEST):
+    for folder in workspace.holding(workspace.embeddings, SHARDS_MANIFEST):
         try:
             manifest = Manifest.read(folder)
         except VsearchError as exc:
@@ -40,7 +35,7 @@ def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
     """One entry per index folder: its type and engine, kind, vectors, model, measured recall, build time."""
     default = workspace.latest(workspace.indexes, INDEX_MANIFEST)
     entries = []
-    for folder in _folders(workspace.indexes, INDEX_MANIFEST):
+    for folder in workspace.holding(workspace.indexes, INDEX_MANIFEST):
         try:
             info = read_index_manifest(folder)
         except VsearchError as exc:

@@ -50,9 +50,15 @@ class Workspace:
         return self.indexes / name
 
     @staticmethod
-    def latest(folder: Path, marker: str) -> Path | None:
+    def holding(folder: Path, marker: str) -> list[Path]:
+        """The subfolders of `folder` with a `marker` file (a manifest), by name; hidden ones (a build
+        in progress, `.<name>.tmp-…`) left out."""
+        return sorted(path.parent for path in folder.glob(f"*/{marker}") if not path.parent.name.startswith("."))
+
+    @classmethod
+    def latest(cls, folder: Path, marker: str) -> Path | None:
         """The subfolder of `folder` whose `marker` file (a manifest) was written last."""
-        candidates = [path for path in folder.glob(f"*/{marker}") if not path.parent.name.startswith(".")]
+        candidates = cls.holding(folder, marker)
         if not candidates:
             return None
-        return max(candidates, key=lambda path: path.stat().st_mtime_ns).parent
+        return max(candidates, key=lambda path: (path / marker).stat().st_mtime_ns)
