@@ -120,6 +120,9 @@ ERRORS = [
     (["embed", "--dataset", "demo", "--model", "lexical", "--limit", "0"], "--limit must be at least 1"),
     (["embed", "--dataset", "demo", "--model", "lexical", "--limit", "-1"], "--limit must be at least 1"),
     (["embed", "--dataset", "demo", "--model", "lexical", "--workers", "-1"], "--workers must be at least 0"),
+    (["embed", "--dataset", "demo", "--model", "lexical", "--device", "gpu"], "unknown --device 'gpu'"),
+    (["embed", "--dataset", "demo", "--model", "lexical", "--device", "cuda:0,tpu"], "unknown --device 'tpu'"),
+    (["bench", "--sizes", "1000", "--dim", "0"], "--queries and --dim must be at least 1"),
     (["build-index", "--type", "annoy"], "unknown index type 'annoy'"),
     (["build-index"], "no embeddings under"),
     (["query", "大宅门"], "no index under"),
@@ -253,6 +256,10 @@ def test_bring_your_own_embeddings_answer_text_queries_once_their_model_is_named
     (["build-index", "--type", "hnsw", "--param", "M=0"], "parameter M=0 is out of range: M must be at least 2"),
     (["build-index", "--type", "hnsw", "--param", "ef_search=0"], "ef_search must be at least 1"),
     (["build-index", "--type", "ivfpq", "--param", "opq=2"], "opq must be from 0 to 1"),
+    (["build-index", "--threads", "0"], "--threads must be at least 1, or -1 for all cores"),
+    (["query", "大宅门", "--weights", "ann=-1"], "bad weights ann=-1,lexical=0.3,semantic=0.5: each must be"),
+    (["query", "大宅门", "--weights", "ann=0,lexical=0,semantic=0"], "and one above 0"),
+    (["query", "大宅门", "--device", "gpu"], "unknown --device 'gpu'"),
 ])
 def test_index_option_errors(args, message, cli, tmp_path):
     assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0

@@ -166,6 +166,25 @@ def test_parameters_are_chosen_with_reasons_and_user_settings_win(byo, tmp_path)
     assert info["recall"]["sweep"] and info["recall"]["sweep"][-1]["ef_search"] == info["params"]["ef_search"]
 
 
+def test_a_recall_below_the_target_is_said_with_what_to_raise(byo, tmp_path):
+    notes = []
+    params = {"m": 2, "nprobe": 1, "k_factor": 1}  # 2 bytes a vector, no refinement to speak of
+    info = build_index(BuildConfig(type="ivfpq", params=params), open_source(byo[0]), tmp_path / "index",
+                       note=notes.append)
+    assert info["recall"]["recall@10"] < 0.95
+    assert f"that is below the target recall@10 0.95: --param m=8 (more bytes per vector) or --param k_factor=2" \
+        in "\n".join(notes)
+
+
+def test_ivfpq_builds_on_a_dimension_no_usual_code_size_divides(tmp_path):
+    vectors = clustered(2000, dim=100)
+    info = build_index(BuildConfig(type="ivfpq"), open_source(write_parquet(tmp_path / "byo", vectors)),
+                       tmp_path / "index")
+    assert 100 % info["params"]["m"] == 0
+    _, ids = load_index(tmp_path / "index").search(vectors[:20], 1)
+    assert (ids[:, 0] == [f"doc{i}" for i in range(20)]).mean() >= 0.9
+
+
 def test_a_memory_budget_too_small_is_a_clear_error(byo, tmp_path):
     with pytest.raises(VsearchError, match="over the memory budget.*ivfpq fits far more"):
         build_index(BuildConfig(type="hnsw", memory_budget=100_000), open_source(byo[0]), tmp_path / "index")

@@ -226,6 +226,8 @@ def build_index_command(
     backend_class(type, engine)
     if not 0 < target_recall <= 1:
         raise VsearchError("--target-recall must be in (0, 1]")
+    if threads == 0 or threads < -1:
+        raise VsearchError("--threads must be at least 1, or -1 for all cores")
     if layout is not None:
         if layout != "cbvs10m-hnsw" or type != "hnsw":
             raise VsearchError(f"unknown layout {layout!r} for --type {type}: the one layout is cbvs10m-hnsw (hnsw)")

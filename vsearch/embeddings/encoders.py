@@ -11,6 +11,7 @@ encoders also have `encode_images`. Vectors are float32 and L2-normalised.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -35,6 +36,17 @@ class ImageEncoder(Encoder, Protocol):
 
 
 Factory = Callable[[str, str], Encoder]
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device_name(device: str) -> None:
+    """Refuse a misspelt device without importing torch: an encoder that runs on no device (lexical)
+    would otherwise ignore it. Whether this machine has the device is `torch_encoder.resolve_device`'s
+    question."""
+    if not _DEVICE_NAME.fullmatch(device):
+        raise VsearchError(f"unknown --device {device!r}: use {DEVICES}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ def _registered(spec: str) -> tuple[_Registered, str]:
 def load_encoder(spec: str, device: str = "auto") -> Encoder:
     """Load the encoder a spec names, e.g. `lexical` or `open_clip:ViT-B-32:/models/b32.pt`."""
     entry, args = _registered(spec)
+    if not entry.on_device:
+        check_device_name(device)
     return entry.factory(args, device)
 
 

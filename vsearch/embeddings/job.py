@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
-from vsearch.embeddings.encoders import Encoder, l2_normalise, load_encoder, runs_on_device
+from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise, load_encoder, runs_on_device
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
 from vsearch.embeddings.shards import Manifest, ShardWriter, made_from, shard_schema, write_shard_file
 from vsearch.errors import VsearchError
@@ -457,7 +457,9 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
         require_ocr_engine()
     dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
     spec = resolve_model(config.model, workspace)
-    devices = resolve_devices(config.device) if runs_on_device(spec) else [config.device]
+    for name in config.device.split(","):
+        check_device_name(name.strip())
+    devices = resolve_devices(config.device) if runs_on_device(spec) else ["cpu"]
     config = replace(config, workers=total_workers(config.workers, len(devices)))
     # With several devices the model here only describes the job (spec, fingerprint, dim) while each
     # device process loads its own, so it stays on the CPU rather than take GPU 0's memory twice.

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
-from vsearch.embeddings.encoders import l2_normalise
+from vsearch.embeddings.encoders import DEVICES, l2_normalise
 from vsearch.errors import VsearchError
 
 
@@ -24,7 +24,7 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         resolved = None
     if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
-        raise VsearchError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+        raise VsearchError(f"unknown --device {device!r}: use {DEVICES}")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise VsearchError(f"--device {device}: no Apple GPU (MPS) is available here (use --device cpu)")
     if resolved.type == "cuda":

@@ -109,7 +109,11 @@ def peak_resident_bytes() -> int:
 
 
 def _build_child(index_type: str, engine: str | None, source: VectorSource, path: Path, results: Any) -> None:
-    info = build_index(BuildConfig(type=index_type, engine=engine), source, path)
+    try:
+        info = build_index(BuildConfig(type=index_type, engine=engine), source, path)
+    except VsearchError as exc:  # the vectors' fault (too few, an odd shape): the parent says so
+        results.put(exc)
+        return
     results.put((info, peak_resident_bytes()))
 
 
@@ -124,13 +128,15 @@ def _build(index_type: str, engine: str | None, source: VectorSource, path: Path
     child.start()
     while True:
         try:
-            info, peak = results.get(timeout=5)
+            built = results.get(timeout=5)
             break
         except queue.Empty:
             if not child.is_alive():
                 raise RuntimeError(f"building the {index_type} index failed (exit code {child.exitcode})") from None
     child.join()
-    return info, peak
+    if isinstance(built, VsearchError):
+        raise built
+    return built
 
 
 def _recalls(found: tuple[np.ndarray, np.ndarray], truth: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
@@ -294,8 +300,8 @@ def run_bench(config: BenchConfig, scratch: Path, say=print) -> dict[str, Path]:
             raise VsearchError(f"unknown index {spec!r}: use flat, hnsw, hnsw:faiss or ivfpq")
     if not config.embeddings and (not config.sizes or min(config.sizes) < MIN_SIZE):
         raise VsearchError(f"--sizes must each be at least {MIN_SIZE:,} vectors (recall@100 and IVF training need them)")
-    if config.queries < 1:
-        raise VsearchError("--queries must be at least 1")
+    if config.queries < 1 or config.dim < 1:
+        raise VsearchError("--queries and --dim must be at least 1")
     results: list[dict[str, Any]] = []
     for count in config.sizes if not config.embeddings else [0]:
         say(f"benchmarking N={count:,}" if count else f"benchmarking {config.embeddings}")

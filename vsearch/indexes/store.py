@@ -43,7 +43,8 @@ from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
 from vsearch.indexes.tuning import (RECALL_K, check_params, choose_build_params, exact_neighbours, gather,
-                                    memory_bytes, recall, sample_positions, tune_search)
+                                    memory_bytes, recall, sample_positions, shortfall_hint,
+                                    tune_search)
 from vsearch.indexes.vectors import VectorFile, VectorSource, entry_file, file_entry
 
 FORMAT = "vsearch-index/2"
@@ -253,6 +254,9 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         _mark_superseded(work, carried, note, held_last)
         note(f"recall@10 {measured['recall@10']} with "
              + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
+        if cls.search_params and measured["recall@10"] < config.target_recall:
+            note(f"that is below the target recall@10 {config.target_recall}: "
+                 + shortfall_hint(config.type, params, source.dim))
         return {
             "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
             "dim": source.dim, "metric": "cosine", "count": count, "kind": config.kind, **source.info(),

@@ -114,11 +114,29 @@ def _choose_hnsw(choice: Choice, target: float) -> None:
                           f"target recall@10 {target}")
 
 
+def _pq_sizes(dim: int) -> list[int]:
+    """The bytes per vector PQ may use on `dim`-d vectors: the usual code sizes where the dimension
+    allows them, any divisor of an unusual one (100-d, 8-d)."""
+    return ([m for m in PQ_BYTES if dim % m == 0 and dim // m >= 2]
+            or [m for m in range(1, dim + 1) if dim % m == 0])
+
+
+def shortfall_hint(index_type: str, params: dict[str, int], dim: int) -> str:
+    """The parameters to raise when a build's measured recall falls short of its target (the search
+    parameters were already swept as far as they go)."""
+    if index_type == "hnsw":
+        return (f"a denser graph may reach it: --param M={2 * params['M']} "
+                f"--param ef_construction={2 * params['ef_construction']}")
+    larger = [m for m in _pq_sizes(dim) if m > params["m"]]
+    more_bytes = f"--param m={larger[0]} (more bytes per vector) or " if larger else ""
+    return f"{more_bytes}--param k_factor={2 * params['k_factor']} (more candidates re-scored) may reach it"
+
+
 def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | None, target: float) -> None:
     # About 4 * sqrt(N) lists, with at least 39 training points per list as FAISS asks.
     nlist = max(1, min(_power_of_two(4 * math.sqrt(count)), 65536, _power_of_two(count / 39 / 2)))
     train = min(count, max(40 * nlist, 50_000), 500_000)
-    divisors = [m for m in PQ_BYTES if dim % m == 0 and dim // m >= 2]
+    divisors = _pq_sizes(dim)
     m = max((x for x in divisors if x <= dim // 8), default=divisors[0])
     why = f"m={m}: {m} bytes per vector ({dim // m} dims per sub-quantiser)"
     if memory_budget is not None:

@@ -26,6 +26,7 @@ be computed drops out, and the result says why.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from functools import cache, lru_cache, partial
 
 from vsearch.embeddings.lexical import NGRAM_WEIGHT, ngrams
 from vsearch.embeddings.media import MediaError, decode_image, read_all
+from vsearch.errors import VsearchError
 
 
 # A remote cover taking longer than this drops out of a query's reranking (the embed job waits on a
@@ -46,6 +48,13 @@ class Weights:
     ann: float = 1.0
     lexical: float = 0.3
     semantic: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Every part is evidence for a match: a negative weight would rank by its absence.
+        values = {"ann": self.ann, "lexical": self.lexical, "semantic": self.semantic}
+        if not all(math.isfinite(v) and v >= 0 for v in values.values()) or not any(values.values()):
+            shown = ",".join(f"{name}={value:g}" for name, value in values.items())
+            raise VsearchError(f"bad weights {shown}: each must be a number at least 0, and one above 0")
 
 
 @dataclass
