@@ -134,6 +134,13 @@ def test_reranking_lifts_covers_whose_text_holds_the_query(demo):
     assert all("演员表" in (h["ocr"] + h["title"]) for h in fused[:5])
 
 
+def test_a_query_nothing_resembles_says_so(demo):
+    answer = results(demo, "x", "-k", "3")  # no demo cover holds an x (nor a hash collision with one)
+    assert all(h["score"] == 0 for h in answer["results"])
+    assert any("nothing in the index resembles the query" in note for note in answer["notes"])
+    assert not any("resembles" in note for note in results(demo, "大宅门演员表")["notes"])
+
+
 def test_a_file_of_queries_gives_json_lines(demo, tmp_path):
     queries = tmp_path / "queries.txt"
     queries.write_text("大宅门演员表\n\n周杰伦个人资料\n", encoding="utf-8")

@@ -243,6 +243,9 @@ class Searcher:
         seconds["rerank"] = time.perf_counter() - started
         hits = [Hit(rank, c.id, c.score, c.title, c.ocr, c.uri, c.parts)
                 for rank, c in enumerate(pool[:config.k], start=1)]
+        if hits and max(hit.score for hit in hits) <= 0:
+            notes.append("nothing in the index resembles the query (every score is 0 or below): "
+                         "these results are in no particular order")
         return Result(text, hits, notes, seconds)
 
 
