@@ -6,9 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from vsearch.embeddings.shards import MANIFEST
 from tests.conftest import write_cbvs_covers
@@ -16,10 +18,11 @@ from tests.conftest import write_cbvs_covers
 ROWS, SHARD = 60_000, 1_000
 
 
-def embed(source, out, workspace):
+def embed(source, out, workspace, workers=2):
+    """`workers` 2 runs the job in two processes, 0 in this one."""
     command = [sys.executable, "-m", "vsearch", "--workspace", str(workspace.root), "embed",
                "--dataset", str(source), "--model", "lexical", "--out", str(out), "--shard-size", str(SHARD),
-               "--batch-size", "100"]
+               "--batch-size", "100", "--workers", str(workers)]
     # Ctrl-C must reach it even where the test runner was started with SIGINT ignored (a background job).
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -44,22 +47,40 @@ def table(out):
     return pa.concat_tables(pq.read_table(out / s["name"]) for s in shards).sort_by("id")
 
 
-def test_sigkill_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_path, workspace):
+def children(pid):
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pids, seconds=20):
+    deadline = time.monotonic() + seconds
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["one process", "two processes"])
+def test_sigkill_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(workers, tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "covers.txt", ROWS)
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
 
-    process = embed(source, interrupted, workspace)
+    process = embed(source, interrupted, workspace, workers)
     wait_for_shards(process, interrupted, 3)
+    helpers = children(process.pid)
+    assert len(helpers) >= workers  # and, with processes, multiprocessing's resource tracker
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    written = len(list(interrupted.glob("*.parquet")))
+    assert gone(helpers)
+    # A process may finish the shard it was writing, but none goes on to the rest of its share.
+    assert len(list(interrupted.glob("*.parquet"))) <= written + 4 * workers
     done_before = len(recorded_shards(interrupted))
     assert 3 <= done_before < ROWS // SHARD
 
-    resumed = embed(source, interrupted, workspace)
+    resumed = embed(source, interrupted, workspace, workers)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert f"{done_before} shards already done" in " ".join(err.split())
-    assert embed(source, reference, workspace).wait(timeout=300) == 0
+    assert embed(source, reference, workspace, workers=0).wait(timeout=300) == 0
 
     got, want = table(interrupted), table(reference)
     assert got.num_rows == want.num_rows == ROWS

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vsearch.embeddings.job import EmbedConfig, run_embed
+from vsearch.embeddings.datasets import open_dataset
+from vsearch.embeddings.job import EmbedConfig, run_embed, text_processes
 from vsearch.embeddings import shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError
@@ -78,6 +79,17 @@ def test_rerun_skips_complete_shards_and_writes_nothing_twice(tmp_path, workspac
     again = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace)
     assert (again.shards_written, again.shards_skipped) == (0, 3)
     assert {p.name: p.stat().st_mtime_ns for p in again.directory.glob("*.parquet")} == before
+
+
+def test_a_text_job_shared_among_processes_writes_what_one_process_writes(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    config = EmbedConfig(model="lexical", dataset=str(source), shard_size=50)
+    one = run_embed(replace(config, workers=0, out=tmp_path / "one"), workspace)
+    shared = run_embed(replace(config, workers=2, out=tmp_path / "shared"), workspace)
+    assert text_processes(open_dataset(str(source), workspace), replace(config, workers=2)) == 2
+    assert text_processes(open_dataset(str(source), workspace), replace(config, workers=2, shard_size=120)) == 1
+    assert [s["name"] for s in shared.manifest.shards] == [s["name"] for s in one.manifest.shards]
+    assert rows_of(shared.directory) == rows_of(one.directory)
 
 
 @pytest.mark.parametrize("limit, expected", [(None, 120), (70, 70), (500, 120)])

@@ -92,7 +92,8 @@ def embed(
     shard_size: Annotated[int, typer.Option(help="Dataset rows per shard.")] = 10_000,
     batch_size: Annotated[int, typer.Option(help="Images per encoder call (halved on CUDA out-of-memory).")] = 256,
     workers: Annotated[Optional[int], typer.Option(
-        help="Processes reading and decoding media, shared by the GPUs (default: the cores, at most 8 a GPU).")] = None,
+        help="Processes reading and decoding media, shared by the GPUs; with lexical, processes encoding "
+             "the text (default: the cores, at most 8 a GPU).")] = None,
     decode: Annotated[str, typer.Option(help="Where JPEG covers are decoded: auto (GPU when there is one), device, workers.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Embed only the first N rows.")] = None,
     ocr: Annotated[bool, typer.Option(

@@ -8,13 +8,16 @@ shard the manifest lists as made from the rows now at its place, and encodes onl
 Reading (DataLoader workers), encoding (this process, on the device) and writing (a background
 thread) overlap. With several devices, one process per device encodes the shards whose number
 modulo the device count is its rank, writes them, and reports them here; this process alone
-updates the manifest.
+updates the manifest. A text-only encoder (lexical) shares the shards among processes the same
+way, one a core (`text_processes`).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -337,9 +340,32 @@ class ResumePlan:
         return True
 
 
+def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
+    """How many processes embed covers with a text-only encoder: one a worker (`--workers`), each
+    reading the dataset and encoding its share of the shards (lexical runs in Python, a core a
+    process), once the dataset has more than one shard; one where `--ocr` reads the covers, whose
+    pool of processes has the cores already."""
+    if config.ocr or not config.workers or config.workers < 2:
+        return 1
+    first = sum(1 for _ in islice(_kind_rows(dataset, "cover", config.limit), config.shard_size + 1))
+    return config.workers if first > config.shard_size else 1
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once `parent` has gone (SIGKILL gives it no chance to stop its children),
+    rather than go on writing shards that no manifest will list, beside the job that resumes it."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str, kind: str,
-                    done: dict[tuple[str, int], dict[str, Any]], directory: str, results: Any) -> None:
+                    done: dict[tuple[str, int], dict[str, Any]], directory: str, results: Any, parent: int) -> None:
     """One device's share of the shards: encode, write the files, report each to the parent."""
+    _exit_with_parent(parent)
     try:
         workspace = Workspace.resolve(root)
         dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
@@ -364,16 +390,14 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
                     writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None],
                     on_done: Callable[[int], None], on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
-    """Run one process per device; return the lines they skipped, as repeats and as malformed, and
-    the number of shards the dataset has."""
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
+    """Run one process per device (for a text encoder, per core); return the lines they skipped, as
+    repeats and as malformed, and the number of shards the dataset has."""
+    context = multiprocessing.get_context("spawn")
     results = context.Queue()
     config = replace(config, workers=max(0, config.workers // len(devices)))
     processes = [context.Process(target=_device_process, daemon=False,
                                  args=(rank, devices, spec, config, str(workspace.root), kind,
-                                       writer.done, str(writer.directory), results))
+                                       writer.done, str(writer.directory), results, os.getpid()))
                  for rank in range(len(devices))]
     for process in processes:
         process.start()
@@ -488,8 +512,9 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
         skipped_lines = (0, 0)  # (repeated ids, malformed lines) as the last pass over the dataset counted
         shards = {}  # kind -> how many shards the dataset has
         for kind in kinds:
-            if len(devices) > 1 and hasattr(encoder, "encode_pixels"):
-                skipped_lines, shards[kind] = _run_on_devices(devices, encoder.spec, config, workspace, kind,
+            processes = devices if hasattr(encoder, "encode_pixels") else ["cpu"] * text_processes(dataset, config)
+            if len(processes) > 1:
+                skipped_lines, shards[kind] = _run_on_devices(processes, encoder.spec, config, workspace, kind,
                                                               writer, result, progress, done_before, on_text)
                 continue
             plan = ResumePlan(kind, writer.done, on_done=done_before)
