@@ -90,10 +90,11 @@ def test_sigkill_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(worke
     assert not list(interrupted.glob("*.tmp"))
 
 
-def test_ctrl_c_says_how_to_resume_and_the_rerun_completes_the_job(tmp_path, workspace):
+@pytest.mark.parametrize("workers", [0, 2], ids=["one process", "two processes"])
+def test_ctrl_c_says_how_to_resume_and_the_rerun_completes_the_job(workers, tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "covers.txt", ROWS)
     out = tmp_path / "shards"
-    process = embed(source, out, workspace)
+    process = embed(source, out, workspace, workers)
     wait_for_shards(process, out, 2)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
@@ -104,7 +105,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_completes_the_job(tmp_path, wor
     done_before = len(recorded_shards(out))
     assert not list(out.glob("*.tmp"))
 
-    resumed = embed(source, out, workspace)
+    resumed = embed(source, out, workspace, workers)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert f"{done_before} shards already done" in " ".join(err.split())

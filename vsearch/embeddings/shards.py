@@ -137,6 +137,8 @@ class ShardWriter:
     def __exit__(self, *exc: object) -> None:
         try:
             self.flush()
+            # A job cut short (Ctrl-C stops its processes mid-write) leaves no partial file behind.
+            _remove_partial_files(self.directory)
         finally:
             if self._lock is not None:
                 self._lock.close()
@@ -233,11 +235,17 @@ def _lock(directory: Path) -> IO[str]:
     return handle
 
 
+def _remove_partial_files(directory: Path) -> None:
+    """Remove the temporary files of shards whose writing stopped (the folder's lock is held, so
+    no one is writing them)."""
+    for partial in directory.glob("*.tmp"):
+        partial.unlink()
+
+
 def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Manifest:
     """The manifest to go on with: `fresh` for a new (or overwritten) folder, else the one there, if it
     was made by the same encoder from the same dataset."""
-    for stale in directory.glob("*.tmp"):
-        stale.unlink()
+    _remove_partial_files(directory)
     if overwrite:
         for old in (path for kind in KINDS for path in directory.glob(f"{kind}-*.parquet")):
             old.unlink()
