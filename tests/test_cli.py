@@ -257,6 +257,7 @@ def test_bring_your_own_embeddings_answer_text_queries_once_their_model_is_named
     (["build-index", "--type", "hnsw", "--param", "ef_search=0"], "ef_search must be at least 1"),
     (["build-index", "--type", "ivfpq", "--param", "opq=2"], "opq must be from 0 to 1"),
     (["build-index", "--threads", "0"], "--threads must be at least 1, or -1 for all cores"),
+    (["build-index", "--kind", "clip"], "no clip vectors in"),
     (["query", "大宅门", "--weights", "ann=-1"], "bad weights ann=-1,lexical=0.3,semantic=0.5: each must be"),
     (["query", "大宅门", "--weights", "ann=0,lexical=0,semantic=0"], "and one above 0"),
     (["query", "大宅门", "--device", "gpu"], "unknown --device 'gpu'"),

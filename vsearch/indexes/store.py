@@ -224,7 +224,8 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
              f"({source.excluded_rows:,} of them in these vectors)")
     count = source.count
     if count == 0:
-        raise VsearchError(f"no {config.kind} vectors in {source.directory}: nothing to index")
+        hint = " (vsearch embed --kind clip makes them)" if config.kind == "clip" else ""
+        raise VsearchError(f"no {config.kind} vectors in {source.directory}: nothing to index{hint}")
     defaults = {**cls.build_params, **cls.search_params}
     choice = choose_build_params(config.type, defaults, count, source.dim, config.params,
                                  config.memory_budget, config.target_recall)
