@@ -172,7 +172,7 @@ def test_a_recall_below_the_target_is_said_with_what_to_raise(byo, tmp_path):
     info = build_index(BuildConfig(type="ivfpq", params=params), open_source(byo[0]), tmp_path / "index",
                        note=notes.append)
     assert info["recall"]["recall@10"] < 0.95
-    assert f"that is below the target recall@10 0.95: --param m=8 (more bytes per vector) or --param k_factor=2" \
+    assert "that is below the target recall@10 0.95: --param m=8 (more bytes per vector) or --param k_factor=2" \
         in "\n".join(notes)
 
 
