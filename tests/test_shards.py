@@ -92,6 +92,16 @@ def test_a_text_job_shared_among_processes_writes_what_one_process_writes(tmp_pa
     assert rows_of(shared.directory) == rows_of(one.directory)
 
 
+def test_a_remote_text_dataset_is_read_once_by_one_process(tmp_path, workspace):
+    import fsspec
+
+    with fsspec.open("memory://covers/c.txt", "wb") as remote:
+        remote.write(write_cbvs_covers(tmp_path / "c.txt", 120).read_bytes())
+    dataset = open_dataset("memory://covers/c.txt", workspace)
+    assert not dataset.is_local and len(list(dataset.rows())) == 120
+    assert text_processes(dataset, EmbedConfig(model="lexical", shard_size=50, workers=2)) == 1
+
+
 @pytest.mark.parametrize("limit, expected", [(None, 120), (70, 70), (500, 120)])
 def test_the_job_says_how_many_rows_to_expect_for_its_progress_bar(limit, expected, tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 120)

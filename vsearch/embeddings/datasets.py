@@ -82,6 +82,11 @@ class Dataset:
         # Listed once: a progress bar's count and the clip rows share one listing of the folder.
         self._videos_found = _Once(self._list_videos)
 
+    @property
+    def is_local(self) -> bool:
+        """Whether the dataset is read from this machine's file system (reading it twice costs no network)."""
+        return _is_local(url_to_fs(self.source)[0])
+
     def rows(self) -> Iterator[Row]:
         """Yield rows with unique ids, counting the lines skipped as repeats in `duplicates`, and
         those too short or not UTF-8 in `malformed`."""

@@ -343,9 +343,10 @@ class ResumePlan:
 def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
     """How many processes embed covers with a text-only encoder: one a worker (`--workers`), each
     reading the dataset and encoding its share of the shards (lexical runs in Python, a core a
-    process), once the dataset has more than one shard; one where `--ocr` reads the covers, whose
-    pool of processes has the cores already."""
-    if config.ocr or not config.workers or config.workers < 2:
+    process), once the dataset has more than one shard. One where `--ocr` reads the covers, whose
+    pool of processes has the cores already, and for a remote dataset, which each process would
+    download again."""
+    if config.ocr or not config.workers or config.workers < 2 or not dataset.is_local:
         return 1
     first = sum(1 for _ in islice(_kind_rows(dataset, "cover", config.limit), config.shard_size + 1))
     return config.workers if first > config.shard_size else 1
