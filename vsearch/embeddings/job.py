@@ -346,7 +346,7 @@ def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
     process), once the dataset has more than one shard. One where `--ocr` reads the covers, whose
     pool of processes has the cores already, and for a remote dataset, which each process would
     download again."""
-    if config.ocr or not config.workers or config.workers < 2 or not dataset.is_local:
+    if config.ocr or (config.workers or 0) < 2 or not dataset.is_local:
         return 1
     first = sum(1 for _ in islice(_kind_rows(dataset, "cover", config.limit), config.shard_size + 1))
     return config.workers if first > config.shard_size else 1
