@@ -288,7 +288,11 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
     indexed = {s["path"]: s["sha256"] for s in info["shards"]}
     changed = [f.name for f in source.files if indexed.get(str(f.path.resolve()), f.sha256) != f.sha256]
     if changed:
-        raise VsearchError(f"{changed[0]} changed since index {path} was built from it; rebuild the index")
+        # The index cannot tell which of its rows came from the file's old version (a build inserts
+        # the rows that measured its recall last), so it cannot retire the ones the file dropped.
+        raise VsearchError(f"{changed[0]} changed since index {path} was built from it (an embed rewrites a shard "
+                           f"whose rows changed, such as the last one when the dataset grew); rebuild the index, "
+                           f"or embed new covers as a dataset file of their own and append that")
     new = [f for f in source.files if str(f.path.resolve()) not in indexed]
     if not new:
         note(f"nothing to append: index {path} already holds every file in {source.directory}")
@@ -315,7 +319,8 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
                                   [entry_file(s) for s in info["shards"]] + new, source.encoder,
                                   source.id_column, source.vector_column)
         measured = _leave_one_out_recall(backend, everything, dict(info["params"]), recall_queries)
-        note(f"appended {new_rows:,} vectors from {len(new)} files; recall@10 now {measured['recall@10']}")
+        note(f"appended {new_rows:,} vectors from {len(new)} file{'' if len(new) == 1 else 's'}; "
+             f"recall@10 now {measured['recall@10']}")
         return {**info, "count": info["count"] + new_rows, "recall": measured,
                 "shards": info["shards"] + [file_entry(f) for f in new],
                 "appends": info.get("appends", []) + [{
