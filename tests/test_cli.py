@@ -206,7 +206,7 @@ def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, t
     assert cli("build-index", "--type", "hnsw", *args).code == 0
     part(1, range(200, 400))
     appended = cli("build-index", "--type", "hnsw", "--append", *args)
-    assert appended.code == 0 and "appended 200 vectors from 1 files" in appended.stderr
+    assert appended.code == 0 and "appended 200 vectors from 1 file;" in appended.stderr
     deleted = cli("delete", "k0", "k1", "missing", "--index", str(out))
     assert deleted.code == 0 and "2 ids deleted" in deleted.stderr and "missing" in deleted.stderr
 
