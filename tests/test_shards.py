@@ -88,6 +88,7 @@ def test_a_text_job_shared_among_processes_writes_what_one_process_writes(tmp_pa
     shared = run_embed(replace(config, workers=2, out=tmp_path / "shared"), workspace)
     assert text_processes(open_dataset(str(source), workspace), replace(config, workers=2)) == 2
     assert text_processes(open_dataset(str(source), workspace), replace(config, workers=2, shard_size=120)) == 1
+    assert text_processes(open_dataset(str(source), workspace), replace(config, workers=8)) == 3  # 3 shards
     assert [s["name"] for s in shared.manifest.shards] == [s["name"] for s in one.manifest.shards]
     assert rows_of(shared.directory) == rows_of(one.directory)
 

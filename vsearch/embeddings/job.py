@@ -14,6 +14,7 @@ way, one a core (`text_processes`).
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import queue
@@ -343,13 +344,15 @@ class ResumePlan:
 def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
     """How many processes embed covers with a text-only encoder: one a worker (`--workers`), each
     reading the dataset and encoding its share of the shards (lexical runs in Python, a core a
-    process), once the dataset has more than one shard. One where `--ocr` reads the covers, whose
+    process), but no more than the dataset has shards. One where `--ocr` reads the covers, whose
     pool of processes has the cores already, and for a remote dataset, which each process would
     download again."""
     if config.ocr or (config.workers or 0) < 2 or not dataset.is_local:
         return 1
-    first = sum(1 for _ in islice(_kind_rows(dataset, "cover", config.limit), config.shard_size + 1))
-    return config.workers if first > config.shard_size else 1
+    # Counting the first shards' rows is enough to know whether every process would have one.
+    enough = config.workers * config.shard_size
+    rows = sum(1 for _ in islice(_kind_rows(dataset, "cover", config.limit), enough))
+    return max(1, min(config.workers, math.ceil(rows / config.shard_size)))
 
 
 def _exit_with_parent(parent: int) -> None:
