@@ -186,6 +186,29 @@ def test_all_index_types_from_the_demo_shards(index_type, cli, workspace):
     assert {h["id"] for h in hits} == demo_relevant_ids()
 
 
+def test_an_index_catches_up_with_a_dataset_that_grew_by_append(cli, workspace, tmp_path):
+    from tests.conftest import write_cbvs_covers
+
+    lines = write_cbvs_covers(tmp_path / "all.txt", 400).read_text(encoding="utf-8").splitlines(keepends=True)
+    dataset = tmp_path / "covers.txt"
+    dataset.write_text("".join(lines[:300]), encoding="utf-8")
+    embed = ("embed", "--dataset", str(dataset), "--model", "lexical", "--shard-size", "128")
+    assert cli(*embed).code == 0 and cli("build-index", "--type", "flat").code == 0
+    title = lines[299].split("\t")[0]
+    first = json.loads(cli("query", title, "--json", "-k", "1").stdout)["results"][0]
+    assert first["title"] == title and cli("delete", first["id"]).code == 0
+    dataset.write_text("".join(lines), encoding="utf-8")  # 100 more covers: shard 2 is made again, shard 3 is new
+    assert cli(*embed).code == 0
+    appended = cli("build-index", "--type", "flat", "--append", "--dataset", "covers")
+    assert appended.code == 0, appended.stderr
+    assert "cover-00002.parquet changed since it was indexed: retiring its 44 old vectors, adding its 128 rows" \
+        in " ".join(appended.stderr.split())
+    hits = json.loads(cli("query", lines[399].split("\t")[0], "--json", "-k", "400").stdout)["results"]
+    ids = [h["id"] for h in hits]
+    assert len(ids) == len(set(ids)) == 399 and first["id"] not in ids  # each cover once, the deleted one left out
+    assert hits[0]["title"] == lines[399].split("\t")[0]
+
+
 def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, tmp_path):
     import numpy as np
     import pyarrow as pa

@@ -11,6 +11,7 @@ import pytest
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
+from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
 from tests.conftest import write_cbvs_covers
@@ -261,12 +262,83 @@ def test_an_id_deleted_then_appended_again_survives_a_rebuild(byo, tmp_path):
     assert ids[0, 0] == "doc0" and ids[1, 0] != "doc1"
 
 
-def test_append_refuses_a_file_that_changed(byo, tmp_path):
+def test_each_file_records_the_labels_of_its_rows(byo, tmp_path):
     folder, vectors = byo
     build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    delete_ids(tmp_path / "index", ["doc3", "doc1600"])
+    info = build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")  # leaves them out
+    rows = Rows(tmp_path / "index" / "rows.arrow")
+    held = info["count"] - info["recall"]["queries"]
+    for entry, first in zip(info["shards"], (0, 1500)):
+        labels = np.concatenate([np.arange(a, b) for a, b in entry["labels"]])
+        assert entry["labels"][-1][0] >= held  # the rows held out to measure recall went in last
+        ids = set(rows.take(labels).column("id").to_pylist())
+        assert ids == {f"doc{i}" for i in range(first, first + 1500)} - {"doc3", "doc1600"}
+
+
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_an_append_replaces_the_vectors_of_a_file_that_changed(index_type, engine, byo, tmp_path):
+    folder, vectors = byo
+    path = tmp_path / "index"
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), path)
+    more = clustered(100, seed=7)  # part-1 now: doc1500..doc2799 as before, doc2800..doc2999 gone, 100 new rows
+    write_parquet(folder, np.concatenate([vectors[1500:2800], more]), 1500, "part-1.parquet")
+    notes = []
+    info = append_index(path, open_source(folder), note=notes.append)
+    assert "part-1.parquet changed since it was indexed: retiring its 1,500 old vectors, adding its 1,400 rows" in notes
+    assert info["appends"][-1]["changed"] == ["part-1.parquet"] and info["appends"][-1]["retired"] == 1500
+    index = load_index(path)
+    assert len(index) == 2900
+    _, ids = index.search(np.concatenate([vectors[[10, 2000, 2900]], more[50:51]]), 5)
+    assert ids[0, 0] == "doc10" and ids[1, 0] == "doc2000" and ids[3, 0] == "doc2850"
+    assert "doc2900" not in ids[2] and all(len(set(row)) == 5 for row in ids)  # each id once
+    write_parquet(folder, vectors[2900:2901], 2900, "part-1.parquet")  # changed again
+    append_index(path, open_source(folder))
+    assert load_index(path).search(vectors[2900:2901], 1)[1][0, 0] == "doc2900" and len(load_index(path)) == 1501
+
+
+def test_an_id_deleted_stays_deleted_when_its_file_changes_and_a_rebuild_keeps_retired_ids(byo, tmp_path):
+    folder, vectors = byo
+    path = tmp_path / "index"
+    build_index(BuildConfig(type="flat"), open_source(folder), path)
+    delete_ids(path, ["doc1501"])
+    write_parquet(folder, vectors[1500:2000], 1500, "part-1.parquet")  # doc2000..doc2999 gone
+    append_index(path, open_source(folder))
+    _, ids = load_index(path).search(vectors[[1501, 2500]], 3)
+    assert "doc1501" not in ids[0] and "doc2500" not in ids[1]
+    write_parquet(folder, vectors[2500:2501], 2500, "part-2.parquet")  # doc2500 again, in a file of its own
+    build_index(BuildConfig(type="flat"), open_source(folder), path)  # a retired vector is not a deleted id
+    _, ids = load_index(path).search(vectors[[1501, 2500]], 3)
+    assert "doc1501" not in ids[0] and ids[1, 0] == "doc2500"
+
+
+def test_append_refuses_a_changed_file_of_an_index_that_does_not_record_its_labels(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    manifest = tmp_path / "index" / "index.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "shards": [{k: v for k, v in s.items() if k != "labels"}
+                                                       for s in info["shards"]]}))
     write_parquet(folder, vectors[:1500][::-1], 0, "part-0.parquet")
-    with pytest.raises(VsearchError, match="part-0.parquet changed since"):
+    with pytest.raises(VsearchError, match="part-0.parquet changed since.*predates.*rebuild the index"):
         append_index(tmp_path / "index", open_source(folder))
+
+
+def test_append_keeps_the_vectors_of_files_gone_from_the_folder_and_says_so(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    (folder / "part-0.parquet").unlink()
+    write_parquet(folder, clustered(10, seed=3), 3000, "part-2.parquet")
+    notes = []
+    append_index(tmp_path / "index", open_source(folder), note=notes.append)
+    assert any("no longer holds 1 file the index was built from" in n for n in notes)
+    assert len(load_index(tmp_path / "index")) == 3010
+
+
+def test_append_refuses_shards_of_the_other_kind(embedded, tmp_path):
+    build_index(BuildConfig(type="flat"), open_source(embedded), tmp_path / "index")
+    with pytest.raises(VsearchError, match="holds cover vectors, not clip ones: pass --kind cover"):
+        append_index(tmp_path / "index", open_source(embedded, "clip"))
 
 
 @pytest.mark.parametrize("index_type, engine", TYPES)

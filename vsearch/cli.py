@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, counted
 from vsearch.workspace import ENV_VAR, Workspace
 
 if TYPE_CHECKING:
@@ -126,18 +126,14 @@ def embed(
     changed = {"shards made again, their rows having changed since the last run": result.shards_redone,
                "shards removed, past the dataset's new end": result.shards_removed}
     stderr.print(
-        f"{_counted(result.rows_written, 'vector')} written in {_counted(result.shards_written, 'shard')}, "
-        f"{_counted(result.shards_skipped, 'shard')} already done, {result.rows_failed:,} failed "
+        f"{counted(result.rows_written, 'vector')} written in {counted(result.shards_written, 'shard')}, "
+        f"{counted(result.shards_skipped, 'shard')} already done, {result.rows_failed:,} failed "
         f"(reasons in {result.directory / '_manifest.json'}) -> {result.directory}"
         + "".join(f"; {count:,} {what} skipped" for what, count in skipped.items() if count)
         + "".join(f"; {what}: {count:,}" for what, count in changed.items() if count)
     )
     if result.times.model + result.times.input + result.times.output >= 10:  # long enough to be worth tuning
         stderr.print(_stage_line(result.times))
-
-
-def _counted(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _stage_line(times: StageTimes) -> str:
@@ -289,7 +285,7 @@ def delete(
         raise VsearchError("no ids to delete: give ids or --ids-file")
     index_dir = _index_dir(ctx.obj, index)
     deleted, unknown = delete_ids(index_dir, wanted)
-    stderr.print(f"{_counted(deleted, 'id')} deleted from {index_dir}" + (f"; not in the index: {', '.join(unknown[:5])}"
+    stderr.print(f"{counted(deleted, 'id')} deleted from {index_dir}" + (f"; not in the index: {', '.join(unknown[:5])}"
                                                              + (" …" if len(unknown) > 5 else "") if unknown else ""))
 
 

@@ -3,16 +3,18 @@
 `indexes/<name>/` holds:
 
     index.json       manifest: type, engine, build and search parameters and why they were chosen,
-                     dim, metric, count, kind, the files it was built from (with checksums), the
-                     encoder spec and fingerprint, build time and id, measured recall, appends
+                     dim, metric, count, kind, the files it was built from (with checksums and
+                     the labels of their rows), the encoder spec and fingerprint, build time and
+                     id, measured recall, appends
     index.faiss | index.hnsw   the library's own file, loadable by plain faiss or hnswlib
     vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
     rows.arrow       row i: the id and metadata (title, ocr, uri, ...) of library label i, read
                      memory-mapped (see rows.py)
     deleted.parquet  `label`, `id` of deleted rows, filtered out at query time: deleted ids, and
-                     vectors replaced by a later one with the same id (appends are upserts); a
-                     rebuild into the same folder leaves deleted ids out and keeps them here with
-                     label -1, so a deleted id stays deleted until an append brings it back
+                     vectors replaced by a later one with the same id (appends are upserts), and,
+                     with a null id, the retired vectors of a file's old version; a rebuild into
+                     the same folder leaves deleted ids out and keeps them here with label -1, so
+                     a deleted id stays deleted until an appended new file brings it back
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
 place, so a failed build never replaces a good index; the next build removes what a killed one left.
@@ -38,14 +40,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vsearch.errors import VsearchError, first_line
+from vsearch.errors import VsearchError, counted, first_line
 from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
 from vsearch.indexes.tuning import (RECALL_K, check_params, choose_build_params, exact_neighbours, gather,
                                     memory_bytes, recall, sample_positions, shortfall_hint,
                                     tune_search)
-from vsearch.indexes.vectors import VectorFile, VectorSource, entry_file, file_entry
+from vsearch.indexes.vectors import VectorFile, VectorSource, file_entry
 
 FORMAT = "vsearch-index/2"
 MANIFEST = "index.json"
@@ -77,6 +79,8 @@ class HeldOut:
 
 def _add(backend: Backend, vectors: np.ndarray, rows: pa.Table, first_label: int, out: RowsWriter,
          origin: str) -> int:
+    if not len(rows):  # a batch wholly held out or left out
+        return first_label
     labels = np.arange(first_label, first_label + len(rows), dtype=np.int64)
     backend.add(np.ascontiguousarray(vectors, dtype=np.float32), labels)
     out.write(rows, origin)
@@ -200,15 +204,34 @@ def _held_out_recall(index_type: str, backend: Backend, source: VectorSource, he
     return _report(measured, len(queries), "held-out", sweep)
 
 
-def _leave_one_out_recall(backend: Backend, source: VectorSource, params: dict[str, int], queries: int) -> dict[str, Any]:
-    """Recall@10 of a sample of indexed rows as queries, each one's own row left out of both lists:
-    an optimistic estimate (the query is in the index), used where nothing could be held out."""
-    positions = sample_positions(source.count, queries, seed=1)
-    vectors = gather(source, positions)
-    truth = exact_neighbours(source, vectors, RECALL_K + 1)
-    backend.set_search(params)
-    measured = recall(backend.search, vectors, positions, truth)
-    return _report(measured, len(positions), "leave-one-out", [])
+def _leave_one_out_recall(work: Path, info: dict[str, Any], queries: int) -> dict[str, Any]:
+    """Recall@10 of a sample of the vectors the index in `work` shows as queries, each one's own label
+    left out of both lists, against exact search over all of them, read back from the index (an
+    append needs none of the files it was built from): an optimistic estimate (the queries are in
+    the index), used where nothing could be held out."""
+    index = Index(work, info)
+    live = np.setdiff1d(np.arange(index.rows.count), index.deleted)
+    own = live[sample_positions(len(live), queries, seed=1)]
+    vectors = index.backend.vectors(own)
+    truth = index.search_among(vectors, live, RECALL_K + 1)
+    return _report(recall(index.search_labels, vectors, own, truth), len(own), "leave-one-out", [])
+
+
+def _file_labels(source: VectorSource, held: np.ndarray) -> list[list[list[int]]]:
+    """Each file's labels, as [start, end) ranges: its rows went in in order, but for those `held`
+    out to measure recall, which went in last. An append retires a file's labels when it changes."""
+    kept = source.count - len(held)
+    ranges = []
+    for start, rows in zip(source.file_starts, source.live_rows):
+        before, through = np.searchsorted(held, [start, start + rows]).tolist()
+        spans = [(start - before, start + rows - through), (kept + before, kept + through)]
+        ranges.append([[first, end] for first, end in spans if end > first])
+    return ranges
+
+
+def _entry_labels(entry: dict[str, Any]) -> np.ndarray:
+    return np.concatenate([np.arange(first, end, dtype=np.int64) for first, end in entry["labels"]]
+                          or [np.empty(0, np.int64)])
 
 
 def build_index(config: BuildConfig, source: VectorSource, destination: Path,
@@ -243,91 +266,144 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         backend.prepare(work, count)
         held = HeldOut(sample_positions(count, min(config.recall_queries, count // 10), seed=1))
         tune = not set(cls.search_params) & set(config.params)
+        measured = None
         with RowsWriter(work / ROWS, source.row_schema) as rows:
             label = _add_files(backend, source, source.files, 0, rows, on_rows, held)
             if len(held.positions):
                 measured = _held_out_recall(config.type, backend, source, held, params, tune, config.target_recall)
                 _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
-            else:
-                measured = _leave_one_out_recall(backend, source, params, config.recall_queries)
         backend.save(work)
         held_last = np.concatenate([np.delete(np.arange(count), held.positions), held.positions])
         _mark_superseded(work, carried, note, held_last)
-        note(f"recall@10 {measured['recall@10']} with "
-             + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
-        if cls.search_params and measured["recall@10"] < config.target_recall:
-            note(f"that is below the target recall@10 {config.target_recall}: "
-                 + shortfall_hint(config.type, params, source.dim))
-        return {
+        info = {
             "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
             "dim": source.dim, "metric": "cosine", "count": count, "kind": config.kind, **source.info(),
-            "shards": [file_entry(f) for f in source.files],
+            "shards": [{**file_entry(f), "labels": labels}
+                       for f, labels in zip(source.files, _file_labels(source, held.positions))],
             "files": {"index": cls.file_name, "rows": ROWS},
             "memory_bytes": memory_bytes(config.type, count, source.dim, params), "recall": measured,
             "build_seconds": round(time.perf_counter() - started, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_id": uuid.uuid4().hex, "appends": [],
         }
+        if measured is None:  # too few rows to hold any out
+            info["recall"] = _leave_one_out_recall(work, info, config.recall_queries)
+        note(f"recall@10 {info['recall']['recall@10']} with "
+             + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
+        if cls.search_params and info["recall"]["recall@10"] < config.target_recall:
+            note(f"that is below the target recall@10 {config.target_recall}: "
+                 + shortfall_hint(config.type, params, source.dim))
+        return info
 
     return _in_work_dir(destination, fill)
 
 
-def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
-                 note: Notes = lambda line: None, recall_queries: int = 500,
-                 on_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """Add the files of `source` that the index at `path` has not seen, without rebuilding it;
-    `on_total(n)` once with the number of vectors to add, `on_rows(n)` as they are."""
-    info = read_index_manifest(path)
+def _check_appendable(path: Path, info: dict[str, Any], source: VectorSource) -> None:
     if _holds(path, source):
         raise VsearchError(f"cannot append {source.directory} to index {path}: the embeddings are inside the "
                            f"index folder, which an append replaces; move them to a folder of their own")
+    if source.kind is not None and source.kind != info.get("kind", "cover"):
+        raise VsearchError(f"index {path} holds {info.get('kind', 'cover')} vectors, not {source.kind} ones: "
+                           f"pass --kind {info.get('kind', 'cover')}")
     if source.dim != info["dim"]:
         raise VsearchError(f"cannot append {source.dim}-d vectors to the {info['dim']}-d index {path}")
     if source.encoder and info.get("encoder") and source.encoder["fingerprint"] != info["encoder"]["fingerprint"]:
         raise VsearchError(f"cannot append vectors from {source.encoder['spec']} to index {path}, "
                            f"built from {info['encoder']['spec']}: different model weights")
-    indexed = {s["path"]: s["sha256"] for s in info["shards"]}
-    changed = [f.name for f in source.files if indexed.get(str(f.path.resolve()), f.sha256) != f.sha256]
-    if changed:
-        # The index cannot tell which of its rows came from the file's old version (a build inserts
-        # the rows that measured its recall last), so it cannot retire the ones the file dropped.
-        raise VsearchError(f"{changed[0]} changed since index {path} was built from it (an embed rewrites a shard "
-                           f"whose rows changed, such as the last one when the dataset grew); rebuild the index, "
-                           f"or embed new covers as a dataset file of their own and append that")
-    new = [f for f in source.files if str(f.path.resolve()) not in indexed]
-    if not new:
+
+
+def _changed_entries(path: Path, info: dict[str, Any], source: VectorSource, note: Notes) -> list[dict[str, Any]]:
+    """The manifest entries of the index's files that `source` holds in another version, whose vectors
+    an append retires; notes the files gone from the source's folder, whose vectors stay."""
+    current = {str(f.path.resolve()): f.sha256 for f in source.files}
+    changed = [s for s in info["shards"] if current.get(s["path"], s["sha256"]) != s["sha256"]]
+    unlabelled = [s["name"] for s in changed if "labels" not in s]
+    if unlabelled:
+        raise VsearchError(f"{unlabelled[0]} changed since index {path} was built from it, and the index predates "
+                           f"vsearch's record of which vectors came from which file; rebuild the index")
+    folder = source.directory.resolve()
+    gone = [s for s in info["shards"] if Path(s["path"]).parent == folder and s["path"] not in current]
+    if gone:
+        note(f"{folder} no longer holds {counted(len(gone), 'file')} the index was built from; their vectors "
+             f"stay in it (vsearch delete or a rebuild drops them)")
+    return changed
+
+
+def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
+                 note: Notes = lambda line: None, recall_queries: int = 500,
+                 on_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Bring the index at `path` up to date with the files of `source`, without rebuilding it: add
+    the files it has not seen, and for each file that changed since (such as the last shard of a
+    dataset that grew) retire the vectors of its old version and add its rows again. Ids deleted
+    from the index stay deleted where a changed file holds them again; a new file brings them back.
+    `on_total(n)` once with the number of vectors to add, `on_rows(n)` as they are."""
+    info = read_index_manifest(path)
+    _check_appendable(path, info, source)
+    changed = _changed_entries(path, info, source, note)
+    indexed = {s["path"] for s in info["shards"]} - {s["path"] for s in changed}
+    adding = [f for f in source.files if str(f.path.resolve()) not in indexed]
+    if not adding:
         note(f"nothing to append: index {path} already holds every file in {source.directory}")
         return info
     cls = backend_class(info["type"], info["engine"])
     started = time.perf_counter()
+    retired = np.concatenate([_entry_labels(s) for s in changed] or [np.empty(0, np.int64)])
+    rows_now = {str(f.path.resolve()): f.rows for f in adding}
+    for entry in changed:
+        note(f"{entry['name']} changed since it was indexed: retiring its "
+             f"{counted(len(_entry_labels(entry)), 'old vector')}, adding its {counted(rows_now[entry['path']], 'row')}")
 
     def fill(work: Path) -> dict[str, Any]:
         for name in [p.name for p in path.glob("vectors-*.npy")] + [DELETED]:
             if (path / name).exists():
                 os.link(path / name, work / name)  # unchanged files: share them, don't copy
         backend = cls.load(path, info["dim"], info["params"], writable=True)
-        new_rows = sum(f.rows for f in new)
+        new_rows = sum(f.rows for f in adding)
         on_total(new_rows)
         backend.prepare(work, new_rows)
         existing = Rows(path / ROWS)
         with RowsWriter(work / ROWS, existing.schema) as rows:
             for table in existing.tables():
                 rows.write(table, str(path / ROWS))
-            _add_files(backend, source, new, info["count"], rows, on_rows)
+            _add_files(backend, source, adding, info["count"], rows, on_rows)
         backend.save(work)
-        _mark_superseded(work, _deleted(path), note)
-        everything = VectorSource(source.directory, source.dataset, source.dim,
-                                  [entry_file(s) for s in info["shards"]] + new, source.encoder,
-                                  source.id_column, source.vector_column)
-        measured = _leave_one_out_recall(backend, everything, dict(info["params"]), recall_queries)
-        note(f"appended {new_rows:,} vectors from {len(new)} file{'' if len(new) == 1 else 's'}; "
-             f"recall@10 now {measured['recall@10']}")
-        return {**info, "count": info["count"] + new_rows, "recall": measured,
-                "shards": info["shards"] + [file_entry(f) for f in new],
-                "appends": info.get("appends", []) + [{
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": [f.name for f in new], "rows": new_rows,
-                    "seconds": round(time.perf_counter() - started, 3)}]}
+        del backend  # the recall check loads the saved index: don't hold two copies of a big one
+        starts = (info["count"] + np.cumsum([0] + [f.rows for f in adding])).tolist()
+        entries = [{**file_entry(f), "labels": [[first, first + f.rows]]} for f, first in zip(adding, starts)]
+        again = [e for e in entries if e["path"] in {s["path"] for s in changed}]
+        deleted = _deleted(path)
+        _mark_superseded(work, pa.concat_tables([deleted, _retired_rows(retired, deleted),
+                                                 _deleted_again(path, work, again)]), note)
+        appended = {**info, "count": info["count"] + new_rows,
+                    "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
+                    "appends": info.get("appends", []) + [{
+                        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": [f.name for f in adding],
+                        "rows": new_rows, "changed": [s["name"] for s in changed], "retired": len(retired),
+                        "seconds": round(time.perf_counter() - started, 3)}]}
+        appended["recall"] = _leave_one_out_recall(work, appended, recall_queries)
+        note(f"appended {counted(new_rows, 'vector')} from {counted(len(adding), 'file')}; "
+             f"recall@10 now {appended['recall']['recall@10']}")
+        return appended
 
     return _in_work_dir(path, fill)
+
+
+def _retired_rows(labels: np.ndarray, deleted: pa.Table) -> pa.Table:
+    """Deleted rows for the vectors of a changed file's old version, those not deleted already. They
+    have no id: they are not deleted ids, which a rebuild leaves out, only vectors no longer shown."""
+    fresh = np.setdiff1d(labels, deleted.column("label").to_numpy())
+    return _deleted_rows(fresh, pa.nulls(len(fresh), pa.string()))
+
+
+def _deleted_again(path: Path, work: Path, entries: list[dict[str, Any]]) -> pa.Table:
+    """Deleted rows for the ids deleted from the index at `path` that the new versions of changed files
+    (`entries`, added in `work`) hold again: a file re-embedded is not a request to bring them back."""
+    gone = _still_deleted(path).column("id").combine_chunks()
+    labels = np.concatenate([_entry_labels(e) for e in entries] or [np.empty(0, np.int64)])
+    if not len(gone) or not len(labels):
+        return _deleted_rows(np.empty(0, np.int64), pa.array([], pa.string()))
+    ids = Rows(work / ROWS).take(labels).column("id")
+    hit = pc.is_in(ids, value_set=gone).to_numpy(zero_copy_only=False)
+    return _deleted_rows(labels[hit], ids.filter(pa.array(hit)))
 
 
 def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
@@ -390,6 +466,7 @@ def _still_deleted(path: Path) -> pa.Table:
     """The ids deleted from the index at `path` that it does not hold again (an append can bring a
     deleted id back), as deleted rows of label -1 for the index that replaces it."""
     deleted = _deleted(path)
+    deleted = deleted.filter(pc.is_valid(deleted.column("id")))  # retired vectors are not deleted ids
     if not len(deleted):
         return deleted
     ids = deleted.column("id").combine_chunks()
@@ -442,9 +519,9 @@ class Index:
     """A loaded index: `search(queries, k)` returns cosine scores and string ids, deleted ids left out.
     Threads may search one index at once."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, manifest: dict[str, Any] | None = None):
         self.path = path
-        self.manifest = read_index_manifest(path)
+        self.manifest = manifest or read_index_manifest(path)
         cls = backend_class(self.manifest["type"], self.manifest.get("engine"))
         self.dim = int(self.manifest["dim"])
         try:

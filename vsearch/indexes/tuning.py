@@ -8,8 +8,9 @@ many vectors tied at a score, any of which is a right answer, and counting by la
 correct index wrong and sent the tuning after a recall it could not reach. A build
 measures it on rows held out of the index until then (see `store.build_index`): queries the
 index has not seen, as real queries are. Where nothing can be held out (an append), a sample of
-indexed rows serve, each one's own row left out of both lists; that leave-one-out figure is
-optimistic for graphs, whose search starts next to a query that is itself in the graph.
+the vectors the index shows serve, read back from it and searched for among all of them, each
+one's own label left out of both lists; that leave-one-out figure is optimistic for graphs, whose
+search starts next to a query that is itself in the graph.
 """
 
 from __future__ import annotations

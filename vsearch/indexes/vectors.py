@@ -47,6 +47,7 @@ class VectorSource:
     id_column: str = "id"
     vector_column: str = "vector"
     excluded: frozenset[str] = frozenset()  # ids left out (deleted from the index a build replaces)
+    kind: str | None = None  # the kind of vsearch shards it reads; None for bring-your-own embeddings
 
     @property
     def count(self) -> int:
@@ -160,10 +161,6 @@ def file_entry(file: VectorFile) -> dict[str, Any]:
     return {"name": file.name, "path": str(file.path.resolve()), "rows": file.rows, "sha256": file.sha256}
 
 
-def entry_file(entry: dict[str, Any]) -> VectorFile:
-    return VectorFile(entry["name"], Path(entry["path"]), entry["rows"], entry["sha256"])
-
-
 def _fixed_size_float(field: pa.Field) -> bool:
     return pa.types.is_fixed_size_list(field.type) and pa.types.is_floating(field.type.value_type)
 
@@ -189,7 +186,7 @@ def shard_source(directory: Path, kind: str) -> VectorSource:
     manifest = Manifest.read(directory)
     files = [VectorFile(s["name"], directory / s["name"], s["rows"], s["sha256"])
              for s in manifest.shards if s["kind"] == kind]
-    return VectorSource(directory, manifest.dataset, manifest.dim, files, manifest.encoder)
+    return VectorSource(directory, manifest.dataset, manifest.dim, files, manifest.encoder, kind=kind)
 
 
 def parquet_source(directory: Path, id_column: str | None = None, vector_column: str | None = None) -> VectorSource:
