@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,24 @@ def test_bench_makes_its_scratch_folder(cli, tmp_path):
     assert result.code == 0, result.err
     assert scratch.is_dir() and list(scratch.iterdir()) == []  # its temporary folder is gone
     assert "| 1,000 | flat (faiss) |" in (tmp_path / "ann.md").read_text()
+
+
+def test_a_killed_bench_leaves_no_build_running(tmp_path):
+    from tests.test_indexes import clustered, write_parquet
+    from tests.test_resume import children, gone
+
+    write_parquet(tmp_path / "byo", clustered(150_000, dim=32))  # a build of ten seconds or so
+    command = [sys.executable, "-m", "vsearch", "bench", "--embeddings", str(tmp_path / "byo"), "--indexes", "hnsw",
+               "--out", str(tmp_path / "ann"), "--scratch", str(tmp_path / "scratch")]
+    bench = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(children(bench.pid)) < 2 and bench.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the build's process, beside multiprocessing's resource tracker
+    helpers = children(bench.pid)
+    assert len(helpers) >= 2, "the bench finished before it could be stopped"
+    os.kill(bench.pid, signal.SIGKILL)
+    bench.wait()
+    assert gone(helpers, seconds=5)  # the build alone would take several more
 
 
 def run_script(script: str, *args: str) -> None:

@@ -1,10 +1,13 @@
 """Overlapping a stage's reading with its work: the embed job's readers and GPU decoding with the
 model, the index build's Parquet decoding with graph insertion, counting a dataset's lines while
-the job that reads them starts."""
+the job that reads them starts; and the processes a command starts for such work, which end
+with it."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -41,3 +44,15 @@ def in_background(compute: Callable[[], T | None], on_result: Callable[[T], None
     thread = threading.Thread(target=run, name=getattr(compute, "__name__", "background"), daemon=True)
     thread.start()
     return thread
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this process once `parent` has gone (SIGKILL gives it no chance to stop its children),
+    rather than go on working for a command no one waits for: an embed job's processes writing
+    shards that no manifest will list, beside the job that resumes it; a benchmark's build."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -18,7 +18,6 @@ import math
 import multiprocessing
 import os
 import queue
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
 from vsearch.embeddings.shards import Manifest, ShardWriter, made_from, shard_schema, write_shard_file
 from vsearch.errors import VsearchError
-from vsearch.overlap import in_background, read_ahead
+from vsearch.overlap import exit_with_parent, in_background, read_ahead
 from vsearch.workspace import Workspace
 
 KINDS = {"cover": ("cover",), "clip": ("clip",), "both": ("cover", "clip")}
@@ -355,21 +354,10 @@ def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
     return max(1, min(config.workers, math.ceil(rows / config.shard_size)))
 
 
-def _exit_with_parent(parent: int) -> None:
-    """End this process once `parent` has gone (SIGKILL gives it no chance to stop its children),
-    rather than go on writing shards that no manifest will list, beside the job that resumes it."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.1)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str, kind: str,
                     done: dict[tuple[str, int], dict[str, Any]], directory: str, results: Any, parent: int) -> None:
     """One device's share of the shards: encode, write the files, report each to the parent."""
-    _exit_with_parent(parent)
+    exit_with_parent(parent)
     try:
         workspace = Workspace.resolve(root)
         dataset = open_dataset(config.dataset, workspace, config.images, config.videos)

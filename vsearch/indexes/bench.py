@@ -37,6 +37,7 @@ from vsearch.indexes.backends import ENGINES, HnswlibBackend, IvfPqBackend
 from vsearch.indexes.store import BuildConfig, Index, build_index, load_index
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at, sample_positions
 from vsearch.indexes.vectors import VectorSource, open_source
+from vsearch.overlap import exit_with_parent
 
 SWEEPS = {"hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)],
           "ivfpq": [{"nprobe": p} for p in (4, 8, 16, 32, 64, 128)], "flat": [{}]}
@@ -108,7 +109,9 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _build_child(index_type: str, engine: str | None, source: VectorSource, path: Path, results: Any) -> None:
+def _build_child(index_type: str, engine: str | None, source: VectorSource, path: Path, results: Any,
+                 parent: int) -> None:
+    exit_with_parent(parent)
     try:
         info = build_index(BuildConfig(type=index_type, engine=engine), source, path)
     except VsearchError as exc:  # the vectors' fault (too few, an odd shape): the parent says so
@@ -124,7 +127,7 @@ def _build(index_type: str, engine: str | None, source: VectorSource, path: Path
     """
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    child = context.Process(target=_build_child, args=(index_type, engine, source, path, results))
+    child = context.Process(target=_build_child, args=(index_type, engine, source, path, results, os.getpid()))
     child.start()
     while True:
         try:
