@@ -199,7 +199,7 @@ def test_an_index_catches_up_with_a_dataset_that_grew_by_append(cli, workspace, 
     assert first["title"] == title and cli("delete", first["id"]).code == 0
     dataset.write_text("".join(lines), encoding="utf-8")  # 100 more covers: shard 2 is made again, shard 3 is new
     assert cli(*embed).code == 0
-    appended = cli("build-index", "--type", "flat", "--append", "--dataset", "covers")
+    appended = cli("build-index", "--append", "--dataset", "covers")  # to the index built from those shards
     assert appended.code == 0, appended.stderr
     assert "cover-00002.parquet changed since it was indexed: retiring its 44 old vectors, adding its 128 rows" \
         in " ".join(appended.stderr.split())
@@ -207,6 +207,12 @@ def test_an_index_catches_up_with_a_dataset_that_grew_by_append(cli, workspace, 
     ids = [h["id"] for h in hits]
     assert len(ids) == len(set(ids)) == 399 and first["id"] not in ids  # each cover once, the deleted one left out
     assert hits[0]["title"] == lines[399].split("\t")[0]
+    assert cli("build-index", "--type", "hnsw", "--dataset", "covers").code == 0
+    ambiguous = cli("build-index", "--append", "--dataset", "covers")
+    assert ambiguous.code == 1 and "2 indexes are built from" in ambiguous.stderr and "--name" in ambiguous.stderr
+    assert cli("build-index", "--append", "--dataset", "covers", "--type", "hnsw").code == 0
+    clips = cli("build-index", "--append", "--dataset", "covers", "--kind", "clip")
+    assert clips.code == 1 and "no clip index in" in clips.stderr
 
 
 def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, tmp_path):

@@ -188,7 +188,8 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
 @app.command("build-index")
 def build_index_command(
     ctx: typer.Context,
-    type: Annotated[str, typer.Option("--type", "-t", help="flat (exact), hnsw or ivfpq.")] = "hnsw",
+    type: Annotated[Optional[str], typer.Option(
+        "--type", "-t", help="flat (exact), hnsw (the default) or ivfpq; with --append, picks the index.")] = None,
     engine: Annotated[Optional[str], typer.Option(help="hnsw: hnswlib (default) or faiss.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset whose shards to index (default: the last embedded).")] = None,
     embeddings: Annotated[Optional[Path], typer.Option(
@@ -202,7 +203,9 @@ def build_index_command(
              "ivfpq: nlist, m, nbits, opq, train_size, opq_iterations, nprobe, k_factor.")] = [],
     memory_budget: Annotated[Optional[str], typer.Option(help="Memory the loaded index may use, e.g. 8GiB.")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 the chosen parameters must reach.")] = 0.95,
-    append: Annotated[bool, typer.Option(help="Add shards the index has not seen instead of rebuilding.")] = False,
+    append: Annotated[bool, typer.Option(
+        help="Add shards the index has not seen, and shards that changed, instead of rebuilding "
+             "(default index: the one built from these shards).")] = False,
     id_column: Annotated[Optional[str], typer.Option(help="Id column of bring-your-own Parquet (default id).")] = None,
     vector_column: Annotated[Optional[str], typer.Option(help="Vector column of bring-your-own Parquet.")] = None,
     layout: Annotated[Optional[str], typer.Option(
@@ -220,14 +223,14 @@ def build_index_command(
     from vsearch.indexes.vectors import open_source
 
     ws: Workspace = ctx.obj
-    backend_class(type, engine)
+    backend_class(type or "hnsw", engine)
     if not 0 < target_recall <= 1:
         raise VsearchError("--target-recall must be in (0, 1]")
     if threads == 0 or threads < -1:
         raise VsearchError("--threads must be at least 1, or -1 for all cores")
     if layout is not None:
-        if layout != "cbvs10m-hnsw" or type != "hnsw":
-            raise VsearchError(f"unknown layout {layout!r} for --type {type}: the one layout is cbvs10m-hnsw (hnsw)")
+        if layout != "cbvs10m-hnsw" or type not in (None, "hnsw"):
+            raise VsearchError(f"unknown layout {layout!r} for --type {type or 'hnsw'}: the one layout is cbvs10m-hnsw (hnsw)")
         _write_hard_negatives(ws, dataset, model or "uniclip", out, device, target_recall)
         return
     if kind not in ("cover", "clip"):
@@ -239,12 +242,16 @@ def build_index_command(
         from vsearch.indexes.vectors import made_by
 
         source = made_by(source, load_encoder(resolve_model(model, ws), device))
-    default_name = f"{source.directory.name}-{type}" if kind == "cover" else f"{source.directory.name}-clip-{type}"
-    destination = out or ws.index_dir(name or default_name)
     if append:
+        from vsearch.listing import index_built_from
+
+        destination = out or (ws.index_dir(name) if name else index_built_from(ws, source.directory, kind, type))
         with progress(f"append to {destination.name}", None, unit="vectors") as bar:
             append_index(destination, source, bar, note=lambda line: stderr.print(line), on_total=bar.expect)
         return
+    type = type or "hnsw"
+    default_name = f"{source.directory.name}-{type}" if kind == "cover" else f"{source.directory.name}-clip-{type}"
+    destination = out or ws.index_dir(name or default_name)
     config = BuildConfig(type=type, engine=engine, kind=kind, params=_parse_params(param), threads=threads,
                          memory_budget=_parse_size(memory_budget) if memory_budget else None,
                          target_recall=target_recall)

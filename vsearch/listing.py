@@ -6,6 +6,7 @@ no path: the folder whose manifest was written last.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vsearch.embeddings.shards import MANIFEST as SHARDS_MANIFEST, Manifest
@@ -44,6 +45,23 @@ def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
         entries.append({"name": folder.name, "path": str(folder), "default": folder == default,
                         "type": info["type"], "engine": info["engine"], "kind": info.get("kind", "cover"),
                         "vectors": info["count"], "model": (info.get("encoder") or {}).get("spec"),
+                        "embeddings": info.get("embeddings"),
                         "recall@10": info["recall"]["recall@10"], "built": info["built_at"],
                         "appends": len(info.get("appends", []))})
     return entries
+
+
+def index_built_from(workspace: Workspace, embeddings: Path, kind: str, index_type: str | None) -> Path:
+    """The one index in the workspace built from the vectors in `embeddings` (its `kind`, and
+    `index_type` when given): the one `build-index --append` adds to when given no name."""
+    found = [Path(entry["path"]) for entry in indexes_listing(workspace)
+             if entry.get("embeddings") == str(embeddings.resolve()) and entry.get("kind") == kind
+             and index_type in (None, entry.get("type"))]
+    if len(found) == 1:
+        return found[0]
+    what = " ".join(filter(None, [kind, index_type, "index"]))
+    if not found:
+        raise VsearchError(f"no {what} in {workspace.indexes} is built from {embeddings}: build one with "
+                           f"vsearch build-index, or name the index to append to with --name or --out")
+    raise VsearchError(f"{len(found)} indexes are built from {embeddings} ({', '.join(p.name for p in found)}): "
+                       f"pass --name, or --type to pick one")
