@@ -244,6 +244,10 @@ def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, t
     index = load_index(out)
     _, ids = index.search(vectors[[0, 1, 300]], 1)
     assert ids[0, 0] not in ("k0", "k1") and ids[2, 0] == "k300" and len(index) == 398
+    again = cli("delete", "k0", "k2", "--index", str(out))
+    assert again.code == 0 and "1 id deleted" in again.stderr and "1 deleted already" in " ".join(again.stderr.split())
+    typo = cli("delete", "k-typo", "--index", str(out))
+    assert typo.code == 1 and typo.stderr.startswith("vsearch: error: no such id in") and "k-typo" in typo.stderr
     text = cli("query", "大宅门", "--index", str(out))
     assert text.code == 1 and "no recorded model" in text.stderr
 

@@ -292,8 +292,12 @@ def delete(
         raise VsearchError("no ids to delete: give ids or --ids-file")
     index_dir = _index_dir(ctx.obj, index)
     deleted, unknown = delete_ids(index_dir, wanted)
-    stderr.print(f"{counted(deleted, 'id')} deleted from {index_dir}" + (f"; not in the index: {', '.join(unknown[:5])}"
-                                                             + (" …" if len(unknown) > 5 else "") if unknown else ""))
+    listed = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+    if len(unknown) == len(set(wanted)):  # most likely a mistyped id or the wrong index: nothing was done
+        raise VsearchError(f"no such id in {index_dir}: {listed}")
+    already = len(set(wanted)) - len(unknown) - deleted
+    stderr.print(f"{counted(deleted, 'id')} deleted from {index_dir}" + (f"; {already:,} deleted already" if already else "")
+                 + (f"; not in the index: {listed}" if unknown else ""))
 
 
 def _parse_weights(text: str | None):
