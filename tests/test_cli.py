@@ -339,6 +339,9 @@ def test_list_shows_what_the_workspace_holds_and_which_folders_are_the_defaults(
     assert shards["more"]["model"] == "lexical:64" and shards["more"]["default"] and not shards["demo"]["default"]
     assert indexes["demo-hnsw"]["type"] == "hnsw" and indexes["demo-hnsw"]["vectors"] == 199
     assert indexes["more-flat"]["default"] and indexes["more-flat"]["recall@10"] == 1.0
+    assert cli("delete", "--index", "demo-hnsw", *demo_relevant_ids()).code == 0
+    listing = json.loads(cli("list", "--json").stdout)
+    assert {e["name"]: e["vectors"] for e in listing["indexes"]}["demo-hnsw"] == 199 - len(demo_relevant_ids())
     shown = cli("list")
     assert shown.code == 0 and "demo-hnsw" in shown.stdout and "* used when no path is given" in shown.stdout
     assert all(len(line) <= 80 for line in shown.stdout.splitlines())

@@ -1,4 +1,5 @@
-"""`vsearch list`: what a workspace holds, read from the manifests alone (no shard or index is opened).
+"""`vsearch list`: what a workspace holds, read from the manifests (and an index's list of deleted
+rows) alone: no shard or index is opened.
 
 The embeddings and the index marked `default` are the ones `build-index` and `query` use when given
 no path: the folder whose manifest was written last.
@@ -11,7 +12,7 @@ from typing import Any
 
 from vsearch.embeddings.shards import MANIFEST as SHARDS_MANIFEST, Manifest
 from vsearch.errors import VsearchError
-from vsearch.indexes.store import MANIFEST as INDEX_MANIFEST, read_index_manifest
+from vsearch.indexes.store import MANIFEST as INDEX_MANIFEST, read_index_manifest, shown_count
 from vsearch.workspace import Workspace
 
 
@@ -39,12 +40,13 @@ def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
     for folder in workspace.holding(workspace.indexes, INDEX_MANIFEST):
         try:
             info = read_index_manifest(folder)
+            shown = shown_count(folder, info)
         except VsearchError as exc:
             entries.append({"name": folder.name, "path": str(folder), "error": str(exc)})
             continue
         entries.append({"name": folder.name, "path": str(folder), "default": folder == default,
                         "type": info["type"], "engine": info["engine"], "kind": info.get("kind", "cover"),
-                        "vectors": info["count"], "model": (info.get("encoder") or {}).get("spec"),
+                        "vectors": shown, "model": (info.get("encoder") or {}).get("spec"),
                         "embeddings": info.get("embeddings"),
                         "recall@10": info["recall"]["recall@10"], "built": info["built_at"],
                         "appends": len(info.get("appends", []))})

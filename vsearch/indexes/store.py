@@ -419,6 +419,12 @@ def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     return len(fresh), sorted(set(ids) - known)
 
 
+def shown_count(path: Path, info: dict[str, Any]) -> int:
+    """How many vectors the index at `path` (manifest `info`) shows: those it holds, less the
+    deleted, replaced and retired ones."""
+    return int(info["count"]) - len(_held_labels(_deleted(path)))
+
+
 def _deleted(path: Path) -> pa.Table:
     """The index's deleted rows: `label` (-1 for an id a rebuild left out) and `id`."""
     if not (path / DELETED).is_file():
