@@ -335,6 +335,23 @@ def test_append_keeps_the_vectors_of_files_gone_from_the_folder_and_says_so(byo,
     assert len(load_index(tmp_path / "index")) == 3010
 
 
+def test_append_retires_the_shards_of_a_dataset_that_shrank(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 300)
+    config = EmbedConfig(model="lexical", dataset=str(source), shard_size=128)
+    folder = run_embed(config, workspace).directory
+    build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")
+    source.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:200]), encoding="utf-8")
+    run_embed(config, workspace)  # shard 1 made again with 72 rows, shard 2 removed
+    notes = []
+    info = append_index(tmp_path / "index", open_source(folder), note=notes.append)
+    assert any(n.startswith("cover-00002.parquet is gone from") and n.endswith("retiring its 44 vectors") for n in notes)
+    assert any(n.startswith("appended 72 vectors from 1 file, retired 172 vectors;") for n in notes)
+    assert info["appends"][-1]["removed"] == ["cover-00002.parquet"]
+    index = load_index(tmp_path / "index")
+    shown = np.setdiff1d(np.arange(index.rows.count), index.deleted)
+    assert sorted(index.ids[shown]) == sorted(pq.read_table(folder, columns=["id"]).column("id").to_pylist())
+
+
 def test_append_refuses_shards_of_the_other_kind(embedded, tmp_path):
     build_index(BuildConfig(type="flat"), open_source(embedded), tmp_path / "index")
     with pytest.raises(VsearchError, match="holds cover vectors, not clip ones: pass --kind cover"):

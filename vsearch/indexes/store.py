@@ -12,7 +12,7 @@
                      memory-mapped (see rows.py)
     deleted.parquet  `label`, `id` of deleted rows, filtered out at query time: deleted ids, and
                      vectors replaced by a later one with the same id (appends are upserts), and,
-                     with a null id, the retired vectors of a file's old version; a rebuild into
+                     with a null id, the retired vectors of files changed or gone; a rebuild into
                      the same folder leaves deleted ids out and keeps them here with label -1, so
                      a deleted id stays deleted until an appended new file brings it back
 
@@ -311,46 +311,55 @@ def _check_appendable(path: Path, info: dict[str, Any], source: VectorSource) ->
                            f"built from {info['encoder']['spec']}: different model weights")
 
 
-def _changed_entries(path: Path, info: dict[str, Any], source: VectorSource, note: Notes) -> list[dict[str, Any]]:
-    """The manifest entries of the index's files that `source` holds in another version, whose vectors
-    an append retires; notes the files gone from the source's folder, whose vectors stay."""
+def _stale_entries(path: Path, info: dict[str, Any], source: VectorSource,
+                   note: Notes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The manifest entries of the index's files whose vectors an append retires: (those `source`
+    holds in another version, to be added again; those gone from a vsearch shard folder, shards
+    past the end of a dataset that shrank). Files gone from a bring-your-own folder keep their
+    vectors: the index needs no file it was built from, and such files are often cleared once
+    indexed."""
     current = {str(f.path.resolve()): f.sha256 for f in source.files}
     changed = [s for s in info["shards"] if current.get(s["path"], s["sha256"]) != s["sha256"]]
-    unlabelled = [s["name"] for s in changed if "labels" not in s]
+    folder = source.directory.resolve()
+    gone = [s for s in info["shards"] if Path(s["path"]).parent == folder and s["path"] not in current]
+    removed = gone if source.kind is not None else []
+    unlabelled = [s["name"] for s in changed + removed if "labels" not in s]
     if unlabelled:
         raise VsearchError(f"{unlabelled[0]} changed since index {path} was built from it, and the index predates "
                            f"vsearch's record of which vectors came from which file; rebuild the index")
-    folder = source.directory.resolve()
-    gone = [s for s in info["shards"] if Path(s["path"]).parent == folder and s["path"] not in current]
-    if gone:
+    if gone and not removed:
         note(f"{folder} no longer holds {counted(len(gone), 'file')} the index was built from; their vectors "
              f"stay in it (vsearch delete or a rebuild drops them)")
-    return changed
+    return changed, removed
 
 
 def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
                  note: Notes = lambda line: None, recall_queries: int = 500,
                  on_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Bring the index at `path` up to date with the files of `source`, without rebuilding it: add
-    the files it has not seen, and for each file that changed since (such as the last shard of a
-    dataset that grew) retire the vectors of its old version and add its rows again. Ids deleted
-    from the index stay deleted where a changed file holds them again; a new file brings them back.
+    the files it has not seen; for each file that changed since (such as the last shard of a
+    dataset that grew) retire the vectors of its old version and add its rows again; retire the
+    vectors of shards gone from a vsearch shard folder. Ids deleted from the index stay deleted
+    where a changed file holds them again; a new file brings them back.
     `on_total(n)` once with the number of vectors to add, `on_rows(n)` as they are."""
     info = read_index_manifest(path)
     _check_appendable(path, info, source)
-    changed = _changed_entries(path, info, source, note)
-    indexed = {s["path"] for s in info["shards"]} - {s["path"] for s in changed}
+    changed, removed = _stale_entries(path, info, source, note)
+    indexed = {s["path"] for s in info["shards"]} - {s["path"] for s in changed + removed}
     adding = [f for f in source.files if str(f.path.resolve()) not in indexed]
-    if not adding:
+    if not adding and not removed:
         note(f"nothing to append: index {path} already holds every file in {source.directory}")
         return info
     cls = backend_class(info["type"], info["engine"])
     started = time.perf_counter()
-    retired = np.concatenate([_entry_labels(s) for s in changed] or [np.empty(0, np.int64)])
+    retired = np.concatenate([_entry_labels(s) for s in changed + removed] or [np.empty(0, np.int64)])
     rows_now = {str(f.path.resolve()): f.rows for f in adding}
     for entry in changed:
         note(f"{entry['name']} changed since it was indexed: retiring its "
              f"{counted(len(_entry_labels(entry)), 'old vector')}, adding its {counted(rows_now[entry['path']], 'row')}")
+    for entry in removed:
+        note(f"{entry['name']} is gone from {source.directory}: retiring its "
+             f"{counted(len(_entry_labels(entry)), 'vector')}")
 
     def fill(work: Path) -> dict[str, Any]:
         for name in [p.name for p in path.glob("vectors-*.npy")] + [DELETED]:
@@ -359,7 +368,8 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         backend = cls.load(path, info["dim"], info["params"], writable=True)
         new_rows = sum(f.rows for f in adding)
         on_total(new_rows)
-        backend.prepare(work, new_rows)
+        if new_rows:
+            backend.prepare(work, new_rows)
         existing = Rows(path / ROWS)
         with RowsWriter(work / ROWS, existing.schema) as rows:
             for table in existing.tables():
@@ -377,18 +387,20 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
                     "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
                     "appends": info.get("appends", []) + [{
                         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": [f.name for f in adding],
-                        "rows": new_rows, "changed": [s["name"] for s in changed], "retired": len(retired),
+                        "rows": new_rows, "changed": [s["name"] for s in changed],
+                        "removed": [s["name"] for s in removed], "retired": len(retired),
                         "seconds": round(time.perf_counter() - started, 3)}]}
         appended["recall"] = _leave_one_out_recall(work, appended, recall_queries)
-        note(f"appended {counted(new_rows, 'vector')} from {counted(len(adding), 'file')}; "
-             f"recall@10 now {appended['recall']['recall@10']}")
+        note(f"appended {counted(new_rows, 'vector')} from {counted(len(adding), 'file')}"
+             + (f", retired {counted(len(retired), 'vector')}" if len(retired) else "")
+             + f"; recall@10 now {appended['recall']['recall@10']}")
         return appended
 
     return _in_work_dir(path, fill)
 
 
 def _retired_rows(labels: np.ndarray, deleted: pa.Table) -> pa.Table:
-    """Deleted rows for the vectors of a changed file's old version, those not deleted already. They
+    """Deleted rows for the retired vectors of files changed or gone, those not deleted already. They
     have no id: they are not deleted ids, which a rebuild leaves out, only vectors no longer shown."""
     fresh = np.setdiff1d(labels, deleted.column("label").to_numpy())
     return _deleted_rows(fresh, pa.nulls(len(fresh), pa.string()))
