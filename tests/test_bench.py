@@ -127,6 +127,15 @@ def test_hard_negatives_reports_the_files_recall_as_measured_and_as_checked(tmp_
     assert report["recall@10_checked"] >= 0.9 and report["peak_rss_mib"] > 0
 
 
+def test_append_bench_compares_an_append_with_a_rebuild_of_a_grown_dataset(tmp_path):
+    out = tmp_path / "append.json"
+    run_script("append.py", "--count", "3000", "--last", "300", "--grown", "200", "--added", "500", "--dim", "32",
+               "--queries", "100", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["append_seconds"] > 0 and report["rebuild_seconds"] > 0
+    assert min(report["measured_recall@10"].values()) >= 0.9 and report["reported_recall@10"]["append"] >= 0.9
+
+
 def test_lexical_bench_times_the_encoder_and_the_embed_job(tmp_path):
     out = tmp_path / "lexical.json"
     run_script("lexical.py", "--texts", "1000", "--batch-size", "64", "--out", str(out))

@@ -393,7 +393,8 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         appended["recall"] = _leave_one_out_recall(work, appended, recall_queries)
         note(f"appended {counted(new_rows, 'vector')} from {counted(len(adding), 'file')}"
              + (f", retired {counted(len(retired), 'vector')}" if len(retired) else "")
-             + f"; recall@10 now {appended['recall']['recall@10']}")
+             + f"; recall@10 now {appended['recall']['recall@10']}"
+             + (" (leave-one-out: its queries are in the graph, so it runs high)" if info["type"] == "hnsw" else ""))
         return appended
 
     return _in_work_dir(path, fill)

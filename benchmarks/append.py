@@ -1,0 +1,114 @@
+"""What an append costs against a rebuild. An index of --count CLIP-like vectors (files of 100k, and
+a last file of --last rows, as a dataset's last shard is partly filled) is brought up to date with
+a dataset that grew: that last file made again with --grown more rows (as `vsearch embed` remakes
+a grown dataset's last shard) and a new file of --added rows. `append_index` does it in place;
+`build_index` makes a fresh index from the same files. For each: seconds, the recall@10 its
+manifest reports, and recall@10 measured alike for both: new queries against exact search over
+the vectors the files now hold, by id.
+
+    python benchmarks/append.py [--count 200000] [--last 5000] [--grown 5000] [--added 20000] [--type hnsw]
+
+Prints a table and writes JSON (default benchmarks/out/append.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from vsearch.embeddings.shards import write_vectors_parquet
+from vsearch.indexes import BuildConfig, append_index, build_index, load_index
+from vsearch.indexes.backends import exact_top_k
+from vsearch.indexes.bench import clip_like, clip_like_chunk, write_synthetic
+from vsearch.indexes.tuning import recall_at
+from vsearch.indexes.vectors import VectorSource, open_source
+
+
+def grow(source: VectorSource, grown: int, added: int, seed: int) -> None:
+    """Remake the last file of `source` with `grown` more rows, and write a new file of `added` rows."""
+    last = source.files[-1].path
+    write_vectors_parquet(pa.concat_tables([pq.read_table(last), _table(grown, source.dim, seed, 1, "grown-")]), last)
+    write_vectors_parquet(_table(added, source.dim, seed, 2, "new-"), source.directory / "part-99999.parquet")
+
+
+def _table(rows: int, dim: int, seed: int, number: int, prefix: str) -> pa.Table:
+    vectors = clip_like_chunk(rows, dim, seed, number).astype(np.float16)
+    return pa.table({"id": [f"{prefix}{i}" for i in range(rows)],
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)})
+
+
+def exact_ids(source: VectorSource, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and ids of each query's k nearest vectors in `source`, by exact inner product."""
+    ids: list[np.ndarray] = []
+
+    def chunks():
+        start = 0
+        for rows, vectors in source.batches():
+            ids.append(rows.column("id").to_numpy(zero_copy_only=False))
+            yield np.arange(start, start + len(vectors)), vectors
+            start += len(vectors)
+
+    scores, positions = exact_top_k(queries, chunks(), k)
+    return scores, np.concatenate(ids)[positions]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--last", type=int, default=5_000)
+    parser.add_argument("--grown", type=int, default=5_000)
+    parser.add_argument("--added", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--type", default="hnsw")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/append.json"))
+    args = parser.parse_args()
+    queries = next(clip_like(args.queries, args.dim, seed=7))
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "vectors"
+        write_synthetic(folder, args.count, args.dim, seed=0)
+        write_vectors_parquet(_table(args.last, args.dim, 1, 0, "last-"), folder / "part-90000.parquet")
+        source = open_source(folder)
+        appended, rebuilt = Path(scratch) / "appended", Path(scratch) / "rebuilt"
+        build_index(BuildConfig(type=args.type), source, appended)
+        grow(source, args.grown, args.added, seed=1)
+        grown = open_source(source.directory)
+        started = time.perf_counter()
+        append_info = append_index(appended, grown)
+        append_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        build_info = build_index(BuildConfig(type=args.type), grown, rebuilt)
+        build_seconds = time.perf_counter() - started
+        truth = exact_ids(grown, queries, 10)
+        measured = {name: recall_at(10, load_index(path).search(queries, 10), truth)
+                    for name, path in (("append", appended), ("rebuild", rebuilt))}
+    report = {"date": time.strftime("%Y-%m-%d"), "type": args.type, "count": args.count, "last": args.last,
+              "grown": args.grown,
+              "added": args.added, "dim": args.dim, "append_seconds": round(append_seconds, 2),
+              "rebuild_seconds": round(build_seconds, 2), "append_over_rebuild": round(append_seconds / build_seconds, 3),
+              "reported_recall@10": {"append": append_info["recall"]["recall@10"],
+                                     "rebuild": build_info["recall"]["recall@10"]},
+              "measured_recall@10": {name: round(value, 4) for name, value in measured.items()}}
+    table = Table(title=f"{args.type}, {args.count + args.last:,} × {args.dim}; last file of {args.last:,} "
+                        f"+{args.grown:,} rows, new file of {args.added:,}")
+    for column in ("", "seconds", "recall@10 reported", "recall@10 measured"):
+        table.add_column(column, justify="right")
+    for name, seconds in (("append", append_seconds), ("rebuild", build_seconds)):
+        table.add_row(name, f"{seconds:.1f}", f"{report['reported_recall@10'][name]:.3f}", f"{measured[name]:.3f}")
+    Console().print(table)
+    print(f"append / rebuild: {report['append_over_rebuild']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
