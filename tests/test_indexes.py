@@ -297,6 +297,21 @@ def test_an_append_replaces_the_vectors_of_a_file_that_changed(index_type, engin
     assert load_index(path).search(vectors[2900:2901], 1)[1][0, 0] == "doc2900" and len(load_index(path)) == 1501
 
 
+def test_plain_hnswlib_leaves_out_what_an_append_retired_or_replaced(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")
+    write_parquet(folder, vectors[1500:2000], 1500, "part-1.parquet")  # doc2000..doc2999 retired
+    write_parquet(folder, clustered(10, seed=5), 0, "part-2.parquet")  # doc0..doc9 replaced
+    append_index(tmp_path / "index", open_source(folder))
+    dead = load_index(tmp_path / "index").deleted
+    assert len(dead) == 1500 + 10
+    plain = hnswlib.Index(space="ip", dim=64)
+    plain.load_index(str(tmp_path / "index" / "index.hnsw"))
+    plain.set_ef(400)
+    labels, _ = plain.knn_query(vectors[[0, 2500, 2999]], k=300)
+    assert not np.isin(labels, dead).any()
+
+
 def test_an_id_deleted_stays_deleted_when_its_file_changes_and_a_rebuild_keeps_retired_ids(byo, tmp_path):
     folder, vectors = byo
     path = tmp_path / "index"

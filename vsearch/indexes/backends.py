@@ -1,7 +1,7 @@
 """The one registry of index types. Each wraps one library index behind the same small API:
 
     create(directory, dim, capacity, params)    load(directory, dim, params, writable)
-    train(sample)   prepare(directory, new_rows)   add(vectors, labels)   save(directory)
+    train(sample)   prepare(directory, new_rows)   add(vectors, labels)   hide(labels)   save(directory)
     search(queries, k) -> (scores, labels)       set_search(params)     set_threads(n)
     vectors(labels) -> the stored vectors        search_among(queries, labels, k): exact, over those
 
@@ -107,6 +107,10 @@ class Backend:
 
     def set_search(self, params: dict[str, int]) -> None:
         """Apply search parameters (a subset of `search_params`)."""
+
+    def hide(self, labels: np.ndarray) -> None:
+        """Keep `labels` (deleted, replaced and retired vectors) out of this index's own searches
+        while they stay in it, where the library can; vsearch filters them out of results anyway."""
 
     def save(self, directory: Path) -> None:
         raise NotImplementedError
@@ -273,6 +277,16 @@ class HnswlibBackend(Backend):
     def set_search(self, params: dict[str, int]) -> None:
         self.ef_search = params.get("ef_search", self.ef_search)
         self.index.set_ef(self.ef_search)
+
+    def hide(self, labels: np.ndarray) -> None:
+        # Marked deleted, they still route hnswlib's graph search, which fills k with live results
+        # past them, where vsearch's filtering afterwards is left with fewer for the same ef_search.
+        for label in labels.tolist():
+            try:
+                self.index.mark_deleted(label)
+            except RuntimeError as exc:
+                if "already deleted" not in str(exc):
+                    raise
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.count)  # hnswlib cannot return more than it holds

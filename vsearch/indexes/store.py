@@ -14,7 +14,9 @@
                      vectors replaced by a later one with the same id (appends are upserts), and,
                      with a null id, the retired vectors of files changed or gone; a rebuild into
                      the same folder leaves deleted ids out and keeps them here with label -1, so
-                     a deleted id stays deleted until an appended new file brings it back
+                     a deleted id stays deleted until an appended new file brings it back. Those
+                     listed when an index is written are also hidden from the library's own
+                     search where it can (hnswlib's mark_deleted)
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
 place, so a failed build never replaces a good index; the next build removes what a killed one left.
@@ -272,9 +274,9 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
             if len(held.positions):
                 measured = _held_out_recall(config.type, backend, source, held, params, tune, config.target_recall)
                 _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
-        backend.save(work)
         held_last = np.concatenate([np.delete(np.arange(count), held.positions), held.positions])
         _mark_superseded(work, carried, note, held_last)
+        _save(backend, work)
         info = {
             "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
             "dim": source.dim, "metric": "cosine", "count": count, "kind": config.kind, **source.info(),
@@ -375,14 +377,14 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
             for table in existing.tables():
                 rows.write(table, str(path / ROWS))
             _add_files(backend, source, adding, info["count"], rows, on_rows)
-        backend.save(work)
-        del backend  # the recall check loads the saved index: don't hold two copies of a big one
         starts = (info["count"] + np.cumsum([0] + [f.rows for f in adding])).tolist()
         entries = [{**file_entry(f), "labels": [[first, first + f.rows]]} for f, first in zip(adding, starts)]
         again = [e for e in entries if e["path"] in {s["path"] for s in changed}]
         deleted = _deleted(path)
         _mark_superseded(work, pa.concat_tables([deleted, _retired_rows(retired, deleted),
                                                  _deleted_again(path, work, again)]), note)
+        _save(backend, work)
+        del backend  # the recall check loads the saved index: don't hold two copies of a big one
         appended = {**info, "count": info["count"] + new_rows,
                     "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
                     "appends": info.get("appends", []) + [{
@@ -479,6 +481,13 @@ def _mark_superseded(work: Path, deleted: pa.Table, note: Notes, order: np.ndarr
         deleted = pa.concat_tables([deleted, _deleted_rows(replaced, ids.take(pa.array(replaced)))])
     if len(deleted):
         _write_deleted(work, deleted)
+
+
+def _save(backend: Backend, work: Path) -> None:
+    """Save the index built in `work`, the rows deleted there hidden from the library's own search
+    (deletes made later are filtered at query time only)."""
+    backend.hide(_held_labels(_deleted(work)))
+    backend.save(work)
 
 
 def _still_deleted(path: Path) -> pa.Table:
