@@ -231,9 +231,10 @@ def _file_labels(source: VectorSource, held: np.ndarray) -> list[list[list[int]]
     return ranges
 
 
-def _entry_labels(entry: dict[str, Any]) -> np.ndarray:
-    return np.concatenate([np.arange(first, end, dtype=np.int64) for first, end in entry["labels"]]
-                          or [np.empty(0, np.int64)])
+def _labels_of(entries: list[dict[str, Any]]) -> np.ndarray:
+    """The labels of the rows of the files that manifest `entries` record."""
+    spans = [np.arange(first, end, dtype=np.int64) for entry in entries for first, end in entry["labels"]]
+    return np.concatenate(spans) if spans else np.empty(0, np.int64)
 
 
 def build_index(config: BuildConfig, source: VectorSource, destination: Path,
@@ -327,8 +328,8 @@ def _stale_entries(path: Path, info: dict[str, Any], source: VectorSource,
     removed = gone if source.kind is not None else []
     unlabelled = [s["name"] for s in changed + removed if "labels" not in s]
     if unlabelled:
-        raise VsearchError(f"{unlabelled[0]} changed since index {path} was built from it, and the index predates "
-                           f"vsearch's record of which vectors came from which file; rebuild the index")
+        raise VsearchError(f"{unlabelled[0]} changed or went since index {path} was built from it, and the index "
+                           f"predates vsearch's record of which vectors came from which file; rebuild the index")
     if gone and not removed:
         note(f"{folder} no longer holds {counted(len(gone), 'file')} the index was built from; their vectors "
              f"stay in it (vsearch delete or a rebuild drops them)")
@@ -354,14 +355,14 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         return info
     cls = backend_class(info["type"], info["engine"])
     started = time.perf_counter()
-    retired = np.concatenate([_entry_labels(s) for s in changed + removed] or [np.empty(0, np.int64)])
+    retired = _labels_of(changed + removed)
     rows_now = {str(f.path.resolve()): f.rows for f in adding}
     for entry in changed:
         note(f"{entry['name']} changed since it was indexed: retiring its "
-             f"{counted(len(_entry_labels(entry)), 'old vector')}, adding its {counted(rows_now[entry['path']], 'row')}")
+             f"{counted(len(_labels_of([entry])), 'old vector')}, adding its {counted(rows_now[entry['path']], 'row')}")
     for entry in removed:
         note(f"{entry['name']} is gone from {source.directory}: retiring its "
-             f"{counted(len(_entry_labels(entry)), 'vector')}")
+             f"{counted(len(_labels_of([entry])), 'vector')}")
 
     def fill(work: Path) -> dict[str, Any]:
         for name in [p.name for p in path.glob("vectors-*.npy")] + [DELETED]:
@@ -412,9 +413,9 @@ def _retired_rows(labels: np.ndarray, deleted: pa.Table) -> pa.Table:
 def _deleted_again(path: Path, work: Path, entries: list[dict[str, Any]]) -> pa.Table:
     """Deleted rows for the ids deleted from the index at `path` that the new versions of changed files
     (`entries`, added in `work`) hold again: a file re-embedded is not a request to bring them back."""
-    gone = _still_deleted(path).column("id").combine_chunks()
-    labels = np.concatenate([_entry_labels(e) for e in entries] or [np.empty(0, np.int64)])
-    if not len(gone) or not len(labels):
+    labels = _labels_of(entries)
+    gone = _still_deleted(path).column("id").combine_chunks() if len(labels) else []
+    if not len(gone):
         return _deleted_rows(np.empty(0, np.int64), pa.array([], pa.string()))
     ids = Rows(work / ROWS).take(labels).column("id")
     hit = pc.is_in(ids, value_set=gone).to_numpy(zero_copy_only=False)
