@@ -28,7 +28,7 @@ from rich.table import Table
 from vsearch.embeddings.shards import write_vectors_parquet
 from vsearch.indexes import BuildConfig, append_index, build_index, load_index
 from vsearch.indexes.backends import exact_top_k
-from vsearch.indexes.bench import clip_like, clip_like_chunk, write_synthetic
+from vsearch.indexes.bench import clip_like, clip_like_table, write_synthetic
 from vsearch.indexes.tuning import recall_at
 from vsearch.indexes.vectors import VectorSource, open_source
 
@@ -41,9 +41,7 @@ def grow(source: VectorSource, grown: int, added: int, seed: int) -> None:
 
 
 def _table(rows: int, dim: int, seed: int, number: int, prefix: str) -> pa.Table:
-    vectors = clip_like_chunk(rows, dim, seed, number).astype(np.float16)
-    return pa.table({"id": [f"{prefix}{i}" for i in range(rows)],
-                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)})
+    return clip_like_table([f"{prefix}{i}" for i in range(rows)], dim, seed, number)
 
 
 def exact_ids(source: VectorSource, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

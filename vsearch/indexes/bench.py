@@ -79,12 +79,16 @@ def clip_like_chunk(rows: int, dim: int, seed: int, number: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+def clip_like_table(ids: list[str], dim: int, seed: int, number: int) -> pa.Table:
+    """`ids` with the vectors of chunk `number` of `clip_like`, as vsearch shards store them (float16)."""
+    chunk = clip_like_chunk(len(ids), dim, seed, number).astype(np.float16)
+    return pa.table({"id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel()), dim)})
+
+
 def _write_synthetic_part(folder: Path, count: int, dim: int, seed: int, number: int) -> None:
     start = number * CHUNK
-    chunk = clip_like_chunk(min(CHUNK, count - start), dim, seed, number)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(chunk.astype(np.float16).ravel()), dim)
-    ids = pa.array([f"v{i}" for i in range(start, start + len(chunk))])
-    write_vectors_parquet(pa.table({"id": ids, "vector": column}), folder / f"part-{number:05d}.parquet")
+    ids = [f"v{i}" for i in range(start, min(start + CHUNK, count))]
+    write_vectors_parquet(clip_like_table(ids, dim, seed, number), folder / f"part-{number:05d}.parquet")
 
 
 def write_synthetic(folder: Path, count: int, dim: int, seed: int) -> VectorSource:
