@@ -2,9 +2,9 @@
 a last file of --last rows, as a dataset's last shard is partly filled) is brought up to date with
 a dataset that grew: that last file made again with --grown more rows (as `vsearch embed` remakes
 a grown dataset's last shard) and a new file of --added rows. `append_index` does it in place;
-`build_index` makes a fresh index from the same files. For each: seconds, the recall@10 its
-manifest reports, and recall@10 measured alike for both: new queries against exact search over
-the vectors the files now hold, by id.
+`build_index` makes a fresh index from the same files. For each: seconds, the search settings it
+chose and the recall@10 its manifest reports, and recall@10 measured alike for both: new queries
+against exact search over the vectors the files now hold, by id.
 
     python benchmarks/append.py [--count 200000] [--last 5000] [--grown 5000] [--added 20000] [--type hnsw]
 
@@ -27,7 +27,7 @@ from rich.table import Table
 
 from vsearch.embeddings.shards import write_vectors_parquet
 from vsearch.indexes import BuildConfig, append_index, build_index, load_index
-from vsearch.indexes.backends import exact_top_k
+from vsearch.indexes.backends import backend_class, exact_top_k
 from vsearch.indexes.bench import clip_like, clip_like_table, write_synthetic
 from vsearch.indexes.tuning import recall_at
 from vsearch.indexes.vectors import VectorSource, open_source
@@ -93,15 +93,19 @@ def main() -> None:
               "grown": args.grown,
               "added": args.added, "dim": args.dim, "append_seconds": round(append_seconds, 2),
               "rebuild_seconds": round(build_seconds, 2), "append_over_rebuild": round(append_seconds / build_seconds, 3),
+              "search_params": {name: {key: info["params"][key] for key in backend_class(args.type).search_params}
+                                for name, info in (("append", append_info), ("rebuild", build_info))},
               "reported_recall@10": {"append": append_info["recall"]["recall@10"],
                                      "rebuild": build_info["recall"]["recall@10"]},
               "measured_recall@10": {name: round(value, 4) for name, value in measured.items()}}
     table = Table(title=f"{args.type}, {args.count + args.last:,} × {args.dim}; last file of {args.last:,} "
                         f"+{args.grown:,} rows, new file of {args.added:,}")
-    for column in ("", "seconds", "recall@10 reported", "recall@10 measured"):
+    for column in ("", "seconds", "search", "recall@10 reported", "recall@10 measured"):
         table.add_column(column, justify="right")
     for name, seconds in (("append", append_seconds), ("rebuild", build_seconds)):
-        table.add_row(name, f"{seconds:.1f}", f"{report['reported_recall@10'][name]:.3f}", f"{measured[name]:.3f}")
+        search = " ".join(f"{key}={value}" for key, value in report["search_params"][name].items())
+        table.add_row(name, f"{seconds:.1f}", search, f"{report['reported_recall@10'][name]:.3f}",
+                      f"{measured[name]:.3f}")
     Console().print(table)
     print(f"append / rebuild: {report['append_over_rebuild']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -206,6 +206,62 @@ def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
         assert ids[0, 0] == "doc2500", (index_type, engine)
 
 
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_an_append_measures_recall_with_new_rows_it_holds_out_until_then(index_type, engine, byo, tmp_path):
+    folder, vectors = byo
+    first = write_parquet(tmp_path / "first", vectors[:1500])
+    path = tmp_path / "index"
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(first), path)
+    delete_ids(path, ["doc7"])
+    write_parquet(first, vectors[1500:2700], 1500, "part-1.parquet")
+    info = append_index(path, open_source(first))
+    assert info["recall"]["method"] == "held-out" and info["recall"]["queries"] == 270  # up to a tenth of 2700
+    assert info["shards"][-1]["labels"] == [[1500, 2430], [2430, 2700]]  # the held-out rows went in last
+    index = load_index(path)
+    assert sorted(index.ids[1500:]) == sorted(f"doc{i}" for i in range(1500, 2700)) and len(index) == 2699
+    # What it reports is what queries the index has not seen get: the rows kept out of it come out alike.
+    fresh = vectors[2700:]
+    live = np.flatnonzero(np.arange(2700) != 7)
+    similarity = fresh @ vectors[live].T
+    best = np.argsort(-similarity, axis=1)[:, :10]
+    truth = np.take_along_axis(similarity, best, axis=1), live[best]
+    scores, ids = index.search(fresh, 10)
+    found = scores, np.array([[int(i[3:]) for i in row] for row in ids])
+    assert abs(recall_at(10, found, truth) - info["recall"]["recall@10"]) < 0.03
+
+
+def test_an_append_tunes_search_again_to_the_target_the_build_tuned_to(byo, tmp_path):
+    folder, vectors = byo
+    first = write_parquet(tmp_path / "first", vectors[:1500])
+    built = build_index(BuildConfig(type="hnsw"), open_source(first), tmp_path / "tuned")
+    fixed = build_index(BuildConfig(type="hnsw", params={"ef_search": 20}), open_source(first), tmp_path / "fixed")
+    assert built["recall"]["target"] == 0.95 and fixed["recall"]["target"] is None
+    write_parquet(first, vectors[1500:], 1500, "part-1.parquet")
+    tuned = append_index(tmp_path / "tuned", open_source(first))
+    chosen = next((s for s in tuned["recall"]["sweep"] if s["recall@10"] >= 0.95), None)
+    assert chosen and tuned["params"]["ef_search"] == chosen["ef_search"] and tuned["recall"]["target"] == 0.95
+    assert load_index(tmp_path / "tuned").backend.ef_search == chosen["ef_search"]
+    kept = append_index(tmp_path / "fixed", open_source(first))
+    assert kept["params"]["ef_search"] == 20 and not kept["recall"]["sweep"]
+    write_parquet(first, clustered(50, seed=3), 5000, "part-2.parquet")  # too few new rows to tune on
+    small = append_index(tmp_path / "tuned", open_source(first))
+    assert small["recall"]["queries"] == 50 and not small["recall"]["sweep"]
+    assert small["params"] == tuned["params"] and small["recall"]["target"] == 0.95
+
+
+def test_an_append_short_of_the_target_says_what_to_rebuild_with(byo, tmp_path):
+    folder, vectors = byo
+    first = write_parquet(tmp_path / "first", vectors[:1500])
+    sparse = BuildConfig(type="hnsw", params={"M": 2, "ef_construction": 8}, target_recall=0.999)
+    build_index(sparse, open_source(first), tmp_path / "index")
+    write_parquet(first, vectors[1500:], 1500, "part-1.parquet")
+    notes = []
+    info = append_index(tmp_path / "index", open_source(first), note=notes.append)
+    assert info["recall"]["recall@10"] < 0.999 and notes[-1] == (
+        f"recall@10 {info['recall']['recall@10']} is below the target 0.999: a denser graph may reach it: "
+        "--param M=4 --param ef_construction=16, in a rebuild (build-index without --append)")
+
+
 def test_a_loaded_index_drops_ids_deleted_since_but_not_what_an_append_replaced(byo, tmp_path, monkeypatch):
     monkeypatch.setattr("vsearch.indexes.store.DELETES_CHECK_SECONDS", 0.0)
     folder, vectors = byo

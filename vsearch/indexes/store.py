@@ -55,6 +55,8 @@ FORMAT = "vsearch-index/2"
 MANIFEST = "index.json"
 DELETED = "deleted.parquet"
 DELETES_CHECK_SECONDS = 1.0
+# Fewer held-out queries than this measure recall@10 too coarsely to tune search parameters on.
+TUNING_QUERIES = 100
 Notes = Callable[[str], None]
 
 
@@ -179,56 +181,80 @@ def _in_work_dir(destination: Path, fill: Callable[[Path], dict[str, Any]]) -> d
     return info
 
 
-def _report(measured: float, queries: int, method: str, sweep: list[dict[str, float]]) -> dict[str, Any]:
-    return {"recall@10": round(measured, 4), "queries": queries, "method": method,
+def _report(measured: float, queries: int, method: str, sweep: list[dict[str, float]],
+            target: float | None) -> dict[str, Any]:
+    return {"recall@10": round(measured, 4), "queries": queries, "method": method, "target": target,
             "sweep": [{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()} for s in sweep]}
 
 
-def _held_out_recall(index_type: str, backend: Backend, source: VectorSource, held: HeldOut, params: dict[str, int],
-                     tune: bool, target: float) -> dict[str, Any]:
-    """Recall@10 of queries the index has not seen (the held-out rows) against exact search over the
-    rows it holds, tuning the search parameters first when `tune`."""
-    queries = np.concatenate(held.vectors)
-    # Exact neighbours over every row, dropping held-out ones; positions become insertion labels.
-    scores, positions = exact_neighbours(source, queries, RECALL_K + len(held.positions))
-    inside = ~np.isin(positions, held.positions)
-    truth = (np.array([row[keep][:RECALL_K] for row, keep in zip(scores, inside)]),
-             np.array([(row - np.searchsorted(held.positions, row))[keep][:RECALL_K]
-                       for row, keep in zip(positions, inside)]))
-    nobody = np.full(len(queries), -1)
-    if tune:
-        chosen, sweep = tune_search(index_type, backend, params, queries, nobody, truth, target)
+class _Live:
+    """A backend searched as a loaded index searches it, `deletes` left out: what recall is measured on."""
+
+    def __init__(self, backend: Backend, deletes: Deletes):
+        self.backend, self.deletes = backend, deletes
+
+    def set_search(self, params: dict[str, int]) -> None:
+        self.backend.set_search(params)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return _search_live(self.backend, queries, k, self.deletes)
+
+
+def _measured(index_type: str, searched: Backend | _Live, params: dict[str, int], queries: np.ndarray,
+              own: np.ndarray, truth: tuple[np.ndarray, np.ndarray], target: float | None,
+              method: str, tune: bool = True) -> dict[str, Any]:
+    """Recall@10 of `queries` (`own`: each one's label in the index, -1 where it is not in it) against
+    exact neighbours `truth`. `target` is the recall the search parameters are tuned to reach (None
+    where they were set by hand): with `tune`, the cheapest that reach it are chosen first, into
+    `params`."""
+    if target is not None and tune:
+        chosen, sweep = tune_search(index_type, searched, params, queries, own, truth, target)
         params.update(chosen)
     else:
-        backend.set_search(params)
+        searched.set_search(params)
         sweep = []
-    measured = recall(backend.search, queries, nobody, truth)
-    return _report(measured, len(queries), "held-out", sweep)
+    return _report(recall(searched.search, queries, own, truth), len(queries), method, sweep, target)
 
 
-def _leave_one_out_recall(work: Path, info: dict[str, Any], queries: int) -> dict[str, Any]:
-    """Recall@10 of a sample of the vectors the index in `work` shows as queries, each one's own label
-    left out of both lists, against exact search over all of them, read back from the index (an
-    append needs none of the files it was built from): an optimistic estimate (the queries are in
-    the index), used where nothing could be held out."""
-    index = Index(work, info)
-    live = np.setdiff1d(np.arange(index.rows.count), index.deleted)
+def _held_out_truth(source: VectorSource, held: HeldOut) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours of the held-out rows among the rows the index holds while they are out, as
+    (scores, insertion labels)."""
+    scores, positions = exact_neighbours(source, np.concatenate(held.vectors), RECALL_K + len(held.positions))
+    inside = ~np.isin(positions, held.positions)
+    return (np.array([row[keep][:RECALL_K] for row, keep in zip(scores, inside)]),
+            np.array([(row - np.searchsorted(held.positions, row))[keep][:RECALL_K]
+                      for row, keep in zip(positions, inside)]))
+
+
+def _leave_one_out(index_type: str, backend: Backend, dead: np.ndarray, params: dict[str, int],
+                   queries: int, target: float | None) -> dict[str, Any]:
+    """Recall@10 of a sample of the vectors the index shows (all but the `dead` labels) as queries,
+    each one's own label left out of both lists, against exact search over all of them: an
+    optimistic estimate (the queries are in the index), used where no rows could be held out."""
+    live = np.setdiff1d(np.arange(len(backend)), dead)
     own = live[sample_positions(len(live), queries, seed=1)]
-    vectors = index.backend.vectors(own)
-    truth = index.search_among(vectors, live, RECALL_K + 1)
-    return _report(recall(index.search_labels, vectors, own, truth), len(own), "leave-one-out", [])
+    vectors = backend.vectors(own)
+    truth = backend.search_among(vectors, live, min(RECALL_K + 1, len(live)))
+    searched = _Live(backend, _deletes(dead, len(backend), type(backend)))
+    return _measured(index_type, searched, params, vectors, own, truth, target, "leave-one-out", tune=False)
 
 
-def _file_labels(source: VectorSource, held: np.ndarray) -> list[list[list[int]]]:
-    """Each file's labels, as [start, end) ranges: its rows went in in order, but for those `held`
-    out to measure recall, which went in last. An append retires a file's labels when it changes."""
-    kept = source.count - len(held)
+def _file_labels(rows: list[int], held: np.ndarray, first: int = 0) -> list[list[list[int]]]:
+    """The labels of files of `rows` rows each, added from label `first` on, as [start, end) ranges:
+    their rows went in in order, but for those `held` out to measure recall (positions among these
+    files' rows), which went in last. An append retires a file's labels when it changes."""
+    kept = first + sum(rows) - len(held)
     ranges = []
-    for start, rows in zip(source.file_starts, source.live_rows):
-        before, through = np.searchsorted(held, [start, start + rows]).tolist()
-        spans = [(start - before, start + rows - through), (kept + before, kept + through)]
-        ranges.append([[first, end] for first, end in spans if end > first])
+    for start, count in zip(np.cumsum([0] + rows[:-1]).tolist(), rows):
+        before, through = np.searchsorted(held, [start, start + count]).tolist()
+        spans = [(first + start - before, first + start + count - through), (kept + before, kept + through)]
+        ranges.append([[begin, end] for begin, end in spans if end > begin])
     return ranges
+
+
+def _insertion_order(count: int, held: np.ndarray) -> np.ndarray:
+    """Each label's place among `count` rows added in order, but for those `held` out, added last."""
+    return np.concatenate([np.delete(np.arange(count), held), held])
 
 
 def _labels_of(entries: list[dict[str, Any]]) -> np.ndarray:
@@ -268,28 +294,31 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
             backend.train(gather(source, sample_positions(count, params["train_size"])))
         backend.prepare(work, count)
         held = HeldOut(sample_positions(count, min(config.recall_queries, count // 10), seed=1))
-        tune = not set(cls.search_params) & set(config.params)
+        tuned = not set(cls.search_params) & set(config.params)
+        target = config.target_recall if tuned and cls.search_params else None
         measured = None
         with RowsWriter(work / ROWS, source.row_schema) as rows:
             label = _add_files(backend, source, source.files, 0, rows, on_rows, held)
             if len(held.positions):
-                measured = _held_out_recall(config.type, backend, source, held, params, tune, config.target_recall)
+                measured = _measured(config.type, backend, params, np.concatenate(held.vectors),
+                                     np.full(len(held.positions), -1), _held_out_truth(source, held), target,
+                                     "held-out")
                 _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
-        held_last = np.concatenate([np.delete(np.arange(count), held.positions), held.positions])
-        _mark_superseded(work, carried, note, held_last)
+        _mark_superseded(work, carried, note, _insertion_order(count, held.positions))
         _save(backend, work)
+        if measured is None:  # too few rows to hold any out
+            measured = _leave_one_out(config.type, backend, _held_labels(_deleted(work)), params,
+                                      config.recall_queries, target)
         info = {
             "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
             "dim": source.dim, "metric": "cosine", "count": count, "kind": config.kind, **source.info(),
             "shards": [{**file_entry(f), "labels": labels}
-                       for f, labels in zip(source.files, _file_labels(source, held.positions))],
+                       for f, labels in zip(source.files, _file_labels(source.live_rows, held.positions))],
             "files": {"index": cls.file_name, "rows": ROWS},
             "memory_bytes": memory_bytes(config.type, count, source.dim, params), "recall": measured,
             "build_seconds": round(time.perf_counter() - started, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_id": uuid.uuid4().hex, "appends": [],
         }
-        if measured is None:  # too few rows to hold any out
-            info["recall"] = _leave_one_out_recall(work, info, config.recall_queries)
         note(f"recall@10 {info['recall']['recall@10']} with "
              + (", ".join(f"{k}={params[k]}" for k in cls.search_params) or "exact search"))
         if cls.search_params and info["recall"]["recall@10"] < config.target_recall:
@@ -373,34 +402,72 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         on_total(new_rows)
         if new_rows:
             backend.prepare(work, new_rows)
+        deleted = _deleted(path)
+        dead = np.union1d(_held_labels(deleted), retired)
+        backend.hide(dead)  # now, so that recall is measured on the search the saved index makes
+        held = HeldOut(sample_positions(new_rows, min(recall_queries, (info["count"] + new_rows) // 10), seed=1))
+        params = dict(info["params"])
         existing = Rows(path / ROWS)
         with RowsWriter(work / ROWS, existing.schema) as rows:
             for table in existing.tables():
                 rows.write(table, str(path / ROWS))
-            _add_files(backend, source, adding, info["count"], rows, on_rows)
-        starts = (info["count"] + np.cumsum([0] + [f.rows for f in adding])).tolist()
-        entries = [{**file_entry(f), "labels": [[first, first + f.rows]]} for f, first in zip(adding, starts)]
+            label = _add_files(backend, source, adding, info["count"], rows, on_rows, held)
+            measured = _append_recall(info, backend, dead, held, params, recall_queries)
+            if len(held.positions):
+                _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
+        entries = [{**file_entry(f), "labels": labels} for f, labels
+                   in zip(adding, _file_labels([f.rows for f in adding], held.positions, info["count"]))]
         again = [e for e in entries if e["path"] in {s["path"] for s in changed}]
-        deleted = _deleted(path)
+        order = np.concatenate([np.arange(info["count"]), info["count"] + _insertion_order(new_rows, held.positions)])
         _mark_superseded(work, pa.concat_tables([deleted, _retired_rows(retired, deleted),
-                                                 _deleted_again(path, work, again)]), note)
+                                                 _deleted_again(path, work, again)]), note, order)
         _save(backend, work)
-        del backend  # the recall check loads the saved index: don't hold two copies of a big one
-        appended = {**info, "count": info["count"] + new_rows,
+        appended = {**info, "count": info["count"] + new_rows, "params": params, "recall": measured,
                     "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
                     "appends": info.get("appends", []) + [{
                         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": [f.name for f in adding],
                         "rows": new_rows, "changed": [s["name"] for s in changed],
                         "removed": [s["name"] for s in removed], "retired": len(retired),
                         "seconds": round(time.perf_counter() - started, 3)}]}
-        appended["recall"] = _leave_one_out_recall(work, appended, recall_queries)
         note(f"appended {counted(new_rows, 'vector')} from {counted(len(adding), 'file')}"
              + (f", retired {counted(len(retired), 'vector')}" if len(retired) else "")
-             + f"; recall@10 now {appended['recall']['recall@10']}"
-             + (" (leave-one-out: its queries are in the graph, so it runs high)" if info["type"] == "hnsw" else ""))
+             + f"; recall@10 now {measured['recall@10']}"
+             + (" (leave-one-out, with no new rows to hold out: its queries are in the index, so it runs high)"
+                if measured["method"] == "leave-one-out" and cls.search_params else ""))
+        _note_retuning(info, appended, note)
         return appended
 
     return _in_work_dir(path, fill)
+
+
+def _append_recall(info: dict[str, Any], backend: Backend, dead: np.ndarray, held: HeldOut,
+                   params: dict[str, int], queries: int) -> dict[str, Any]:
+    """Recall@10 of an index being appended to, measured as a build measures it: the `held` new rows,
+    not yet added, as queries against exact search over the live rows the backend holds. Search
+    parameters tuned to a target at build are tuned to it again, in `params`, where enough rows could
+    be held out: the index grew or changed, and the setting that reached the target may no longer."""
+    if not len(held.positions):
+        return _leave_one_out(info["type"], backend, dead, params, queries, info["recall"].get("target"))
+    vectors = np.concatenate(held.vectors)
+    live = np.setdiff1d(np.arange(len(backend)), dead)
+    truth = backend.search_among(vectors, live, min(RECALL_K, len(live)))
+    searched = _Live(backend, _deletes(dead, len(backend), type(backend)))
+    return _measured(info["type"], searched, params, vectors, np.full(len(vectors), -1), truth,
+                     info["recall"].get("target"), "held-out", tune=len(vectors) >= min(TUNING_QUERIES, queries))
+
+
+def _note_retuning(info: dict[str, Any], appended: dict[str, Any], note: Notes) -> None:
+    """Say which search parameters an append changed, and what to rebuild with where the recall it
+    measured falls short of the target they are tuned to."""
+    target, measured = appended["recall"]["target"], appended["recall"]["recall@10"]
+    reached = target is not None and measured >= target
+    before, after = info["params"], appended["params"]
+    for key in sorted(k for k in after if after[k] != before[k]):
+        note(f"{key} {before[key]} -> {after[key]}: " + (f"the cheapest setting that keeps recall@10 at {target} "
+                                                         "or more" if reached else "the best tried"))
+    if target is not None and not reached:
+        note(f"recall@10 {measured} is below the target {target}: "
+             + shortfall_hint(info["type"], after, info["dim"]) + ", in a rebuild (build-index without --append)")
 
 
 def _retired_rows(labels: np.ndarray, deleted: pa.Table) -> pa.Table:
@@ -544,6 +611,14 @@ class Deletes:
     unpadded: bool
 
 
+def _deletes(labels: np.ndarray, count: int, cls: type[Backend]) -> Deletes:
+    """The `labels` deleted from an index of `count` rows searched by a `cls` backend."""
+    dead = np.zeros(count + 1, bool)
+    dead[labels] = True
+    dead[-1] = True
+    return Deletes(labels, dead, cls.full_results and not len(labels))
+
+
 class Index:
     """A loaded index: `search(queries, k)` returns cosine scores and string ids, deleted ids left out.
     Threads may search one index at once."""
@@ -567,11 +642,7 @@ class Index:
     def _take_deletes(self) -> None:
         """Leave out the labels deleted.parquet lists now."""
         self._deletes_seen = _file_stamp(self.path / DELETED)
-        labels = _held_labels(_deleted(self.path))
-        dead = np.zeros(self.rows.count + 1, bool)
-        dead[labels] = True
-        dead[-1] = True
-        self.deletes = Deletes(labels, dead, type(self.backend).full_results and not len(labels))
+        self.deletes = _deletes(_held_labels(_deleted(self.path)), self.rows.count, type(self.backend))
 
     @property
     def deleted(self) -> np.ndarray:
@@ -644,38 +715,12 @@ class Index:
     def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, but library labels (-1 past the live rows; `rows.take` gives their metadata),
         and at most as many columns as the index has rows."""
-        return self._search_labels(self._queries(queries), k, self._follow_deletes())
-
-    def _search_labels(self, queries: np.ndarray, k: int, deletes: Deletes) -> tuple[np.ndarray, np.ndarray]:
-        total = self.rows.count
-        if not len(deletes.labels):
-            return self.backend.search(queries, min(k, total))
-        # Fetch past the deleted rows (all of a few; with many, twice their share of k, for fetching more
-        # costs every query: 4k made 1,000 deletes in 100k cost 2.5 times the search), and search again,
-        # 4 times wider, for the queries still short of k live results (a whole batch again took 1.6
-        # times as long with 10% deleted), until the index is exhausted.
-        few = len(deletes.labels) <= 4 * k
-        fetch = min(total, k + len(deletes.labels) if few else k + 2 + 2 * k * len(deletes.labels) // total)
-        width = min(k, total)
-        scores = np.full((len(queries), width), -np.inf, np.float32)
-        labels = np.full((len(queries), width), -1, np.int64)
-        pending = np.arange(len(queries))
-        while len(pending):
-            found_scores, found = self.backend.search(queries[pending], fetch)
-            live = ~deletes.dead[found]
-            done = (live.sum(axis=1) >= width) | (fetch >= total)
-            # Live results first, in their order; plain fancy indexing, as take_along_axis costs 6 µs a call.
-            order = np.argsort(~live[done], axis=1, kind="stable")[:, :width]
-            rows, columns = np.arange(len(order))[:, None], order.shape[1]
-            scores[pending[done], :columns] = np.where(live, found_scores, -np.inf)[done][rows, order]
-            labels[pending[done], :columns] = np.where(live, found, -1)[done][rows, order]
-            pending, fetch = pending[~done], min(total, fetch * 4)
-        return scores, labels
+        return _search_live(self.backend, self._queries(queries), k, self._follow_deletes())
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores (n, k), ids (n, k)); slots past the live rows hold None and -inf."""
         deletes = self._follow_deletes()
-        scores, labels = self._search_labels(self._queries(queries), k, deletes)
+        scores, labels = _search_live(self.backend, self._queries(queries), k, deletes)
         if labels.shape[1] == k and (deletes.unpadded or (labels >= 0).all()):  # the common case, kept lean
             return scores, self.ids[labels]
         valid = labels >= 0
@@ -685,6 +730,35 @@ class Index:
         ids[:, :columns][valid] = self.ids[labels[valid]]
         padded[:, :columns] = np.where(valid, scores, -np.inf)
         return padded, ids
+
+
+def _search_live(backend: Backend, queries: np.ndarray, k: int, deletes: Deletes) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, labels) of each query's k best rows of `backend` but the deleted ones, best first: -1
+    past the live rows, and at most as many columns as the backend has rows."""
+    total = len(deletes.dead) - 1
+    if not len(deletes.labels):
+        return backend.search(queries, min(k, total))
+    # Fetch past the deleted rows (all of a few; with many, twice their share of k, for fetching more
+    # costs every query: 4k made 1,000 deletes in 100k cost 2.5 times the search), and search again,
+    # 4 times wider, for the queries still short of k live results (a whole batch again took 1.6
+    # times as long with 10% deleted), until the index is exhausted.
+    few = len(deletes.labels) <= 4 * k
+    fetch = min(total, k + len(deletes.labels) if few else k + 2 + 2 * k * len(deletes.labels) // total)
+    width = min(k, total)
+    scores = np.full((len(queries), width), -np.inf, np.float32)
+    labels = np.full((len(queries), width), -1, np.int64)
+    pending = np.arange(len(queries))
+    while len(pending):
+        found_scores, found = backend.search(queries[pending], fetch)
+        live = ~deletes.dead[found]
+        done = (live.sum(axis=1) >= width) | (fetch >= total)
+        # Live results first, in their order; plain fancy indexing, as take_along_axis costs 6 µs a call.
+        order = np.argsort(~live[done], axis=1, kind="stable")[:, :width]
+        rows, columns = np.arange(len(order))[:, None], order.shape[1]
+        scores[pending[done], :columns] = np.where(live, found_scores, -np.inf)[done][rows, order]
+        labels[pending[done], :columns] = np.where(live, found, -1)[done][rows, order]
+        pending, fetch = pending[~done], min(total, fetch * 4)
+    return scores, labels
 
 
 def read_index_manifest(path: Path) -> dict[str, Any]:

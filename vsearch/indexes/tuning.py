@@ -5,12 +5,13 @@ built index.
 Recall@10 is the share of a query's exact 10 nearest vectors that the index returns, where any
 vector scoring as high as the exact 10th counts as one of them: a dataset with repeated covers has
 many vectors tied at a score, any of which is a right answer, and counting by label alone marked a
-correct index wrong and sent the tuning after a recall it could not reach. A build
-measures it on rows held out of the index until then (see `store.build_index`): queries the
-index has not seen, as real queries are. Where nothing can be held out (an append), a sample of
-the vectors the index shows serve, read back from it and searched for among all of them, each
-one's own label left out of both lists; that leave-one-out figure is optimistic for graphs, whose
-search starts next to a query that is itself in the graph.
+correct index wrong and sent the tuning after a recall it could not reach. A build, and an
+append, measure it on rows held out of the index until then (see `store.build_index`): queries
+the index has not seen, as real queries are. Where nothing can be held out (an index of a few
+vectors, an append that only retires some), a sample of the vectors the index shows serve, read
+back from it and searched for among all of them, each one's own label left out of both lists;
+that leave-one-out figure is optimistic for graphs, whose search starts next to a query that is
+itself in the graph.
 """
 
 from __future__ import annotations
