@@ -421,6 +421,14 @@ def test_append_retires_the_shards_of_a_dataset_that_shrank(tmp_path, workspace)
     index = load_index(tmp_path / "index")
     shown = np.setdiff1d(np.arange(index.rows.count), index.deleted)
     assert sorted(index.ids[shown]) == sorted(pq.read_table(folder, columns=["id"]).column("id").to_pylist())
+    source.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:128]), encoding="utf-8")
+    run_embed(config, workspace)  # shard 1 removed, nothing new: recall can only be measured leave-one-out
+    notes.clear()
+    info = append_index(tmp_path / "index", open_source(folder), note=notes.append)
+    assert notes[-1].startswith("appended 0 vectors from 0 files, retired 72 vectors; recall@10 now ")
+    assert info["recall"]["method"] == "leave-one-out" and info["recall"]["queries"] == 128
+    assert sorted(load_index(tmp_path / "index").search(np.eye(1, info["dim"]), 200)[1][0][:128]) == \
+        sorted(pq.read_table(folder, columns=["id"]).column("id").to_pylist())
 
 
 def test_append_refuses_shards_of_the_other_kind(embedded, tmp_path):

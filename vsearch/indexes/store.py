@@ -432,7 +432,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         note(f"appended {counted(new_rows, 'vector')} from {counted(len(adding), 'file')}"
              + (f", retired {counted(len(retired), 'vector')}" if len(retired) else "")
              + f"; recall@10 now {measured['recall@10']}"
-             + (" (leave-one-out, with no new rows to hold out: its queries are in the index, so it runs high)"
+             + (" (leave-one-out, too few new rows to hold any out: its queries are in the index, so it runs high)"
                 if measured["method"] == "leave-one-out" and cls.search_params else ""))
         _note_retuning(info, appended, note)
         return appended
