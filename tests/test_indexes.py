@@ -263,7 +263,7 @@ def test_an_append_short_of_the_target_says_what_to_rebuild_with(byo, tmp_path):
 
 
 def test_a_loaded_index_drops_ids_deleted_since_but_not_what_an_append_replaced(byo, tmp_path, monkeypatch):
-    monkeypatch.setattr("vsearch.indexes.store.DELETES_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr("vsearch.indexes.index.DELETES_CHECK_SECONDS", 0.0)
     folder, vectors = byo
     build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "index")
     serving = load_index(tmp_path / "index")

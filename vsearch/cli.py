@@ -61,7 +61,7 @@ def _embeddings_dir(ws: Workspace, dataset: str | None, embeddings: Path | None)
 
 
 def _index_dir(ws: Workspace, index: str | None) -> Path:
-    from vsearch.indexes.store import MANIFEST
+    from vsearch.indexes.index import MANIFEST
 
     if index is None:
         latest = ws.latest(ws.indexes, MANIFEST)
@@ -105,7 +105,7 @@ def embed(
     """Encode a dataset's covers or clips into Parquet shards (re-running resumes)."""
     from vsearch.console import expect_on_all, progress_bars, stderr
     from vsearch.embeddings.job import EmbedConfig, run_embed
-    from vsearch.indexes.store import MANIFEST
+    from vsearch.indexes.index import MANIFEST
 
     if out is not None and (out / MANIFEST).is_file():
         raise VsearchError(f"--out {out} is an index folder, which rebuilding the index replaces whole; "

@@ -12,7 +12,8 @@ from typing import Any
 
 from vsearch.embeddings.shards import MANIFEST as SHARDS_MANIFEST, Manifest
 from vsearch.errors import VsearchError
-from vsearch.indexes.store import MANIFEST as INDEX_MANIFEST, read_index_manifest, shown_count
+from vsearch.indexes.deleted import shown_count
+from vsearch.indexes.index import MANIFEST as INDEX_MANIFEST, read_index_manifest
 from vsearch.workspace import Workspace
 
 

@@ -34,7 +34,8 @@ import pyarrow as pa
 from vsearch.embeddings.shards import write_vectors_parquet
 from vsearch.errors import VsearchError
 from vsearch.indexes.backends import ENGINES, HnswlibBackend, IvfPqBackend
-from vsearch.indexes.store import BuildConfig, Index, build_index, load_index
+from vsearch.indexes.index import Index, load_index
+from vsearch.indexes.store import BuildConfig, build_index
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at, sample_positions
 from vsearch.indexes.vectors import VectorSource, open_source
 from vsearch.overlap import exit_with_parent

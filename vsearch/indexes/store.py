@@ -1,32 +1,27 @@
-"""The on-disk index format; building, appending to and deleting from an index; loading one.
+"""Building an index, appending to it, deleting from it: writing the on-disk index format.
 
 `indexes/<name>/` holds:
 
     index.json       manifest: type, engine, build and search parameters and why they were chosen,
                      dim, metric, count, kind, the files it was built from (with checksums and
                      the labels of their rows), the encoder spec and fingerprint, build time and
-                     id, measured recall, appends
+                     id, measured recall (and the target the search parameters were tuned to),
+                     appends
     index.faiss | index.hnsw   the library's own file, loadable by plain faiss or hnswlib
     vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
     rows.arrow       row i: the id and metadata (title, ocr, uri, ...) of library label i, read
                      memory-mapped (see rows.py)
-    deleted.parquet  `label`, `id` of deleted rows, filtered out at query time: deleted ids, and
-                     vectors replaced by a later one with the same id (appends are upserts), and,
-                     with a null id, the retired vectors of files changed or gone; a rebuild into
-                     the same folder leaves deleted ids out and keeps them here with label -1, so
-                     a deleted id stays deleted until an appended new file brings it back. Those
-                     listed when an index is written are also hidden from the library's own
-                     search where it can (hnswlib's mark_deleted)
+    deleted.parquet  the rows it holds but no longer shows: deleted ids, replaced and retired
+                     vectors (see deleted.py)
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
 place, so a failed build never replaces a good index; the next build removes what a killed one left.
+`index.py` loads one for search.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
-import json
 import os
 import shutil
 import socket
@@ -40,21 +35,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from vsearch.errors import VsearchError, counted, first_line
+from vsearch.errors import VsearchError, counted
 from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
+from vsearch.indexes.deleted import (DELETED, deleted_again, deleted_rows, held_labels, mark_superseded,
+                                     read_deleted, retired_rows, still_deleted, write_deleted)
+from vsearch.indexes.index import FORMAT, MANIFEST, Deletes, deletes_of, read_index_manifest, search_live
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
-from vsearch.indexes.tuning import (RECALL_K, check_params, choose_build_params, exact_neighbours, gather,
+from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather,
                                     memory_bytes, recall, sample_positions, shortfall_hint,
                                     tune_search)
 from vsearch.indexes.vectors import VectorFile, VectorSource, file_entry
 
-FORMAT = "vsearch-index/2"
-MANIFEST = "index.json"
-DELETED = "deleted.parquet"
-DELETES_CHECK_SECONDS = 1.0
 # Fewer held-out queries than this measure recall@10 too coarsely to tune search parameters on.
 TUNING_QUERIES = 100
 Notes = Callable[[str], None]
@@ -197,7 +190,7 @@ class _Live:
         self.backend.set_search(params)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return _search_live(self.backend, queries, k, self.deletes)
+        return search_live(self.backend, queries, k, self.deletes)
 
 
 def _measured(index_type: str, searched: Backend | _Live, params: dict[str, int], queries: np.ndarray,
@@ -235,7 +228,7 @@ def _leave_one_out(index_type: str, backend: Backend, dead: np.ndarray, params: 
     own = live[sample_positions(len(live), queries, seed=1)]
     vectors = backend.vectors(own)
     truth = backend.search_among(vectors, live, min(RECALL_K + 1, len(live)))
-    searched = _Live(backend, _deletes(dead, len(backend), type(backend)))
+    searched = _Live(backend, deletes_of(dead, len(backend), type(backend)))
     return _measured(index_type, searched, params, vectors, own, truth, target, "leave-one-out", tune=False)
 
 
@@ -269,7 +262,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
     there (`delete_ids`) are left out and stay deleted."""
     cls = backend_class(config.type, config.engine)
     _check_replaceable(destination, source)
-    carried = _still_deleted(destination)
+    carried = still_deleted(destination)
     if len(carried):
         source = replace(source, excluded=frozenset(carried.column("id").to_pylist()))
         note(f"leaving out the {len(carried):,} ids deleted from {destination} "
@@ -304,10 +297,10 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
                                      np.full(len(held.positions), -1), _held_out_truth(source, held), target,
                                      "held-out")
                 _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
-        _mark_superseded(work, carried, note, _insertion_order(count, held.positions))
+        mark_superseded(work, carried, _insertion_order(count, held.positions), note)
         _save(backend, work)
         if measured is None:  # too few rows to hold any out
-            measured = _leave_one_out(config.type, backend, _held_labels(_deleted(work)), params,
+            measured = _leave_one_out(config.type, backend, held_labels(read_deleted(work)), params,
                                       config.recall_queries, target)
         info = {
             "format": FORMAT, "type": config.type, "engine": cls.engine, "params": params, "choices": choice.reasons,
@@ -402,8 +395,8 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         on_total(new_rows)
         if new_rows:
             backend.prepare(work, new_rows)
-        deleted = _deleted(path)
-        dead = np.union1d(_held_labels(deleted), retired)
+        deleted = read_deleted(path)
+        dead = np.union1d(held_labels(deleted), retired)
         backend.hide(dead)  # now, so that recall is measured on the search the saved index makes
         held = HeldOut(sample_positions(new_rows, min(recall_queries, (info["count"] + new_rows) // 10), seed=1))
         params = dict(info["params"])
@@ -419,8 +412,8 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
                    in zip(adding, _file_labels([f.rows for f in adding], held.positions, info["count"]))]
         again = [e for e in entries if e["path"] in {s["path"] for s in changed}]
         order = np.concatenate([np.arange(info["count"]), info["count"] + _insertion_order(new_rows, held.positions)])
-        _mark_superseded(work, pa.concat_tables([deleted, _retired_rows(retired, deleted),
-                                                 _deleted_again(path, work, again)]), note, order)
+        mark_superseded(work, pa.concat_tables([deleted, retired_rows(retired, deleted),
+                                                 deleted_again(path, work, _labels_of(again))]), order, note)
         _save(backend, work)
         appended = {**info, "count": info["count"] + new_rows, "params": params, "recall": measured,
                     "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
@@ -451,7 +444,7 @@ def _append_recall(info: dict[str, Any], backend: Backend, dead: np.ndarray, hel
     vectors = np.concatenate(held.vectors)
     live = np.setdiff1d(np.arange(len(backend)), dead)
     truth = backend.search_among(vectors, live, min(RECALL_K, len(live)))
-    searched = _Live(backend, _deletes(dead, len(backend), type(backend)))
+    searched = _Live(backend, deletes_of(dead, len(backend), type(backend)))
     return _measured(info["type"], searched, params, vectors, np.full(len(vectors), -1), truth,
                      info["recall"].get("target"), "held-out", tune=len(vectors) >= min(TUNING_QUERIES, queries))
 
@@ -470,25 +463,6 @@ def _note_retuning(info: dict[str, Any], appended: dict[str, Any], note: Notes) 
              + shortfall_hint(info["type"], after, info["dim"]) + ", in a rebuild (build-index without --append)")
 
 
-def _retired_rows(labels: np.ndarray, deleted: pa.Table) -> pa.Table:
-    """Deleted rows for the retired vectors of files changed or gone, those not deleted already. They
-    have no id: they are not deleted ids, which a rebuild leaves out, only vectors no longer shown."""
-    fresh = np.setdiff1d(labels, deleted.column("label").to_numpy())
-    return _deleted_rows(fresh, pa.nulls(len(fresh), pa.string()))
-
-
-def _deleted_again(path: Path, work: Path, entries: list[dict[str, Any]]) -> pa.Table:
-    """Deleted rows for the ids deleted from the index at `path` that the new versions of changed files
-    (`entries`, added in `work`) hold again: a file re-embedded is not a request to bring them back."""
-    labels = _labels_of(entries)
-    gone = _still_deleted(path).column("id").combine_chunks() if len(labels) else []
-    if not len(gone):
-        return _deleted_rows(np.empty(0, np.int64), pa.array([], pa.string()))
-    ids = Rows(work / ROWS).take(labels).column("id")
-    hit = pc.is_in(ids, value_set=gone).to_numpy(zero_copy_only=False)
-    return _deleted_rows(labels[hit], ids.filter(pa.array(hit)))
-
-
 def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     """Mark `ids` deleted in the index at `path` (filtered at query time); returns (newly deleted, unknown ids)."""
     read_index_manifest(path)
@@ -496,285 +470,14 @@ def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     wanted = pa.array(sorted(set(ids)), pa.string())
     labels = pc.indices_nonzero(pc.is_in(table, value_set=wanted)).to_numpy().astype(np.int64)
     known = set(table.take(pa.array(labels)).to_pylist())
-    previous = _deleted(path)
+    previous = read_deleted(path)
     fresh = np.setdiff1d(labels, previous.column("label").to_numpy())
-    _write_deleted(path, pa.concat_tables([previous, _deleted_rows(fresh, table.take(pa.array(fresh)))]))
+    write_deleted(path, pa.concat_tables([previous, deleted_rows(fresh, table.take(pa.array(fresh)))]))
     return len(fresh), sorted(set(ids) - known)
-
-
-def shown_count(path: Path, info: dict[str, Any]) -> int:
-    """How many vectors the index at `path` (manifest `info`) shows: those it holds, less the
-    deleted, replaced and retired ones."""
-    return int(info["count"]) - len(_held_labels(_deleted(path)))
-
-
-def _deleted(path: Path) -> pa.Table:
-    """The index's deleted rows: `label` (-1 for an id a rebuild left out) and `id`."""
-    if not (path / DELETED).is_file():
-        return pa.table({"label": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
-    try:
-        return pq.read_table(path / DELETED, columns=["label", "id"])
-    except (pa.ArrowException, OSError) as exc:
-        raise VsearchError(f"index {path} is damaged ({first_line(exc)} in {DELETED}); rebuild it") from None
-
-
-def _write_deleted(path: Path, deleted: pa.Table) -> None:
-    temporary = path / (DELETED + ".tmp")
-    pq.write_table(deleted, temporary)
-    os.replace(temporary, path / DELETED)
-
-
-def _deleted_rows(labels: np.ndarray, ids: pa.Array | pa.ChunkedArray) -> pa.Table:
-    return pa.table({"label": pa.array(labels, pa.int64()), "id": ids})
-
-
-def _superseded(ids: pa.ChunkedArray, order: np.ndarray) -> np.ndarray:
-    """Labels whose id comes again later in `order` (each label's place in the files): the later
-    vector replaces the earlier one (an append bringing an id again, an id repeated in
-    bring-your-own files)."""
-    latest = pa.table({"id": ids, "order": order}).group_by("id").aggregate([("order", "max")])
-    kept = np.zeros(len(ids), bool)
-    kept[np.argsort(order)[latest.column("order_max").to_numpy()]] = True
-    return np.flatnonzero(~kept)
-
-
-def _mark_superseded(work: Path, deleted: pa.Table, note: Notes, order: np.ndarray | None = None) -> None:
-    """Write the built index's deleted rows: `deleted` and the vectors later ones replace; `order`
-    is each label's place in the files (labels follow it, but for rows held out to measure recall)."""
-    ids = Rows(work / ROWS).ids()
-    order = np.arange(len(ids)) if order is None else order
-    replaced = np.setdiff1d(_superseded(ids, order), deleted.column("label").to_numpy())
-    if len(replaced):
-        note(f"{len(replaced):,} vectors replaced by later ones with the same id")
-        deleted = pa.concat_tables([deleted, _deleted_rows(replaced, ids.take(pa.array(replaced)))])
-    if len(deleted):
-        _write_deleted(work, deleted)
 
 
 def _save(backend: Backend, work: Path) -> None:
     """Save the index built in `work`, the rows deleted there hidden from the library's own search
     (deletes made later are filtered at query time only)."""
-    backend.hide(_held_labels(_deleted(work)))
+    backend.hide(held_labels(read_deleted(work)))
     backend.save(work)
-
-
-def _still_deleted(path: Path) -> pa.Table:
-    """The ids deleted from the index at `path` that it does not hold again (an append can bring a
-    deleted id back), as deleted rows of label -1 for the index that replaces it."""
-    deleted = _deleted(path)
-    deleted = deleted.filter(pc.is_valid(deleted.column("id")))  # retired vectors are not deleted ids
-    if not len(deleted):
-        return deleted
-    ids = deleted.column("id").combine_chunks()
-    try:
-        every = Rows(path / ROWS).ids()
-    except VsearchError:  # a damaged index being rebuilt: keep every deletion
-        gone = ids
-    else:
-        live = np.ones(len(every), bool)
-        live[_held_labels(deleted)] = False
-        back = pc.is_in(ids, value_set=every.filter(pa.array(live)).combine_chunks())
-        gone = ids.filter(pc.invert(back))
-    gone = pc.unique(gone)
-    return _deleted_rows(np.full(len(gone), -1), gone)
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when the file at `path` is replaced or rewritten; None when there is none."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
-
-
-def _version_of(manifest: dict[str, Any]) -> tuple[Any, Any, int]:
-    """What tells one build of an index, and each append to it, from another (a delete changes none)."""
-    return manifest.get("build_id"), manifest.get("built_at"), len(manifest.get("appends", []))
-
-
-def _held_labels(deleted: pa.Table) -> np.ndarray:
-    """The labels of deleted rows the index still holds (-1 marks an id a rebuild left out)."""
-    labels = deleted.column("label").to_numpy()
-    return labels[labels >= 0]
-
-
-@dataclass(frozen=True)
-class Deletes:
-    """The deleted labels an index leaves out, taken up whole: threads searching while a delete is
-    taken up see the old set or the new one, never a mix."""
-    labels: np.ndarray
-    # Dead labels as a mask, its last slot standing for the padding label -1: a lookup costs 0.3 µs
-    # a query where np.isin took 84 µs with 1,000 deleted labels and 770 ms with a million.
-    dead: np.ndarray
-    # Without deletes, a backend that never pads its results needs no per-query check for -1 labels.
-    unpadded: bool
-
-
-def _deletes(labels: np.ndarray, count: int, cls: type[Backend]) -> Deletes:
-    """The `labels` deleted from an index of `count` rows searched by a `cls` backend."""
-    dead = np.zeros(count + 1, bool)
-    dead[labels] = True
-    dead[-1] = True
-    return Deletes(labels, dead, cls.full_results and not len(labels))
-
-
-class Index:
-    """A loaded index: `search(queries, k)` returns cosine scores and string ids, deleted ids left out.
-    Threads may search one index at once."""
-
-    def __init__(self, path: Path, manifest: dict[str, Any] | None = None):
-        self.path = path
-        self.manifest = manifest or read_index_manifest(path)
-        cls = backend_class(self.manifest["type"], self.manifest.get("engine"))
-        self.dim = int(self.manifest["dim"])
-        try:
-            self.backend = cls.load(path, self.dim, self.manifest["params"])
-            self.rows = Rows(path / ROWS)
-        except (RuntimeError, OSError, pa.ArrowException) as exc:  # what faiss, hnswlib and Arrow raise
-            raise VsearchError(f"index {path} is damaged ({first_line(exc)}); rebuild it") from None
-        if len(self.backend) != self.rows.count:
-            raise VsearchError(f"index {path} is damaged: {cls.file_name} holds {len(self.backend):,} vectors "
-                               f"but {ROWS} {self.rows.count:,} rows; rebuild it")
-        self._deletes_checked = time.monotonic()
-        self._take_deletes()
-
-    def _take_deletes(self) -> None:
-        """Leave out the labels deleted.parquet lists now."""
-        self._deletes_seen = _file_stamp(self.path / DELETED)
-        self.deletes = _deletes(_held_labels(_deleted(self.path)), self.rows.count, type(self.backend))
-
-    @property
-    def deleted(self) -> np.ndarray:
-        return self.deletes.labels
-
-    def _follow_deletes(self) -> Deletes:
-        """The deletes a search leaves out, taking up those made since loading (`vsearch delete` from
-        another process), looking at most once a `DELETES_CHECK_SECONDS`: a long-running searcher
-        drops deleted ids without a restart.
-        After an append or a rebuild the folder holds another index, whose deleted rows may be rows
-        this one lacks (an upsert deletes the vector it replaces): this one then keeps its deletes
-        until it is loaded again."""
-        now = time.monotonic()
-        if now - self._deletes_checked < DELETES_CHECK_SECONDS:
-            return self.deletes
-        self._deletes_checked = now
-        stamp = _file_stamp(self.path / DELETED)
-        if stamp == self._deletes_seen:
-            return self.deletes
-        self._deletes_seen = stamp
-        try:
-            current = read_index_manifest(self.path)
-        except VsearchError:  # the folder is being replaced
-            return self.deletes
-        if _version_of(current) == _version_of(self.manifest):
-            self._take_deletes()
-        return self.deletes
-
-    @functools.cached_property
-    def ids(self) -> np.ndarray:
-        """Every label's id, as an object array of str, loaded on first use (`search` needs it; `vsearch
-        query` reads rows by position and does not). Picking k of them costs 0.1 µs, where numpy's
-        StringDType takes 1.3 µs and an Arrow take 8-15 µs, against a budget of a few µs per query; it
-        costs about 73 bytes an id (16 characters) and 0.6 s per million ids to load on 2 cores."""
-        return self.rows.ids().to_numpy(zero_copy_only=False)
-
-    def __len__(self) -> int:
-        return self.rows.count - len(self.deleted)
-
-    def set_threads(self, threads: int) -> None:
-        self.backend.set_threads(threads)
-
-    def set_search(self, **params: int) -> None:
-        """Change search parameters (hnsw: ef_search; ivfpq: nprobe, k_factor) for later searches."""
-        cls = type(self.backend)
-        unknown = set(params) - set(cls.search_params)
-        if unknown:
-            raise VsearchError(f"unknown search parameter {', '.join(sorted(unknown))} for {cls.type} "
-                               f"(known: {', '.join(cls.search_params) or 'none'})")
-        check_params(params)
-        self.backend.set_search(params)
-
-    def _queries(self, queries: np.ndarray) -> np.ndarray:
-        queries = np.asarray(queries, dtype=np.float32, order="C")  # np.atleast_2d alone costs 0.4 µs
-        if queries.ndim == 1:
-            queries = queries[None]
-        if queries.shape[1] != self.dim:
-            raise VsearchError(f"query vectors have dim {queries.shape[1]}, index {self.path} has dim {self.dim}")
-        return queries
-
-    def search_among(self, queries: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact (scores, labels) of the k best of the rows `labels` only, deleted ones left out: for a
-        filter so selective that an ANN search would have to be widened over most of the index."""
-        labels = np.asarray(labels, np.int64)
-        deletes = self._follow_deletes()
-        if len(deletes.labels):
-            labels = labels[~deletes.dead[labels]]
-        return self.backend.search_among(self._queries(queries), labels, min(k, len(labels)))
-
-    def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Like `search`, but library labels (-1 past the live rows; `rows.take` gives their metadata),
-        and at most as many columns as the index has rows."""
-        return _search_live(self.backend, self._queries(queries), k, self._follow_deletes())
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores (n, k), ids (n, k)); slots past the live rows hold None and -inf."""
-        deletes = self._follow_deletes()
-        scores, labels = _search_live(self.backend, self._queries(queries), k, deletes)
-        if labels.shape[1] == k and (deletes.unpadded or (labels >= 0).all()):  # the common case, kept lean
-            return scores, self.ids[labels]
-        valid = labels >= 0
-        ids = np.full((len(labels), k), None, dtype=object)
-        padded = np.full((len(labels), k), -np.inf, dtype=np.float32)
-        columns = labels.shape[1]
-        ids[:, :columns][valid] = self.ids[labels[valid]]
-        padded[:, :columns] = np.where(valid, scores, -np.inf)
-        return padded, ids
-
-
-def _search_live(backend: Backend, queries: np.ndarray, k: int, deletes: Deletes) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, labels) of each query's k best rows of `backend` but the deleted ones, best first: -1
-    past the live rows, and at most as many columns as the backend has rows."""
-    total = len(deletes.dead) - 1
-    if not len(deletes.labels):
-        return backend.search(queries, min(k, total))
-    # Fetch past the deleted rows (all of a few; with many, twice their share of k, for fetching more
-    # costs every query: 4k made 1,000 deletes in 100k cost 2.5 times the search), and search again,
-    # 4 times wider, for the queries still short of k live results (a whole batch again took 1.6
-    # times as long with 10% deleted), until the index is exhausted.
-    few = len(deletes.labels) <= 4 * k
-    fetch = min(total, k + len(deletes.labels) if few else k + 2 + 2 * k * len(deletes.labels) // total)
-    width = min(k, total)
-    scores = np.full((len(queries), width), -np.inf, np.float32)
-    labels = np.full((len(queries), width), -1, np.int64)
-    pending = np.arange(len(queries))
-    while len(pending):
-        found_scores, found = backend.search(queries[pending], fetch)
-        live = ~deletes.dead[found]
-        done = (live.sum(axis=1) >= width) | (fetch >= total)
-        # Live results first, in their order; plain fancy indexing, as take_along_axis costs 6 µs a call.
-        order = np.argsort(~live[done], axis=1, kind="stable")[:, :width]
-        rows, columns = np.arange(len(order))[:, None], order.shape[1]
-        scores[pending[done], :columns] = np.where(live, found_scores, -np.inf)[done][rows, order]
-        labels[pending[done], :columns] = np.where(live, found, -1)[done][rows, order]
-        pending, fetch = pending[~done], min(total, fetch * 4)
-    return scores, labels
-
-
-def read_index_manifest(path: Path) -> dict[str, Any]:
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        raise VsearchError(f"no index at {path} (missing {MANIFEST}); run vsearch build-index first")
-    try:
-        info = json.loads(manifest.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise VsearchError(f"unreadable index manifest {manifest}: {exc}") from exc
-    if info.get("format") != FORMAT:
-        raise VsearchError(f"{manifest} has format {info.get('format')!r}, not {FORMAT!r}; "
-                           "rebuild the index with this version's vsearch build-index")
-    return info
-
-
-def load_index(path: str | os.PathLike) -> Index:
-    """Load an index folder written by `build_index` (`~` is the home folder, as in a shell)."""
-    return Index(Path(path).expanduser())
