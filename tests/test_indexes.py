@@ -318,6 +318,17 @@ def test_an_id_deleted_then_appended_again_survives_a_rebuild(byo, tmp_path):
     assert ids[0, 0] == "doc0" and ids[1, 0] != "doc1"
 
 
+def test_an_id_deleted_after_its_file_changed_stays_deleted_through_a_rebuild(byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    write_parquet(folder, vectors[1500:2000], 1500, "part-1.parquet")  # changed: its old vectors are retired
+    append_index(tmp_path / "index", open_source(folder))
+    delete_ids(tmp_path / "index", ["doc1600"])  # the retired old vector of doc1600 is no copy of it to keep
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    index = load_index(tmp_path / "index")
+    assert "doc1600" not in set(index.ids) and len(index) == 1999
+
+
 def test_each_file_records_the_labels_of_its_rows(byo, tmp_path):
     folder, vectors = byo
     build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")

@@ -96,8 +96,8 @@ def mark_superseded(work: Path, deleted: pa.Table, order: np.ndarray, note: Call
 def still_deleted(path: Path) -> pa.Table:
     """The ids deleted from the index at `path` that it does not hold again (an append can bring a
     deleted id back), as deleted rows of label -1 for the index that replaces it."""
-    deleted = read_deleted(path)
-    deleted = deleted.filter(pc.is_valid(deleted.column("id")))  # retired vectors are not deleted ids
+    every_deleted = read_deleted(path)
+    deleted = every_deleted.filter(pc.is_valid(every_deleted.column("id")))  # retired vectors are not deleted ids
     if not len(deleted):
         return deleted
     ids = deleted.column("id").combine_chunks()
@@ -107,7 +107,7 @@ def still_deleted(path: Path) -> pa.Table:
         gone = ids
     else:
         live = np.ones(len(every), bool)
-        live[held_labels(deleted)] = False
+        live[held_labels(every_deleted)] = False  # nor do retired vectors hold an id again
         back = pc.is_in(ids, value_set=every.filter(pa.array(live)).combine_chunks())
         gone = ids.filter(pc.invert(back))
     gone = pc.unique(gone)
