@@ -11,6 +11,7 @@ import pytest
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
+from vsearch.indexes.backends import HnswlibBackend
 from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
@@ -186,6 +187,14 @@ def test_ivfpq_builds_on_a_dimension_no_usual_code_size_divides(tmp_path):
     assert (ids[:, 0] == [f"doc{i}" for i in range(20)]).mean() >= 0.9
 
 
+def test_too_few_vectors_to_train_ivfpq_is_a_clear_error(tmp_path):
+    folder = write_parquet(tmp_path / "byo", clustered(100))
+    with pytest.raises(VsearchError, match=r"ivfpq cannot train on 100 vectors: Number of training points \(100\) "
+                                           r"should be at least as large as number of clusters \(256\); lower"):
+        build_index(BuildConfig(type="ivfpq", params={"nbits": 8}), open_source(folder), tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
 def test_a_memory_budget_too_small_is_a_clear_error(byo, tmp_path):
     with pytest.raises(VsearchError, match="over the memory budget.*ivfpq fits far more"):
         build_index(BuildConfig(type="hnsw", memory_budget=100_000), open_source(byo[0]), tmp_path / "index")
@@ -327,6 +336,53 @@ def test_an_id_deleted_after_its_file_changed_stays_deleted_through_a_rebuild(by
     build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
     index = load_index(tmp_path / "index")
     assert "doc1600" not in set(index.ids) and len(index) == 1999
+
+
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_an_id_whose_replacing_vector_is_retired_shows_the_vector_it_replaced(index_type, engine, byo, tmp_path):
+    folder, vectors = byo
+    path = tmp_path / "index"
+    other = clustered(3, seed=5)
+    write_parquet(folder, other[:1], 1500, "part-2.parquet")  # doc1500 again, in a later file: it wins
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), path)
+    assert load_index(path).search(other[:1], 1)[1][0, 0] == "doc1500"
+    write_parquet(folder, other[1:], 5000, "part-2.parquet")  # changed: doc1500 gone from it
+    notes = []
+    append_index(path, open_source(folder), note=notes.append)
+    assert "1 replaced vectors shown again: the vectors that replaced them were retired" in notes
+    index = load_index(path)
+    assert index.search(vectors[1500:1501], 1)[1][0, 0] == "doc1500"  # part-1's vector, shown again
+    assert len(index) == 3002 and sorted(set(index.ids) - {f"doc{i}" for i in range(3000)}) == ["doc5000", "doc5001"]
+    if index_type == "hnsw" and engine is None:  # shown again in hnswlib's own file too
+        plain = hnswlib.Index(space="ip", dim=64)
+        plain.load_index(str(path / "index.hnsw"))
+        assert plain.knn_query(vectors[1500:1501], k=1)[0][0, 0] == list(index.ids).index("doc1500")
+
+
+def test_a_deleted_id_stays_deleted_when_a_vector_that_brought_it_back_is_retired(byo, tmp_path):
+    folder, vectors = byo
+    path = tmp_path / "index"
+    other = clustered(3, seed=5)
+    write_parquet(folder, other[:1], 1500, "part-2.parquet")  # doc1500 in part-1 and, replacing it, part-2
+    build_index(BuildConfig(type="flat"), open_source(folder), path)
+    delete_ids(path, ["doc1500"])
+    write_parquet(folder, other[1:2], 1500, "part-3.parquet")  # a new file brings doc1500 back
+    append_index(path, open_source(folder))
+    assert load_index(path).search(other[1:2], 1)[1][0, 0] == "doc1500"
+    write_parquet(folder, other[2:], 7000, "part-3.parquet")  # and drops it again
+    append_index(path, open_source(folder))
+    assert "doc1500" not in set(load_index(path).search(vectors[1500:1501], 3000)[1][0])
+
+
+def test_hnswlib_searching_past_hidden_vectors_falls_back_to_the_ones_shown(tmp_path):
+    vectors = clustered(12)
+    backend = HnswlibBackend.create(tmp_path, 64, 12, {"M": 16, "ef_construction": 32, "ef_search": 16})
+    backend.add(vectors, np.arange(12))
+    backend.hide(np.arange(2, 12))  # hnswlib cannot fill k=5 from the graph, nor read the hidden vectors
+    scores, labels = backend.search(vectors[:1], 5)
+    assert labels.tolist() == [[0, 1]] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    backend.show(np.array([5]))
+    assert sorted(backend.search(vectors[:1], 5)[1][0].tolist()) == [0, 1, 5]
 
 
 def test_each_file_records_the_labels_of_its_rows(byo, tmp_path):

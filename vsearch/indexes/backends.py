@@ -1,7 +1,8 @@
 """The one registry of index types. Each wraps one library index behind the same small API:
 
     create(directory, dim, capacity, params)    load(directory, dim, params, writable)
-    train(sample)   prepare(directory, new_rows)   add(vectors, labels)   hide(labels)   save(directory)
+    train(sample)   prepare(directory, new_rows)   add(vectors, labels)   hide(labels)   show(labels)
+    save(directory)
     search(queries, k) -> (scores, labels)       set_search(params)     set_threads(n)
     vectors(labels) -> the stored vectors        search_among(queries, labels, k): exact, over those
 
@@ -19,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, counted
 
 FAISS_FILE = "index.faiss"
 
@@ -111,6 +112,9 @@ class Backend:
     def hide(self, labels: np.ndarray) -> None:
         """Keep `labels` (deleted, replaced and retired vectors) out of this index's own searches
         while they stay in it, where the library can; vsearch filters them out of results anyway."""
+
+    def show(self, labels: np.ndarray) -> None:
+        """Undo `hide` for `labels` (replaced vectors shown again)."""
 
     def save(self, directory: Path) -> None:
         raise NotImplementedError
@@ -242,6 +246,8 @@ class HnswlibBackend(Backend):
         # which threads searching at once would race on.
         index.set_ef(ef_search)
         self._map_lock = threading.Lock()
+        # Labels this process marked deleted: hnswlib can neither list them nor read their vectors.
+        self.hidden = np.empty(0, np.int64)
         # The file the index was loaded from, mapped (so a rebuild replacing it cannot change what
         # is read), which holds the vectors of the labels it had then whatever is added since;
         # parsed on the first call to `vectors`.
@@ -287,13 +293,24 @@ class HnswlibBackend(Backend):
             except RuntimeError as exc:
                 if "already deleted" not in str(exc):
                     raise
+        self.hidden = np.union1d(self.hidden, labels)
+
+    def show(self, labels: np.ndarray) -> None:
+        for label in labels.tolist():
+            try:
+                self.index.unmark_deleted(label)
+            except RuntimeError as exc:
+                if "is not deleted" not in str(exc):
+                    raise
+        self.hidden = np.setdiff1d(self.hidden, labels)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.count)  # hnswlib cannot return more than it holds
         try:
             labels, distances = self.index.knn_query(queries, k=k, num_threads=self.threads)
-        except RuntimeError:  # the graph reached fewer than k nodes (it happens with many identical vectors)
-            return self.search_among(queries, np.asarray(self.index.get_ids_list(), np.int64), k)
+        except RuntimeError:  # the graph reached fewer than k nodes (many identical vectors, or many hidden)
+            labels = np.setdiff1d(np.asarray(self.index.get_ids_list(), np.int64), self.hidden)
+            return self.search_among(queries, labels, min(k, len(labels)))
         return 1.0 - distances, labels.view(np.int64)  # hnswlib's labels are uint64; ours fit in int64
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
@@ -378,7 +395,12 @@ class IvfPqBackend(FaissBackend):
         return loaded
 
     def train(self, sample: np.ndarray) -> None:
-        self.index.train(sample)
+        try:
+            self.index.train(sample)
+        except RuntimeError as exc:  # FAISS's k-means refuses fewer points than centroids
+            reason = str(exc).split("failed: ")[-1].strip()
+            raise VsearchError(f"ivfpq cannot train on {counted(len(sample), 'vector')}: {reason}; lower --param nlist "
+                               f"or nbits, or use --type flat") from None
 
     def prepare(self, directory: Path, new_rows: int) -> None:
         path = directory / f"vectors-{len(self.segments):05d}.npy"

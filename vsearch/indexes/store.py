@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 from vsearch.errors import VsearchError, counted
 from vsearch.files import write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
-from vsearch.indexes.deleted import (DELETED, deleted_again, deleted_rows, held_labels, mark_superseded,
-                                     read_deleted, retired_rows, still_deleted, write_deleted)
+from vsearch.indexes.deleted import (DELETED, delete_by_id, deleted_again, held_labels, mark_superseded,
+                                     read_deleted, retire, still_deleted, write_deleted)
 from vsearch.indexes.index import FORMAT, MANIFEST, Deletes, deletes_of, read_index_manifest, search_live
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
 from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather,
@@ -250,6 +250,18 @@ def _insertion_order(count: int, held: np.ndarray) -> np.ndarray:
     return np.concatenate([np.delete(np.arange(count), held), held])
 
 
+def _shown_last(count: int, dead: np.ndarray) -> np.ndarray:
+    """A place for each of an index's `count` labels before an append, to find which vectors the new
+    rows replace: the `dead` ones first, so that an id keeps the vector it shows. The labels' own
+    order is not their files' (a build's held-out rows go in last), so among them it would pick
+    any one of an id's vectors, and retire the one shown."""
+    shown = np.ones(count, bool)
+    shown[dead] = False
+    places = np.empty(count, np.int64)
+    places[np.argsort(shown, kind="stable")] = np.arange(count)
+    return places
+
+
 def _labels_of(entries: list[dict[str, Any]]) -> np.ndarray:
     """The labels of the rows of the files that manifest `entries` record."""
     spans = [np.arange(first, end, dtype=np.int64) for entry in entries for first, end in entry["labels"]]
@@ -411,10 +423,10 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         entries = [{**file_entry(f), "labels": labels} for f, labels
                    in zip(adding, _file_labels([f.rows for f in adding], held.positions, info["count"]))]
         again = [e for e in entries if e["path"] in {s["path"] for s in changed}]
-        order = np.concatenate([np.arange(info["count"]), info["count"] + _insertion_order(new_rows, held.positions)])
-        mark_superseded(work, pa.concat_tables([deleted, retired_rows(retired, deleted),
-                                                 deleted_again(path, work, _labels_of(again))]), order, note)
-        _save(backend, work)
+        order = np.concatenate([_shown_last(info["count"], dead), info["count"] + _insertion_order(new_rows, held.positions)])
+        mark_superseded(work, pa.concat_tables([retire(deleted, retired), deleted_again(path, work, _labels_of(again))]),
+                        order, note, hidden=np.setdiff1d(retired, held_labels(deleted)))
+        _save(backend, work, hidden_before=dead)
         appended = {**info, "count": info["count"] + new_rows, "params": params, "recall": measured,
                     "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
                     "appends": info.get("appends", []) + [{
@@ -471,13 +483,16 @@ def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
     labels = pc.indices_nonzero(pc.is_in(table, value_set=wanted)).to_numpy().astype(np.int64)
     known = set(table.take(pa.array(labels)).to_pylist())
     previous = read_deleted(path)
-    fresh = np.setdiff1d(labels, previous.column("label").to_numpy())
-    write_deleted(path, pa.concat_tables([previous, deleted_rows(fresh, table.take(pa.array(fresh)))]))
-    return len(fresh), sorted(set(ids) - known)
+    write_deleted(path, delete_by_id(previous, labels, table.take(pa.array(labels))))
+    return len(np.setdiff1d(labels, previous.column("label").to_numpy())), sorted(set(ids) - known)
 
 
-def _save(backend: Backend, work: Path) -> None:
+def _save(backend: Backend, work: Path, hidden_before: np.ndarray | None = None) -> None:
     """Save the index built in `work`, the rows deleted there hidden from the library's own search
-    (deletes made later are filtered at query time only)."""
-    backend.hide(held_labels(read_deleted(work)))
+    (deletes made later are filtered at query time only), those of `hidden_before` that are not
+    shown again."""
+    hidden = held_labels(read_deleted(work))
+    if hidden_before is not None:
+        backend.show(np.setdiff1d(hidden_before, hidden))
+    backend.hide(hidden)
     backend.save(work)
