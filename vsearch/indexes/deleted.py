@@ -3,10 +3,10 @@
 Three kinds of row: ids deleted by `vsearch delete`; vectors replaced by a later one with the same
 id (appends are upserts), with their id and `replaced` true, shown again should the vector that
 replaced one be retired while no other shows the id; and, with a null id, the retired vectors of
-files changed or gone since they were indexed. A rebuild into the same folder leaves deleted ids out and
-keeps them here with label -1, so a deleted id stays deleted until an appended new file brings it
-back. Those listed when an index is written are also hidden from the library's own search where it
-can (hnswlib's mark_deleted); a loaded index filters them all out of its results.
+files changed or gone since they were indexed. A rebuild into the same folder leaves deleted ids
+out and keeps them here with label -1, so a deleted id stays deleted but while an appended new file
+shows it again. Those listed when an index is written are also hidden from the library's own
+search where it can (hnswlib's mark_deleted); a loaded index filters them all out of its results.
 """
 
 from __future__ import annotations

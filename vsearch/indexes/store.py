@@ -423,9 +423,10 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         entries = [{**file_entry(f), "labels": labels} for f, labels
                    in zip(adding, _file_labels([f.rows for f in adding], held.positions, info["count"]))]
         again = [e for e in entries if e["path"] in {s["path"] for s in changed}]
-        order = np.concatenate([_shown_last(info["count"], dead), info["count"] + _insertion_order(new_rows, held.positions)])
-        mark_superseded(work, pa.concat_tables([retire(deleted, retired), deleted_again(path, work, _labels_of(again))]),
-                        order, note, hidden=np.setdiff1d(retired, held_labels(deleted)))
+        order = np.concatenate([_shown_last(info["count"], dead),
+                                info["count"] + _insertion_order(new_rows, held.positions)])
+        rows_deleted = pa.concat_tables([retire(deleted, retired), deleted_again(path, work, _labels_of(again))])
+        mark_superseded(work, rows_deleted, order, note, hidden=np.setdiff1d(retired, held_labels(deleted)))
         _save(backend, work, hidden_before=dead)
         appended = {**info, "count": info["count"] + new_rows, "params": params, "recall": measured,
                     "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
