@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from vsearch.embeddings.datasets import url_id
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
@@ -496,6 +497,23 @@ def test_append_retires_the_shards_of_a_dataset_that_shrank(tmp_path, workspace)
     assert info["recall"]["method"] == "leave-one-out" and info["recall"]["queries"] == 128
     assert sorted(load_index(tmp_path / "index").search(np.eye(1, info["dim"]), 200)[1][0][:128]) == \
         sorted(pq.read_table(folder, columns=["id"]).column("id").to_pylist())
+
+
+def test_an_id_deleted_stays_deleted_when_an_edit_moves_it_into_a_new_shard(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 300)
+    config = EmbedConfig(model="lexical", dataset=str(source), shard_size=100)
+    folder = run_embed(config, workspace).directory
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    last = url_id("http://covers.example/299.jpg")
+    delete_ids(tmp_path / "index", [last])
+    added = [f"新的封面 {i}\thttp://covers.example/new-{i}.jpg\t\\N\n" for i in range(10)]
+    source.write_text("".join(added) + source.read_text(encoding="utf-8"), encoding="utf-8")
+    run_embed(config, workspace)  # every row moves down 10: the last ones into a new shard, cover-00003
+    info = append_index(tmp_path / "index", open_source(folder))
+    assert "cover-00003.parquet" in info["appends"][-1]["files"]
+    index = load_index(tmp_path / "index")
+    shown = set(index.ids[np.setdiff1d(np.arange(index.rows.count), index.deleted)])
+    assert last not in shown and len(shown) == 309 and url_id("http://covers.example/new-0.jpg") in shown
 
 
 def test_append_refuses_shards_of_the_other_kind(embedded, tmp_path):

@@ -377,7 +377,8 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
     the files it has not seen; for each file that changed since (such as the last shard of a
     dataset that grew) retire the vectors of its old version and add its rows again; retire the
     vectors of shards gone from a vsearch shard folder. Ids deleted from the index stay deleted
-    where a changed file holds them again; a new file brings them back.
+    where a changed file holds them again, and in any shard of a vsearch shard folder (each a piece
+    of the same dataset, wherever an edit moved its rows); a new bring-your-own file brings them back.
     `on_total(n)` once with the number of vectors to add, `on_rows(n)` as they are."""
     info = read_index_manifest(path)
     _check_appendable(path, info, source)
@@ -422,7 +423,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
                 _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
         entries = [{**file_entry(f), "labels": labels} for f, labels
                    in zip(adding, _file_labels([f.rows for f in adding], held.positions, info["count"]))]
-        again = [e for e in entries if e["path"] in {s["path"] for s in changed}]
+        again = [e for e in entries if source.kind is not None or e["path"] in {s["path"] for s in changed}]
         order = np.concatenate([_shown_last(info["count"], dead),
                                 info["count"] + _insertion_order(new_rows, held.positions)])
         rows_deleted = pa.concat_tables([retire(deleted, retired), deleted_again(path, work, _labels_of(again))])
