@@ -1,5 +1,5 @@
 """Random sequences of builds, appends and deletes over bring-your-own files, against a model of
-which vector each id should show. Files are added, changed (rows kept, dropped, added) and removed,
+which vector each id should show; and random edits of a dataset file, re-embedded each time. Files are added, changed (rows kept, dropped, added) and removed,
 and ids repeat within and across files, so upserts, retired vectors, replaced vectors shown again
 and deleted ids meet in every order.
 
@@ -17,9 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
 from vsearch.indexes.vectors import open_source
+from vsearch.workspace import Workspace
 
 DIM = 8
 
@@ -136,3 +138,71 @@ def test_long_random_updates_show_what_the_files_and_deletes_say(index_type, eng
     for seed in range(25, 125):
         (tmp_path / str(seed)).mkdir()
         _play(seed, 40, index_type, engine, tmp_path / str(seed))
+
+
+def _cover_line(pick: random.Random, title: int) -> str:
+    words = ["大宅门", "演员表", "原神", "攻略", "周杰伦", "免费观看", "完整版", "汪汪队"]
+    return (f"{''.join(pick.sample(words, 2))} {title}\thttp://covers.example/{pick.randint(0, 60)}.jpg\t"
+            f"{' '.join(pick.sample(words, 3))}\n")
+
+
+def _play_dataset_edits(seed: int, steps: int, folder) -> None:
+    """Edit a CBVS-format file at random (lines added at the end or inside, dropped, rewritten, the
+    file cut short), re-embed it and append (or rebuild): the index shows the shards' ids, less those
+    deleted, with the shards' vectors. Urls repeat, so rows come and go as duplicates too."""
+    pick = random.Random(seed)
+    workspace = Workspace.resolve(folder / "workspace")
+    dataset, path = folder / "covers.txt", folder / "index"
+    lines = [_cover_line(pick, i) for i in range(pick.randint(5, 40))]
+    dataset.write_text("".join(lines), encoding="utf-8")
+    config = EmbedConfig(model="lexical", dataset=str(dataset), shard_size=8, workers=1)
+    shards = run_embed(config, workspace).directory
+    build_index(BuildConfig(type="flat"), open_source(shards), path)
+    deleted: set[str] = set()
+    log = []
+    for step in range(steps):
+        action = pick.choice(["grow", "insert", "drop", "rewrite", "cut", "delete", "rebuild"])
+        if action == "grow":
+            lines += [_cover_line(pick, 100 * step + k) for k in range(pick.randint(1, 12))]
+        elif action == "insert":
+            lines.insert(pick.randint(0, len(lines)), _cover_line(pick, 100 * step))
+        elif action == "drop" and len(lines) > 2:
+            del lines[pick.randrange(len(lines))]
+        elif action == "rewrite":
+            lines[pick.randrange(len(lines))] = _cover_line(pick, 100 * step)
+        elif action == "cut" and len(lines) > 3:
+            lines = lines[:pick.randint(1, len(lines) - 1)]
+        log.append((action, len(lines)))
+        if action == "delete":
+            index = load_index(path)
+            shown = sorted(index.ids[np.setdiff1d(np.arange(index.rows.count), index.deleted)])
+            victims = pick.sample(shown, min(2, len(shown)))
+            delete_ids(path, victims)
+            deleted |= set(victims)
+            continue
+        dataset.write_text("".join(lines), encoding="utf-8")
+        run_embed(config, workspace)
+        if action == "rebuild":
+            try:
+                build_index(BuildConfig(type="flat"), open_source(shards), path)
+            except VsearchError as exc:
+                assert "nothing to index" in str(exc)  # every id deleted
+                return
+        else:
+            append_index(path, open_source(shards))
+        table = pq.read_table(shards, columns=["id", "vector"])
+        want = {i: np.asarray(v, np.float32) for i, v in zip(table.column("id").to_pylist(),
+                                                             table.column("vector").to_numpy(zero_copy_only=False))
+                if i not in deleted}
+        index = load_index(path)
+        live = np.setdiff1d(np.arange(index.rows.count), index.deleted)
+        shown = dict(zip(index.ids[live], index.backend.vectors(live)))
+        message = f"seed {seed}, after {log}"
+        assert len(shown) == len(live) and sorted(shown) == sorted(want), message
+        assert all(shown[i] @ want[i] > 0.999 for i in want), message
+
+
+def test_random_dataset_edits_reembedded_and_appended_show_what_the_shards_hold(tmp_path):
+    for seed in range(20):
+        (tmp_path / str(seed)).mkdir()
+        _play_dataset_edits(seed, 10, tmp_path / str(seed))
