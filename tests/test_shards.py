@@ -3,10 +3,11 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from vsearch.embeddings.datasets import open_dataset
+from vsearch.embeddings.datasets import open_dataset, url_id
 from vsearch.embeddings.job import EmbedConfig, run_embed, text_processes
 from vsearch.embeddings import shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
@@ -173,15 +174,33 @@ def test_a_dataset_left_with_no_rows_is_refused_and_its_shards_kept(tmp_path, wo
     assert_shards_hold_exactly(directory, lines)
 
 
-def test_shards_listed_before_their_ids_were_digested_are_trusted_on_their_row_count(tmp_path, workspace):
+@pytest.mark.parametrize("recorded", [[], ["input_digest"]])
+def test_shards_listed_before_their_rows_were_digested_are_trusted_on_what_was(recorded, tmp_path, workspace):
     source = write_cbvs_covers(tmp_path / "c.txt", 120)
     directory = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace).directory
     manifest = json.loads((directory / MANIFEST).read_text())
     for entry in manifest["shards"]:
-        del entry["input_digest"]
+        for key in {"input_digest", "content_digest"} - set(recorded):
+            del entry[key]
     (directory / MANIFEST).write_text(json.dumps(manifest))
     again = run_embed(EmbedConfig(model="lexical", dataset=str(source), shard_size=50), workspace)
     assert (again.shards_skipped, again.shards_written) == (3, 0)
+
+
+def test_a_row_edited_in_place_is_embedded_again(tmp_path, workspace):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    config = EmbedConfig(model="lexical", dataset=str(source), shard_size=50)
+    directory = run_embed(config, workspace).directory
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    title, url, _ = lines[60].rstrip("\n").split("\t")
+    lines[60] = f"{title}\t{url}\t修正后的字幕\n"  # the same cover (url, so id), its OCR text corrected
+    source.write_text("".join(lines), encoding="utf-8")
+    again = run_embed(config, workspace)
+    assert (again.shards_skipped, again.shards_written) == (2, 1)
+    table = pq.read_table(directory / "cover-00001.parquet")
+    row = table.filter(pc.equal(table.column("id"), url_id(url)))
+    assert row.column("ocr").to_pylist() == ["修正后的字幕"]
+    assert_shards_hold_exactly(directory, lines)
 
 
 def test_shards_from_another_encoder_are_never_mixed_in(tmp_path, workspace):

@@ -33,7 +33,8 @@ import numpy as np
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise, load_encoder, runs_on_device
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
-from vsearch.embeddings.shards import Manifest, ShardWriter, made_from, shard_schema, write_shard_file
+from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, shard_schema,
+                                      write_shard_file)
 from vsearch.errors import VsearchError
 from vsearch.overlap import exit_with_parent, in_background, read_ahead
 from vsearch.workspace import Workspace
@@ -165,11 +166,11 @@ def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
 
 
 def pending_shards(rows: Iterator[Row], shard_size: int,
-                   is_pending: Callable[[int, list[str]], bool]) -> Iterator[tuple[int, list[Row]]]:
-    """(number, rows) of every shard still to write, asking `is_pending(number, ids)` of each shard
+                   is_pending: Callable[[int, list[Row]], bool]) -> Iterator[tuple[int, list[Row]]]:
+    """(number, rows) of every shard still to write, asking `is_pending(number, rows)` of each shard
     of the dataset."""
     for number, chunk in enumerate(_chunks(rows, shard_size)):
-        if is_pending(number, [row.id for row in chunk]):
+        if is_pending(number, chunk):
             yield number, chunk
 
 
@@ -275,7 +276,7 @@ def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
 
 
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
-                   is_pending: Callable[[int, list[str]], bool], on_rows: Callable[[int], None],
+                   is_pending: Callable[[int, list[Row]], bool], on_rows: Callable[[int], None],
                    on_text: Callable[[int], None], times: StageTimes) -> Iterator[EncodedShard]:
     shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending)
     if config.ocr:
@@ -315,8 +316,9 @@ def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], 
 class ResumePlan:
     """Which shards of one kind a pass over the dataset writes, given the manifest's `done` ones:
     those not made from the rows now at their place (see `shards.made_from`). With `share`
-    (rank, processes), only the shards whose number is rank modulo processes. Counts as it goes, and
-    reports the rows of each shard found done to `on_done`."""
+    (rank, processes), only the shards whose number is rank modulo processes. Counts as it goes,
+    reports the rows of each shard found done to `on_done`, and keeps the `content_digest` of each
+    pending shard's rows, read before `--ocr` fills in their text, for the shard's manifest entry."""
 
     kind: str
     done: dict[tuple[str, int], dict[str, Any]]
@@ -325,18 +327,21 @@ class ResumePlan:
     skipped: int = 0
     redone: int = 0
     count: int = 0  # shards the dataset has, pending or not
+    contents: dict[int, str] = field(default_factory=dict)  # shard number -> content digest
 
-    def is_pending(self, number: int, ids: list[str]) -> bool:
+    def is_pending(self, number: int, rows: list[Row]) -> bool:
         self.count = max(self.count, number + 1)
         rank, processes = self.share
         if number % processes != rank:
             return False
         entry = self.done.get((self.kind, number))
-        if made_from(entry, ids):
+        content = content_digest(rows)
+        if made_from(entry, rows, content):
             self.skipped += 1
-            self.on_done(len(ids))
+            self.on_done(len(rows))
             return False
         self.redone += entry is not None
+        self.contents[number] = content
         return True
 
 
@@ -369,7 +374,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         for shard in encoded_shards(encoder, dataset, kind, config, plan.is_pending, lambda n: None,
                                     lambda n: results.put(("text", n, None, None)), times):
             with times.timing("output"):
-                entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns, shard.failed)
+                entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns, shard.failed,
+                                         plan.contents.pop(shard.number))
             results.put(("shard", entry, None, shard.failed))
         results.put(("done", rank, (plan.skipped, plan.redone, plan.count, asdict(times)),
                      (dataset.duplicates, dataset.malformed)))
@@ -435,15 +441,18 @@ def _count(result: EmbedResult, rows: int, failed: list) -> None:
     result.rows_failed += len(failed)
 
 
-def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, result: EmbedResult) -> None:
-    """Write each shard on a background thread while the next one encodes; at most two wait."""
+def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, result: EmbedResult,
+                         contents: dict[int, str]) -> None:
+    """Write each shard on a background thread while the next one encodes; at most two wait.
+    `contents`: the content digest of each shard's dataset rows, by number."""
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
         for shard in shards:
             if len(pending) >= 2:
                 with result.times.timing("output"):
                     pending.pop(0).result()
-            pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.columns, shard.failed))
+            pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.columns, shard.failed,
+                                       contents.pop(shard.number)))
             _count(result, len(shard.columns["id"]), shard.failed)
         with result.times.timing("output"):
             for future in pending:
@@ -511,7 +520,7 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
                 continue
             plan = ResumePlan(kind, writer.done, on_done=done_before)
             _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.is_pending, progress, on_text,
-                                                result.times), writer, result)
+                                                result.times), writer, result, plan.contents)
             result.shards_skipped += plan.skipped
             result.shards_redone += plan.redone
             skipped_lines, shards[kind] = (dataset.duplicates, dataset.malformed), plan.count

@@ -13,11 +13,12 @@
 Shard N of a kind holds the dataset's rows N*shard_size .. (N+1)*shard_size - 1 that encoded
 successfully; the rest are listed under `failed` in the manifest with their reasons. A shard
 is written to `<name>.tmp`, flushed and renamed, and only then recorded in the manifest
-(itself replaced atomically), so a crash leaves no partial shard. The manifest records the ids
-each shard was made from (`input_rows` of them, digested in `input_digest`); a re-run skips a
-shard whose place in the dataset still holds those ids and makes it again otherwise (rows added,
-removed or reordered since, a longer `--limit`), so every row is in exactly one shard however the
-dataset file changed. A `.lock` file, locked while a job writes, keeps a second job out.
+(itself replaced atomically), so a crash leaves no partial shard. The manifest records the rows
+each shard was made from (`input_rows` of them; their ids digested in `input_digest`, the rows
+whole, as the dataset gave them, in `content_digest`); a re-run skips a shard whose place in the
+dataset still holds those rows and makes it again otherwise (rows added, removed, reordered or
+edited since, a longer `--limit`), so every row is in exactly one shard, as the dataset file now
+has it, however the file changed. A `.lock` file, locked while a job writes, keeps a second job out.
 
 The manifest is rewritten after each shard, unless its last rewrite took more than a
 `MANIFEST_SHARE` of the time since: a job listing a million failed rows (a 250 MB manifest, 5 s to
@@ -40,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vsearch.embeddings.datasets import Row
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file, sha256_of, write_json_atomic
 
@@ -71,12 +73,23 @@ def input_digest(ids: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:16]
 
 
-def made_from(entry: dict[str, Any] | None, ids: list[str]) -> bool:
-    """Whether the shard a manifest `entry` lists was made from the rows with these `ids`.
-    Manifests written before `input_digest` was recorded are trusted on the row count."""
-    if entry is None or entry["input_rows"] != len(ids):
+def content_digest(rows: list[Row]) -> str:
+    """What a shard was made from, in full: a digest of its dataset rows (id, title, OCR text, uri,
+    cover), in any order. A row edited in place (its OCR text corrected, say) changes it, where
+    the ids alone do not."""
+    lines = sorted("\x1f".join(v or "" for v in (r.id, r.title, r.ocr, r.uri, r.cover)) for r in rows)
+    return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()[:16]
+
+
+def made_from(entry: dict[str, Any] | None, rows: list[Row], content: str) -> bool:
+    """Whether the shard a manifest `entry` lists was made from these dataset `rows` (whose
+    `content_digest` is `content`). Manifests written before vsearch recorded the content are
+    trusted on the ids, and before it recorded `input_digest`, on the row count."""
+    if entry is None or entry["input_rows"] != len(rows):
         return False
-    return entry.get("input_digest") in (None, input_digest(ids))
+    if "content_digest" in entry:
+        return entry["content_digest"] == content
+    return entry.get("input_digest") in (None, input_digest([r.id for r in rows]))
 
 
 @dataclass
@@ -175,9 +188,10 @@ class ShardWriter:
         """(kind, number) -> manifest entry of every shard the manifest lists."""
         return dict(self._done)
 
-    def write(self, kind: str, number: int, columns: dict[str, Any], failed: list[dict[str, Any]]) -> None:
-        """Write one shard and record it."""
-        self.record(write_shard_file(self.directory, self.schema, kind, number, columns, failed), failed)
+    def write(self, kind: str, number: int, columns: dict[str, Any], failed: list[dict[str, Any]],
+              content: str | None = None) -> None:
+        """Write one shard, made from dataset rows whose `content_digest` is `content`, and record it."""
+        self.record(write_shard_file(self.directory, self.schema, kind, number, columns, failed, content), failed)
 
     def record(self, entry: dict[str, Any], failed: list[dict[str, Any]]) -> None:
         """Add a shard file already in place (see `write_shard_file`) to the manifest, in place of
@@ -295,10 +309,11 @@ def write_vectors_parquet(table: pa.Table, path: Path) -> None:
 
 
 def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int, columns: dict[str, Any],
-                     failed: list[dict[str, Any]]) -> dict[str, Any]:
+                     failed: list[dict[str, Any]], content: str | None = None) -> dict[str, Any]:
     """Write shard `number` of `kind` from column data (`vector` as an (n, dim) array) via a
     temporary file and a rename; return its manifest entry (name, kind, number, rows, bytes, sha256,
-    and the rows it was made from: those written and the `failed` ones)."""
+    and the rows it was made from: those written and the `failed` ones, and the `content_digest`
+    of those rows as the dataset gave them, where known)."""
     vectors = np.ascontiguousarray(columns["vector"], dtype=np.float16)
     table = pa.Table.from_arrays([_column(f, kind, vectors, columns) for f in schema], schema=schema)
     name = shard_name(kind, number)
@@ -308,6 +323,7 @@ def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int,
     fsync_file(temporary)
     os.replace(temporary, final)
     inputs = list(columns["id"]) + [f["id"] for f in failed]
-    return {"name": name, "kind": kind, "number": number, "rows": len(table),
-            "bytes": final.stat().st_size, "sha256": sha256_of(final),
-            "input_rows": len(inputs), "input_digest": input_digest(inputs)}
+    entry = {"name": name, "kind": kind, "number": number, "rows": len(table),
+             "bytes": final.stat().st_size, "sha256": sha256_of(final),
+             "input_rows": len(inputs), "input_digest": input_digest(inputs)}
+    return entry if content is None else {**entry, "content_digest": content}
