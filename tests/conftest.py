@@ -61,6 +61,36 @@ def cli(workspace: Workspace, capsys: pytest.CaptureFixture):
     return run
 
 
+def random_cover_line(pick: random.Random, title: int) -> str:
+    """A CBVS-5M-format line whose url is one of 61, so that ids repeat and rows come and go as duplicates."""
+    words = ["大宅门", "演员表", "原神", "攻略", "周杰伦", "免费观看", "完整版", "汪汪队"]
+    return (f"{''.join(pick.sample(words, 2))} {title}\thttp://covers.example/{pick.randint(0, 60)}.jpg\t"
+            f"{' '.join(pick.sample(words, 3))}\n")
+
+
+def edit_lines(pick: random.Random, lines: list[str], step: int) -> tuple[str, list[str]]:
+    """A random edit of a dataset file's `lines`: (what it did, the lines now): lines added at the
+    end or inside, one dropped or rewritten, the text of one changed (its url, so its id, kept),
+    the file cut short."""
+    action = pick.choice(["grow", "insert", "drop", "rewrite", "retext", "cut"])
+    lines = list(lines)
+    if action == "grow":
+        lines += [random_cover_line(pick, 100 * step + k) for k in range(pick.randint(1, 12))]
+    elif action == "insert":
+        lines.insert(pick.randint(0, len(lines)), random_cover_line(pick, 100 * step))
+    elif action == "drop" and len(lines) > 2:
+        del lines[pick.randrange(len(lines))]
+    elif action == "rewrite":
+        lines[pick.randrange(len(lines))] = random_cover_line(pick, 100 * step)
+    elif action == "retext":
+        at = pick.randrange(len(lines))
+        title, url, ocr = random_cover_line(pick, 100 * step).split("\t")
+        lines[at] = "\t".join([title, lines[at].split("\t")[1], ocr])
+    elif action == "cut" and len(lines) > 3:
+        lines = lines[:pick.randint(1, len(lines) - 1)]
+    return action, lines
+
+
 def write_cbvs_covers(path: Path, rows: int, seed: int = 0) -> Path:
     """A CBVS-5M-format file of `rows` covers with varied Chinese titles and OCR text."""
     rng = random.Random(seed)

@@ -22,6 +22,7 @@ from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
 from vsearch.indexes.vectors import open_source
 from vsearch.workspace import Workspace
+from tests.conftest import edit_lines, random_cover_line
 
 DIM = 8
 
@@ -140,12 +141,6 @@ def test_long_random_updates_show_what_the_files_and_deletes_say(index_type, eng
         _play(seed, 40, index_type, engine, tmp_path / str(seed))
 
 
-def _cover_line(pick: random.Random, title: int) -> str:
-    words = ["大宅门", "演员表", "原神", "攻略", "周杰伦", "免费观看", "完整版", "汪汪队"]
-    return (f"{''.join(pick.sample(words, 2))} {title}\thttp://covers.example/{pick.randint(0, 60)}.jpg\t"
-            f"{' '.join(pick.sample(words, 3))}\n")
-
-
 def _play_dataset_edits(seed: int, steps: int, folder) -> None:
     """Edit a CBVS-format file at random (lines added at the end or inside, dropped, rewritten, the
     file cut short), re-embed it and append (or rebuild): the index shows the shards' ids, less those
@@ -153,7 +148,7 @@ def _play_dataset_edits(seed: int, steps: int, folder) -> None:
     pick = random.Random(seed)
     workspace = Workspace.resolve(folder / "workspace")
     dataset, path = folder / "covers.txt", folder / "index"
-    lines = [_cover_line(pick, i) for i in range(pick.randint(5, 40))]
+    lines = [random_cover_line(pick, i) for i in range(pick.randint(5, 40))]
     dataset.write_text("".join(lines), encoding="utf-8")
     config = EmbedConfig(model="lexical", dataset=str(dataset), shard_size=8, workers=1)
     shards = run_embed(config, workspace).directory
@@ -161,17 +156,9 @@ def _play_dataset_edits(seed: int, steps: int, folder) -> None:
     deleted: set[str] = set()
     log = []
     for step in range(steps):
-        action = pick.choice(["grow", "insert", "drop", "rewrite", "cut", "delete", "rebuild"])
-        if action == "grow":
-            lines += [_cover_line(pick, 100 * step + k) for k in range(pick.randint(1, 12))]
-        elif action == "insert":
-            lines.insert(pick.randint(0, len(lines)), _cover_line(pick, 100 * step))
-        elif action == "drop" and len(lines) > 2:
-            del lines[pick.randrange(len(lines))]
-        elif action == "rewrite":
-            lines[pick.randrange(len(lines))] = _cover_line(pick, 100 * step)
-        elif action == "cut" and len(lines) > 3:
-            lines = lines[:pick.randint(1, len(lines) - 1)]
+        action = pick.choice(["edit", "delete", "rebuild"])
+        if action == "edit":
+            action, lines = edit_lines(pick, lines, step)
         log.append((action, len(lines)))
         if action == "delete":
             index = load_index(path)

@@ -1,4 +1,5 @@
 import json
+import random
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +14,7 @@ from vsearch.embeddings import shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError
 from vsearch.files import sha256_of
-from tests.conftest import write_cbvs_covers
+from tests.conftest import edit_lines, random_cover_line, write_cbvs_covers
 
 
 def rows_of(directory):
@@ -267,3 +268,25 @@ def test_a_rerun_reports_the_rows_done_before_apart_from_the_rows_it_writes(tmp_
     written, done = [], []
     result = run_embed(config, workspace, on_rows=written.append, on_done=done.append)
     assert (done, sum(written), result.shards_skipped, result.shards_written) == ([10, 10], 5, 2, 1)
+
+
+def test_random_edits_embed_incrementally_as_a_fresh_embed_would(tmp_path, workspace):
+    def rows(directory):
+        table = pq.read_table(directory, columns=["id", "title", "ocr", "uri", "vector"]).sort_by("id")
+        return table.drop_columns("vector").to_pylist(), np.stack(table.column("vector").to_numpy(zero_copy_only=False))
+
+    for seed in range(12):
+        pick = random.Random(seed)
+        lines = [random_cover_line(pick, i) for i in range(pick.randint(1, 40))]
+        config = EmbedConfig(model="lexical", dataset=str(tmp_path / f"{seed}.txt"), shard_size=pick.choice([3, 8]),
+                             workers=1)
+        log = []
+        for step in range(8):
+            action, lines = edit_lines(pick, lines, step)
+            log.append(action)
+            (tmp_path / f"{seed}.txt").write_text("".join(lines), encoding="utf-8")
+            updated = run_embed(config, workspace).directory
+            fresh = run_embed(replace(config, out=tmp_path / f"fresh-{seed}-{step}"), workspace).directory
+            (updated_rows, updated_vectors), (fresh_rows, fresh_vectors) = rows(updated), rows(fresh)
+            assert updated_rows == fresh_rows and np.array_equal(updated_vectors, fresh_vectors), f"seed {seed}: {log}"
+            assert sorted(p.name for p in updated.glob("*.parquet")) == sorted(p.name for p in fresh.glob("*.parquet"))
