@@ -1,5 +1,7 @@
 import json
 import random
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -290,3 +292,16 @@ def test_random_edits_embed_incrementally_as_a_fresh_embed_would(tmp_path, works
             (updated_rows, updated_vectors), (fresh_rows, fresh_vectors) = rows(updated), rows(fresh)
             assert updated_rows == fresh_rows and np.array_equal(updated_vectors, fresh_vectors), f"seed {seed}: {log}"
             assert sorted(p.name for p in updated.glob("*.parquet")) == sorted(p.name for p in fresh.glob("*.parquet"))
+
+
+def test_run_embed_from_a_script_without_a_main_guard_says_what_to_add(tmp_path):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    script = tmp_path / "embed_covers.py"
+    script.write_text(
+        "from vsearch.embeddings.job import EmbedConfig, run_embed\n"
+        "from vsearch.workspace import Workspace\n"
+        f"run_embed(EmbedConfig(model='lexical', dataset={str(source)!r}, shard_size=50, workers=2),\n"
+        f"          Workspace.resolve({str(tmp_path / 'workspace')!r}))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert 'call run_embed under `if __name__ == "__main__":`' in done.stderr.strip().splitlines()[-1]

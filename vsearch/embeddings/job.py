@@ -385,6 +385,16 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         results.put(("crash", rank, traceback.format_exc(), None))
 
 
+def _died_without_reporting(processes: list[Any]) -> str:
+    """Why embedding processes ended with no word, as far as their exit codes tell."""
+    codes = sorted({p.exitcode for p in processes if p.exitcode})
+    if codes and all(code < 0 for code in codes):
+        return (f"an embedding process was killed by signal {-codes[0]} without reporting "
+                "(out of memory? try fewer --workers or a smaller --batch-size)")
+    return ("an embedding process died without reporting (see its error above); from a Python script, call "
+            "run_embed under `if __name__ == \"__main__\":`, as processes started by spawn import the script")
+
+
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
                     writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None],
                     on_done: Callable[[int], None], on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
@@ -406,7 +416,7 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 message, payload, detail, extra = results.get(timeout=5)
             except queue.Empty:
                 if not any(p.is_alive() for p in processes):
-                    raise VsearchError("an embedding process died without reporting (out of memory?)") from None
+                    raise VsearchError(_died_without_reporting(processes)) from None
                 continue
             if message == "text":
                 on_text(payload)
