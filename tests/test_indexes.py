@@ -188,6 +188,16 @@ def test_ivfpq_builds_on_a_dimension_no_usual_code_size_divides(tmp_path):
     assert (ids[:, 0] == [f"doc{i}" for i in range(20)]).mean() >= 0.9
 
 
+def test_ivfpq_asked_for_every_vector_probes_every_list(tmp_path):
+    vectors = clustered(300)
+    build_index(BuildConfig(type="ivfpq", params={"nprobe": 1}), open_source(write_parquet(tmp_path / "byo", vectors)),
+                tmp_path / "index")
+    delete_ids(tmp_path / "index", [f"doc{i}" for i in range(0, 300, 3)])
+    scores, ids = load_index(tmp_path / "index").search(vectors[:2], 200)  # the 200 left, wherever they are
+    assert all(sorted(row) == sorted(f"doc{i}" for i in range(300) if i % 3) for row in ids)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
 def test_too_few_vectors_to_train_ivfpq_is_a_clear_error(tmp_path):
     folder = write_parquet(tmp_path / "byo", clustered(100))
     with pytest.raises(VsearchError, match=r"ivfpq cannot train on 100 vectors: Number of training points \(100\) "

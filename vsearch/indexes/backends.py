@@ -437,9 +437,20 @@ class IvfPqBackend(FaissBackend):
             start += len(segment)
         return out
 
+    def _every_list(self) -> Any:
+        """Search parameters that probe every inverted list, for this index (OPQ-rotated or not)."""
+        faiss = _faiss()
+        every = faiss.SearchParametersIVF(nprobe=faiss.extract_index_ivf(self.index).nlist)
+        if isinstance(self.index, faiss.IndexPreTransform):
+            return faiss.SearchParametersPreTransform(index_params=every)
+        return every
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         fetch = min(self.index.ntotal, k * self.k_factor)
-        _, candidates = self.index.search(queries, fetch)
+        # Asked for every vector (a small index, or a filtered search widened to all of it), only
+        # probing every list returns them all: nprobe lists hold a share of them.
+        params = self._every_list() if fetch >= self.index.ntotal else None
+        _, candidates = self.index.search(queries, fetch, params=params)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         labels = np.full((len(queries), k), -1, np.int64)
         for start in range(0, len(queries), 64):  # bounds the gathered vectors to 64 * fetch rows
