@@ -104,6 +104,26 @@ def test_a_malformed_scores_line_names_its_place(cli, tmp_path):
     assert result.code == 1 and f"{bad}:2: expected label" in result.stderr
 
 
+@pytest.mark.parametrize("line", ["1\tq\td2\tnan", "2\tq\td2\tinf", "5\tq\td2\t0.3"])
+def test_a_score_not_finite_or_a_label_not_cbvs_is_refused(line, cli, tmp_path):
+    bad = tmp_path / "scores.txt"
+    bad.write_text(f"2\tq\td1\t0.5\n{line}\n", encoding="utf-8")
+    result = cli("eval", "--scores", str(bad))
+    assert result.code == 1 and f"{bad}:2: the label must be 0, 1 or 2 and the score a finite number" in result.stderr
+
+
+def test_metrics_without_a_value_are_null_in_strict_json(cli, tmp_path):
+    scores = tmp_path / "scores.txt"
+    scores.write_text("2\tq\td1\t0.5\n0\tq\td2\t0.1\n1\tr\td3\t0.2\n", encoding="utf-8")
+    result = cli("eval", "--scores", str(scores), "--json")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    metrics = json.loads(result.stdout, parse_constant=refuse)
+    assert metrics["PNR"] is None and metrics["NDCG@1"] == 1.0  # no discordant pair: PNR has no value
+
+
 def test_a_scores_line_not_in_utf8_names_its_place(cli, tmp_path):
     bad = tmp_path / "scores.txt"
     bad.write_bytes("1\tq\td\t0.5\n".encode() + "1\t大宅门\td\t0.5\n".encode("gbk"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -464,8 +465,8 @@ def eval_command(
             evaluate.write_scores(scored.pairs, out)
         metrics = {**scored.retrieval, **evaluate.ranking_metrics(scored.pairs)}
         extra = {"pairs scored": len(scored.pairs), "covers missing or unreadable": scored.missing_covers}
-    if as_json:
-        sys.stdout.write(json.dumps(metrics) + "\n")
+    if as_json:  # null where a metric has no value: no query qualifies, or PNR with no discordant pair
+        sys.stdout.write(json.dumps({k: v if math.isfinite(v) else None for k, v in metrics.items()}) + "\n")
         return
     from rich.table import Table
 

@@ -38,6 +38,7 @@ PAPER_UNICLIP = {"R@1": 0.503, "R@5": 0.754, "R@10": 0.820, "MR": 0.692, "PNR": 
                  "NDCG@1": 0.784, "NDCG@5": 0.846, "NDCG@10": 0.893, "MAP": 0.779}
 NDCG_AT = (1, 3, 5, 10)
 RECALL_AT = (1, 5, 10)
+LABELS = (0, 1, 2)  # CBVS-20K's grades; MAP counts 2 as relevant
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,14 @@ def read_scores(path: Path) -> list[Pair]:
                 continue
             try:
                 label, query, docid, score = line.split("\t")
-                pairs.append(Pair(query, docid, int(label), float(score)))
+                pair = Pair(query, docid, int(label), float(score))
             except ValueError:
                 raise VsearchError(f"{path}:{number}: expected label\\tquery\\tdocid\\tscore, "
                                    f"got {line[:80]!r}") from None
+            if pair.label not in LABELS or not math.isfinite(pair.score):
+                raise VsearchError(f"{path}:{number}: the label must be 0, 1 or 2 and the score a finite number, "
+                                   f"got {line[:80]!r}")
+            pairs.append(pair)
     if not pairs:
         raise VsearchError(f"scores file {path} has no pairs")
     return pairs
@@ -145,9 +150,10 @@ def read_pairs(path: Path) -> list[Pair]:
     with open(path, "rb") as handle:
         for number, line in text_lines(handle, str(path)):
             fields = line.split("\t")
-            if len(fields) < 4 or not fields[3].strip().isdigit():
+            if len(fields) < 4 or fields[3].strip() not in {str(label) for label in LABELS}:
                 if line.strip():
-                    raise VsearchError(f"{path}:{number}: expected query\\tdocid\\turl\\tlabel, got {line[:80]!r}")
+                    raise VsearchError(f"{path}:{number}: expected query\\tdocid\\turl\\tlabel (0, 1 or 2), "
+                                       f"got {line[:80]!r}")
                 continue
             pairs.append(Pair(fields[0].strip(), fields[1].strip(), int(fields[3]), math.nan))
     return pairs
