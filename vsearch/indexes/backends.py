@@ -231,6 +231,17 @@ def hnswlib_file_vectors(file: np.ndarray, dim: int, count: int) -> tuple[np.nda
     return records[:, data:data + 4 * dim].view("<f4"), internal
 
 
+def _each_label(mark: Any, labels: np.ndarray, done_already: str) -> None:
+    """`mark(label)` for each label (hnswlib's mark_deleted, unmark_deleted), but for those whose
+    error says they are so already: hnswlib offers no way to ask first."""
+    for label in labels.tolist():
+        try:
+            mark(label)
+        except RuntimeError as exc:
+            if done_already not in str(exc):
+                raise
+
+
 class HnswlibBackend(Backend):
     """HNSW graph in hnswlib (inner-product space)."""
 
@@ -287,21 +298,11 @@ class HnswlibBackend(Backend):
     def hide(self, labels: np.ndarray) -> None:
         # Marked deleted, they still route hnswlib's graph search, which fills k with live results
         # past them, where vsearch's filtering afterwards is left with fewer for the same ef_search.
-        for label in labels.tolist():
-            try:
-                self.index.mark_deleted(label)
-            except RuntimeError as exc:
-                if "already deleted" not in str(exc):
-                    raise
+        _each_label(self.index.mark_deleted, labels, "already deleted")
         self.hidden = np.union1d(self.hidden, labels)
 
     def show(self, labels: np.ndarray) -> None:
-        for label in labels.tolist():
-            try:
-                self.index.unmark_deleted(label)
-            except RuntimeError as exc:
-                if "is not deleted" not in str(exc):
-                    raise
+        _each_label(self.index.unmark_deleted, labels, "is not deleted")
         self.hidden = np.setdiff1d(self.hidden, labels)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
