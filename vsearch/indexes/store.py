@@ -253,8 +253,8 @@ def _insertion_order(count: int, held: np.ndarray) -> np.ndarray:
 def _shown_last(count: int, dead: np.ndarray) -> np.ndarray:
     """A place for each of an index's `count` labels before an append, to find which vectors the new
     rows replace: the `dead` ones first, so that an id keeps the vector it shows. The labels' own
-    order is not their files' (a build's held-out rows go in last), so among them it would pick
-    any one of an id's vectors, and retire the one shown."""
+    order is not their files' (a build's held-out rows go in last): by it, an id could keep a
+    vector it had replaced, and the one it shows be marked replaced."""
     shown = np.ones(count, bool)
     shown[dead] = False
     places = np.empty(count, np.int64)
