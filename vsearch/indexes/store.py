@@ -491,10 +491,12 @@ def delete_ids(path: Path, ids: list[str]) -> tuple[int, list[str]]:
 
 def _save(backend: Backend, work: Path, hidden_before: np.ndarray | None = None) -> None:
     """Save the index built in `work`, the rows deleted there hidden from the library's own search
-    (deletes made later are filtered at query time only), those of `hidden_before` that are not
-    shown again."""
+    (deletes made later are filtered at query time only). `hidden_before`: those the backend hides
+    already, shown again unless still deleted, and not hidden a second time (hnswlib answers each
+    with an exception: 100k retired vectors cost as many)."""
     hidden = held_labels(read_deleted(work))
     if hidden_before is not None:
         backend.show(np.setdiff1d(hidden_before, hidden))
+        hidden = np.setdiff1d(hidden, hidden_before)
     backend.hide(hidden)
     backend.save(work)
