@@ -20,7 +20,7 @@ import vsearch.embeddings.media as media
 from vsearch.cli import _stage_line
 from vsearch.embeddings import reader
 from vsearch.embeddings import load_encoder
-from vsearch.embeddings.datasets import open_dataset
+from vsearch.embeddings.datasets import open_dataset, url_id
 from vsearch.embeddings.encoders import l2_normalise
 from vsearch.embeddings.job import EmbedConfig, OomBackoff, StageTimes, run_embed, total_workers
 from vsearch.embeddings.media import MediaError, sample_frames
@@ -362,3 +362,51 @@ def test_covers_of_one_size_are_resized_together_and_come_back_in_order(monkeypa
     calls.clear()
     assert torch.equal(reader.transform_by_size(images, counted), one_by_one)
     assert sorted(calls) == [1, 1, 2, 2]
+
+
+def test_a_cover_replaced_or_put_in_place_is_embedded_again(workspace, tiny_uniclip, tmp_path):
+    source, covers = tmp_path / "covers.txt", tmp_path / "covers-images"  # covers named by id, by convention
+    demo = list(open_dataset("demo", workspace).rows())[:30]
+    source.write_text("".join(f"{r.title}\t{r.uri}\t{r.ocr}\n" for r in demo), encoding="utf-8")
+    covers.mkdir()
+    ids = [url_id(r.uri) for r in demo]
+    for row, id_ in zip(demo, ids):
+        shutil.copy(row.uri, covers / f"{id_}.jpg")
+    config = EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0, shard_size=10)
+
+    def vectors(result):
+        return {r["id"]: r["vector"] for r in table(result.directory, "cover").to_pylist()}
+
+    before = vectors(run_embed(config, workspace))
+    shutil.copy(covers / f"{ids[3]}.jpg", covers / f"{ids[15]}.jpg")  # a cover replaced under its name
+    (covers / f"{ids[25]}.jpg").rename(tmp_path / "away.jpg")  # and one gone
+    again = run_embed(config, workspace)
+    assert (again.shards_skipped, again.shards_redone) == (1, 2)
+    after = vectors(again)
+    assert after[ids[15]] == before[ids[3]] != before[ids[15]]
+    assert after.keys() == before.keys() - {ids[25]} and [f["id"] for f in again.manifest.failed] == [ids[25]]
+    assert all(after[i] == before[i] for i in after.keys() - {ids[15]})
+    (tmp_path / "away.jpg").rename(covers / f"{ids[25]}.jpg")  # put in place: embedded, nothing else redone
+    back = run_embed(config, workspace)
+    assert (back.shards_skipped, back.shards_redone, back.manifest.failed) == (2, 1, [])
+    assert vectors(back)[ids[25]] == before[ids[25]]
+
+    manifest = json.loads((back.directory / "_manifest.json").read_text())
+    for entry in manifest["shards"]:  # as vsearch wrote it before it looked at the files
+        del entry["media_digest"]
+    (back.directory / "_manifest.json").write_text(json.dumps(manifest))
+    (covers / f"{ids[5]}.jpg").touch()
+    assert run_embed(config, workspace).shards_skipped == 3
+
+
+def test_a_text_encoder_reads_no_cover_so_a_replaced_one_costs_nothing(workspace, tmp_path):
+    rows = list(open_dataset("demo", workspace).rows())[:20]
+    source = tmp_path / "covers.txt"
+    source.write_text("".join(f"{r.title}\tc/{r.id}.jpg\t{r.ocr}\n" for r in rows), encoding="utf-8")
+    (tmp_path / "c").mkdir()
+    for row in rows:
+        shutil.copy(row.uri, tmp_path / "c" / f"{row.id}.jpg")
+    config = EmbedConfig(dataset=str(source), model="lexical", shard_size=10)
+    run_embed(config, workspace)
+    shutil.copy(rows[0].uri, tmp_path / "c" / f"{rows[1].id}.jpg")
+    assert run_embed(config, workspace).shards_skipped == 2

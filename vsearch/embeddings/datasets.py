@@ -23,6 +23,7 @@ image, which the reranker's OCR heads read.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -130,6 +131,19 @@ class Dataset:
 
 def url_id(url: str) -> str:
     return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
+
+
+def file_version(uri: str | None) -> str:
+    """Which version of a local file `uri` is, as its size and modification time ("missing" where
+    there is none), as make and rsync tell a changed file; "" for a remote one, which would cost
+    a request to look at."""
+    if uri is None or ("://" in uri and not uri.startswith("file://")):
+        return ""
+    try:
+        stat = os.stat(uri.removeprefix("file://"))
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _join(base: str, relative: str) -> str:

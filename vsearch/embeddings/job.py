@@ -2,8 +2,9 @@
 
 Shard N of a kind always covers the dataset's rows N*shard_size .. (N+1)*shard_size - 1 (for
 clips: of the rows that have a video), so a re-run reads the cheap text rows again, skips every
-shard the manifest lists as made from the rows now at its place, and encodes only the rest
-(`ResumePlan`): no row is written twice, even when the dataset file changed in between.
+shard the manifest lists as made from the rows now at its place (and the cover images or videos
+now in their files), and encodes only the rest (`ResumePlan`): no row is written twice, even when
+the dataset file changed in between.
 
 Reading (DataLoader workers), encoding (this process, on the device) and writing (a background
 thread) overlap. With several devices, one process per device encodes the shards whose number
@@ -33,8 +34,8 @@ import numpy as np
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise, load_encoder, runs_on_device
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
-from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, shard_schema,
-                                      write_shard_file)
+from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, media_digest,
+                                      shard_schema, write_shard_file)
 from vsearch.errors import VsearchError
 from vsearch.overlap import exit_with_parent, in_background, read_ahead
 from vsearch.workspace import Workspace
@@ -312,22 +313,33 @@ def check_encodable(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], 
         )
 
 
+def files_read(encoder: Encoder, kind: str, ocr: bool) -> Callable[[Row], list[str | None]] | None:
+    """The files a job reads for a row of `kind`, if any: the cover image or the video for an image
+    model, and the cover image `--ocr` reads the text of."""
+    if kind == "clip":
+        return (lambda row: [row.uri, row.cover]) if ocr else (lambda row: [row.uri])
+    return (lambda row: [row.uri]) if ocr or hasattr(encoder, "encode_pixels") else None
+
+
 @dataclass
 class ResumePlan:
     """Which shards of one kind a pass over the dataset writes, given the manifest's `done` ones:
-    those not made from the rows now at their place (see `shards.made_from`). With `share`
-    (rank, processes), only the shards whose number is rank modulo processes. Counts as it goes,
-    reports the rows of each shard found done to `on_done`, and keeps the `content_digest` of each
-    pending shard's rows, read before `--ocr` fills in their text, for the shard's manifest entry."""
+    those not made from the rows now at their place and, where the job reads any (`files`, see
+    `files_read`), their files as they are now (see `shards.made_from`). With `share` (rank,
+    processes), only the shards whose number is rank modulo processes. Counts as it goes, reports
+    the rows of each shard found done to `on_done`, and keeps the digests of each pending shard's
+    rows, read before `--ocr` fills in their text, and files, looked at before they are read, for
+    the shard's manifest entry."""
 
     kind: str
     done: dict[tuple[str, int], dict[str, Any]]
+    files: Callable[[Row], list[str | None]] | None = None
     share: tuple[int, int] = (0, 1)
     on_done: Callable[[int], None] = lambda rows: None
     skipped: int = 0
     redone: int = 0
     count: int = 0  # shards the dataset has, pending or not
-    contents: dict[int, str] = field(default_factory=dict)  # shard number -> content digest
+    digests: dict[int, dict[str, str]] = field(default_factory=dict)  # shard number -> its digests
 
     def is_pending(self, number: int, rows: list[Row]) -> bool:
         self.count = max(self.count, number + 1)
@@ -335,13 +347,15 @@ class ResumePlan:
         if number % processes != rank:
             return False
         entry = self.done.get((self.kind, number))
-        content = content_digest(rows)
-        if made_from(entry, rows, content):
+        digests = {"content_digest": content_digest(rows)}
+        if self.files is not None:
+            digests["media_digest"] = media_digest(rows, self.files)
+        if made_from(entry, rows, digests):
             self.skipped += 1
             self.on_done(len(rows))
             return False
         self.redone += entry is not None
-        self.contents[number] = content
+        self.digests[number] = digests
         return True
 
 
@@ -369,13 +383,14 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
 
-        plan = ResumePlan(kind, done, (rank, len(devices)), lambda rows: results.put(("skipped", rows, None, None)))
+        plan = ResumePlan(kind, done, files_read(encoder, kind, config.ocr), (rank, len(devices)),
+                          lambda rows: results.put(("skipped", rows, None, None)))
         times = StageTimes()
         for shard in encoded_shards(encoder, dataset, kind, config, plan.is_pending, lambda n: None,
                                     lambda n: results.put(("text", n, None, None)), times):
             with times.timing("output"):
                 entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns, shard.failed,
-                                         plan.contents.pop(shard.number))
+                                         plan.digests.pop(shard.number))
             results.put(("shard", entry, None, shard.failed))
         results.put(("done", rank, (plan.skipped, plan.redone, plan.count, asdict(times)),
                      (dataset.duplicates, dataset.malformed)))
@@ -452,9 +467,9 @@ def _count(result: EmbedResult, rows: int, failed: list) -> None:
 
 
 def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, result: EmbedResult,
-                         contents: dict[int, str]) -> None:
+                         digests: dict[int, dict[str, str]]) -> None:
     """Write each shard on a background thread while the next one encodes; at most two wait.
-    `contents`: the content digest of each shard's dataset rows, by number."""
+    `digests`: those of each shard's dataset rows and files (see `ResumePlan`), by number."""
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
         for shard in shards:
@@ -462,7 +477,7 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
                 with result.times.timing("output"):
                     pending.pop(0).result()
             pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.columns, shard.failed,
-                                       contents.pop(shard.number)))
+                                       digests.pop(shard.number)))
             _count(result, len(shard.columns["id"]), shard.failed)
         with result.times.timing("output"):
             for future in pending:
@@ -528,9 +543,9 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
                 skipped_lines, shards[kind] = _run_on_devices(processes, encoder.spec, config, workspace, kind,
                                                               writer, result, progress, done_before, on_text)
                 continue
-            plan = ResumePlan(kind, writer.done, on_done=done_before)
+            plan = ResumePlan(kind, writer.done, files_read(encoder, kind, config.ocr), on_done=done_before)
             _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.is_pending, progress, on_text,
-                                                result.times), writer, result, plan.contents)
+                                                result.times), writer, result, plan.digests)
             result.shards_skipped += plan.skipped
             result.shards_redone += plan.redone
             skipped_lines, shards[kind] = (dataset.duplicates, dataset.malformed), plan.count

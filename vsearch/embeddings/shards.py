@@ -15,10 +15,11 @@ successfully; the rest are listed under `failed` in the manifest with their reas
 is written to `<name>.tmp`, flushed and renamed, and only then recorded in the manifest
 (itself replaced atomically), so a crash leaves no partial shard. The manifest records the rows
 each shard was made from (`input_rows` of them; their ids digested in `input_digest`, the rows
-whole, as the dataset gave them, in `content_digest`); a re-run skips a shard whose place in the
-dataset still holds those rows and makes it again otherwise (rows added, removed, reordered or
-edited since, a longer `--limit`), so every row is in exactly one shard, as the dataset file now
-has it, however the file changed. A `.lock` file, locked while a job writes, keeps a second job out.
+whole, as the dataset gave them, in `content_digest`, and where the job reads images or videos, the
+size and modification time of each local one in `media_digest`); a re-run skips a shard whose place
+in the dataset still holds those rows and makes it again otherwise (rows added, removed, reordered
+or edited since, a cover image replaced or put in place, a longer `--limit`), so every row is in
+exactly one shard, as the dataset file and its media now have it, however they changed. A `.lock` file, locked while a job writes, keeps a second job out.
 
 The manifest is rewritten after each shard, unless its last rewrite took more than a
 `MANIFEST_SHARE` of the time since: a job listing a million failed rows (a 250 MB manifest, 5 s to
@@ -35,13 +36,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vsearch.embeddings.datasets import Row
+from vsearch.embeddings.datasets import Row, file_version
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file, sha256_of, write_json_atomic
 
@@ -81,15 +83,24 @@ def content_digest(rows: list[Row]) -> str:
     return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
 
-def made_from(entry: dict[str, Any] | None, rows: list[Row], content: str) -> bool:
-    """Whether the shard a manifest `entry` lists was made from these dataset `rows` (whose
-    `content_digest` is `content`). Manifests written before vsearch recorded the content are
-    trusted on the ids, and before it recorded `input_digest`, on the row count."""
+def media_digest(rows: list[Row], files: Callable[[Row], list[str | None]]) -> str:
+    """What a shard was made from on disk: a digest of the version (`datasets.file_version`) of
+    each file the job read for its rows, `files(row)`. A cover image replaced under the same name
+    changes it, and so does one put in place of a missing one."""
+    lines = sorted("\x1f".join([r.id, *map(file_version, files(r))]) for r in rows)
+    return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()[:16]
+
+
+def made_from(entry: dict[str, Any] | None, rows: list[Row], digests: dict[str, str]) -> bool:
+    """Whether the shard a manifest `entry` lists was made from these dataset `rows`, whose
+    `content_digest` and, where the job reads media, `media_digest` are in `digests`. Manifests
+    written before vsearch recorded the content are trusted on the ids, and before it recorded
+    `input_digest`, on the row count; those written before it recorded the media, on the media."""
     if entry is None or entry["input_rows"] != len(rows):
         return False
-    if "content_digest" in entry:
-        return entry["content_digest"] == content
-    return entry.get("input_digest") in (None, input_digest([r.id for r in rows]))
+    if "content_digest" not in entry:
+        return entry.get("input_digest") in (None, input_digest([r.id for r in rows]))
+    return all(entry.get(key, digest) == digest for key, digest in digests.items())
 
 
 @dataclass
@@ -189,9 +200,9 @@ class ShardWriter:
         return dict(self._done)
 
     def write(self, kind: str, number: int, columns: dict[str, Any], failed: list[dict[str, Any]],
-              content: str | None = None) -> None:
-        """Write one shard, made from dataset rows whose `content_digest` is `content`, and record it."""
-        self.record(write_shard_file(self.directory, self.schema, kind, number, columns, failed, content), failed)
+              digests: dict[str, str] | None = None) -> None:
+        """Write one shard, made from dataset rows whose digests (see `made_from`) are `digests`, and record it."""
+        self.record(write_shard_file(self.directory, self.schema, kind, number, columns, failed, digests), failed)
 
     def record(self, entry: dict[str, Any], failed: list[dict[str, Any]]) -> None:
         """Add a shard file already in place (see `write_shard_file`) to the manifest, in place of
@@ -309,11 +320,11 @@ def write_vectors_parquet(table: pa.Table, path: Path) -> None:
 
 
 def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int, columns: dict[str, Any],
-                     failed: list[dict[str, Any]], content: str | None = None) -> dict[str, Any]:
+                     failed: list[dict[str, Any]], digests: dict[str, str] | None = None) -> dict[str, Any]:
     """Write shard `number` of `kind` from column data (`vector` as an (n, dim) array) via a
     temporary file and a rename; return its manifest entry (name, kind, number, rows, bytes, sha256,
-    and the rows it was made from: those written and the `failed` ones, and the `content_digest`
-    of those rows as the dataset gave them, where known)."""
+    and the rows it was made from: those written and the `failed` ones, and the `digests` of those
+    rows as the dataset gave them and of their media, where known)."""
     vectors = np.ascontiguousarray(columns["vector"], dtype=np.float16)
     table = pa.Table.from_arrays([_column(f, kind, vectors, columns) for f in schema], schema=schema)
     name = shard_name(kind, number)
@@ -326,4 +337,4 @@ def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int,
     entry = {"name": name, "kind": kind, "number": number, "rows": len(table),
              "bytes": final.stat().st_size, "sha256": sha256_of(final),
              "input_rows": len(inputs), "input_digest": input_digest(inputs)}
-    return entry if content is None else {**entry, "content_digest": content}
+    return {**entry, **(digests or {})}
