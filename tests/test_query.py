@@ -70,6 +70,7 @@ def test_an_index_answers_queries_without_the_shards_it_was_built_from(demo, wor
 def test_a_bad_where_predicate_is_a_clear_error(demo):
     result = demo("query", "大宅门", "--where", "no_such_column = 1")
     assert result.code == 1 and result.stderr.startswith("vsearch: error: bad --where predicate")
+    assert result.stderr.rstrip().endswith("(columns: id, kind, title, ocr, uri, cover)")
 
 
 @pytest.mark.parametrize("where", [

@@ -151,6 +151,9 @@ class Searcher:
             if len(db.extract_statements(sql)) != 1:
                 raise VsearchError(f"bad --where predicate {where!r}: one condition, not SQL statements")
             kept = db.execute(sql).fetchnumpy()["_position"]
+        except duckdb.BinderException as exc:  # most often a column that is not there: say which are
+            raise VsearchError(f"bad --where predicate {where!r}: {first_line(exc)} "
+                               f"(columns: {', '.join(rows.column_names)})") from None
         except duckdb.Error as exc:
             raise VsearchError(f"bad --where predicate {where!r}: {first_line(exc)}") from None
         finally:
