@@ -175,6 +175,18 @@ def test_embed_without_a_configured_checkpoint_says_how_to_get_one(cli, monkeypa
     assert "no UniCLIP checkpoint" in result.stderr and "--model lexical" in result.stderr
 
 
+def test_embed_names_the_commonest_failure_and_retries_failed_rows_when_asked(cli, tmp_path):
+    source = tmp_path / "c.txt"
+    source.write_text("".join(f"标题{i}\thttp://covers.example/{i}.jpg\t字幕{i}\n" for i in range(8))
+                      + "\\N\thttp://covers.example/a.jpg\t\\N\n\\N\thttp://covers.example/b.jpg\t？\n", encoding="utf-8")
+    first = cli("embed", "--dataset", str(source), "--model", "lexical")
+    said = " ".join(first.stderr.split())  # as rich wraps it
+    assert first.code == 0 and "8 vectors written in 1 shard, 0 shards already done, 2 failed" in said
+    assert "commonest failure (1 of the folder's 2 failed rows): no title or OCR text to encode" in said
+    again = cli("embed", "--dataset", str(source), "--model", "lexical", "--retry-failed")
+    assert again.code == 0 and "rows that failed before, encoded again: 2" in " ".join(again.stderr.split())
+
+
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])
 def test_all_index_types_from_the_demo_shards(index_type, cli, workspace):
     assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0

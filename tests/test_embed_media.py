@@ -410,3 +410,35 @@ def test_a_text_encoder_reads_no_cover_so_a_replaced_one_costs_nothing(workspace
     run_embed(config, workspace)
     shutil.copy(rows[0].uri, tmp_path / "c" / f"{rows[1].id}.jpg")
     assert run_embed(config, workspace).shards_skipped == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu,cpu"])
+def test_retry_failed_encodes_the_covers_a_server_did_not_send_once_it_does(device, cover_server, tmp_path, workspace,
+                                                                            tiny_uniclip):
+    folder, base = cover_server
+    demo = list(open_dataset("demo", workspace).rows())[:12]
+    source = tmp_path / "remote.txt"
+    source.write_text("".join(f"{r.title}\t{base}/{n}.jpg\t{r.ocr}\n" for n, r in enumerate(demo)), encoding="utf-8")
+    for n, row in enumerate(demo):
+        if n not in (2, 7):
+            shutil.copy(row.uri, folder / f"{n}.jpg")
+    config = EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0, shard_size=5)
+    first = run_embed(config, workspace)
+    assert (first.rows_written, first.rows_failed) == (10, 2)
+    for n in (2, 7):  # the server sends them now
+        shutil.copy(demo[n].uri, folder / f"{n}.jpg")
+    assert run_embed(config, workspace).shards_skipped == 3  # a plain re-run trusts what it recorded
+
+    done, encoded = [], []
+    again = run_embed(replace(config, retry_failed=True, device=device), workspace, on_rows=encoded.append,
+                      on_done=done.append)
+    assert (again.rows_retried, again.rows_written, again.rows_failed, again.manifest.failed) == (2, 2, 0, [])
+    assert (sum(encoded), sum(done)) == (2, 10)
+    fresh = table(run_embed(replace(config, out=tmp_path / "fresh"), workspace).directory, "cover")
+    retried = table(again.directory, "cover")
+    model_outputs = ["vector", "ocr_presence"]  # a batch of one computes them a rounding apart from a batch of five
+    assert retried.drop(model_outputs).equals(fresh.drop(model_outputs))  # every row, in the dataset's order
+    for name in model_outputs:
+        np.testing.assert_allclose(np.asarray(retried.column(name).to_pylist(), np.float32),
+                                   np.asarray(fresh.column(name).to_pylist(), np.float32), atol=2e-3)
+    assert run_embed(replace(config, retry_failed=True), workspace).rows_retried == 0

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -101,6 +102,9 @@ def embed(
         "--ocr", help="Read the text on covers whose row has none, with RapidOCR (pip install 'vsearch[ocr]'); "
                       "about 0.3 s of a core per cover, by the --workers processes.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete existing shards in the folder first.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Encode the rows that failed in earlier runs again (covers a server did not send, "
+                               "say), rewriting only their shards.")] = False,
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda:N, or a list: cuda:0,cuda:1.")] = "auto",
 ) -> None:
     """Encode a dataset's covers or clips into Parquet shards (re-running resumes)."""
@@ -113,7 +117,7 @@ def embed(
                            "give the shards a folder of their own")
     config = EmbedConfig(dataset=dataset, model=model, kind=kind, out=out, images=images, videos=videos,
                          frames=frames, decode=decode, shard_size=shard_size, batch_size=batch_size, limit=limit,
-                         overwrite=overwrite, device=device, workers=workers, ocr=ocr)
+                         overwrite=overwrite, device=device, workers=workers, ocr=ocr, retry_failed=retry_failed)
     unit = {"cover": "covers", "clip": "videos"}.get(kind, "rows")
     try:
         bars = [f"embed {dataset} ({kind})"] + (["read cover text (--ocr)"] if ocr else [])
@@ -125,7 +129,8 @@ def embed(
         raise
     skipped = {"repeated ids": result.manifest.duplicates, "malformed lines": result.manifest.malformed_lines}
     changed = {"shards made again, their rows having changed since the last run": result.shards_redone,
-               "shards removed, past the dataset's new end": result.shards_removed}
+               "shards removed, past the dataset's new end": result.shards_removed,
+               "rows that failed before, encoded again": result.rows_retried}
     stderr.print(
         f"{counted(result.rows_written, 'vector')} written in {counted(result.shards_written, 'shard')}, "
         f"{counted(result.shards_skipped, 'shard')} already done, {result.rows_failed:,} failed "
@@ -133,8 +138,19 @@ def embed(
         + "".join(f"; {count:,} {what} skipped" for what, count in skipped.items() if count)
         + "".join(f"; {what}: {count:,}" for what, count in changed.items() if count)
     )
+    if result.rows_failed:
+        stderr.print(_commonest_failure(result.manifest.failed))
     if result.times.model + result.times.input + result.times.output >= 10:  # long enough to be worth tuning
         stderr.print(_stage_line(result.times))
+
+
+def _commonest_failure(failed: list[dict]) -> str:
+    """The reason most of a shard folder's failed rows share (each names its row's file, left out
+    here): a job whose covers all failed for one cause says so without a look into the manifest."""
+    reasons = Counter(f["reason"].replace(f["uri"], "…") if f.get("uri") else f["reason"] for f in failed)
+    reason, count = reasons.most_common(1)[0]
+    return (f"commonest failure ({count:,} of the folder's {len(failed):,} failed rows): {reason} "
+            "(--retry-failed tries failed rows again)")
 
 
 def _stage_line(times: StageTimes) -> str:

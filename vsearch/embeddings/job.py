@@ -35,7 +35,7 @@ from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise, load_encoder, runs_on_device
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
 from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, media_digest,
-                                      shard_schema, write_shard_file)
+                                      shard_schema, with_kept_rows, write_shard_file)
 from vsearch.errors import VsearchError
 from vsearch.overlap import exit_with_parent, in_background, read_ahead
 from vsearch.workspace import Workspace
@@ -61,6 +61,7 @@ class EmbedConfig:
     device: str = "auto"
     workers: int | None = None  # DataLoader processes in all, shared by the devices; None: see `total_workers`
     ocr: bool = False  # read the text on covers whose row has none (see `ocr.with_cover_text`)
+    retry_failed: bool = False  # encode the rows that failed before again (see `ResumePlan`)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class EmbedResult:
     shards_removed: int = 0  # beyond the end of a dataset that has fewer rows than before
     rows_written: int = 0
     rows_failed: int = 0
+    rows_retried: int = 0  # rows that failed before, encoded again (--retry-failed)
     times: StageTimes = field(default_factory=StageTimes)
 
 
@@ -167,12 +169,12 @@ def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
 
 
 def pending_shards(rows: Iterator[Row], shard_size: int,
-                   is_pending: Callable[[int, list[Row]], bool]) -> Iterator[tuple[int, list[Row]]]:
-    """(number, rows) of every shard still to write, asking `is_pending(number, rows)` of each shard
-    of the dataset."""
+                   to_encode: Callable[[int, list[Row]], list[Row]]) -> Iterator[tuple[int, list[Row]]]:
+    """(number, rows to encode) of every shard still to write, asking `to_encode(number, rows)` of
+    each shard of the dataset."""
     for number, chunk in enumerate(_chunks(rows, shard_size)):
-        if is_pending(number, chunk):
-            yield number, chunk
+        if encode := to_encode(number, chunk):
+            yield number, encode
 
 
 def encode_text_shard(encoder: Encoder, number: int, rows: list[Row], batch_size: int) -> EncodedShard:
@@ -277,9 +279,9 @@ def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:
 
 
 def encoded_shards(encoder: Encoder, dataset: Dataset, kind: str, config: EmbedConfig,
-                   is_pending: Callable[[int, list[Row]], bool], on_rows: Callable[[int], None],
+                   to_encode: Callable[[int, list[Row]], list[Row]], on_rows: Callable[[int], None],
                    on_text: Callable[[int], None], times: StageTimes) -> Iterator[EncodedShard]:
-    shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, is_pending)
+    shards = pending_shards(_kind_rows(dataset, kind, config.limit), config.shard_size, to_encode)
     if config.ocr:
         shards = with_cover_text(shards, kind, config.workers or 0, on_text)
     if hasattr(encoder, "encode_pixels"):
@@ -323,40 +325,62 @@ def files_read(encoder: Encoder, kind: str, ocr: bool) -> Callable[[Row], list[s
 
 @dataclass
 class ResumePlan:
-    """Which shards of one kind a pass over the dataset writes, given the manifest's `done` ones:
-    those not made from the rows now at their place and, where the job reads any (`files`, see
-    `files_read`), their files as they are now (see `shards.made_from`). With `share` (rank,
-    processes), only the shards whose number is rank modulo processes. Counts as it goes, reports
-    the rows of each shard found done to `on_done`, and keeps the digests of each pending shard's
-    rows, read before `--ocr` fills in their text, and files, looked at before they are read, for
-    the shard's manifest entry."""
+    """Which rows of which shards of one kind a pass over the dataset encodes, given the manifest's
+    `done` shards: every row of a shard not made from the rows now at its place and, where the job
+    reads any (`files`, see `files_read`), their files as they are now (see `shards.made_from`);
+    with `retry` (--retry-failed: shard name -> ids of the rows that failed in it), the failed rows
+    of the shards that are done, which `finished` writes back into their shard (in `directory`).
+    With `share` (rank, processes), only the shards whose number is rank modulo processes. Counts
+    as it goes, reports the rows found done to `on_done`, and keeps the digests of each pending
+    shard's rows, read before `--ocr` fills in their text, and files, looked at before they are
+    read, for the shard's manifest entry."""
 
     kind: str
     done: dict[tuple[str, int], dict[str, Any]]
     files: Callable[[Row], list[str | None]] | None = None
+    retry: dict[str, set[str]] | None = None
+    directory: Path | None = None
     share: tuple[int, int] = (0, 1)
     on_done: Callable[[int], None] = lambda rows: None
     skipped: int = 0
     redone: int = 0
+    retried: int = 0  # failed rows encoded again
     count: int = 0  # shards the dataset has, pending or not
     digests: dict[int, dict[str, str]] = field(default_factory=dict)  # shard number -> its digests
+    patched: dict[int, tuple[dict[str, Any], list[str]]] = field(default_factory=dict)  # -> (entry, ids in order)
 
-    def is_pending(self, number: int, rows: list[Row]) -> bool:
+    def to_encode(self, number: int, rows: list[Row]) -> list[Row]:
         self.count = max(self.count, number + 1)
         rank, processes = self.share
         if number % processes != rank:
-            return False
+            return []
         entry = self.done.get((self.kind, number))
         digests = {"content_digest": content_digest(rows)}
         if self.files is not None:
             digests["media_digest"] = media_digest(rows, self.files)
         if made_from(entry, rows, digests):
-            self.skipped += 1
-            self.on_done(len(rows))
-            return False
-        self.redone += entry is not None
+            failed = (self.retry or {}).get(entry["name"], set())
+            again = [row for row in rows if row.id in failed]
+            self.on_done(len(rows) - len(again))
+            if not again:
+                self.skipped += 1
+                return []
+            self.retried += len(again)
+            self.patched[number] = (entry, [row.id for row in rows])
+        else:
+            again = rows
+            self.redone += entry is not None
         self.digests[number] = digests
-        return True
+        return again
+
+    def finished(self, shard: EncodedShard) -> tuple[EncodedShard, dict[str, str]]:
+        """The shard to write for `shard` as encoded (with the rows kept from before, where only
+        its failed rows were encoded again), and its digests."""
+        digests = self.digests.pop(shard.number)
+        if shard.number not in self.patched:
+            return shard, digests
+        entry, order = self.patched.pop(shard.number)
+        return replace(shard, columns=with_kept_rows(self.directory, entry, shard.columns, order)), digests
 
 
 def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
@@ -373,8 +397,17 @@ def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
     return max(1, min(config.workers, math.ceil(rows / config.shard_size)))
 
 
+def failed_ids(failed: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Shard name -> the ids of the rows that failed in it, from a manifest's `failed` list."""
+    by_shard: dict[str, set[str]] = {}
+    for failure in failed:
+        by_shard.setdefault(failure["shard"], set()).add(failure["id"])
+    return by_shard
+
+
 def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str, kind: str,
-                    done: dict[tuple[str, int], dict[str, Any]], directory: str, results: Any, parent: int) -> None:
+                    done: dict[tuple[str, int], dict[str, Any]], retry: dict[str, set[str]] | None, directory: str,
+                    results: Any, parent: int) -> None:
     """One device's share of the shards: encode, write the files, report each to the parent."""
     exit_with_parent(parent)
     try:
@@ -383,16 +416,18 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
 
-        plan = ResumePlan(kind, done, files_read(encoder, kind, config.ocr), (rank, len(devices)),
+        plan = ResumePlan(kind, done, files_read(encoder, kind, config.ocr), retry, Path(directory), (rank, len(devices)),
                           lambda rows: results.put(("skipped", rows, None, None)))
         times = StageTimes()
-        for shard in encoded_shards(encoder, dataset, kind, config, plan.is_pending, lambda n: None,
+        for shard in encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
                                     lambda n: results.put(("text", n, None, None)), times):
+            encoded = len(shard.columns["id"])
             with times.timing("output"):
-                entry = write_shard_file(Path(directory), schema, kind, shard.number, shard.columns, shard.failed,
-                                         plan.digests.pop(shard.number))
-            results.put(("shard", entry, None, shard.failed))
-        results.put(("done", rank, (plan.skipped, plan.redone, plan.count, asdict(times)),
+                whole, digests = plan.finished(shard)
+                entry = write_shard_file(Path(directory), schema, kind, shard.number, whole.columns, whole.failed,
+                                         digests)
+            results.put(("shard", entry, encoded, shard.failed))
+        results.put(("done", rank, (plan.skipped, plan.redone, plan.retried, plan.count, asdict(times)),
                      (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
         results.put(("error", rank, str(exc), None))
@@ -411,8 +446,9 @@ def _died_without_reporting(processes: list[Any]) -> str:
 
 
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
-                    writer: ShardWriter, result: EmbedResult, on_rows: Callable[[int], None],
-                    on_done: Callable[[int], None], on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
+                    writer: ShardWriter, retry: dict[str, set[str]] | None, result: EmbedResult,
+                    on_rows: Callable[[int], None], on_done: Callable[[int], None],
+                    on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
     """Run one process per device (for a text encoder, per core); return the lines they skipped, as
     repeats and as malformed, and the number of shards the dataset has."""
     context = multiprocessing.get_context("spawn")
@@ -420,7 +456,7 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
     config = replace(config, workers=max(0, config.workers // len(devices)))
     processes = [context.Process(target=_device_process, daemon=False,
                                  args=(rank, devices, spec, config, str(workspace.root), kind,
-                                       writer.done, str(writer.directory), results, os.getpid()))
+                                       writer.done, retry, str(writer.directory), results, os.getpid()))
                  for rank in range(len(devices))]
     for process in processes:
         process.start()
@@ -437,14 +473,15 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 on_text(payload)
             elif message == "skipped":
                 on_done(payload)
-            elif message == "shard":
+            elif message == "shard":  # detail: the rows encoded into it this time
                 writer.record(payload, extra)
-                _count(result, payload["rows"], extra)
-                on_rows(payload["input_rows"])
+                _count(result, detail, extra)
+                on_rows(detail + len(extra))
             elif message == "done":
-                skipped, redone, shards, times = detail  # every process sees every shard: any one's count will do
+                skipped, redone, retried, shards, times = detail  # every process sees every shard: any one's count will do
                 result.shards_skipped += skipped
                 result.shards_redone += redone
+                result.rows_retried += retried
                 result.times.add(times)
                 skipped_lines = extra  # likewise every line
                 running -= 1
@@ -467,18 +504,18 @@ def _count(result: EmbedResult, rows: int, failed: list) -> None:
 
 
 def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, result: EmbedResult,
-                         digests: dict[int, dict[str, str]]) -> None:
-    """Write each shard on a background thread while the next one encodes; at most two wait.
-    `digests`: those of each shard's dataset rows and files (see `ResumePlan`), by number."""
+                         plan: ResumePlan) -> None:
+    """Write each shard, as the `plan` finishes it, on a background thread while the next one
+    encodes; at most two wait."""
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
         for shard in shards:
             if len(pending) >= 2:
                 with result.times.timing("output"):
                     pending.pop(0).result()
-            pending.append(pool.submit(writer.write, shard.kind, shard.number, shard.columns, shard.failed,
-                                       digests.pop(shard.number)))
             _count(result, len(shard.columns["id"]), shard.failed)
+            whole, digests = plan.finished(shard)
+            pending.append(pool.submit(writer.write, whole.kind, whole.number, whole.columns, whole.failed, digests))
         with result.times.timing("output"):
             for future in pending:
                 future.result()
@@ -535,19 +572,22 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
             rows_seen += rows
             on_done(rows)
 
+        retry = failed_ids(writer.manifest.failed) if config.retry_failed else None
         skipped_lines = (0, 0)  # (repeated ids, malformed lines) as the last pass over the dataset counted
         shards = {}  # kind -> how many shards the dataset has
         for kind in kinds:
             processes = devices if hasattr(encoder, "encode_pixels") else ["cpu"] * text_processes(dataset, config)
             if len(processes) > 1:
                 skipped_lines, shards[kind] = _run_on_devices(processes, encoder.spec, config, workspace, kind,
-                                                              writer, result, progress, done_before, on_text)
+                                                              writer, retry, result, progress, done_before, on_text)
                 continue
-            plan = ResumePlan(kind, writer.done, files_read(encoder, kind, config.ocr), on_done=done_before)
-            _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.is_pending, progress, on_text,
-                                                result.times), writer, result, plan.digests)
+            plan = ResumePlan(kind, writer.done, files_read(encoder, kind, config.ocr), retry, directory,
+                              on_done=done_before)
+            _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.to_encode, progress, on_text,
+                                                result.times), writer, result, plan)
             result.shards_skipped += plan.skipped
             result.shards_redone += plan.redone
+            result.rows_retried += plan.retried
             skipped_lines, shards[kind] = (dataset.duplicates, dataset.malformed), plan.count
         if rows_seen == 0:  # checked before removing anything: an emptied dataset file is more likely a mistake
             malformed = f" ({skipped_lines[1]:,} malformed lines skipped)" if skipped_lines[1] else ""

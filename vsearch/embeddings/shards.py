@@ -34,9 +34,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
@@ -310,6 +310,30 @@ def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str,
     if field_.name in columns:
         return pa.array(columns[field_.name], field_.type)
     return pa.nulls(rows, field_.type)
+
+
+def with_kept_rows(directory: Path, entry: dict[str, Any], columns: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """`columns` (rows encoded again, as `write_shard_file` takes them) together with the rows of the
+    shard `entry` lists, in the order of the ids in `order`: a shard whose failed rows were retried,
+    to be written whole again."""
+    try:
+        kept = pq.read_table(directory / entry["name"])
+    except (OSError, pa.ArrowException) as exc:
+        raise VsearchError(f"cannot read shard {directory / entry['name']} to retry its failed rows: {exc}; "
+                           "run embed with --overwrite to make every shard again") from None
+    dim = kept.schema.field("vector").type.list_size
+    merged = {"vector": np.concatenate([kept.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim),
+                                        np.asarray(columns["vector"]).reshape(-1, dim)])}
+    for name in set(kept.column_names) - {"kind", "vector"}:
+        if name in ("id", *METADATA_COLUMNS):
+            merged[name] = kept.column(name).to_pylist() + list(columns[name])
+        else:  # a model output: the rows encoded again have it too
+            old = kept.column(name).to_numpy(zero_copy_only=False)
+            merged[name] = np.concatenate([old, np.asarray(columns.get(name, []), old.dtype)])
+    position = {id_: place for place, id_ in enumerate(order)}
+    ordered = np.argsort([position[id_] for id_ in merged["id"]], kind="stable")
+    return {name: values[ordered] if isinstance(values, np.ndarray) else [values[i] for i in ordered]
+            for name, values in merged.items()}
 
 
 def write_vectors_parquet(table: pa.Table, path: Path) -> None:
