@@ -430,6 +430,7 @@ def test_retry_failed_encodes_the_covers_a_server_did_not_send_once_it_does(devi
     assert run_embed(config, workspace).shards_skipped == 3  # a plain re-run trusts what it recorded
 
     done, encoded = [], []
+    before = (first.directory / "_manifest.json").read_bytes()
     again = run_embed(replace(config, retry_failed=True, device=device), workspace, on_rows=encoded.append,
                       on_done=done.append)
     assert (again.rows_retried, again.rows_written, again.rows_failed, again.manifest.failed) == (2, 2, 0, [])
@@ -442,3 +443,8 @@ def test_retry_failed_encodes_the_covers_a_server_did_not_send_once_it_does(devi
         np.testing.assert_allclose(np.asarray(retried.column(name).to_pylist(), np.float32),
                                    np.asarray(fresh.column(name).to_pylist(), np.float32), atol=2e-3)
     assert run_embed(replace(config, retry_failed=True), workspace).rows_retried == 0
+
+    (first.directory / "_manifest.json").write_bytes(before)  # as if the job died before it said what it rewrote
+    resumed = run_embed(replace(config, retry_failed=True), workspace)
+    assert (resumed.shards_skipped, resumed.shards_written, resumed.rows_retried) == (1, 2, 0)
+    assert table(resumed.directory, "cover").drop(model_outputs).equals(fresh.drop(model_outputs))

@@ -24,7 +24,11 @@ exactly one shard, as the dataset file and its media now have it, however they c
 The manifest is rewritten after each shard, unless its last rewrite took more than a
 `MANIFEST_SHARE` of the time since: a job listing a million failed rows (a 250 MB manifest, 5 s to
 write) would otherwise spend as long rewriting it as encoding. A crash then redoes at most the
-shards finished since the last rewrite; closing the writer, on success or error, records them all.
+shards finished since the last rewrite (a listed shard whose file is not the size listed was
+replaced in that time, and is redone too); closing the writer, on success or error, records them all.
+
+`--retry-failed` encodes the failed rows of the shards found done and writes each such shard again,
+whole: its rows kept from the file, and the retried ones, in the dataset's order.
 """
 
 from __future__ import annotations
@@ -285,7 +289,19 @@ def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Mani
                 f"{_setting(key, getattr(fresh, key))}: run the command that made them to resume, "
                 "or pass --overwrite to replace them or --out for another folder"
             )
+    # A shard replaced (made again, or its failed rows retried) by a job that died before its
+    # manifest said so is not the file the manifest lists: it is made again.
+    existing.shards = [s for s in existing.shards if _size(directory / s["name"]) == s["bytes"]]
+    listed = {s["name"] for s in existing.shards}
+    existing.failed = [f for f in existing.failed if f["shard"] in listed]
     return existing
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _setting(key: str, value: Any) -> str:
