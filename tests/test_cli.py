@@ -8,6 +8,7 @@ import pytest
 
 from vsearch.embeddings.datasets import demo_source
 from vsearch.workspace import ENV_VAR
+from tests.conftest import write_cbvs_covers
 
 
 def demo_relevant_ids():
@@ -185,6 +186,20 @@ def test_embed_names_the_commonest_failure_and_retries_failed_rows_when_asked(cl
     assert "commonest failure (1 of the folder's 2 failed rows): no title or OCR text to encode" in said
     again = cli("embed", "--dataset", str(source), "--model", "lexical", "--retry-failed")
     assert again.code == 0 and "rows that failed before, encoded again: 2" in " ".join(again.stderr.split())
+
+
+def test_embed_says_how_to_bring_the_indexes_built_from_its_shards_up_to_date(cli, workspace, tmp_path):
+    source = write_cbvs_covers(tmp_path / "c.txt", 30)
+    assert cli("embed", "--dataset", str(source), "--model", "lexical").code == 0
+    assert cli("build-index", "--type", "flat").code == 0
+    unchanged = cli("embed", "--dataset", str(source), "--model", "lexical")
+    assert unchanged.code == 0 and "--append" not in unchanged.stderr
+    write_cbvs_covers(source, 40)
+    grown = cli("embed", "--dataset", str(source), "--model", "lexical")
+    command = "vsearch build-index --append --name c-flat"
+    assert f"index c-flat lacks what this run changed: {command}\n" in grown.stderr
+    assert cli(*command.split()[1:]).code == 0
+    assert len(json.loads(cli("query", "大宅门", "--index", "c-flat", "--json", "-k", "50").stdout)["results"]) == 40
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])

@@ -140,6 +140,9 @@ def embed(
     )
     if result.rows_failed:
         stderr.print(_commonest_failure(result.manifest.failed))
+    if result.shards_written or result.shards_removed:
+        for line in _appends_owed(ctx.obj, result.directory):
+            stderr.print(line, soft_wrap=True)  # a command, whole, to copy
     if result.times.model + result.times.input + result.times.output >= 10:  # long enough to be worth tuning
         stderr.print(_stage_line(result.times))
 
@@ -151,6 +154,17 @@ def _commonest_failure(failed: list[dict]) -> str:
     reason, count = reasons.most_common(1)[0]
     return (f"commonest failure ({count:,} of the folder's {len(failed):,} failed rows): {reason} "
             "(--retry-failed tries failed rows again)")
+
+
+def _appends_owed(workspace: Workspace, shards: Path) -> list[str]:
+    """For each index built from the `shards` folder that a job just changed, the command that
+    brings it up to date."""
+    from vsearch.listing import indexes_listing
+
+    folder = "" if shards.resolve().parent == workspace.embeddings.resolve() else f" --embeddings {shards}"
+    return [f"index {entry['name']} lacks what this run changed: vsearch build-index --append --name {entry['name']}"
+            + folder + (" --kind clip" if entry["kind"] == "clip" else "")
+            for entry in indexes_listing(workspace) if entry.get("embeddings") == str(shards.resolve())]
 
 
 def _stage_line(times: StageTimes) -> str:
