@@ -58,6 +58,30 @@ def test_sampled_frames_sit_at_uniform_times_and_cost_about_one_gop_each(tmp_pat
     assert decoded <= 12 * (10 + 1)  # a seek and at most one GOP per frame, not all 600 frames
 
 
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_frames_of_a_video_stored_turned_come_out_as_a_player_shows_them(rotation, tmp_path):
+    import av
+
+    upright = np.zeros((64, 48, 3), np.uint8)  # a portrait picture: white top half, a red stripe on its left
+    upright[:32] = 255
+    upright[:, :8] = (255, 0, 0)
+    stored = np.ascontiguousarray(np.rot90(upright, k=-rotation // 90))  # as a phone stores it, with the turn to undo
+    with av.open(str(tmp_path / "phone.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = stored.shape[1], stored.shape[0], "yuv420p"
+        stream.set_display_rotation(rotation)
+        for index in range(20):
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    for frame in sample_frames(str(tmp_path / "phone.mp4"), 4):
+        assert frame.size == (48, 64)
+        assert np.abs(np.asarray(frame, np.int16) - upright).mean() < 8
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda p: p.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video"), "cannot decode video"),
     (lambda p: p.write_bytes(b""), "cannot decode video"),

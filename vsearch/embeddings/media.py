@@ -94,9 +94,18 @@ def _frames_from(container, stream) -> Iterator[av.VideoFrame]:
             yield frame
 
 
+def _upright(frame: av.VideoFrame) -> Image.Image:
+    """The frame as a player shows it: phones store a portrait video as landscape frames and the
+    turn that stands them up (the container's display matrix), which ffmpeg applies by default
+    and PyAV leaves to its caller. (PIL turns counter-clockwise, as `frame.rotation` counts.)"""
+    image = frame.to_image()
+    return image.rotate(frame.rotation, expand=True) if frame.rotation else image
+
+
 def sample_frames(uri: str, count: int) -> list[Image.Image]:
     """`count` frames at uniform times over the video (CLIP4Clip's sampling), reached by seeking,
-    so a long video costs about `count` short decodes rather than a full one.
+    so a long video costs about `count` short decodes rather than a full one; each frame is turned
+    upright as the container says (see `_upright`).
 
     A target past the last decodable frame repeats that frame. Videos that are empty, have no
     duration, or yield fewer than two distinct frames raise `MediaError`.
@@ -126,7 +135,7 @@ def sample_frames(uri: str, count: int) -> list[Image.Image]:
                         break
                 if last is not None:
                     sampled.append(last)
-            images = [frame.to_image() for frame in sampled]
+            images = [_upright(frame) for frame in sampled]
     except VsearchError as exc:
         raise MediaError(str(exc)) from None
     except FileNotFoundError:
