@@ -2,6 +2,7 @@
 videos made here, with a small UniCLIP saved in the released format."""
 
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from vsearch.embeddings.job import EmbedConfig, OomBackoff, StageTimes, run_embe
 from vsearch.embeddings.media import MediaError, sample_frames
 from vsearch.embeddings.shards import Manifest
 from vsearch.errors import VsearchError
-from tests.conftest import closed_port, write_video
+from tests.conftest import closed_port, edit_lines, random_cover_line, write_video
 
 
 def table(directory, kind):
@@ -472,3 +473,55 @@ def test_retry_failed_encodes_the_covers_a_server_did_not_send_once_it_does(devi
     resumed = run_embed(replace(config, retry_failed=True), workspace)
     assert (resumed.shards_skipped, resumed.shards_written, resumed.rows_retried) == (1, 2, 0)
     assert table(resumed.directory, "cover").drop(model_outputs).equals(fresh.drop(model_outputs))
+
+
+def random_media_changes(seeds, tmp_path, workspace, tiny_uniclip):
+    """For each seed, a dataset whose covers come from an images folder with some missing, through
+    random edits of its lines and its cover files, embedded after each (retrying failed rows or not):
+    the folder then holds what a fresh embed of the dataset and its covers as they are holds."""
+    demo = [row.uri for row in open_dataset("demo", workspace).rows()][:30]
+
+    def held(result):
+        shards = pq.read_table(result.directory, columns=["id", "title", "ocr", "uri", "vector"]).sort_by("id")
+        failed = sorted((f["id"], f["reason"]) for f in result.manifest.failed)
+        return shards.drop_columns("vector").to_pylist(), failed, np.stack(shards.column("vector").to_numpy(
+            zero_copy_only=False)).astype(np.float32)
+
+    for seed in seeds:
+        pick = random.Random(seed)
+        source, covers = tmp_path / f"{seed}.txt", tmp_path / f"{seed}-images"
+        covers.mkdir()
+        cover_of = [covers / f"{url_id(f'http://covers.example/{n}.jpg')}.jpg" for n in range(61)]  # as random_cover_line names them
+        for cover in cover_of:
+            if pick.random() < 0.8:
+                shutil.copy(pick.choice(demo), cover)
+        lines = [random_cover_line(pick, i) for i in range(pick.randint(1, 30))]
+        config = EmbedConfig(model=f"uniclip:{tiny_uniclip}", dataset=str(source), shard_size=pick.choice([3, 8]),
+                             workers=0, device="cpu")
+        log = []
+        for step in range(6):
+            change, cover = pick.choice(["lines", "lines", "replace", "remove", "add"]), pick.choice(cover_of)
+            if change == "lines":
+                change, lines = edit_lines(pick, lines, step)
+            elif change == "replace" and cover.exists():
+                cover.write_bytes(Path(pick.choice(demo)).read_bytes())
+            elif change == "remove":
+                cover.unlink(missing_ok=True)
+            elif change == "add" and not cover.exists():
+                shutil.copy(pick.choice(demo), cover)
+            retry = pick.random() < 0.5
+            log.append(change + " +retry" * retry)
+            source.write_text("".join(lines), encoding="utf-8")
+            updated = held(run_embed(replace(config, retry_failed=retry), workspace))
+            fresh = held(run_embed(replace(config, out=tmp_path / f"fresh-{seed}-{step}"), workspace))
+            assert updated[:2] == fresh[:2], f"seed {seed}: {log}"
+            np.testing.assert_allclose(updated[2], fresh[2], atol=3e-3, err_msg=f"seed {seed}: {log}")  # batches differ
+
+
+def test_random_edits_of_lines_and_covers_embed_as_a_fresh_embed_would(tmp_path, workspace, tiny_uniclip):
+    random_media_changes([0, 6], tmp_path, workspace, tiny_uniclip)  # 6 replaces a cover of a row in the dataset
+
+
+@pytest.mark.slow
+def test_long_random_edits_of_lines_and_covers_embed_as_a_fresh_embed_would(tmp_path, workspace, tiny_uniclip):
+    random_media_changes(set(range(30)) - {0, 6}, tmp_path, workspace, tiny_uniclip)
