@@ -411,9 +411,11 @@ def test_a_cover_replaced_or_put_in_place_is_embedded_again(workspace, tiny_unic
     assert after[ids[15]] == before[ids[3]] != before[ids[15]]
     assert after.keys() == before.keys() - {ids[25]} and [f["id"] for f in again.manifest.failed] == [ids[25]]
     assert all(after[i] == before[i] for i in after.keys() - {ids[15]})
-    (tmp_path / "away.jpg").rename(covers / f"{ids[25]}.jpg")  # put in place: embedded, nothing else redone
+    assert again.manifest.failed[0]["version"] == "missing"
+    (tmp_path / "away.jpg").rename(covers / f"{ids[25]}.jpg")  # put in place: it alone is encoded
     back = run_embed(config, workspace)
-    assert (back.shards_skipped, back.shards_redone, back.manifest.failed) == (2, 1, [])
+    assert (back.shards_skipped, back.shards_redone, back.rows_retried, back.rows_written) == (2, 0, 1, 1)
+    assert back.manifest.failed == []
     assert vectors(back)[ids[25]] == before[ids[25]]
 
     manifest = json.loads((back.directory / "_manifest.json").read_text())

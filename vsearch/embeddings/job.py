@@ -35,7 +35,7 @@ from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise, load_encoder, runs_on_device
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
 from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, media_digest,
-                                      shard_schema, with_kept_rows, write_shard_file)
+                                      media_version, shard_schema, with_kept_rows, write_shard_file)
 from vsearch.errors import VsearchError
 from vsearch.overlap import exit_with_parent, in_background, read_ahead
 from vsearch.workspace import Workspace
@@ -61,7 +61,7 @@ class EmbedConfig:
     device: str = "auto"
     workers: int | None = None  # DataLoader processes in all, shared by the devices; None: see `total_workers`
     ocr: bool = False  # read the text on covers whose row has none (see `ocr.with_cover_text`)
-    retry_failed: bool = False  # encode the rows that failed before again (see `ResumePlan`)
+    retry_failed: bool = False  # encode every row that failed before again (see `ResumePlan`)
 
 
 @dataclass
@@ -109,7 +109,7 @@ class EmbedResult:
     shards_removed: int = 0  # beyond the end of a dataset that has fewer rows than before
     rows_written: int = 0
     rows_failed: int = 0
-    rows_retried: int = 0  # rows that failed before, encoded again (--retry-failed)
+    rows_retried: int = 0  # rows that failed before, encoded again (see `ResumePlan`)
     times: StageTimes = field(default_factory=StageTimes)
 
 
@@ -326,19 +326,21 @@ def files_read(encoder: Encoder, kind: str, ocr: bool) -> Callable[[Row], list[s
 @dataclass
 class ResumePlan:
     """Which rows of which shards of one kind a pass over the dataset encodes, given the manifest's
-    `done` shards: every row of a shard not made from the rows now at its place and, where the job
-    reads any (`files`, see `files_read`), their files as they are now (see `shards.made_from`);
-    with `retry` (--retry-failed: shard name -> ids of the rows that failed in it), the failed rows
-    of the shards that are done, which `finished` writes back into their shard (in `directory`).
-    With `share` (rank, processes), only the shards whose number is rank modulo processes. Counts
-    as it goes, reports the rows found done to `on_done`, and keeps the digests of each pending
-    shard's rows, read before `--ocr` fills in their text, and files, looked at before they are
-    read, for the shard's manifest entry."""
+    `done` shards and `failed` rows (shard name -> {id: the `shards.media_version` its files had
+    when it failed}): every row of a shard not made from the rows now at its place and, where the
+    job reads any (`files`, see `files_read`), the files its vectors came from as they are now (see
+    `shards.made_from`); and the failed rows of a shard that is done, when one of their files
+    changed or with `retry_all` (--retry-failed), which `finished` writes back into their shard (in
+    `directory`). With `share` (rank, processes), only the shards whose number is rank modulo
+    processes. Counts as it goes, reports the rows found done to `on_done`, and keeps the digests
+    of each pending shard's rows, read before `--ocr` fills in their text, and the versions of
+    their files, looked at before they are read, for the shard's manifest entry."""
 
     kind: str
     done: dict[tuple[str, int], dict[str, Any]]
+    failed: dict[str, dict[str, str | None]] = field(default_factory=dict)
     files: Callable[[Row], list[str | None]] | None = None
-    retry: dict[str, set[str]] | None = None
+    retry_all: bool = False
     directory: Path | None = None
     share: tuple[int, int] = (0, 1)
     on_done: Callable[[int], None] = lambda rows: None
@@ -346,7 +348,7 @@ class ResumePlan:
     redone: int = 0
     retried: int = 0  # failed rows encoded again
     count: int = 0  # shards the dataset has, pending or not
-    digests: dict[int, dict[str, str]] = field(default_factory=dict)  # shard number -> its digests
+    pending: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # -> (content digest, versions)
     patched: dict[int, tuple[dict[str, Any], list[str]]] = field(default_factory=dict)  # -> (entry, ids in order)
 
     def to_encode(self, number: int, rows: list[Row]) -> list[Row]:
@@ -355,12 +357,15 @@ class ResumePlan:
         if number % processes != rank:
             return []
         entry = self.done.get((self.kind, number))
-        digests = {"content_digest": content_digest(rows)}
-        if self.files is not None:
-            digests["media_digest"] = media_digest(rows, self.files)
+        failed = self.failed.get(entry["name"], {}) if entry else {}
+        content = content_digest(rows)
+        versions = {row.id: media_version(row, self.files) for row in rows} if self.files else {}
+        digests = {"content_digest": content}
+        if self.files:
+            digests["media_digest"] = media_digest({i: v for i, v in versions.items() if i not in failed})
         if made_from(entry, rows, digests):
-            failed = (self.retry or {}).get(entry["name"], set())
-            again = [row for row in rows if row.id in failed]
+            changed = any(was is not None and versions.get(i, was) != was for i, was in failed.items())
+            again = [row for row in rows if row.id in failed] if self.retry_all or changed else []
             self.on_done(len(rows) - len(again))
             if not again:
                 self.skipped += 1
@@ -370,17 +375,22 @@ class ResumePlan:
         else:
             again = rows
             self.redone += entry is not None
-        self.digests[number] = digests
+        self.pending[number] = (content, versions)
         return again
 
     def finished(self, shard: EncodedShard) -> tuple[EncodedShard, dict[str, str]]:
         """The shard to write for `shard` as encoded (with the rows kept from before, where only
-        its failed rows were encoded again), and its digests."""
-        digests = self.digests.pop(shard.number)
-        if shard.number not in self.patched:
-            return shard, digests
-        entry, order = self.patched.pop(shard.number)
-        return replace(shard, columns=with_kept_rows(self.directory, entry, shard.columns, order)), digests
+        its failed rows were encoded again, and the version of each failed row's files), and the
+        digests of what it was made from."""
+        content, versions = self.pending.pop(shard.number)
+        if shard.number in self.patched:
+            entry, order = self.patched.pop(shard.number)
+            shard = replace(shard, columns=with_kept_rows(self.directory, entry, shard.columns, order))
+        digests = {"content_digest": content}
+        if self.files:
+            digests["media_digest"] = media_digest({i: versions[i] for i in shard.columns["id"]})
+            shard = replace(shard, failed=[{**f, "version": versions[f["id"]]} for f in shard.failed])
+        return shard, digests
 
 
 def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
@@ -397,17 +407,18 @@ def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
     return max(1, min(config.workers, math.ceil(rows / config.shard_size)))
 
 
-def failed_ids(failed: list[dict[str, Any]]) -> dict[str, set[str]]:
-    """Shard name -> the ids of the rows that failed in it, from a manifest's `failed` list."""
-    by_shard: dict[str, set[str]] = {}
+def failed_versions(failed: list[dict[str, Any]]) -> dict[str, dict[str, str | None]]:
+    """Shard name -> {id: the version of its files when it failed (None where not recorded)} of
+    the rows that failed in it, from a manifest's `failed` list."""
+    by_shard: dict[str, dict[str, str | None]] = {}
     for failure in failed:
-        by_shard.setdefault(failure["shard"], set()).add(failure["id"])
+        by_shard.setdefault(failure["shard"], {})[failure["id"]] = failure.get("version")
     return by_shard
 
 
 def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str, kind: str,
-                    done: dict[tuple[str, int], dict[str, Any]], retry: dict[str, set[str]] | None, directory: str,
-                    results: Any, parent: int) -> None:
+                    done: dict[tuple[str, int], dict[str, Any]], failed: dict[str, dict[str, str | None]],
+                    directory: str, results: Any, parent: int) -> None:
     """One device's share of the shards: encode, write the files, report each to the parent."""
     exit_with_parent(parent)
     try:
@@ -416,8 +427,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
 
-        plan = ResumePlan(kind, done, files_read(encoder, kind, config.ocr), retry, Path(directory), (rank, len(devices)),
-                          lambda rows: results.put(("skipped", rows, None, None)))
+        plan = ResumePlan(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed, Path(directory),
+                          (rank, len(devices)), lambda rows: results.put(("skipped", rows, None, None)))
         times = StageTimes()
         for shard in encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
                                     lambda n: results.put(("text", n, None, None)), times):
@@ -426,7 +437,7 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
                 whole, digests = plan.finished(shard)
                 entry = write_shard_file(Path(directory), schema, kind, shard.number, whole.columns, whole.failed,
                                          digests)
-            results.put(("shard", entry, encoded, shard.failed))
+            results.put(("shard", entry, encoded, whole.failed))
         results.put(("done", rank, (plan.skipped, plan.redone, plan.retried, plan.count, asdict(times)),
                      (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
@@ -446,7 +457,7 @@ def _died_without_reporting(processes: list[Any]) -> str:
 
 
 def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
-                    writer: ShardWriter, retry: dict[str, set[str]] | None, result: EmbedResult,
+                    writer: ShardWriter, failed: dict[str, dict[str, str | None]], result: EmbedResult,
                     on_rows: Callable[[int], None], on_done: Callable[[int], None],
                     on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
     """Run one process per device (for a text encoder, per core); return the lines they skipped, as
@@ -456,7 +467,7 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
     config = replace(config, workers=max(0, config.workers // len(devices)))
     processes = [context.Process(target=_device_process, daemon=False,
                                  args=(rank, devices, spec, config, str(workspace.root), kind,
-                                       writer.done, retry, str(writer.directory), results, os.getpid()))
+                                       writer.done, failed, str(writer.directory), results, os.getpid()))
                  for rank in range(len(devices))]
     for process in processes:
         process.start()
@@ -572,17 +583,17 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
             rows_seen += rows
             on_done(rows)
 
-        retry = failed_ids(writer.manifest.failed) if config.retry_failed else None
+        failed = failed_versions(writer.manifest.failed)
         skipped_lines = (0, 0)  # (repeated ids, malformed lines) as the last pass over the dataset counted
         shards = {}  # kind -> how many shards the dataset has
         for kind in kinds:
             processes = devices if hasattr(encoder, "encode_pixels") else ["cpu"] * text_processes(dataset, config)
             if len(processes) > 1:
                 skipped_lines, shards[kind] = _run_on_devices(processes, encoder.spec, config, workspace, kind,
-                                                              writer, retry, result, progress, done_before, on_text)
+                                                              writer, failed, result, progress, done_before, on_text)
                 continue
-            plan = ResumePlan(kind, writer.done, files_read(encoder, kind, config.ocr), retry, directory,
-                              on_done=done_before)
+            plan = ResumePlan(kind, writer.done, failed, files_read(encoder, kind, config.ocr), config.retry_failed,
+                              directory, on_done=done_before)
             _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.to_encode, progress, on_text,
                                                 result.times), writer, result, plan)
             result.shards_skipped += plan.skipped

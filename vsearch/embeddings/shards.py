@@ -16,10 +16,12 @@ is written to `<name>.tmp`, flushed and renamed, and only then recorded in the m
 (itself replaced atomically), so a crash leaves no partial shard. The manifest records the rows
 each shard was made from (`input_rows` of them; their ids digested in `input_digest`, the rows
 whole, as the dataset gave them, in `content_digest`, and where the job reads images or videos, the
-size and modification time of each local one in `media_digest`); a re-run skips a shard whose place
-in the dataset still holds those rows and makes it again otherwise (rows added, removed, reordered
-or edited since, a cover image replaced or put in place, a longer `--limit`), so every row is in
-exactly one shard, as the dataset file and its media now have it, however they changed. A `.lock` file, locked while a job writes, keeps a second job out.
+size and modification time of each local one its vectors came from in `media_digest`, and of each
+one a failed row could not use in that failure's `version`); a re-run skips a shard whose place in
+the dataset still holds those rows and makes it again otherwise (rows added, removed, reordered or
+edited since, a cover image replaced, a longer `--limit`), so every row is in exactly one shard,
+as the dataset file and its media now have it, however they changed. A `.lock` file, locked while
+a job writes, keeps a second job out.
 
 The manifest is rewritten after each shard, unless its last rewrite took more than a
 `MANIFEST_SHARE` of the time since: a job listing a million failed rows (a 250 MB manifest, 5 s to
@@ -27,8 +29,9 @@ write) would otherwise spend as long rewriting it as encoding. A crash then redo
 shards finished since the last rewrite (a listed shard whose file is not the size listed was
 replaced in that time, and is redone too); closing the writer, on success or error, records them all.
 
-`--retry-failed` encodes the failed rows of the shards found done and writes each such shard again,
-whole: its rows kept from the file, and the retried ones, in the dataset's order.
+The failed rows of a shard found done are encoded again when one of their files changed (a
+missing cover put in place), or with `--retry-failed` (a cover a server did not send); the shard
+is written again whole: its rows kept from the file, and the retried ones, in the dataset's order.
 """
 
 from __future__ import annotations
@@ -87,11 +90,16 @@ def content_digest(rows: list[Row]) -> str:
     return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
 
-def media_digest(rows: list[Row], files: Callable[[Row], list[str | None]]) -> str:
-    """What a shard was made from on disk: a digest of the version (`datasets.file_version`) of
-    each file the job read for its rows, `files(row)`. A cover image replaced under the same name
-    changes it, and so does one put in place of a missing one."""
-    lines = sorted("\x1f".join([r.id, *map(file_version, files(r))]) for r in rows)
+def media_version(row: Row, files: Callable[[Row], list[str | None]]) -> str:
+    """Which version of its files (`files(row)`, those the job reads) a row has: see
+    `datasets.file_version`."""
+    return "|".join(map(file_version, files(row)))
+
+
+def media_digest(versions: dict[str, str]) -> str:
+    """What a shard's vectors were made from on disk: a digest of the `media_version` of each row
+    that has one, by id. A cover image replaced under the same name changes it."""
+    lines = sorted(f"{id_}\x1f{version}" for id_, version in versions.items())
     return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
 
