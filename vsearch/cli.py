@@ -159,12 +159,12 @@ def _commonest_failure(failed: list[dict]) -> str:
 def _appends_owed(workspace: Workspace, shards: Path) -> list[str]:
     """For each index built from the `shards` folder that a job just changed, the command that
     brings it up to date."""
-    from vsearch.listing import indexes_listing
+    from vsearch.listing import indexes_built_from
 
     folder = "" if shards.resolve().parent == workspace.embeddings.resolve() else f" --embeddings {shards}"
     return [f"index {entry['name']} lacks what this run changed: vsearch build-index --append --name {entry['name']}"
             + folder + (" --kind clip" if entry["kind"] == "clip" else "")
-            for entry in indexes_listing(workspace) if entry.get("embeddings") == str(shards.resolve())]
+            for entry in indexes_built_from(workspace, shards)]
 
 
 def _stage_line(times: StageTimes) -> str:

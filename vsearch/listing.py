@@ -54,12 +54,16 @@ def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
     return entries
 
 
+def indexes_built_from(workspace: Workspace, embeddings: Path) -> list[dict[str, Any]]:
+    """The `indexes_listing` entries of the indexes built from the vectors in `embeddings`."""
+    return [entry for entry in indexes_listing(workspace) if entry.get("embeddings") == str(embeddings.resolve())]
+
+
 def index_built_from(workspace: Workspace, embeddings: Path, kind: str, index_type: str | None) -> Path:
     """The one index in the workspace built from the vectors in `embeddings` (its `kind`, and
     `index_type` when given): the one `build-index --append` adds to when given no name."""
-    found = [Path(entry["path"]) for entry in indexes_listing(workspace)
-             if entry.get("embeddings") == str(embeddings.resolve()) and entry.get("kind") == kind
-             and index_type in (None, entry.get("type"))]
+    found = [Path(entry["path"]) for entry in indexes_built_from(workspace, embeddings)
+             if entry.get("kind") == kind and index_type in (None, entry.get("type"))]
     if len(found) == 1:
         return found[0]
     what = " ".join(filter(None, [kind, index_type, "index"]))
