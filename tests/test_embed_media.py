@@ -306,6 +306,24 @@ def test_jpegs_decoded_on_the_device_give_the_same_vectors(workspace, tiny_unicl
     assert on_device.times.decoding > 0 == on_workers.times.decoding  # the job's time split says which ran
 
 
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_a_cover_stored_turned_is_read_upright_as_its_exif_says(decode, workspace, tiny_uniclip, tmp_path):
+    from PIL import Image
+
+    covers = tmp_path / "covers"
+    covers.mkdir()
+    cover = Image.open(next(open_dataset("demo", workspace).rows()).uri).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: turn a quarter clockwise to show it
+    cover.save(covers / "turned.jpg", exif=exif, quality=95)
+    stored = Image.open(covers / "turned.jpg").convert("RGB")
+    stored.transpose(Image.Transpose.ROTATE_270).save(covers / "upright.png")  # the same pixels, shown as is
+    result = run_embed(EmbedConfig(dataset=str(covers), model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0,
+                                   decode=decode), workspace)
+    vectors = {row["id"]: np.asarray(row["vector"], np.float32) for row in table(result.directory, "cover").to_pylist()}
+    np.testing.assert_allclose(vectors["turned"], vectors["upright"], atol=1e-3)
+
+
 def test_jpegs_for_the_device_cross_from_reader_processes_in_few_file_descriptors(workspace, tiny_uniclip, tmp_path):
     # Each tensor a reader process hands over costs a file descriptor while in flight; JPEGs sent
     # one tensor each ran a 16-core GPU machine out of them (batches of 512). Here: batches of 199

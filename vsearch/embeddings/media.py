@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import fsspec
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vsearch.errors import VsearchError
 from vsearch.files import url_to_fs
@@ -67,13 +67,28 @@ def read_bytes(uri: str | None) -> bytes:
 
 
 def decode_image(data: bytes, uri: str | None) -> Image.Image:
-    """The image in `data` (read from `uri`), as RGB."""
+    """The image in `data` (read from `uri`), as RGB, upright: a camera stores a photo taken on
+    its side as it was taken and says in the EXIF orientation how to turn it, which browsers
+    apply."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"cannot decode image {uri}: {exc}") from None
     return image.convert("RGB")
+
+
+def is_turned(data: bytes) -> bool:
+    """Whether an image file says it is stored turned (an EXIF orientation other than 1), as
+    `decode_image` turns it back; most covers carry no EXIF at all, which is told without parsing."""
+    if data.find(b"Exif\x00\x00", 0, 65536) < 0:
+        return False
+    try:
+        return Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation, 1) != 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
 
 
 def load_image(uri: str | None) -> Image.Image:

@@ -15,15 +15,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from vsearch.embeddings.datasets import Row
-from vsearch.embeddings.media import MediaError, decode_image, read_all, sample_frames
+from vsearch.embeddings.media import MediaError, decode_image, is_turned, read_all, sample_frames
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def jpeg_tensor(data: bytes) -> torch.Tensor | None:
-    """A file's bytes as the device's JPEG decoder takes them, or None when it is not a JPEG."""
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data.startswith(JPEG_MAGIC) else None
+    """A file's bytes as the device's JPEG decoder takes them, or None when it is not a JPEG, or is
+    one stored turned, which the device would decode as stored (see `media.decode_image`)."""
+    if not data.startswith(JPEG_MAGIC) or is_turned(data):
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 @dataclass
