@@ -198,7 +198,10 @@ def test_embed_says_how_to_bring_the_indexes_built_from_its_shards_up_to_date(cl
     grown = cli("embed", "--dataset", str(source), "--model", "lexical")
     command = "vsearch build-index --append --name c-flat"
     assert f"index c-flat lacks what this run changed: {command}\n" in grown.stderr
+    assert [i["behind"] for i in json.loads(cli("list", "--json").stdout)["indexes"]] == [1]
+    assert "behind: shard files changed since" in cli("list").stdout
     assert cli(*command.split()[1:]).code == 0
+    assert [i["behind"] for i in json.loads(cli("list", "--json").stdout)["indexes"]] == [0]
     assert len(json.loads(cli("query", "大宅门", "--index", "c-flat", "--json", "-k", "50").stdout)["results"]) == 40
 
 

@@ -159,14 +159,15 @@ def _model_cell(spec: str | None) -> str:
     return f"{head}{sep}{Path(path).name}" if "/" in path else spec
 
 
-_COUNTS = ("covers", "clips", "failed", "vectors", "recall@10")  # right-aligned
+_COUNTS = ("covers", "clips", "failed", "vectors", "behind", "recall@10")  # right-aligned
 
 
-def _listing_table(title: str, entries: list[dict[str, Any]], columns: dict[str, Callable[[dict], str]]) -> Table:
-    """A table of `entries` with a `*` column for the default, then `columns` (heading: cell); an
-    entry whose manifest could not be read shows why in its row."""
-    table = Table(title=title, title_justify="left",
-                  caption="* used when no path is given" if any(e.get("default") for e in entries) else None)
+def _listing_table(title: str, entries: list[dict[str, Any]], columns: dict[str, Callable[[dict], str]],
+                   notes: tuple[str, ...] = ()) -> Table:
+    """A table of `entries` with a `*` column for the default, then `columns` (heading: cell), and
+    `notes` under it; an entry whose manifest could not be read shows why in its row."""
+    notes = ("* used when no path is given",) * any(e.get("default") for e in entries) + notes
+    table = Table(title=title, title_justify="left", caption="\n".join(notes) or None)
     table.add_column("")
     table.add_column("name", no_wrap=True)
     for heading, _ in columns.items():
@@ -198,6 +199,11 @@ def listing_tables(embeddings: list[dict[str, Any]], indexes: list[dict[str, Any
     index_columns: dict[str, Callable[[dict], str]] = {"type": _index_type_cell}
     if any(e.get("kind", "cover") != "cover" for e in indexes):
         index_columns["kind"] = lambda e: e["kind"]
-    index_columns.update({"vectors": lambda e: f"{e['vectors']:,}", "model": lambda e: _model_cell(e["model"]),
-                          "recall@10": lambda e: f"{e['recall@10']:.3f}"})
-    return [_listing_table("embeddings", embeddings, shard_columns), _listing_table("indexes", indexes, index_columns)]
+    index_columns.update({"vectors": lambda e: f"{e['vectors']:,}", "model": lambda e: _model_cell(e["model"])})
+    behind: tuple[str, ...] = ()
+    if any(e.get("behind") for e in indexes):
+        index_columns["behind"] = lambda e: f"{e['behind']:,}" if e.get("behind") else ""
+        behind = ("behind: shard files changed since, for build-index --append",)
+    index_columns["recall@10"] = lambda e: f"{e['recall@10']:.3f}"
+    return [_listing_table("embeddings", embeddings, shard_columns),
+            _listing_table("indexes", indexes, index_columns, behind)]

@@ -48,10 +48,26 @@ def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
         entries.append({"name": folder.name, "path": str(folder), "default": folder == default,
                         "type": info["type"], "engine": info["engine"], "kind": info.get("kind", "cover"),
                         "vectors": shown, "model": (info.get("encoder") or {}).get("spec"),
-                        "embeddings": info.get("embeddings"),
+                        "embeddings": info.get("embeddings"), "behind": shards_behind(info),
                         "recall@10": info["recall"]["recall@10"], "built": info["built_at"],
                         "appends": len(info.get("appends", []))})
     return entries
+
+
+def shards_behind(info: dict[str, Any]) -> int | None:
+    """How many shard files of the folder an index was built from (its `embeddings`) the index has
+    not taken up as they are now, new or changed since, or still holds though the folder has them
+    no more: what `build-index --append` would take up. None where that folder is no vsearch
+    shard folder (bring-your-own files, or gone)."""
+    folder = Path(info.get("embeddings") or "")
+    try:
+        manifest = Manifest.read(folder)
+    except VsearchError:
+        return None
+    kind = info.get("kind", "cover")
+    current = {str((folder / s["name"]).resolve()): s["sha256"] for s in manifest.shards if s["kind"] == kind}
+    indexed = {s["path"]: s["sha256"] for s in info["shards"] if Path(s["path"]).parent == folder.resolve()}
+    return sum(indexed.get(path) != sha for path, sha in current.items()) + len(indexed.keys() - current.keys())
 
 
 def indexes_built_from(workspace: Workspace, embeddings: Path) -> list[dict[str, Any]]:
