@@ -545,3 +545,23 @@ def test_random_edits_of_lines_and_covers_embed_as_a_fresh_embed_would(tmp_path,
 @pytest.mark.slow
 def test_long_random_edits_of_lines_and_covers_embed_as_a_fresh_embed_would(tmp_path, workspace, tiny_uniclip):
     random_media_changes(set(range(30)) - {0, 6}, tmp_path, workspace, tiny_uniclip)
+
+
+def test_a_broken_video_replaced_is_encoded_into_its_clip_shard_beside_the_rows_kept(tmp_path, workspace,
+                                                                                     tiny_uniclip):
+    source, videos = tmp_path / "c.txt", tmp_path / "c-videos"
+    source.write_text("".join(f"{r.title}\t{r.uri}\t{r.ocr}\n" for r in list(open_dataset("demo", workspace).rows())[:4]),
+                      encoding="utf-8")
+    videos.mkdir()
+    ids = [row.id for row in open_dataset(str(source), workspace).rows()]
+    for id_ in ids:
+        write_video(videos / f"{id_}.mp4", seconds=2)
+    (videos / f"{ids[1]}.mp4").write_bytes(b"not a video")
+    config = EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", kind="clip", device="cpu", workers=0)
+    assert run_embed(config, workspace).rows_failed == 1
+    write_video(videos / f"{ids[1]}.mp4", seconds=2)
+    again = run_embed(config, workspace)
+    assert (again.rows_retried, again.rows_written, again.rows_failed) == (1, 1, 0)
+    clips = table(again.directory, "clip")
+    assert clips.column("id").to_pylist() == ids
+    assert clips.column("ocr_presence").null_count == 4  # clips have no presence, kept rows or retried

@@ -349,11 +349,10 @@ def with_kept_rows(directory: Path, entry: dict[str, Any], columns: dict[str, An
     merged = {"vector": np.concatenate([kept.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim),
                                         np.asarray(columns["vector"]).reshape(-1, dim)])}
     for name in set(kept.column_names) - {"kind", "vector"}:
-        if name in ("id", *METADATA_COLUMNS):
-            merged[name] = kept.column(name).to_pylist() + list(columns[name])
-        else:  # a model output: the rows encoded again have it too
-            old = kept.column(name).to_numpy(zero_copy_only=False)
-            merged[name] = np.concatenate([old, np.asarray(columns.get(name, []), old.dtype)])
+        # A column the new rows lack (a model output clips do not have) is null for them, as it is
+        # for the kept rows.
+        new = columns.get(name, [None] * len(columns["id"]))
+        merged[name] = kept.column(name).to_pylist() + (new.tolist() if isinstance(new, np.ndarray) else list(new))
     position = {id_: place for place, id_ in enumerate(order)}
     ordered = np.argsort([position[id_] for id_ in merged["id"]], kind="stable")
     return {name: values[ordered] if isinstance(values, np.ndarray) else [values[i] for i in ordered]
