@@ -496,55 +496,77 @@ def test_retry_failed_encodes_the_covers_a_server_did_not_send_once_it_does(devi
 
 
 def random_media_changes(seeds, tmp_path, workspace, tiny_uniclip):
-    """For each seed, a dataset whose covers come from an images folder with some missing, through
-    random edits of its lines and its cover files, embedded after each (retrying failed rows or not):
-    the folder then holds what a fresh embed of the dataset and its covers as they are holds."""
+    """For each seed, a dataset whose covers and videos come from folders, some missing, some
+    broken, through random edits of its lines and its media files, embedded after each (covers and
+    clips, retrying failed rows or not): the folder then holds what a fresh embed of the dataset and
+    its media as they are holds."""
     demo = [row.uri for row in open_dataset("demo", workspace).rows()][:30]
 
-    def held(result):
-        shards = pq.read_table(result.directory, columns=["id", "title", "ocr", "uri", "vector"]).sort_by("id")
-        failed = sorted((f["id"], f["reason"]) for f in result.manifest.failed)
-        return shards.drop_columns("vector").to_pylist(), failed, np.stack(shards.column("vector").to_numpy(
-            zero_copy_only=False)).astype(np.float32)
+    def held(result, kind):
+        files = [result.directory / s["name"] for s in result.manifest.shards if s["kind"] == kind]
+        shards = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id") if files else None
+        vectors = np.asarray(shards.column("vector").to_pylist(), np.float32) if files else np.zeros((0,))
+        failed = sorted((f["id"], f["reason"]) for f in result.manifest.failed if f["kind"] == kind)
+        return (shards.select(["id", "title", "ocr", "uri", "cover"]).to_pylist() if files else []), failed, vectors
 
     for seed in seeds:
         pick = random.Random(seed)
-        source, covers = tmp_path / f"{seed}.txt", tmp_path / f"{seed}-images"
+        source, covers, videos = tmp_path / f"{seed}.txt", tmp_path / f"{seed}-images", tmp_path / f"{seed}-videos"
         covers.mkdir()
-        cover_of = [covers / f"{url_id(f'http://covers.example/{n}.jpg')}.jpg" for n in range(61)]  # as random_cover_line names them
-        for cover in cover_of:
+        videos.mkdir()
+        ids = [url_id(f"http://covers.example/{n}.jpg") for n in range(61)]  # as random_cover_line names them
+
+        def put_video(id_):
+            made = pick.choice(["good", "good", "good", "broken", "short"])
+            if made == "broken":
+                (videos / f"{id_}.mp4").write_bytes(b"not a video" * pick.randint(1, 9))
+            else:
+                write_video(videos / f"{id_}.mp4", seconds=0.1 if made == "short" else pick.choice([1, 2]),
+                            size=pick.choice([(64, 48), (48, 64)]))
+
+        for id_ in ids:
             if pick.random() < 0.8:
-                shutil.copy(pick.choice(demo), cover)
+                shutil.copy(pick.choice(demo), covers / f"{id_}.jpg")
+            if pick.random() < 0.4:
+                put_video(id_)
         lines = [random_cover_line(pick, i) for i in range(pick.randint(1, 30))]
-        config = EmbedConfig(model=f"uniclip:{tiny_uniclip}", dataset=str(source), shard_size=pick.choice([3, 8]),
-                             workers=0, device="cpu")
+        config = EmbedConfig(model=f"uniclip:{tiny_uniclip}", dataset=str(source), kind="both", frames=4,
+                             shard_size=pick.choice([3, 8]), workers=0, device="cpu")
         log = []
         for step in range(6):
-            change, cover = pick.choice(["lines", "lines", "replace", "remove", "add"]), pick.choice(cover_of)
+            in_use = [url_id(line.split("\t")[1]) for line in lines]  # mostly the media of rows there are
+            change = pick.choice(["lines", "lines", "cover", "video", "no video"])
+            id_ = pick.choice(in_use if pick.random() < 0.7 else ids)
+            cover = covers / f"{id_}.jpg"
             if change == "lines":
                 change, lines = edit_lines(pick, lines, step)
-            elif change == "replace" and cover.exists():
+            elif change == "cover" and cover.exists() and pick.random() < 0.5:
+                cover.unlink()
+            elif change == "cover":
                 cover.write_bytes(Path(pick.choice(demo)).read_bytes())
-            elif change == "remove":
-                cover.unlink(missing_ok=True)
-            elif change == "add" and not cover.exists():
-                shutil.copy(pick.choice(demo), cover)
+            elif change == "video":
+                put_video(id_)
+            else:
+                (videos / f"{id_}.mp4").unlink(missing_ok=True)
             retry = pick.random() < 0.5
             log.append(change + " +retry" * retry)
             source.write_text("".join(lines), encoding="utf-8")
-            updated = held(run_embed(replace(config, retry_failed=retry), workspace))
-            fresh = held(run_embed(replace(config, out=tmp_path / f"fresh-{seed}-{step}"), workspace))
-            assert updated[:2] == fresh[:2], f"seed {seed}: {log}"
-            np.testing.assert_allclose(updated[2], fresh[2], atol=3e-3, err_msg=f"seed {seed}: {log}")  # batches differ
+            updated = run_embed(replace(config, retry_failed=retry), workspace)
+            fresh = run_embed(replace(config, out=tmp_path / f"fresh-{seed}-{step}"), workspace)
+            for kind in ("cover", "clip"):
+                (rows, failed, vectors), (fresh_rows, fresh_failed, fresh_vectors) = held(updated, kind), held(fresh, kind)
+                assert (rows, failed) == (fresh_rows, fresh_failed), f"seed {seed}, {kind}: {log}"
+                assert vectors.shape == fresh_vectors.shape, f"seed {seed}, {kind}: {log}"
+                np.testing.assert_allclose(vectors, fresh_vectors, atol=3e-3, err_msg=f"seed {seed}: {log}")  # batches differ
 
 
-def test_random_edits_of_lines_and_covers_embed_as_a_fresh_embed_would(tmp_path, workspace, tiny_uniclip):
-    random_media_changes([0, 6], tmp_path, workspace, tiny_uniclip)  # 6 replaces a cover of a row in the dataset
+def test_random_edits_of_lines_and_media_embed_as_a_fresh_embed_would(tmp_path, workspace, tiny_uniclip):
+    random_media_changes([0, 27], tmp_path, workspace, tiny_uniclip)  # 27 retries a clip shard's failed rows
 
 
 @pytest.mark.slow
-def test_long_random_edits_of_lines_and_covers_embed_as_a_fresh_embed_would(tmp_path, workspace, tiny_uniclip):
-    random_media_changes(set(range(30)) - {0, 6}, tmp_path, workspace, tiny_uniclip)
+def test_long_random_edits_of_lines_and_media_embed_as_a_fresh_embed_would(tmp_path, workspace, tiny_uniclip):
+    random_media_changes(set(range(40)) - {0, 27}, tmp_path, workspace, tiny_uniclip)
 
 
 def test_a_broken_video_replaced_is_encoded_into_its_clip_shard_beside_the_rows_kept(tmp_path, workspace,
