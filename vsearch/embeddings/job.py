@@ -416,30 +416,30 @@ def failed_versions(failed: list[dict[str, Any]]) -> dict[str, dict[str, str | N
     return by_shard
 
 
-def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str, kind: str,
-                    done: dict[tuple[str, int], dict[str, Any]], failed: dict[str, dict[str, str | None]],
-                    directory: str, results: Any, parent: int) -> None:
-    """One device's share of the shards: encode, write the files, report each to the parent."""
+def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfig, root: str,
+                    kinds: tuple[str, ...], done: dict[tuple[str, int], dict[str, Any]],
+                    failed: dict[str, dict[str, str | None]], directory: str, results: Any, parent: int) -> None:
+    """One device's share of the shards of each kind: encode, write the files, report each to the parent."""
     exit_with_parent(parent)
     try:
         workspace = Workspace.resolve(root)
         dataset = open_dataset(config.dataset, workspace, config.images, config.videos)
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
-
-        plan = ResumePlan(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed, Path(directory),
-                          (rank, len(devices)), lambda rows: results.put(("skipped", rows, None, None)))
-        times = StageTimes()
-        for shard in encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
-                                    lambda n: results.put(("text", n, None, None)), times):
-            encoded = len(shard.columns["id"])
-            with times.timing("output"):
-                whole, digests = plan.finished(shard)
-                entry = write_shard_file(Path(directory), schema, kind, shard.number, whole.columns, whole.failed,
-                                         digests)
-            results.put(("shard", entry, encoded, whole.failed))
-        results.put(("done", rank, (plan.skipped, plan.redone, plan.retried, plan.count, asdict(times)),
-                     (dataset.duplicates, dataset.malformed)))
+        for kind in kinds:
+            plan = ResumePlan(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed,
+                              Path(directory), (rank, len(devices)), lambda rows: results.put(("skipped", rows, None, None)))
+            times = StageTimes()
+            for shard in encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
+                                        lambda n: results.put(("text", n, None, None)), times):
+                encoded = len(shard.columns["id"])
+                with times.timing("output"):
+                    whole, digests = plan.finished(shard)
+                    entry = write_shard_file(Path(directory), schema, kind, shard.number, whole.columns, whole.failed,
+                                             digests)
+                results.put(("shard", entry, encoded, whole.failed))
+            results.put(("done", rank, (kind, plan.skipped, plan.redone, plan.retried, plan.count, asdict(times)),
+                         (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
         results.put(("error", rank, str(exc), None))
     except BaseException:
@@ -456,22 +456,23 @@ def _died_without_reporting(processes: list[Any]) -> str:
             "run_embed under `if __name__ == \"__main__\":`, as processes started by spawn import the script")
 
 
-def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace, kind: str,
-                    writer: ShardWriter, failed: dict[str, dict[str, str | None]], result: EmbedResult,
-                    on_rows: Callable[[int], None], on_done: Callable[[int], None],
-                    on_text: Callable[[int], None]) -> tuple[tuple[int, int], int]:
-    """Run one process per device (for a text encoder, per core); return the lines they skipped, as
-    repeats and as malformed, and the number of shards the dataset has."""
+def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspace: Workspace,
+                    kinds: tuple[str, ...], writer: ShardWriter, failed: dict[str, dict[str, str | None]],
+                    result: EmbedResult, on_rows: Callable[[int], None], on_done: Callable[[int], None],
+                    on_text: Callable[[int], None]) -> tuple[tuple[int, int], dict[str, int]]:
+    """Run one process per device (for a text encoder, per core), each loading the model once for
+    every kind; return the lines they skipped, as repeats and as malformed, and the number of shards
+    the dataset has of each kind."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     config = replace(config, workers=max(0, config.workers // len(devices)))
     processes = [context.Process(target=_device_process, daemon=False,
-                                 args=(rank, devices, spec, config, str(workspace.root), kind,
+                                 args=(rank, devices, spec, config, str(workspace.root), kinds,
                                        writer.done, failed, str(writer.directory), results, os.getpid()))
                  for rank in range(len(devices))]
     for process in processes:
         process.start()
-    running, skipped_lines, shards = len(processes), (0, 0), 0
+    running, skipped_lines, shards = len(processes) * len(kinds), (0, 0), {}  # running: "done" messages to come
     try:
         while running:
             try:
@@ -489,12 +490,13 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 _count(result, detail, extra)
                 on_rows(detail + len(extra))
             elif message == "done":
-                skipped, redone, retried, shards, times = detail  # every process sees every shard: any one's count will do
+                kind, skipped, redone, retried, shards[kind], times = detail  # every process sees every shard
                 result.shards_skipped += skipped
                 result.shards_redone += redone
                 result.rows_retried += retried
                 result.times.add(times)
-                skipped_lines = extra  # likewise every line
+                if kind == kinds[-1]:  # every line, as `_run_here` counts them: in the last pass
+                    skipped_lines = extra
                 running -= 1
             elif message == "error":
                 raise VsearchError(detail)
@@ -530,6 +532,23 @@ def _write_in_background(shards: Iterator[EncodedShard], writer: ShardWriter, re
         with result.times.timing("output"):
             for future in pending:
                 future.result()
+
+
+def _run_here(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], config: EmbedConfig, writer: ShardWriter,
+              failed: dict[str, dict[str, str | None]], result: EmbedResult, on_rows: Callable[[int], None],
+              on_done: Callable[[int], None], on_text: Callable[[int], None]) -> tuple[tuple[int, int], dict[str, int]]:
+    """Encode each kind in this process, as `_run_on_devices` does in several, returning what it returns."""
+    shards = {}
+    for kind in kinds:
+        plan = ResumePlan(kind, writer.done, failed, files_read(encoder, kind, config.ocr), config.retry_failed,
+                          writer.directory, on_done=on_done)
+        _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.to_encode, on_rows, on_text,
+                                            result.times), writer, result, plan)
+        result.shards_skipped += plan.skipped
+        result.shards_redone += plan.redone
+        result.rows_retried += plan.retried
+        shards[kind] = plan.count
+    return (dataset.duplicates, dataset.malformed), shards
 
 
 def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int], None] = lambda n: None,
@@ -584,22 +603,15 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
             on_done(rows)
 
         failed = failed_versions(writer.manifest.failed)
-        skipped_lines = (0, 0)  # (repeated ids, malformed lines) as the last pass over the dataset counted
-        shards = {}  # kind -> how many shards the dataset has
-        for kind in kinds:
-            processes = devices if hasattr(encoder, "encode_pixels") else ["cpu"] * text_processes(dataset, config)
-            if len(processes) > 1:
-                skipped_lines, shards[kind] = _run_on_devices(processes, encoder.spec, config, workspace, kind,
-                                                              writer, failed, result, progress, done_before, on_text)
-                continue
-            plan = ResumePlan(kind, writer.done, failed, files_read(encoder, kind, config.ocr), config.retry_failed,
-                              directory, on_done=done_before)
-            _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.to_encode, progress, on_text,
-                                                result.times), writer, result, plan)
-            result.shards_skipped += plan.skipped
-            result.shards_redone += plan.redone
-            result.rows_retried += plan.retried
-            skipped_lines, shards[kind] = (dataset.duplicates, dataset.malformed), plan.count
+        # skipped_lines: (repeated ids, malformed lines) as the last pass over the dataset counted them;
+        # shards: kind -> how many shards the dataset has
+        processes = devices if hasattr(encoder, "encode_pixels") else ["cpu"] * text_processes(dataset, config)
+        if len(processes) > 1:
+            skipped_lines, shards = _run_on_devices(processes, encoder.spec, config, workspace, kinds, writer, failed,
+                                                    result, progress, done_before, on_text)
+        else:
+            skipped_lines, shards = _run_here(encoder, dataset, kinds, config, writer, failed, result, progress,
+                                              done_before, on_text)
         if rows_seen == 0:  # checked before removing anything: an emptied dataset file is more likely a mistake
             malformed = f" ({skipped_lines[1]:,} malformed lines skipped)" if skipped_lines[1] else ""
             raise VsearchError(f"dataset {dataset.name} has no rows to embed: {dataset.source}{malformed}")
