@@ -137,13 +137,17 @@ def file_version(uri: str | None) -> str:
     """Which version of a local file `uri` is, as its size and modification time ("missing" where
     there is none), as make and rsync tell a changed file; "" for a remote one, which would cost
     a request to look at."""
-    if uri is None or ("://" in uri and not uri.startswith("file://")):
+    if uri is None or _protocol(uri) != "file":
         return ""
     try:
         stat = os.stat(uri.removeprefix("file://"))
     except OSError:
         return "missing"
     return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
 
 
 def _join(base: str, relative: str) -> str:
@@ -220,7 +224,7 @@ def _image_locator(source: str, images: str | None) -> Callable[[str, str | None
         if url is None:
             return None
         located = _join(base, url) if _is_relative(url) else url
-        protocol = located.split("://", 1)[0] if "://" in located else "file"
+        protocol = _protocol(located)
         if protocol not in checked:  # as above, once per protocol
             url_to_fs(located)
             checked.add(protocol)

@@ -351,6 +351,14 @@ class ResumePlan:
     pending: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # -> (content digest, versions)
     patched: dict[int, tuple[dict[str, Any], list[str]]] = field(default_factory=dict)  # -> (entry, ids in order)
 
+    @classmethod
+    def of_job(cls, kind: str, encoder: Encoder, config: EmbedConfig, done: dict[tuple[str, int], dict[str, Any]],
+               failed: dict[str, dict[str, str | None]], directory: Path, share: tuple[int, int] = (0, 1),
+               on_done: Callable[[int], None] = lambda rows: None) -> "ResumePlan":
+        """The plan for `kind` of a job embedding with `encoder` as `config` says."""
+        return cls(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed, directory,
+                   share, on_done)
+
     def to_encode(self, number: int, rows: list[Row]) -> list[Row]:
         self.count = max(self.count, number + 1)
         rank, processes = self.share
@@ -427,8 +435,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
         encoder = load_encoder(spec, devices[rank])
         schema = shard_schema(encoder.dim, getattr(encoder, "extra_columns", None))
         for kind in kinds:
-            plan = ResumePlan(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed,
-                              Path(directory), (rank, len(devices)), lambda rows: results.put(("skipped", rows, None, None)))
+            plan = ResumePlan.of_job(kind, encoder, config, done, failed, Path(directory), share=(rank, len(devices)),
+                                     on_done=lambda rows: results.put(("skipped", rows, None, None)))
             times = StageTimes()
             for shard in encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
                                         lambda n: results.put(("text", n, None, None)), times):
@@ -540,8 +548,7 @@ def _run_here(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], config
     """Encode each kind in this process, as `_run_on_devices` does in several, returning what it returns."""
     shards = {}
     for kind in kinds:
-        plan = ResumePlan(kind, writer.done, failed, files_read(encoder, kind, config.ocr), config.retry_failed,
-                          writer.directory, on_done=on_done)
+        plan = ResumePlan.of_job(kind, encoder, config, writer.done, failed, writer.directory, on_done=on_done)
         _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.to_encode, on_rows, on_text,
                                             result.times), writer, result, plan)
         result.shards_skipped += plan.skipped
