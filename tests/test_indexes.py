@@ -668,6 +668,22 @@ def test_bring_your_own_parquet_needs_a_recognisable_vector_column(tmp_path):
     assert open_source(folder, vector_column="a").dim == 64
 
 
+@pytest.mark.parametrize("list_type", [pa.list_, pa.large_list])
+def test_bring_your_own_vectors_may_be_plain_lists_of_one_length(list_type, tmp_path):
+    vectors = clustered(300)
+    column = pa.array([None, *map(list, vectors[1:])], list_type(pa.float32()))  # as pandas writes them
+    pq.write_table(pa.table({"id": [f"doc{i}" for i in range(300)], "embedding": column}), tmp_path / "part-0.parquet")
+    source = open_source(tmp_path)
+    assert (source.dim, source.vector_column) == (64, "embedding")
+    build_index(BuildConfig(type="flat"), source, tmp_path / "index")
+    assert load_index(tmp_path / "index").search(vectors[7:8], 1)[1][0, 0] == "doc7"
+    ragged = pa.array([list(v) for v in vectors[:3]] + [list(vectors[3][:63])], list_type(pa.float32()))
+    pq.write_table(pa.table({"id": ["a", "b", "c", "short"], "embedding": ragged}), tmp_path / "part-1.parquet")
+    with pytest.raises(VsearchError, match=r"part-1.parquet: 1 vectors do not have 64 values .*'short' has 63"):
+        build_index(BuildConfig(type="flat"), open_source(tmp_path), tmp_path / "index")
+    assert len(load_index(tmp_path / "index")) == 300
+
+
 def test_float16_bring_your_own_vectors(tmp_path):
     write_parquet(tmp_path / "half", clustered(200), dtype=np.float16)
     build_index(BuildConfig(type="flat"), open_source(tmp_path / "half"), tmp_path / "index")

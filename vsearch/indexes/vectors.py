@@ -2,8 +2,9 @@
 
 A vsearch shard folder has a `_manifest.json` (the encoder, dim and checksums come from it).
 Any other folder is "bring your own embeddings": every `*.parquet` file in it, read in name order,
-with an id column (`id`, or `--id-column`) and a vector column (a fixed-size list of floats:
-`vector`, `embedding` or the only such column, or `--vector-column`), e.g. clip-retrieval's output.
+with an id column (`id`, or `--id-column`) and a vector column (a list of floats, fixed-size or of
+one length throughout, as pandas and Hugging Face datasets write them: `vector`, `embedding` or the
+only such column, or `--vector-column`), e.g. clip-retrieval's output.
 Its vectors are indexed L2-normalised, as vsearch's own are: scores are cosine similarities.
 """
 
@@ -84,7 +85,7 @@ class VectorSource:
         """Schema of the rows an index keeps per vector: `id` (string), then every column of the first
         file that is not a vector (vsearch shards: kind, title, ocr, uri and per-row model outputs)."""
         schema = _parquet(self.files[0].path).schema_arrow
-        rest = [f for f in schema if f.name != self.id_column and not _fixed_size_float(f)]
+        rest = [f for f in schema if f.name != self.id_column and not _float_list(f)]
         return pa.schema([pa.field("id", pa.string())] + rest)
 
     def batches(self, files: list[VectorFile] | None = None, batch_rows: int = 65536, metadata: bool = False
@@ -108,9 +109,7 @@ class VectorSource:
         names = self.row_schema.names[1:] if metadata else []
         wanted = self._excluded_ids
         for file, rows, batch in self._read(files, batch_rows, names, vectors=True):
-            column = batch.column(self.vector_column)
-            vectors = np.asarray(column.flatten() if column.null_count == 0 else column.fill_null(0).flatten())
-            vectors = vectors.reshape(len(batch), self.dim)
+            vectors = _dense(batch.column(self.vector_column), self.dim, file.path, rows.column("id"))
             if wanted is not None:
                 keep = pc.invert(pc.is_in(rows.column("id"), value_set=wanted))
                 rows, vectors = rows.filter(keep), vectors[keep.to_numpy(zero_copy_only=False)]
@@ -161,23 +160,57 @@ def file_entry(file: VectorFile) -> dict[str, Any]:
     return {"name": file.name, "path": str(file.path.resolve()), "rows": file.rows, "sha256": file.sha256}
 
 
-def _fixed_size_float(field: pa.Field) -> bool:
-    return pa.types.is_fixed_size_list(field.type) and pa.types.is_floating(field.type.value_type)
+def _float_list(field: pa.Field) -> bool:
+    kind = field.type
+    lists = pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    return lists and pa.types.is_floating(kind.value_type)
+
+
+def _dense(column: pa.Array, dim: int, path: Path, ids: pa.Array) -> np.ndarray:
+    """A batch's vector column as an (n, dim) array, zeros where a vector is null. A column of
+    variable-length lists must hold `dim` values in every vector."""
+    if not pa.types.is_fixed_size_list(column.type):
+        wrong = pc.fill_null(pc.not_equal(pc.list_value_length(column), dim), False)
+        if pc.any(wrong).as_py():
+            first = pc.index(wrong, True).as_py()
+            raise VsearchError(
+                f"{path}: {pc.sum(wrong).as_py():,} vectors do not have {dim} values like the first one "
+                f"(id {ids[first].as_py()!r} has {len(column[first].values)})")
+    values = np.asarray(column.flatten()).reshape(-1, dim)
+    if column.null_count == 0:
+        return values
+    vectors = np.zeros((len(column), dim), values.dtype)
+    vectors[column.is_valid().to_numpy(zero_copy_only=False)] = values
+    return vectors
+
+
+def _list_dim(path: Path, column: str) -> int | None:
+    """How many values each vector of `column` in the Parquet file at `path` has: a fixed-size
+    list's size, or the length of the first vector that is not null (None when there is none)."""
+    parquet = _parquet(path)
+    kind = parquet.schema_arrow.field(column).type
+    if pa.types.is_fixed_size_list(kind):
+        return kind.list_size
+    for batch in parquet.iter_batches(batch_size=4096, columns=[column]):
+        lengths = pc.drop_null(pc.list_value_length(batch.column(0)))
+        if len(lengths):
+            return lengths[0].as_py()
+    return None
 
 
 def _vector_column(schema: pa.Schema, requested: str | None, path: Path) -> str:
     if requested:
-        if requested not in schema.names or not _fixed_size_float(schema.field(requested)):
-            raise VsearchError(f"{path} has no fixed-size float list column {requested!r}")
+        if requested not in schema.names or not _float_list(schema.field(requested)):
+            raise VsearchError(f"{path} has no float list column {requested!r}")
         return requested
-    candidates = [f.name for f in schema if _fixed_size_float(f)]
+    candidates = [f.name for f in schema if _float_list(f)]
     for name in VECTOR_NAMES:
         if name in candidates:
             return name
     if len(candidates) == 1:
         return candidates[0]
     raise VsearchError(
-        f"cannot tell the vector column of {path}: fixed-size float list columns are {candidates or 'none'}; "
+        f"cannot tell the vector column of {path}: float list columns are {candidates or 'none'}; "
         "pass --vector-column"
     )
 
@@ -198,12 +231,14 @@ def parquet_source(directory: Path, id_column: str | None = None, vector_column:
     id_name = id_column or "id"
     if id_name not in schema.names:
         raise VsearchError(f"{paths[0]} has no id column {id_name!r}; pass --id-column")
-    dim = schema.field(column).type.list_size
+    dim = next(filter(None, (_list_dim(path, column) for path in paths)), None)
+    if dim is None:
+        raise VsearchError(f"no vectors in {directory}: its {column!r} columns hold none")
     files = []
     for path in paths:
         parquet = _parquet(path)
         other = parquet.schema_arrow
-        if column not in other.names or other.field(column).type.list_size != dim:
+        if column not in other.names or not _float_list(other.field(column)) or _list_dim(path, column) not in (dim, None):
             raise VsearchError(f"{path} does not have the same {dim}-d vector column {column!r} as {paths[0].name}")
         files.append(VectorFile(path.name, path, parquet.metadata.num_rows, sha256_of(path)))
     return VectorSource(directory, directory.name, dim, files, None, id_name, column)
