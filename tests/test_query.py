@@ -155,6 +155,9 @@ def test_a_file_of_queries_gives_json_lines(demo, tmp_path):
     same = demo("query", "--file", str(queries), "--out", str(tmp_path / "." / "queries.txt"))
     assert same.code == 1 and "would erase the queries" in same.stderr
     assert queries.read_text(encoding="utf-8") == "大宅门演员表\n\n周杰伦个人资料\n"
+    queries.write_text("\n  \n", encoding="utf-8")
+    blank = demo("query", "--file", str(queries))
+    assert blank.code == 1 and blank.stderr.strip() == f"vsearch: error: no queries in {queries}: every line is blank"
 
 
 def test_a_query_that_cannot_be_searched_is_answered_with_its_error_and_the_batch_goes_on(demo, tmp_path):

@@ -407,6 +407,8 @@ def query(
                 sink.write(json.dumps(answer, ensure_ascii=False) + "\n")
                 sink.flush()
                 answered += 1
+        if not answered:
+            raise VsearchError(f"no queries in {'standard input' if str(file) == '-' else file}: every line is blank")
         if out:
             stderr.print(f"{answered} queries -> {out}")
         if failed:
