@@ -24,7 +24,7 @@ from vsearch.embeddings import load_encoder
 from vsearch.embeddings.datasets import open_dataset, url_id
 from vsearch.embeddings.encoders import l2_normalise
 from vsearch.embeddings.job import EmbedConfig, OomBackoff, StageTimes, run_embed, total_workers
-from vsearch.embeddings.media import MediaError, sample_frames
+from vsearch.embeddings.media import MediaError, decode_image, sample_frames
 from vsearch.embeddings.shards import Manifest
 from vsearch.errors import VsearchError
 from tests.conftest import closed_port, edit_lines, random_cover_line, write_video
@@ -342,6 +342,15 @@ print(result.rows_written, result.rows_failed)
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["199", "0"]
+
+
+def test_files_that_are_not_images_fail_for_one_reason_that_names_each_file(tmp_path):
+    reasons = []
+    for name, data in (("a.jpg", b"not an image"), ("b.png", b"<html>404</html>")):
+        with pytest.raises(MediaError) as raised:
+            decode_image(data, str(tmp_path / name))
+        reasons.append(str(raised.value).replace(str(tmp_path / name), "…"))
+    assert reasons == ["cannot decode image …: not in an image format Pillow reads"] * 2
 
 
 def test_a_corrupt_jpeg_decoded_on_the_device_is_recorded(tmp_path, workspace, tiny_uniclip):

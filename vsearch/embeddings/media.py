@@ -75,7 +75,9 @@ def decode_image(data: bytes, uri: str | None) -> Image.Image:
         image.load()
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # whose message names the BytesIO object, different each time
+        raise MediaError(f"cannot decode image {uri}: not in an image format Pillow reads") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"cannot decode image {uri}: {exc}") from None
     return image.convert("RGB")
 
