@@ -147,11 +147,21 @@ def test_empty_query_is_an_error(text, cli):
     assert result.code != 0 and result.stderr.strip() == "vsearch: error: empty query: give some text to search for"
 
 
-def test_unknown_option_exits_non_zero_through_the_real_entry_point():
-    result = subprocess.run([sys.executable, "-m", "vsearch", "query", "x", "--bogus"],
-                            capture_output=True, text=True)
+@pytest.mark.parametrize("args, message", [
+    (["query", "x", "--bogus"], "No such option: --bogus"),
+    (["query", "x", "-k", "ten"], "Invalid value for '-k'"),
+    (["serve"], "No such command 'serve'"),
+])
+def test_usage_errors_are_one_line_through_the_real_entry_point(args, message):
+    result = subprocess.run([sys.executable, "-m", "vsearch", *args], capture_output=True, text=True)
     assert result.returncode == 2
-    assert "No such option: --bogus" in result.stderr and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("vsearch: error: ") and message in line and line.endswith(" -h')")
+
+
+def test_vsearch_alone_shows_its_commands():
+    result = subprocess.run([sys.executable, "-m", "vsearch"], capture_output=True, text=True)
+    assert result.returncode == 2 and "embed" in result.stdout and "build-index" in result.stdout
 
 
 def test_uniclip_covers_and_clips_from_the_cli(cli, workspace, tiny_uniclip, monkeypatch):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -21,14 +23,13 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     help="Vector search for short-video covers and clips: embed -> build-index -> query.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
     workspace: Annotated[Optional[Path], typer.Option(
@@ -36,6 +37,9 @@ def _root(
         help=f"Workspace root holding datasets/, embeddings/ and indexes/ (default ~/.vsearch; env {ENV_VAR}).",
     )] = None,
 ) -> None:
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
+        raise typer.Exit(2)
     ctx.obj = Workspace.resolve(workspace)
 
 
@@ -544,17 +548,27 @@ def bench(
     stderr.print("wrote " + ", ".join(str(path) for path in written.values()))
 
 
+def _fail(message: str, code: int) -> None:
+    print(f"vsearch: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, prog_name="vsearch")
+        # Not standalone, so that typer's own errors (an unknown option or command, a value of the
+        # wrong type) come here to be said in one line, as every other error is.
+        code = app(args=argv, prog_name="vsearch", standalone_mode=False)
+    except typer.TyperException as exc:
+        command = getattr(exc, "ctx", None)
+        _fail(exc.format_message() + (f" (see '{command.command_path} -h')" if command else ""), exc.exit_code)
     except VsearchError as exc:
-        print(f"vsearch: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as exc:  # a path that cannot be written or read (a missing folder, no permission, a full disk)
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"vsearch: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        sys.exit(1)
-    except SystemExit as exc:
-        if exc.code == 130:  # how typer ends a command that Ctrl-C (KeyboardInterrupt) stopped
-            print("vsearch: interrupted", file=sys.stderr)
-        raise
+        _fail(str(exc), 1)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:  # the output's reader stopped (`vsearch … | head`): nothing to say,
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor when stdout flushes at exit
+            sys.exit(1)
+        # a path that cannot be written or read (a missing folder, no permission, a full disk)
+        _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), 1)
+    if code == 130:  # how typer ends a command that Ctrl-C (KeyboardInterrupt) stopped
+        print("vsearch: interrupted", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
