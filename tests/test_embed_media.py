@@ -416,6 +416,34 @@ def test_covers_of_one_size_are_resized_together_and_come_back_in_order(monkeypa
     assert sorted(calls) == [1, 1, 2, 2]
 
 
+def test_covers_moved_to_another_folder_keep_their_vectors_and_take_their_new_paths(workspace, tiny_uniclip, tmp_path):
+    source, first = tmp_path / "covers.txt", tmp_path / "first"
+    demo = list(open_dataset("demo", workspace).rows())[:30]
+    source.write_text("".join(f"{r.title}\t{r.uri}\t{r.ocr}\n" for r in demo), encoding="utf-8")
+    first.mkdir()
+    ids = [url_id(r.uri) for r in demo]
+    for row, id_ in list(zip(demo, ids))[:-1]:  # the last cover not downloaded yet
+        shutil.copy(row.uri, first / f"{id_}.jpg")
+    config = EmbedConfig(dataset=str(source), images=str(first), model=f"uniclip:{tiny_uniclip}", device="cpu",
+                         workers=0, shard_size=10)
+
+    def vectors(result):
+        return {r["id"]: (r["vector"], r["uri"]) for r in table(result.directory, "cover").to_pylist()}
+
+    before = vectors(run_embed(config, workspace))
+    second = first.rename(tmp_path / "second")  # moved as mv and rsync -a move files: sizes and times kept
+    shutil.copy(demo[-1].uri, second / f"{ids[-1]}.jpg")  # and the missing cover is there now
+    moved = run_embed(replace(config, images=str(second)), workspace)
+    assert (moved.shards_moved, moved.shards_redone, moved.rows_written, moved.rows_retried) == (3, 0, 1, 1)
+    after = vectors(moved)
+    assert after.keys() == {*before, ids[-1]} and moved.manifest.failed == []
+    assert all(after[i] == (vector, str(second / f"{i}.jpg")) for i, (vector, _) in before.items())
+
+    copied = shutil.copytree(second, tmp_path / "third", copy_function=shutil.copyfile)  # new times: as make,
+    again = run_embed(replace(config, images=str(copied)), workspace)  # vsearch takes them for new covers
+    assert (again.shards_moved, again.shards_redone, again.rows_written) == (0, 3, 30)
+
+
 def test_a_cover_replaced_or_put_in_place_is_embedded_again(workspace, tiny_uniclip, tmp_path):
     source, covers = tmp_path / "covers.txt", tmp_path / "covers-images"  # covers named by id, by convention
     demo = list(open_dataset("demo", workspace).rows())[:30]

@@ -10,9 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from vsearch.embeddings.datasets import open_dataset, url_id
+from vsearch.embeddings.datasets import Row, open_dataset, url_id
 from vsearch.embeddings.job import EmbedConfig, run_embed, text_processes
-from vsearch.embeddings import shards
+from vsearch.embeddings import datasets, shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError
 from vsearch.files import sha256_of
@@ -22,6 +22,48 @@ from tests.conftest import edit_lines, random_cover_line, write_cbvs_covers
 def rows_of(directory):
     tables = [pq.read_table(directory / s["name"]) for s in Manifest.read(directory).shards]
     return pa.concat_tables(tables).to_pylist()
+
+
+def test_a_dataset_named_by_a_relative_path_is_read_by_its_absolute_one_and_old_shards_keep_their_vectors(
+        tmp_path, workspace, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "c.txt").write_text("".join(f"标题{i}\tcovers/{i}.jpg\t字幕{i}\n" for i in range(25)),
+                                             encoding="utf-8")
+    config = EmbedConfig(dataset="data/c.txt", model="lexical", shard_size=10, workers=0)
+    with monkeypatch.context() as before_fix:  # as vsearch kept such a path: relative, as given
+        before_fix.setattr(datasets, "_absolute", lambda url: url)
+        first = run_embed(config, workspace)
+    assert first.manifest.source == "data/c.txt" and rows_of(first.directory)[0]["uri"] == "data/covers/0.jpg"
+    vectors = {row["id"]: row["vector"] for row in rows_of(first.directory)}
+    # Two processes, as a lexical job on two cores runs: the shards are written again, nothing encoded.
+    again = run_embed(replace(config, workers=2), workspace)
+    assert (again.shards_moved, again.shards_written, again.rows_written, again.shards_redone) == (3, 3, 0, 0)
+    assert again.manifest.source == str(tmp_path / "data" / "c.txt")
+    rows = rows_of(again.directory)
+    assert [row["uri"] for row in rows] == [str(tmp_path / "data" / "covers" / f"{i}.jpg") for i in range(25)]
+    assert {row["id"]: row["vector"] for row in rows} == vectors
+    monkeypatch.chdir(tmp_path / "data")  # the same file named from another folder: nothing to do
+    done = run_embed(replace(config, dataset="c.txt"), workspace)
+    assert (done.shards_skipped, done.shards_written) == (3, 0)
+
+
+@pytest.mark.parametrize("was, now, reads_media, moved", [
+    ("/covers/a.jpg", "/elsewhere/a.jpg", True, True),  # a local file moved: its version vouches for it
+    ("http://a.example/1.jpg", "http://b.example/1.jpg", True, False),  # another url may be another cover
+    ("http://a.example/1.jpg", "http://b.example/1.jpg", False, True),  # but not for a text encoder
+])
+def test_a_shard_holds_rows_moved_only_where_a_new_path_cannot_be_another_file(was, now, reads_media, moved, tmp_path):
+    schema = shards.shard_schema(4)
+    columns = {"id": ["a"], "vector": np.eye(4, dtype=np.float32)[:1], "title": ["标题"], "ocr": [None], "uri": [was]}
+    digests = {"content_digest": "before", **({"media_digest": "same"} if reads_media else {})}
+    entry = shards.write_shard_file(tmp_path, schema, "cover", 0, columns, [], digests)
+    rows = [Row("a", "标题", None, now)]
+    same = {"content_digest": "after", **({"media_digest": "same"} if reads_media else {})}
+    assert shards.holds_rows_moved(tmp_path, entry, rows, {}, same) == moved
+    assert not shards.holds_rows_moved(tmp_path, entry, [Row("a", "新标题", None, now)], {}, same)
+    if reads_media:
+        assert not shards.holds_rows_moved(tmp_path, entry, rows, {}, {**same, "media_digest": "changed"})
 
 
 def test_shard_round_trip_schema_dtype_normalisation_and_manifest(tmp_path, workspace):

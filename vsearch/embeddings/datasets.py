@@ -10,7 +10,9 @@ Sources and their ids:
 
 A row's `uri` is where its cover image is read from: `<images>/<id>.jpg` when the dataset
 has an images folder (pre-downloaded covers; by default `<stem>-images/` beside the file),
-otherwise its url, resolved against the dataset file's folder when relative.
+otherwise its url, resolved against the dataset file's folder when relative. Local paths (the
+dataset's, `--images`, `--videos`) are made absolute first, so that a shard's `uri` reads the same
+file from any working directory, and names it the same way in every run.
 Rows with an id seen before are skipped, so ids are unique within a dataset; so are lines with
 too few fields or bytes that are not UTF-8 (a file whose first line is not UTF-8 is refused).
 
@@ -137,7 +139,7 @@ def file_version(uri: str | None) -> str:
     """Which version of a local file `uri` is, as its size and modification time ("missing" where
     there is none), as make and rsync tell a changed file; "" for a remote one, which would cost
     a request to look at."""
-    if uri is None or _protocol(uri) != "file":
+    if uri is None or is_remote(uri):
         return ""
     try:
         stat = os.stat(uri.removeprefix("file://"))
@@ -146,12 +148,22 @@ def file_version(uri: str | None) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def is_remote(uri: str) -> bool:
+    """Whether `uri` is read over a network (http, an object store) rather than from a local file."""
+    return _protocol(uri) != "file"
+
+
 def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
 def _join(base: str, relative: str) -> str:
     return base.rstrip("/") + "/" + relative
+
+
+def _absolute(url: str) -> str:
+    """A local path made absolute (against the working directory); a URL as it is."""
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 def _is_relative(url: str) -> bool:
@@ -316,6 +328,7 @@ def _sniff(source: str) -> str:
 def open_dataset(spec: str, workspace: Workspace, images: str | None = None,
                  videos: str | None = None) -> Dataset:
     """Resolve `--dataset`: a registered name (demo, cbvs20k, cbvs5m, cbvs10m) or a path/URL."""
+    images, videos = (_absolute(folder) if folder else None for folder in (images, videos))
     if spec == "demo":
         return cbvs_covers(demo_source(), "demo", images, videos)
     if spec in REGISTERED:
@@ -330,6 +343,7 @@ def open_dataset(spec: str, workspace: Workspace, images: str | None = None,
     if not _exists(spec):
         known = ", ".join(["demo", *REGISTERED])
         raise VsearchError(f"dataset not found: {spec} (give a path or one of {known})")
+    spec = _absolute(spec)
     name = PurePosixPath(spec.rstrip("/")).stem
     if _isdir(spec):
         return image_folder(spec, name, videos)

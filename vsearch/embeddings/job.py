@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +34,9 @@ import numpy as np
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise, load_encoder, runs_on_device
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
-from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, media_digest,
-                                      media_version, shard_schema, with_kept_rows, write_shard_file)
+from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, holds_rows_moved, made_from,
+                                      media_digest, media_version, shard_schema, with_kept_rows, with_paths,
+                                      write_shard_file)
 from vsearch.errors import VsearchError
 from vsearch.overlap import exit_with_parent, in_background, read_ahead
 from vsearch.workspace import Workspace
@@ -107,6 +108,7 @@ class EmbedResult:
     shards_skipped: int = 0
     shards_redone: int = 0  # written again: their place in the dataset holds other rows than before
     shards_removed: int = 0  # beyond the end of a dataset that has fewer rows than before
+    shards_moved: int = 0  # written again with the new paths of their files, their vectors kept
     rows_written: int = 0
     rows_failed: int = 0
     rows_retried: int = 0  # rows that failed before, encoded again (see `ResumePlan`)
@@ -331,8 +333,10 @@ class ResumePlan:
     job reads any (`files`, see `files_read`), the files its vectors came from as they are now (see
     `shards.made_from`); and the failed rows of a shard that is done, when one of their files
     changed or with `retry_all` (--retry-failed), which `finished` writes back into their shard (in
-    `directory`). With `share` (rank, processes), only the shards whose number is rank modulo
-    processes. Counts as it goes, reports the rows found done to `on_done`, and keeps the digests
+    `directory`); and of a shard whose files only moved (`shards.holds_rows_moved`), its failed
+    rows, `finished` writing it again with the new paths, or, with none, `moved_shards` handing it
+    over with nothing to encode. With `share` (rank, processes), only the shards whose number is
+    rank modulo processes. Counts as it goes, reports the rows found done to `on_done`, and keeps the digests
     of each pending shard's rows, read before `--ocr` fills in their text, and the versions of
     their files, looked at before they are read, for the shard's manifest entry."""
 
@@ -347,9 +351,11 @@ class ResumePlan:
     skipped: int = 0
     redone: int = 0
     retried: int = 0  # failed rows encoded again
+    moved: int = 0  # shards whose files moved
     count: int = 0  # shards the dataset has, pending or not
     pending: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # -> (content digest, versions)
-    patched: dict[int, tuple[dict[str, Any], list[str]]] = field(default_factory=dict)  # -> (entry, ids in order)
+    patched: dict[int, tuple[dict[str, Any], list[Row]]] = field(default_factory=dict)  # -> (entry, rows now)
+    unencoded: list[int] = field(default_factory=list)  # moved shards with no row to encode
 
     @classmethod
     def of_job(cls, kind: str, encoder: Encoder, config: EmbedConfig, done: dict[tuple[str, int], dict[str, Any]],
@@ -379,7 +385,15 @@ class ResumePlan:
                 self.skipped += 1
                 return []
             self.retried += len(again)
-            self.patched[number] = (entry, [row.id for row in rows])
+            self.patched[number] = (entry, rows)
+        elif holds_rows_moved(self.directory, entry, rows, failed, digests):
+            again = [row for row in rows if row.id in failed]  # their failure was where the files were
+            self.on_done(len(rows) - len(again))
+            self.moved += 1
+            self.retried += len(again)
+            self.patched[number] = (entry, rows)
+            if not again:
+                self.unencoded.append(number)
         else:
             again = rows
             self.redone += entry is not None
@@ -392,13 +406,21 @@ class ResumePlan:
         digests of what it was made from."""
         content, versions = self.pending.pop(shard.number)
         if shard.number in self.patched:
-            entry, order = self.patched.pop(shard.number)
-            shard = replace(shard, columns=with_kept_rows(self.directory, entry, shard.columns, order))
+            entry, rows = self.patched.pop(shard.number)
+            columns = with_kept_rows(self.directory, entry, shard.columns, [row.id for row in rows])
+            shard = replace(shard, columns=with_paths(columns, rows))
         digests = {"content_digest": content}
         if self.files:
             digests["media_digest"] = media_digest({i: versions[i] for i in shard.columns["id"]})
             shard = replace(shard, failed=[{**f, "version": versions[f["id"]]} for f in shard.failed])
         return shard, digests
+
+    def moved_shards(self) -> Iterator[EncodedShard]:
+        """The shards whose files moved and that have no row to encode, as `finished` takes them:
+        with no rows of their own, all kept. Read after the encoded ones, when the plan has seen
+        every shard."""
+        while self.unencoded:
+            yield EncodedShard(self.kind, self.unencoded.pop(0), {"id": [], "vector": np.zeros(0)}, [])
 
 
 def text_processes(dataset: Dataset, config: EmbedConfig) -> int:
@@ -438,15 +460,17 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
             plan = ResumePlan.of_job(kind, encoder, config, done, failed, Path(directory), share=(rank, len(devices)),
                                      on_done=lambda rows: results.put(("skipped", rows, None, None)))
             times = StageTimes()
-            for shard in encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
-                                        lambda n: results.put(("text", n, None, None)), times):
+            for shard in chain(encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
+                                              lambda n: results.put(("text", n, None, None)), times),
+                               plan.moved_shards()):
                 encoded = len(shard.columns["id"])
                 with times.timing("output"):
                     whole, digests = plan.finished(shard)
                     entry = write_shard_file(Path(directory), schema, kind, shard.number, whole.columns, whole.failed,
                                              digests)
                 results.put(("shard", entry, encoded, whole.failed))
-            results.put(("done", rank, (kind, plan.skipped, plan.redone, plan.retried, plan.count, asdict(times)),
+            results.put(("done", rank, (kind, plan.skipped, plan.redone, plan.retried, plan.moved, plan.count,
+                                        asdict(times)),
                          (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
         results.put(("error", rank, str(exc), None))
@@ -498,10 +522,11 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 _count(result, detail, extra)
                 on_rows(detail + len(extra))
             elif message == "done":
-                kind, skipped, redone, retried, shards[kind], times = detail  # every process sees every shard
+                kind, skipped, redone, retried, moved, shards[kind], times = detail  # every process sees every shard
                 result.shards_skipped += skipped
                 result.shards_redone += redone
                 result.rows_retried += retried
+                result.shards_moved += moved
                 result.times.add(times)
                 if kind == kinds[-1]:  # every line, as `_run_here` counts them: in the last pass
                     skipped_lines = extra
@@ -549,11 +574,12 @@ def _run_here(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], config
     shards = {}
     for kind in kinds:
         plan = ResumePlan.of_job(kind, encoder, config, writer.done, failed, writer.directory, on_done=on_done)
-        _write_in_background(encoded_shards(encoder, dataset, kind, config, plan.to_encode, on_rows, on_text,
-                                            result.times), writer, result, plan)
+        _write_in_background(chain(encoded_shards(encoder, dataset, kind, config, plan.to_encode, on_rows, on_text,
+                                                  result.times), plan.moved_shards()), writer, result, plan)
         result.shards_skipped += plan.skipped
         result.shards_redone += plan.redone
         result.rows_retried += plan.retried
+        result.shards_moved += plan.moved
         shards[kind] = plan.count
     return (dataset.duplicates, dataset.malformed), shards
 

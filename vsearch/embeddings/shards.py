@@ -32,6 +32,9 @@ replaced in that time, and is redone too); closing the writer, on success or err
 The failed rows of a shard found done are encoded again when one of their files changed (a
 missing cover put in place), or with `--retry-failed` (a cover a server did not send); the shard
 is written again whole: its rows kept from the file, and the retried ones, in the dataset's order.
+A shard whose rows changed only in where their files are (`holds_rows_moved`: a folder of covers
+moved, with their sizes and modification times) keeps its vectors the same way, written again with
+the new paths, and its failed rows are encoded again where their files now are.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vsearch.embeddings.datasets import Row, file_version
+from vsearch.embeddings.datasets import Row, file_version, is_remote
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file, sha256_of, write_json_atomic
 
@@ -101,6 +104,46 @@ def media_digest(versions: dict[str, str]) -> str:
     that has one, by id. A cover image replaced under the same name changes it."""
     lines = sorted(f"{id_}\x1f{version}" for id_, version in versions.items())
     return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()[:16]
+
+
+def holds_rows_moved(directory: Path, entry: dict[str, Any] | None, rows: list[Row], failed: dict[str, Any],
+                     digests: dict[str, str]) -> bool:
+    """Whether the shard `entry` lists holds these `rows` but for where their files are (`uri`,
+    `cover`): the same ids, titles and OCR text in the file and, where the job reads media, the same
+    versions of the files (`media_digest`, by id, whatever their paths; so a path that changed must
+    be a local file's, whose version is looked at), with the ids that `failed` in it (a mapping by
+    id). Its vectors still hold; only the paths in it need writing again."""
+    if entry is None or entry["input_rows"] != len(rows) or "content_digest" not in entry:
+        return False
+    reads_media = "media_digest" in digests
+    if any(entry.get(key, digest) != digest for key, digest in digests.items() if key != "content_digest"):
+        return False
+    try:
+        path = directory / entry["name"]
+        columns = [name for name in ("id", "title", "ocr", "uri", "cover") if name in pq.read_schema(path).names]
+        written = pq.read_table(path, columns=columns).to_pylist()
+    except (OSError, pa.ArrowException):
+        return False  # made again, as any shard that cannot be read
+    by_id = {row.id: row for row in rows}
+    if len(written) + len(failed) != len(rows) or any(id_ not in by_id for id_ in failed):
+        return False
+    for kept in written:
+        row = by_id.get(kept["id"])
+        # A row without OCR text of its own may have had it read off its cover (--ocr), which the
+        # media digest vouches for.
+        if row is None or row.title != kept["title"] or row.ocr not in (None, kept["ocr"]):
+            return False
+        moved = [new for new, old in ((row.uri, kept["uri"]), (row.cover, kept.get("cover"))) if new != old]
+        if reads_media and any(new is not None and is_remote(new) for new in moved):
+            return False
+    return True
+
+
+def with_paths(columns: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
+    """`columns` with each row's `uri` and `cover` as `rows` (by id) give them now."""
+    by_id = {row.id: row for row in rows}
+    return {**columns, "uri": [by_id[id_].uri for id_ in columns["id"]],
+            "cover": [by_id[id_].cover for id_ in columns["id"]]}
 
 
 def made_from(entry: dict[str, Any] | None, rows: list[Row], digests: dict[str, str]) -> bool:
@@ -290,6 +333,8 @@ def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Mani
     if not (directory / MANIFEST).exists():
         return fresh
     existing = Manifest.read(directory)
+    if "://" not in existing.source and os.path.abspath(existing.source) == fresh.source:
+        existing.source = fresh.source  # a dataset path recorded relative, as vsearch once kept it
     for key in ("source", "encoder", "dim", "shard_size", "ocr"):
         if getattr(existing, key) != getattr(fresh, key):
             raise VsearchError(
@@ -339,11 +384,11 @@ def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str,
 def with_kept_rows(directory: Path, entry: dict[str, Any], columns: dict[str, Any], order: list[str]) -> dict[str, Any]:
     """`columns` (rows encoded again, as `write_shard_file` takes them) together with the rows of the
     shard `entry` lists, in the order of the ids in `order`: a shard whose failed rows were retried,
-    to be written whole again."""
+    or whose files moved, to be written whole again."""
     try:
         kept = pq.read_table(directory / entry["name"])
     except (OSError, pa.ArrowException) as exc:
-        raise VsearchError(f"cannot read shard {directory / entry['name']} to retry its failed rows: {exc}; "
+        raise VsearchError(f"cannot read shard {directory / entry['name']} to keep its rows: {exc}; "
                            "run embed with --overwrite to make every shard again") from None
     dim = kept.schema.field("vector").type.list_size
     merged = {"vector": np.concatenate([kept.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim),
