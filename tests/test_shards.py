@@ -1,8 +1,10 @@
 import json
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +18,7 @@ from vsearch.embeddings import datasets, shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError
 from vsearch.files import sha256_of
+from vsearch.workspace import Workspace
 from tests.conftest import edit_lines, random_cover_line, write_cbvs_covers
 
 
@@ -246,6 +249,28 @@ def test_a_row_edited_in_place_is_embedded_again(tmp_path, workspace):
     row = table.filter(pc.equal(table.column("id"), url_id(url)))
     assert row.column("ocr").to_pylist() == ["修正后的字幕"]
     assert_shards_hold_exactly(directory, lines)
+
+
+def test_a_moved_workspace_or_package_resumes_its_datasets_and_another_file_is_refused(tmp_path, monkeypatch):
+    first = Workspace.resolve(tmp_path / "first")
+    first.datasets.mkdir(parents=True)
+    (first.datasets / "cbvs10m.txt").write_text("".join(f"标题{i}\tcovers/{i}.jpg\t字幕{i}\n" for i in range(25)),
+                                                encoding="utf-8")
+    config = EmbedConfig(dataset="cbvs10m", model="lexical", shard_size=10, workers=0)
+    vectors = {row["id"]: row["vector"] for row in rows_of(run_embed(config, first).directory)}
+    assert run_embed(replace(config, dataset="demo"), first).rows_written == 199
+    second = Workspace.resolve(first.root.rename(tmp_path / "second"))
+    package = shutil.copytree(Path(datasets.demo_source()).parent, tmp_path / "package" / "demo_data")
+    monkeypatch.setattr(datasets, "demo_source", lambda: str(package / datasets.DEMO_FILE))  # vsearch installed anew
+    for name, shards_moved in (("cbvs10m", 3), ("demo", 20)):
+        moved = run_embed(replace(config, dataset=name), second)
+        assert (moved.shards_moved, moved.rows_written, moved.shards_redone) == (shards_moved, 0, 0)
+        assert all(row["uri"].startswith(str(second.datasets if name == "cbvs10m" else package))
+                   for row in rows_of(moved.directory))
+    assert {row["id"]: row["vector"] for row in rows_of(second.embeddings_dir("cbvs10m"))} == vectors
+    elsewhere = str(shutil.copy(second.datasets / "cbvs10m.txt", tmp_path / "other.txt"))
+    with pytest.raises(VsearchError, match="made from .*cbvs10m.txt, not from .*other.txt"):
+        run_embed(replace(config, dataset=elsewhere, out=second.embeddings_dir("cbvs10m")), second)
 
 
 def test_shards_from_another_encoder_are_never_mixed_in(tmp_path, workspace):

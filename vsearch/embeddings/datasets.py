@@ -308,6 +308,12 @@ REGISTERED = {
 }
 
 
+def is_registered(name: str) -> bool:
+    """Whether `name` is a dataset known by its name (demo, cbvs20k, cbvs5m, cbvs10m), found in the
+    package or the workspace, wherever that is now."""
+    return name == "demo" or name in REGISTERED
+
+
 def _sniff(source: str) -> str:
     """Tell CBVS-20K (4 fields, label last) from CBVS-5M/10M (3 fields) by the first lines."""
     for count, fields in enumerate(_lines(source)):

@@ -46,14 +46,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vsearch.embeddings.datasets import Row, file_version, is_remote
+from vsearch.embeddings.datasets import Row, file_version, is_registered, is_remote
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file, sha256_of, write_json_atomic
 
@@ -333,8 +333,8 @@ def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Mani
     if not (directory / MANIFEST).exists():
         return fresh
     existing = Manifest.read(directory)
-    if "://" not in existing.source and os.path.abspath(existing.source) == fresh.source:
-        existing.source = fresh.source  # a dataset path recorded relative, as vsearch once kept it
+    if _same_dataset_moved(existing, fresh):
+        existing.source = fresh.source
     for key in ("source", "encoder", "dim", "shard_size", "ocr"):
         if getattr(existing, key) != getattr(fresh, key):
             raise VsearchError(
@@ -348,6 +348,17 @@ def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Mani
     listed = {s["name"] for s in existing.shards}
     existing.failed = [f for f in existing.failed if f["shard"] in listed]
     return existing
+
+
+def _same_dataset_moved(existing: Manifest, fresh: Manifest) -> bool:
+    """Whether `fresh` names the dataset `existing` was made from, found elsewhere now: a dataset
+    known by its name in a workspace (or a package, the demo's) that moved, or a path recorded
+    relative, as vsearch once kept it. Its shards are then kept where their rows are the same (see
+    `holds_rows_moved`)."""
+    if "://" not in existing.source and os.path.abspath(existing.source) == fresh.source:
+        return True
+    return (is_registered(fresh.dataset) and existing.dataset == fresh.dataset
+            and PurePosixPath(existing.source).name == PurePosixPath(fresh.source).name)
 
 
 def _size(path: Path) -> int | None:
