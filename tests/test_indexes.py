@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 
 import faiss
@@ -13,6 +14,7 @@ from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
 from vsearch.indexes.backends import HnswlibBackend
+from vsearch.indexes.index import read_index_manifest
 from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
@@ -224,6 +226,24 @@ def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
         assert info["count"] == 3000 and [a["files"] for a in info["appends"]] == [["part-1.parquet"]]
         _, ids = load_index(path).search(vectors[2500:2501], 1)
         assert ids[0, 0] == "doc2500", (index_type, engine)
+
+
+def test_an_index_moved_with_its_embeddings_appends_from_where_they_are_now(byo, tmp_path):
+    folder, vectors = byo
+    first = tmp_path / "first"
+    first.mkdir()
+    write_parquet(first / "vectors", vectors[:1500])
+    build_index(BuildConfig(type="flat"), open_source(first / "vectors"), first / "index")
+    shutil.copytree(first / "index", tmp_path / "serving")  # an index copied alone: its files stay where they were
+    second = first.rename(tmp_path / "second")  # the index moved together with its embeddings
+    info = read_index_manifest(second / "index")
+    assert info["embeddings"] == str(second / "vectors")
+    assert [entry["path"] for entry in info["shards"]] == [str(second / "vectors" / "part-0.parquet")]
+    assert read_index_manifest(tmp_path / "serving")["embeddings"] == str(first / "vectors")
+    write_parquet(second / "vectors", vectors[1500:], 1500, "part-1.parquet")
+    appended = append_index(second / "index", open_source(second / "vectors"))
+    assert appended["count"] == 3000 and appended["appends"][0]["files"] == ["part-1.parquet"]
+    assert json.loads((second / "index" / "index.json").read_text())["folder"] == str(second / "index")
 
 
 @pytest.mark.parametrize("index_type, engine", TYPES)

@@ -38,7 +38,25 @@ def read_index_manifest(path: Path) -> dict[str, Any]:
     if info.get("format") != FORMAT:
         raise VsearchError(f"{manifest} has format {info.get('format')!r}, not {FORMAT!r}; "
                            "rebuild the index with this version's vsearch build-index")
-    return info
+    return _followed(info, path)
+
+
+def _followed(info: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`info` with the embeddings folder it was built from, and its files, where they are now if
+    they moved with the index folder (a workspace moved or copied whole: appends then come from the
+    folder beside it, and `vsearch list` compares with it); as recorded where they did not (an index
+    copied to serve elsewhere)."""
+    was, now = info.get("folder"), str(path.resolve())
+    if was in (None, now) or not info.get("embeddings"):
+        return info
+
+    def moved(recorded: str) -> str:
+        return os.path.normpath(os.path.join(now, os.path.relpath(recorded, was)))
+
+    if not Path(moved(info["embeddings"])).is_dir():
+        return info
+    return {**info, "folder": now, "embeddings": moved(info["embeddings"]),
+            "shards": [{**entry, "path": moved(entry["path"])} for entry in info["shards"]]}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@
                      dim, metric, count, kind, the files it was built from (with checksums and
                      the labels of their rows), the encoder spec and fingerprint, build time and
                      id, measured recall (and the target the search parameters were tuned to),
-                     appends
+                     appends, and the folder it was written to (`index.read_index_manifest`
+                     follows the embeddings to where they moved with it)
     index.faiss | index.hnsw   the library's own file, loadable by plain faiss or hnswlib
     vectors-NNNNN.npy   (ivfpq) float16 vectors for exact refinement, memory-mapped at search time
     rows.arrow       row i: the id and metadata (title, ocr, uri, ...) of library label i, read
@@ -165,7 +166,7 @@ def _in_work_dir(destination: Path, fill: Callable[[Path], dict[str, Any]]) -> d
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        info = fill(work)
+        info = {**fill(work), "folder": str(destination.resolve())}
         write_json_atomic(work / MANIFEST, info)
         _replace_dir(work, destination)
     except BaseException:
