@@ -65,6 +65,10 @@ def test_a_shard_holds_rows_moved_only_where_a_new_path_cannot_be_another_file(w
     same = {"content_digest": "after", **({"media_digest": "same"} if reads_media else {})}
     assert shards.holds_rows_moved(tmp_path, entry, rows, {}, same) == moved
     assert not shards.holds_rows_moved(tmp_path, entry, [Row("a", "新标题", None, now)], {}, same)
+    # OCR text in the shard that the row lacks: read off its cover (--ocr), or else gone from the dataset since
+    text = shards.write_shard_file(tmp_path, schema, "cover", 1, {**columns, "ocr": ["封面上的字"]}, [], digests)
+    assert shards.holds_rows_moved(tmp_path, text, rows, {}, same, reads_text=True) == moved
+    assert not shards.holds_rows_moved(tmp_path, text, rows, {}, same)
     if reads_media:
         assert not shards.holds_rows_moved(tmp_path, entry, rows, {}, {**same, "media_digest": "changed"})
 

@@ -345,6 +345,7 @@ class ResumePlan:
     failed: dict[str, dict[str, str | None]] = field(default_factory=dict)
     files: Callable[[Row], list[str | None]] | None = None
     retry_all: bool = False
+    reads_text: bool = False  # --ocr: covers whose row has no OCR text have it read off them
     directory: Path | None = None
     share: tuple[int, int] = (0, 1)
     on_done: Callable[[int], None] = lambda rows: None
@@ -362,8 +363,8 @@ class ResumePlan:
                failed: dict[str, dict[str, str | None]], directory: Path, share: tuple[int, int] = (0, 1),
                on_done: Callable[[int], None] = lambda rows: None) -> "ResumePlan":
         """The plan for `kind` of a job embedding with `encoder` as `config` says."""
-        return cls(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed, directory,
-                   share, on_done)
+        return cls(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed, config.ocr,
+                   directory, share, on_done)
 
     def to_encode(self, number: int, rows: list[Row]) -> list[Row]:
         self.count = max(self.count, number + 1)
@@ -386,7 +387,7 @@ class ResumePlan:
                 return []
             self.retried += len(again)
             self.patched[number] = (entry, rows)
-        elif holds_rows_moved(self.directory, entry, rows, failed, digests):
+        elif holds_rows_moved(self.directory, entry, rows, failed, digests, self.reads_text):
             again = [row for row in rows if row.id in failed]  # their failure was where the files were
             self.on_done(len(rows) - len(again))
             self.moved += 1

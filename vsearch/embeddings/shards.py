@@ -107,12 +107,13 @@ def media_digest(versions: dict[str, str]) -> str:
 
 
 def holds_rows_moved(directory: Path, entry: dict[str, Any] | None, rows: list[Row], failed: dict[str, Any],
-                     digests: dict[str, str]) -> bool:
+                     digests: dict[str, str], reads_text: bool = False) -> bool:
     """Whether the shard `entry` lists holds these `rows` but for where their files are (`uri`,
-    `cover`): the same ids, titles and OCR text in the file and, where the job reads media, the same
-    versions of the files (`media_digest`, by id, whatever their paths; so a path that changed must
-    be a local file's, whose version is looked at), with the ids that `failed` in it (a mapping by
-    id). Its vectors still hold; only the paths in it need writing again."""
+    `cover`): the same ids, titles and OCR text in the file (or, with `reads_text` (--ocr), any text
+    for a row that has none, read off its cover) and, where the job reads media, the same versions
+    of the files (`media_digest`, by id, whatever their paths; so a path that changed must be a
+    local file's, whose version is looked at), with the ids that `failed` in it (a mapping by id).
+    Its vectors still hold; only the paths in it need writing again."""
     if entry is None or entry["input_rows"] != len(rows) or "content_digest" not in entry:
         return False
     reads_media = "media_digest" in digests
@@ -129,9 +130,7 @@ def holds_rows_moved(directory: Path, entry: dict[str, Any] | None, rows: list[R
         return False
     for kept in written:
         row = by_id.get(kept["id"])
-        # A row without OCR text of its own may have had it read off its cover (--ocr), which the
-        # media digest vouches for.
-        if row is None or row.title != kept["title"] or row.ocr not in (None, kept["ocr"]):
+        if row is None or row.title != kept["title"] or row.ocr != kept["ocr"] and not (reads_text and row.ocr is None):
             return False
         moved = [new for new, old in ((row.uri, kept["uri"]), (row.cover, kept.get("cover"))) if new != old]
         if reads_media and any(new is not None and is_remote(new) for new in moved):
