@@ -164,6 +164,13 @@ def test_vsearch_alone_shows_its_commands():
     assert result.returncode == 2 and "embed" in result.stdout and "build-index" in result.stdout
 
 
+def test_version(cli):
+    from vsearch import __version__
+
+    result = cli("--version")
+    assert result.code == 0 and result.stdout.strip() == f"vsearch {__version__}"
+
+
 def test_uniclip_covers_and_clips_from_the_cli(cli, workspace, tiny_uniclip, monkeypatch):
     monkeypatch.setenv("VSEARCH_UNICLIP", str(tiny_uniclip))
     result = cli("embed", "--dataset", "demo", "--kind", "both", "--device", "cpu", "--workers", "0")

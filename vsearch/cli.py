@@ -36,7 +36,13 @@ def _root(
         "--workspace", "-w", envvar=ENV_VAR,
         help=f"Workspace root holding datasets/, embeddings/ and indexes/ (default ~/.vsearch; env {ENV_VAR}).",
     )] = None,
+    version: Annotated[bool, typer.Option("--version", help="Print vsearch's version and exit.")] = False,
 ) -> None:
+    if version:
+        from vsearch import __version__
+
+        print(f"vsearch {__version__}")
+        raise typer.Exit()
     if ctx.invoked_subcommand is None:
         print(ctx.get_help())
         raise typer.Exit(2)
