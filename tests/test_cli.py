@@ -207,19 +207,24 @@ def test_embed_names_the_commonest_failure_and_retries_failed_rows_when_asked(cl
 
 def test_embed_says_how_to_bring_the_indexes_built_from_its_shards_up_to_date(cli, workspace, tmp_path):
     source = write_cbvs_covers(tmp_path / "c.txt", 30)
-    assert cli("embed", "--dataset", str(source), "--model", "lexical").code == 0
-    assert cli("build-index", "--type", "flat").code == 0
-    unchanged = cli("embed", "--dataset", str(source), "--model", "lexical")
+    embed = ("embed", "--dataset", str(source), "--model", "lexical", "--shard-size", "10")
+    assert cli(*embed).code == 0
+    assert cli("build-index", "--type", "hnsw").code == 0
+    unchanged = cli(*embed)
     assert unchanged.code == 0 and "--append" not in unchanged.stderr
     write_cbvs_covers(source, 40)
-    grown = cli("embed", "--dataset", str(source), "--model", "lexical")
-    command = "vsearch build-index --append --name c-flat"
-    assert f"index c-flat lacks what this run changed: {command}\n" in grown.stderr
+    grown = cli(*embed)
+    command = "vsearch build-index --append --name c-hnsw"
+    assert f"index c-hnsw lacks what this run changed: {command}\n" in grown.stderr
     assert [i["behind"] for i in json.loads(cli("list", "--json").stdout)["indexes"]] == [1]
     assert "behind: shard files changed since" in cli("list").stdout
     assert cli(*command.split()[1:]).code == 0
     assert [i["behind"] for i in json.loads(cli("list", "--json").stdout)["indexes"]] == [0]
-    assert len(json.loads(cli("query", "大宅门", "--index", "c-flat", "--json", "-k", "50").stdout)["results"]) == 40
+    assert len(json.loads(cli("query", "大宅门", "--index", "c-hnsw", "--json", "-k", "50").stdout)["results"]) == 40
+    write_cbvs_covers(source, 40, seed=1)  # every row edited: an append would keep all the old vectors
+    edited = cli(*embed)
+    assert (f"index c-hnsw lacks what this run changed: {command} (or, as 4 of its 4 files changed, rebuild it "
+            "smaller: vsearch build-index --type hnsw --engine hnswlib --name c-hnsw)\n") in edited.stderr
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])

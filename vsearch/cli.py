@@ -169,13 +169,21 @@ def _commonest_failure(failed: list[dict]) -> str:
 
 def _appends_owed(workspace: Workspace, shards: Path) -> list[str]:
     """For each index built from the `shards` folder that a job just changed, the command that
-    brings it up to date."""
+    brings it up to date: an append, or a rebuild too where most of its files changed (an append
+    keeps their old vectors, retired, until a rebuild; a moved workspace changes them all)."""
     from vsearch.listing import indexes_built_from
 
     folder = "" if shards.resolve().parent == workspace.embeddings.resolve() else f" --embeddings {shards}"
-    return [f"index {entry['name']} lacks what this run changed: vsearch build-index --append --name {entry['name']}"
-            + folder + (" --kind clip" if entry["kind"] == "clip" else "")
-            for entry in indexes_built_from(workspace, shards)]
+    lines = []
+    for entry in indexes_built_from(workspace, shards):
+        options = f" --name {entry['name']}{folder}" + (" --kind clip" if entry["kind"] == "clip" else "")
+        line = f"index {entry['name']} lacks what this run changed: vsearch build-index --append{options}"
+        if 2 * (entry["behind"] or 0) > entry["files"]:
+            engine = f" --engine {entry['engine']}" if entry["type"] == "hnsw" else ""
+            line += (f" (or, as {entry['behind']:,} of its {entry['files']:,} files changed, rebuild it smaller: "
+                     f"vsearch build-index --type {entry['type']}{engine}{options})")
+        lines.append(line)
+    return lines
 
 
 def _stage_line(times: StageTimes) -> str:

@@ -48,7 +48,8 @@ def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
         entries.append({"name": folder.name, "path": str(folder), "default": folder == default,
                         "type": info["type"], "engine": info["engine"], "kind": info.get("kind", "cover"),
                         "vectors": shown, "model": (info.get("encoder") or {}).get("spec"),
-                        "embeddings": info.get("embeddings"), "behind": shards_behind(info),
+                        "embeddings": info.get("embeddings"), "files": len(info["shards"]),
+                        "behind": shards_behind(info),
                         "recall@10": info["recall"]["recall@10"], "built": info["built_at"],
                         "appends": len(info.get("appends", []))})
     return entries
