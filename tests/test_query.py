@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -301,7 +302,6 @@ def test_clips_are_reranked_on_the_cover_images_of_their_videos(cli, workspace, 
 
 def test_a_slow_cover_server_holds_a_query_up_only_until_the_fetch_deadline(cli, workspace, tiny_uniclip,
                                                                            cover_server, tmp_path, monkeypatch):
-    import shutil
 
     monkeypatch.setattr("vsearch.query.rerank.COVER_FETCH_SECONDS", 1.0)
     folder, base = cover_server
@@ -353,7 +353,6 @@ def test_where_filters_on_per_row_model_outputs(uniclip_demo):
 
 
 def test_unreachable_cover_images_drop_the_head_parts_with_a_note(uniclip_demo, workspace):
-    import shutil
 
     import pyarrow.parquet as pq
 
@@ -372,6 +371,19 @@ def test_unreachable_cover_images_drop_the_head_parts_with_a_note(uniclip_demo, 
             hit_id not in [h["id"] for h in payload["results"]]
     finally:
         shutil.move(moved, first)
+
+
+def test_a_model_moved_since_the_index_was_built_is_named_with_model(uniclip_demo, tiny_uniclip, tmp_path):
+    elsewhere = shutil.move(tiny_uniclip, tmp_path / "elsewhere.pt")  # or the index copied to a serving machine
+    try:
+        missing = uniclip_demo("query", "大宅门", "--device", "cpu")
+        assert missing.code == 1 and missing.stderr.strip().endswith("name it with --model")
+        found = uniclip_demo("query", "大宅门", "--device", "cpu", "--json", "--model", f"uniclip:{elsewhere}")
+        assert found.code == 0 and json.loads(found.stdout)["results"]
+        other = uniclip_demo("query", "大宅门", "--model", "lexical")
+        assert other.code == 1 and "--model must name the model that made them" in other.stderr
+    finally:
+        shutil.move(elsewhere, tiny_uniclip)
 
 
 def test_a_model_whose_weights_changed_is_refused(uniclip_demo, tiny_uniclip, tmp_path):

@@ -389,6 +389,8 @@ def query(
     weights: Annotated[Optional[str], typer.Option(help="Fusion weights, e.g. ann=1,lexical=0.3,semantic=0.5.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    model: Annotated[Optional[str], typer.Option(
+        help="The index's model, where it is now (default: as the index records it; its weights must match).")] = None,
 ) -> None:
     """Search an index with a text query (or a file of them)."""
     from vsearch.console import hits_table, stderr, stdout
@@ -402,7 +404,7 @@ def query(
     if file is not None:
         _refuse_overwriting(out, file, "the queries file: writing the results would erase the queries")
     index_dir = _index_dir(ctx.obj, index)
-    searcher = Searcher(index_dir, device)
+    searcher = Searcher(index_dir, device, model)
 
     def run(query_text: str):
         return searcher.search(QueryConfig(query_text, index_dir, k=k, where=where, rerank=rerank,

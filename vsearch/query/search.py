@@ -72,18 +72,25 @@ class Result:
     seconds: dict[str, float]  # time per stage: encode, search, metadata, rerank
 
 
-def query_encoder(index: Index, device: str = "auto") -> Encoder:
-    """Load the encoder the index's vectors came from, refusing a model with other weights."""
+def query_encoder(index: Index, device: str = "auto", model: str | None = None) -> Encoder:
+    """Load the encoder the index's vectors came from, or `model` instead (its checkpoint moved, or
+    the index is served on another machine), refusing a model with other weights."""
     recorded = index.manifest["encoder"]
     if recorded is None:
         raise VsearchError(f"index {index.path} was built from bring-your-own embeddings with no recorded model, "
                            "so text queries cannot be encoded; build it with --model SPEC (the model that made "
                            "the vectors), or search it with vectors (vsearch.indexes.load_index)")
-    encoder = load_encoder(recorded["spec"], device)
+    try:
+        encoder = load_encoder(model or recorded["spec"], device)
+    except VsearchError as exc:
+        if model:
+            raise
+        raise VsearchError(f"{exc}; if the index's model is elsewhere now, name it with --model") from None
     if encoder.fingerprint != recorded["fingerprint"]:
         raise VsearchError(
-            f"model {recorded['spec']} has fingerprint {encoder.fingerprint}, but index {index.path} "
-            f"was built from vectors with fingerprint {recorded['fingerprint']}; re-embed and rebuild"
+            f"model {encoder.spec} has fingerprint {encoder.fingerprint}, but index {index.path} "
+            f"was built from vectors with fingerprint {recorded['fingerprint']} ({recorded['spec']}); "
+            + ("--model must name the model that made them" if model else "re-embed and rebuild")
         )
     return encoder
 
@@ -115,9 +122,9 @@ class Searcher:
 
     widenings = 3  # ANN rounds after the first before a --where predicate is run over every row
 
-    def __init__(self, index: str | os.PathLike, device: str = "auto"):
+    def __init__(self, index: str | os.PathLike, device: str = "auto", model: str | None = None):
         self.index = load_index(index)
-        self.encoder = query_encoder(self.index, device)
+        self.encoder = query_encoder(self.index, device, model)
         # A --where predicate is spliced into SQL, and a service may pass its users' text: it gets no
         # files to read or write and no extensions to load, only the candidates' rows.
         self._db = duckdb.connect(config={"enable_external_access": False})
