@@ -416,6 +416,23 @@ def test_covers_of_one_size_are_resized_together_and_come_back_in_order(monkeypa
     assert sorted(calls) == [1, 1, 2, 2]
 
 
+def test_an_image_models_vectors_are_kept_when_only_a_title_or_ocr_text_changes(workspace, tiny_uniclip, tmp_path):
+    source = tmp_path / "covers.txt"
+    demo = list(open_dataset("demo", workspace).rows())[:20]
+    lines = [f"{r.title}\t{r.uri}\t{r.ocr}\n" for r in demo]
+    source.write_text("".join(lines), encoding="utf-8")
+    config = EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0, shard_size=10)
+    before = {r["id"]: r for r in table(run_embed(config, workspace).directory, "cover").to_pylist()}
+    lines[3] = f"改过的标题\t{demo[3].uri}\t改过的字幕\n"  # the creator retitled the video
+    source.write_text("".join(lines), encoding="utf-8")
+    again = run_embed(config, workspace)
+    assert (again.shards_refreshed, again.shards_skipped, again.shards_redone, again.rows_written) == (1, 1, 0, 0)
+    after = {r["id"]: r for r in table(again.directory, "cover").to_pylist()}
+    edited = url_id(demo[3].uri)
+    assert (after[edited]["title"], after[edited]["ocr"]) == ("改过的标题", "改过的字幕")
+    assert all({**after[i], "title": row["title"], "ocr": row["ocr"]} == row for i, row in before.items())
+
+
 def test_covers_moved_to_another_folder_keep_their_vectors_and_take_their_new_paths(workspace, tiny_uniclip, tmp_path):
     source, first = tmp_path / "covers.txt", tmp_path / "first"
     demo = list(open_dataset("demo", workspace).rows())[:30]
@@ -434,14 +451,14 @@ def test_covers_moved_to_another_folder_keep_their_vectors_and_take_their_new_pa
     second = first.rename(tmp_path / "second")  # moved as mv and rsync -a move files: sizes and times kept
     shutil.copy(demo[-1].uri, second / f"{ids[-1]}.jpg")  # and the missing cover is there now
     moved = run_embed(replace(config, images=str(second)), workspace)
-    assert (moved.shards_moved, moved.shards_redone, moved.rows_written, moved.rows_retried) == (3, 0, 1, 1)
+    assert (moved.shards_refreshed, moved.shards_redone, moved.rows_written, moved.rows_retried) == (3, 0, 1, 1)
     after = vectors(moved)
     assert after.keys() == {*before, ids[-1]} and moved.manifest.failed == []
     assert all(after[i] == (vector, str(second / f"{i}.jpg")) for i, (vector, _) in before.items())
 
     copied = shutil.copytree(second, tmp_path / "third", copy_function=shutil.copyfile)  # new times: as make,
     again = run_embed(replace(config, images=str(copied)), workspace)  # vsearch takes them for new covers
-    assert (again.shards_moved, again.shards_redone, again.rows_written) == (0, 3, 30)
+    assert (again.shards_refreshed, again.shards_redone, again.rows_written) == (0, 3, 30)
 
 
 def test_a_cover_replaced_or_put_in_place_is_embedded_again(workspace, tiny_uniclip, tmp_path):

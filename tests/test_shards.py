@@ -41,7 +41,7 @@ def test_a_dataset_named_by_a_relative_path_is_read_by_its_absolute_one_and_old_
     vectors = {row["id"]: row["vector"] for row in rows_of(first.directory)}
     # Two processes, as a lexical job on two cores runs: the shards are written again, nothing encoded.
     again = run_embed(replace(config, workers=2), workspace)
-    assert (again.shards_moved, again.shards_written, again.rows_written, again.shards_redone) == (3, 3, 0, 0)
+    assert (again.shards_refreshed, again.shards_written, again.rows_written, again.shards_redone) == (3, 3, 0, 0)
     assert again.manifest.source == str(tmp_path / "data" / "c.txt")
     rows = rows_of(again.directory)
     assert [row["uri"] for row in rows] == [str(tmp_path / "data" / "covers" / f"{i}.jpg") for i in range(25)]
@@ -51,26 +51,27 @@ def test_a_dataset_named_by_a_relative_path_is_read_by_its_absolute_one_and_old_
     assert (done.shards_skipped, done.shards_written) == (3, 0)
 
 
-@pytest.mark.parametrize("was, now, reads_media, moved", [
-    ("/covers/a.jpg", "/elsewhere/a.jpg", True, True),  # a local file moved: its version vouches for it
-    ("http://a.example/1.jpg", "http://b.example/1.jpg", True, False),  # another url may be another cover
-    ("http://a.example/1.jpg", "http://b.example/1.jpg", False, True),  # but not for a text encoder
-])
-def test_a_shard_holds_rows_moved_only_where_a_new_path_cannot_be_another_file(was, now, reads_media, moved, tmp_path):
-    schema = shards.shard_schema(4)
-    columns = {"id": ["a"], "vector": np.eye(4, dtype=np.float32)[:1], "title": ["标题"], "ocr": [None], "uri": [was]}
-    digests = {"content_digest": "before", **({"media_digest": "same"} if reads_media else {})}
-    entry = shards.write_shard_file(tmp_path, schema, "cover", 0, columns, [], digests)
-    rows = [Row("a", "标题", None, now)]
-    same = {"content_digest": "after", **({"media_digest": "same"} if reads_media else {})}
-    assert shards.holds_rows_moved(tmp_path, entry, rows, {}, same) == moved
-    assert not shards.holds_rows_moved(tmp_path, entry, [Row("a", "新标题", None, now)], {}, same)
+def test_vectors_hold_for_rows_changed_in_nothing_they_were_made_from(tmp_path):
+    def shard(number, uri, ocr=None):
+        columns = {"id": ["a"], "vector": np.eye(4, dtype=np.float32)[:1], "title": ["标题"], "ocr": [ocr], "uri": [uri]}
+        return shards.write_shard_file(tmp_path, shards.shard_schema(4), "cover", number, columns, [],
+                                       {"content_digest": "before", "media_digest": "same"})
+
+    def hold(entry, row, digests, text_encoded, reads_text=False):
+        return shards.vectors_hold(tmp_path, entry, [row], {}, digests, text_encoded, reads_text)
+
+    local, remote, read = shard(0, "/covers/a.jpg"), shard(1, "http://a.example/1.jpg"), shard(2, "/covers/a.jpg", "封面字")
+    image = {"content_digest": "after", "media_digest": "same"}  # an image model's job looks at the files
+    assert hold(local, Row("a", "标题", None, "/elsewhere/a.jpg"), image, False)  # moved: its version vouches
+    assert not hold(remote, Row("a", "标题", None, "http://b.example/1.jpg"), image, False)  # maybe another cover
+    assert hold(local, Row("a", "新标题", "新字幕", "/covers/a.jpg"), image, False)  # text is not what it encodes
+    assert not hold(local, Row("a", "标题", None, "/covers/a.jpg"), {**image, "media_digest": "changed"}, False)
+    text = {"content_digest": "after"}  # a text encoder's job reads the rows alone
+    assert hold(remote, Row("a", "标题", None, "http://b.example/1.jpg"), text, True)
+    assert not hold(local, Row("a", "新标题", None, "/covers/a.jpg"), text, True)
     # OCR text in the shard that the row lacks: read off its cover (--ocr), or else gone from the dataset since
-    text = shards.write_shard_file(tmp_path, schema, "cover", 1, {**columns, "ocr": ["封面上的字"]}, [], digests)
-    assert shards.holds_rows_moved(tmp_path, text, rows, {}, same, reads_text=True) == moved
-    assert not shards.holds_rows_moved(tmp_path, text, rows, {}, same)
-    if reads_media:
-        assert not shards.holds_rows_moved(tmp_path, entry, rows, {}, {**same, "media_digest": "changed"})
+    assert hold(read, Row("a", "标题", None, "/covers/a.jpg"), text, True, reads_text=True)
+    assert not hold(read, Row("a", "标题", None, "/covers/a.jpg"), text, True)
 
 
 def test_shard_round_trip_schema_dtype_normalisation_and_manifest(tmp_path, workspace):
@@ -266,9 +267,9 @@ def test_a_moved_workspace_or_package_resumes_its_datasets_and_another_file_is_r
     second = Workspace.resolve(first.root.rename(tmp_path / "second"))
     package = shutil.copytree(Path(datasets.demo_source()).parent, tmp_path / "package" / "demo_data")
     monkeypatch.setattr(datasets, "demo_source", lambda: str(package / datasets.DEMO_FILE))  # vsearch installed anew
-    for name, shards_moved in (("cbvs10m", 3), ("demo", 20)):
+    for name, refreshed in (("cbvs10m", 3), ("demo", 20)):
         moved = run_embed(replace(config, dataset=name), second)
-        assert (moved.shards_moved, moved.rows_written, moved.shards_redone) == (shards_moved, 0, 0)
+        assert (moved.shards_refreshed, moved.rows_written, moved.shards_redone) == (refreshed, 0, 0)
         assert all(row["uri"].startswith(str(second.datasets if name == "cbvs10m" else package))
                    for row in rows_of(moved.directory))
     assert {row["id"]: row["vector"] for row in rows_of(second.embeddings_dir("cbvs10m"))} == vectors

@@ -140,7 +140,8 @@ def embed(
     skipped = {"repeated ids": result.manifest.duplicates, "malformed lines": result.manifest.malformed_lines}
     changed = {"shards made again, their rows having changed since the last run": result.shards_redone,
                "shards removed, past the dataset's new end": result.shards_removed,
-               "shards written again with their files' new paths, vectors kept": result.shards_moved,
+               "shards written again with their rows' new titles, OCR text or paths, vectors kept":
+                   result.shards_refreshed,
                "rows that failed before, encoded again": result.rows_retried}
     stderr.print(
         f"{counted(result.rows_written, 'vector')} written in {counted(result.shards_written, 'shard')}, "

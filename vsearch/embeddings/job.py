@@ -34,8 +34,8 @@ import numpy as np
 from vsearch.embeddings.datasets import Dataset, Row, open_dataset
 from vsearch.embeddings.encoders import Encoder, check_device_name, l2_normalise, load_encoder, runs_on_device
 from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as require_ocr_engine, with_cover_text
-from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, holds_rows_moved, made_from,
-                                      media_digest, media_version, shard_schema, with_kept_rows, with_paths,
+from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, media_digest,
+                                      media_version, shard_schema, vectors_hold, with_kept_rows, with_metadata,
                                       write_shard_file)
 from vsearch.errors import VsearchError
 from vsearch.overlap import exit_with_parent, in_background, read_ahead
@@ -108,7 +108,7 @@ class EmbedResult:
     shards_skipped: int = 0
     shards_redone: int = 0  # written again: their place in the dataset holds other rows than before
     shards_removed: int = 0  # beyond the end of a dataset that has fewer rows than before
-    shards_moved: int = 0  # written again with the new paths of their files, their vectors kept
+    shards_refreshed: int = 0  # written again with their rows' metadata as it is now, their vectors kept
     rows_written: int = 0
     rows_failed: int = 0
     rows_retried: int = 0  # rows that failed before, encoded again (see `ResumePlan`)
@@ -333,9 +333,10 @@ class ResumePlan:
     job reads any (`files`, see `files_read`), the files its vectors came from as they are now (see
     `shards.made_from`); and the failed rows of a shard that is done, when one of their files
     changed or with `retry_all` (--retry-failed), which `finished` writes back into their shard (in
-    `directory`); and of a shard whose files only moved (`shards.holds_rows_moved`), its failed
-    rows, `finished` writing it again with the new paths, or, with none, `moved_shards` handing it
-    over with nothing to encode. With `share` (rank, processes), only the shards whose number is
+    `directory`); and of a shard made from other rows whose vectors still hold for these
+    (`shards.vectors_hold`: files moved, a title edited for an image model), its failed rows,
+    `finished` writing it again with the rows' metadata as it is now, or, with none,
+    `refreshed_shards` handing it over with nothing to encode. With `share` (rank, processes), only the shards whose number is
     rank modulo processes. Counts as it goes, reports the rows found done to `on_done`, and keeps the digests
     of each pending shard's rows, read before `--ocr` fills in their text, and the versions of
     their files, looked at before they are read, for the shard's manifest entry."""
@@ -346,17 +347,18 @@ class ResumePlan:
     files: Callable[[Row], list[str | None]] | None = None
     retry_all: bool = False
     reads_text: bool = False  # --ocr: covers whose row has no OCR text have it read off them
+    text_encoded: bool = True  # the vectors encode the rows' text (lexical), not their images
     directory: Path | None = None
     share: tuple[int, int] = (0, 1)
     on_done: Callable[[int], None] = lambda rows: None
     skipped: int = 0
     redone: int = 0
     retried: int = 0  # failed rows encoded again
-    moved: int = 0  # shards whose files moved
+    refreshed: int = 0  # shards whose vectors still hold for rows that changed
     count: int = 0  # shards the dataset has, pending or not
     pending: dict[int, tuple[str, dict[str, str]]] = field(default_factory=dict)  # -> (content digest, versions)
     patched: dict[int, tuple[dict[str, Any], list[Row]]] = field(default_factory=dict)  # -> (entry, rows now)
-    unencoded: list[int] = field(default_factory=list)  # moved shards with no row to encode
+    unencoded: list[int] = field(default_factory=list)  # refreshed shards with no row to encode
 
     @classmethod
     def of_job(cls, kind: str, encoder: Encoder, config: EmbedConfig, done: dict[tuple[str, int], dict[str, Any]],
@@ -364,7 +366,7 @@ class ResumePlan:
                on_done: Callable[[int], None] = lambda rows: None) -> "ResumePlan":
         """The plan for `kind` of a job embedding with `encoder` as `config` says."""
         return cls(kind, done, failed, files_read(encoder, kind, config.ocr), config.retry_failed, config.ocr,
-                   directory, share, on_done)
+                   not hasattr(encoder, "encode_pixels"), directory, share, on_done)
 
     def to_encode(self, number: int, rows: list[Row]) -> list[Row]:
         self.count = max(self.count, number + 1)
@@ -387,10 +389,10 @@ class ResumePlan:
                 return []
             self.retried += len(again)
             self.patched[number] = (entry, rows)
-        elif holds_rows_moved(self.directory, entry, rows, failed, digests, self.reads_text):
-            again = [row for row in rows if row.id in failed]  # their failure was where the files were
+        elif vectors_hold(self.directory, entry, rows, failed, digests, self.text_encoded, self.reads_text):
+            again = [row for row in rows if row.id in failed]  # their failure may have been where a file was
             self.on_done(len(rows) - len(again))
-            self.moved += 1
+            self.refreshed += 1
             self.retried += len(again)
             self.patched[number] = (entry, rows)
             if not again:
@@ -409,17 +411,17 @@ class ResumePlan:
         if shard.number in self.patched:
             entry, rows = self.patched.pop(shard.number)
             columns = with_kept_rows(self.directory, entry, shard.columns, [row.id for row in rows])
-            shard = replace(shard, columns=with_paths(columns, rows))
+            shard = replace(shard, columns=with_metadata(columns, rows, self.reads_text))
         digests = {"content_digest": content}
         if self.files:
             digests["media_digest"] = media_digest({i: versions[i] for i in shard.columns["id"]})
             shard = replace(shard, failed=[{**f, "version": versions[f["id"]]} for f in shard.failed])
         return shard, digests
 
-    def moved_shards(self) -> Iterator[EncodedShard]:
-        """The shards whose files moved and that have no row to encode, as `finished` takes them:
-        with no rows of their own, all kept. Read after the encoded ones, when the plan has seen
-        every shard."""
+    def refreshed_shards(self) -> Iterator[EncodedShard]:
+        """The shards whose vectors still hold and that have no row to encode, as `finished` takes
+        them: with no rows of their own, all kept. Read after the encoded ones, when the plan has
+        seen every shard."""
         while self.unencoded:
             yield EncodedShard(self.kind, self.unencoded.pop(0), {"id": [], "vector": np.zeros(0)}, [])
 
@@ -463,14 +465,14 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
             times = StageTimes()
             for shard in chain(encoded_shards(encoder, dataset, kind, config, plan.to_encode, lambda n: None,
                                               lambda n: results.put(("text", n, None, None)), times),
-                               plan.moved_shards()):
+                               plan.refreshed_shards()):
                 encoded = len(shard.columns["id"])
                 with times.timing("output"):
                     whole, digests = plan.finished(shard)
                     entry = write_shard_file(Path(directory), schema, kind, shard.number, whole.columns, whole.failed,
                                              digests)
                 results.put(("shard", entry, encoded, whole.failed))
-            results.put(("done", rank, (kind, plan.skipped, plan.redone, plan.retried, plan.moved, plan.count,
+            results.put(("done", rank, (kind, plan.skipped, plan.redone, plan.retried, plan.refreshed, plan.count,
                                         asdict(times)),
                          (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
@@ -523,11 +525,11 @@ def _run_on_devices(devices: list[str], spec: str, config: EmbedConfig, workspac
                 _count(result, detail, extra)
                 on_rows(detail + len(extra))
             elif message == "done":
-                kind, skipped, redone, retried, moved, shards[kind], times = detail  # every process sees every shard
+                kind, skipped, redone, retried, refreshed, shards[kind], times = detail  # every process sees every shard
                 result.shards_skipped += skipped
                 result.shards_redone += redone
                 result.rows_retried += retried
-                result.shards_moved += moved
+                result.shards_refreshed += refreshed
                 result.times.add(times)
                 if kind == kinds[-1]:  # every line, as `_run_here` counts them: in the last pass
                     skipped_lines = extra
@@ -576,11 +578,11 @@ def _run_here(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], config
     for kind in kinds:
         plan = ResumePlan.of_job(kind, encoder, config, writer.done, failed, writer.directory, on_done=on_done)
         _write_in_background(chain(encoded_shards(encoder, dataset, kind, config, plan.to_encode, on_rows, on_text,
-                                                  result.times), plan.moved_shards()), writer, result, plan)
+                                                  result.times), plan.refreshed_shards()), writer, result, plan)
         result.shards_skipped += plan.skipped
         result.shards_redone += plan.redone
         result.rows_retried += plan.retried
-        result.shards_moved += plan.moved
+        result.shards_refreshed += plan.refreshed
         shards[kind] = plan.count
     return (dataset.duplicates, dataset.malformed), shards
 

@@ -32,9 +32,10 @@ replaced in that time, and is redone too); closing the writer, on success or err
 The failed rows of a shard found done are encoded again when one of their files changed (a
 missing cover put in place), or with `--retry-failed` (a cover a server did not send); the shard
 is written again whole: its rows kept from the file, and the retried ones, in the dataset's order.
-A shard whose rows changed only in where their files are (`holds_rows_moved`: a folder of covers
-moved, with their sizes and modification times) keeps its vectors the same way, written again with
-the new paths, and its failed rows are encoded again where their files now are.
+A shard whose rows changed in nothing its vectors came from (`vectors_hold`: a folder of covers
+moved, with their sizes and modification times; a title or OCR text edited, for an image model)
+keeps its vectors the same way, written again with the rows' metadata as they are now, and its
+failed rows are encoded again.
 """
 
 from __future__ import annotations
@@ -106,14 +107,15 @@ def media_digest(versions: dict[str, str]) -> str:
     return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
 
-def holds_rows_moved(directory: Path, entry: dict[str, Any] | None, rows: list[Row], failed: dict[str, Any],
-                     digests: dict[str, str], reads_text: bool = False) -> bool:
-    """Whether the shard `entry` lists holds these `rows` but for where their files are (`uri`,
-    `cover`): the same ids, titles and OCR text in the file (or, with `reads_text` (--ocr), any text
-    for a row that has none, read off its cover) and, where the job reads media, the same versions
-    of the files (`media_digest`, by id, whatever their paths; so a path that changed must be a
-    local file's, whose version is looked at), with the ids that `failed` in it (a mapping by id).
-    Its vectors still hold; only the paths in it need writing again."""
+def vectors_hold(directory: Path, entry: dict[str, Any] | None, rows: list[Row], failed: dict[str, Any],
+                 digests: dict[str, str], text_encoded: bool, reads_text: bool = False) -> bool:
+    """Whether the vectors of the shard `entry` lists, made from other rows than these `rows` (by
+    `content_digest`), still hold for them: the same ids, with those that `failed` in it (a mapping
+    by id); where the job reads media, the same versions of the files (`media_digest`, by id,
+    whatever their paths; so a path that changed must be a local file's, whose version is looked
+    at); and where the vectors encode text (`text_encoded`, not an image model), the same titles and
+    OCR text (or, with `reads_text` (--ocr), any text for a row that has none, read off its cover).
+    Only the rows' metadata in it then needs writing again (`with_metadata`)."""
     if entry is None or entry["input_rows"] != len(rows) or "content_digest" not in entry:
         return False
     reads_media = "media_digest" in digests
@@ -130,7 +132,9 @@ def holds_rows_moved(directory: Path, entry: dict[str, Any] | None, rows: list[R
         return False
     for kept in written:
         row = by_id.get(kept["id"])
-        if row is None or row.title != kept["title"] or row.ocr != kept["ocr"] and not (reads_text and row.ocr is None):
+        if row is None:
+            return False
+        if text_encoded and (row.title != kept["title"] or row.ocr != kept["ocr"] and not (reads_text and row.ocr is None)):
             return False
         moved = [new for new, old in ((row.uri, kept["uri"]), (row.cover, kept.get("cover"))) if new != old]
         if reads_media and any(new is not None and is_remote(new) for new in moved):
@@ -138,11 +142,14 @@ def holds_rows_moved(directory: Path, entry: dict[str, Any] | None, rows: list[R
     return True
 
 
-def with_paths(columns: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
-    """`columns` with each row's `uri` and `cover` as `rows` (by id) give them now."""
+def with_metadata(columns: dict[str, Any], rows: list[Row], reads_text: bool = False) -> dict[str, Any]:
+    """`columns` with each row's title, OCR text, `uri` and `cover` as `rows` (by id) give them now;
+    with `reads_text` (--ocr), the text read off a cover stays where its row has none."""
     by_id = {row.id: row for row in rows}
-    return {**columns, "uri": [by_id[id_].uri for id_ in columns["id"]],
-            "cover": [by_id[id_].cover for id_ in columns["id"]]}
+    ocr = [by_id[id_].ocr if by_id[id_].ocr is not None or not reads_text else text
+           for id_, text in zip(columns["id"], columns.get("ocr", [None] * len(columns["id"])))]
+    return {**columns, "title": [by_id[id_].title for id_ in columns["id"]], "ocr": ocr,
+            "uri": [by_id[id_].uri for id_ in columns["id"]], "cover": [by_id[id_].cover for id_ in columns["id"]]}
 
 
 def made_from(entry: dict[str, Any] | None, rows: list[Row], digests: dict[str, str]) -> bool:
@@ -352,8 +359,8 @@ def _resumed_manifest(directory: Path, fresh: Manifest, overwrite: bool) -> Mani
 def _same_dataset_moved(existing: Manifest, fresh: Manifest) -> bool:
     """Whether `fresh` names the dataset `existing` was made from, found elsewhere now: a dataset
     known by its name in a workspace (or a package, the demo's) that moved, or a path recorded
-    relative, as vsearch once kept it. Its shards are then kept where their rows are the same (see
-    `holds_rows_moved`)."""
+    relative, as vsearch once kept it. Its shards' vectors are then kept where they still hold (see
+    `vectors_hold`)."""
     if "://" not in existing.source and os.path.abspath(existing.source) == fresh.source:
         return True
     return (is_registered(fresh.dataset) and existing.dataset == fresh.dataset
