@@ -551,9 +551,9 @@ def test_retry_failed_encodes_the_covers_a_server_did_not_send_once_it_does(devi
 
 def random_media_changes(seeds, tmp_path, workspace, tiny_uniclip):
     """For each seed, a dataset whose covers and videos come from folders, some missing, some
-    broken, through random edits of its lines and its media files, embedded after each (covers and
-    clips, retrying failed rows or not): the folder then holds what a fresh embed of the dataset and
-    its media as they are holds."""
+    broken, through random edits of its lines and its media files, and moves of those folders,
+    embedded after each (covers and clips, retrying failed rows or not): the folder then holds what
+    a fresh embed of the dataset and its media as they are holds."""
     demo = [row.uri for row in open_dataset("demo", workspace).rows()][:30]
 
     def held(result, kind):
@@ -565,6 +565,7 @@ def random_media_changes(seeds, tmp_path, workspace, tiny_uniclip):
 
     for seed in seeds:
         pick = random.Random(seed)
+        mover = random.Random(-seed)  # apart, so that each seed's other edits stay what they were
         source, covers, videos = tmp_path / f"{seed}.txt", tmp_path / f"{seed}-images", tmp_path / f"{seed}-videos"
         covers.mkdir()
         videos.mkdir()
@@ -603,6 +604,10 @@ def random_media_changes(seeds, tmp_path, workspace, tiny_uniclip):
             else:
                 (videos / f"{id_}.mp4").unlink(missing_ok=True)
             retry = pick.random() < 0.5
+            if mover.random() < 0.3:  # as mv moves them: sizes and times kept
+                covers, videos = covers.rename(f"{covers}-{step}"), videos.rename(f"{videos}-{step}")
+                config = replace(config, images=str(covers), videos=str(videos))
+                change += " +moved"
             log.append(change + " +retry" * retry)
             source.write_text("".join(lines), encoding="utf-8")
             updated = run_embed(replace(config, retry_failed=retry), workspace)
