@@ -336,9 +336,9 @@ class ResumePlan:
     `directory`); and of a shard made from other rows whose vectors still hold for these
     (`shards.vectors_hold`: files moved, a title edited for an image model), its failed rows,
     `finished` writing it again with the rows' metadata as it is now, or, with none,
-    `refreshed_shards` handing it over with nothing to encode. With `share` (rank, processes), only the shards whose number is
-    rank modulo processes. Counts as it goes, reports the rows found done to `on_done`, and keeps the digests
-    of each pending shard's rows, read before `--ocr` fills in their text, and the versions of
+    `refreshed_shards` handing it over with nothing to encode. With `share` (rank, processes), only
+    the shards whose number is rank modulo processes. Counts as it goes, reports the rows found done
+    to `on_done`, and keeps the digests of each pending shard's rows, read before `--ocr` fills in their text, and the versions of
     their files, looked at before they are read, for the shard's manifest entry."""
 
     kind: str
@@ -383,23 +383,23 @@ class ResumePlan:
         if made_from(entry, rows, digests):
             changed = any(was is not None and versions.get(i, was) != was for i, was in failed.items())
             again = [row for row in rows if row.id in failed] if self.retry_all or changed else []
-            self.on_done(len(rows) - len(again))
             if not again:
+                self.on_done(len(rows))
                 self.skipped += 1
                 return []
-            self.retried += len(again)
-            self.patched[number] = (entry, rows)
         elif vectors_hold(self.directory, entry, rows, failed, digests, self.text_encoded, self.reads_text):
             again = [row for row in rows if row.id in failed]  # their failure may have been where a file was
-            self.on_done(len(rows) - len(again))
             self.refreshed += 1
-            self.retried += len(again)
-            self.patched[number] = (entry, rows)
             if not again:
                 self.unencoded.append(number)
         else:
-            again = rows
             self.redone += entry is not None
+            self.pending[number] = (content, versions)
+            return rows
+        # The shard is written again whole: its rows kept from the file, and those encoded again.
+        self.on_done(len(rows) - len(again))
+        self.retried += len(again)
+        self.patched[number] = (entry, rows)
         self.pending[number] = (content, versions)
         return again
 
