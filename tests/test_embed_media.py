@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,6 +28,8 @@ from vsearch.embeddings.job import EmbedConfig, OomBackoff, StageTimes, run_embe
 from vsearch.embeddings.media import MediaError, decode_image, sample_frames
 from vsearch.embeddings.shards import Manifest
 from vsearch.errors import VsearchError
+from vsearch.indexes import BuildConfig, append_index, build_index, load_index
+from vsearch.indexes.vectors import open_source
 from tests.conftest import closed_port, edit_lines, random_cover_line, write_video
 
 
@@ -422,7 +425,9 @@ def test_an_image_models_vectors_are_kept_when_only_a_title_or_ocr_text_changes(
     lines = [f"{r.title}\t{r.uri}\t{r.ocr}\n" for r in demo]
     source.write_text("".join(lines), encoding="utf-8")
     config = EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0, shard_size=10)
-    before = {r["id"]: r for r in table(run_embed(config, workspace).directory, "cover").to_pylist()}
+    first = run_embed(config, workspace)
+    before = {r["id"]: r for r in table(first.directory, "cover").to_pylist()}
+    build_index(BuildConfig(type="hnsw"), open_source(first.directory), tmp_path / "index")
     lines[3] = f"改过的标题\t{demo[3].uri}\t改过的字幕\n"  # the creator retitled the video
     source.write_text("".join(lines), encoding="utf-8")
     again = run_embed(config, workspace)
@@ -431,6 +436,11 @@ def test_an_image_models_vectors_are_kept_when_only_a_title_or_ocr_text_changes(
     edited = url_id(demo[3].uri)
     assert (after[edited]["title"], after[edited]["ocr"]) == ("改过的标题", "改过的字幕")
     assert all({**after[i], "title": row["title"], "ocr": row["ocr"]} == row for i, row in before.items())
+    # and the index takes up the new text in place, its vectors as they were
+    appended = append_index(tmp_path / "index", open_source(again.directory))
+    assert (appended["appends"][-1]["refreshed"], appended["count"]) == (["cover-00000.parquet"], 20)
+    rows = load_index(tmp_path / "index").rows.table()
+    assert rows.filter(pc.equal(rows.column("id"), edited)).column("title").to_pylist() == ["改过的标题"]
 
 
 def test_covers_moved_to_another_folder_keep_their_vectors_and_take_their_new_paths(workspace, tiny_uniclip, tmp_path):

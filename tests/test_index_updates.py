@@ -40,13 +40,15 @@ class Model:
     def still_deleted(self) -> set[str]:
         return ({row["id"] for row in self.rows if row["deleted"]} | self.left_out) - set(self.shown())
 
-    def build(self, files: dict[str, list]) -> None:
+    def build(self, files: dict[str, tuple]) -> None:
         self.left_out = self.still_deleted()
         self.rows = [dict(file=name, id=i, vector=v, retired=False, deleted=False)
-                     for name in sorted(files) for i, v in files[name] if i not in self.left_out]
+                     for name in sorted(files) for i, v in files[name][1] if i not in self.left_out]
         self.indexed = dict(files)
 
-    def append(self, files: dict[str, list]) -> None:
+    def append(self, files: dict[str, tuple]) -> None:
+        """`files`: name -> (title, rows); a file retitled is a file changed (an append takes up in
+        place one whose rows all show, which shows what adding them again would)."""
         still = self.still_deleted()
         for name in sorted(files):
             changed = name in self.indexed
@@ -55,7 +57,7 @@ class Model:
             for row in self.rows:
                 row["retired"] |= row["file"] == name
             self.rows += [dict(file=name, id=i, vector=v, retired=False, deleted=changed and i in still)
-                          for i, v in files[name]]
+                          for i, v in files[name][1]]
             self.indexed[name] = files[name]
 
     def delete(self, ids: set[str]) -> None:
@@ -63,9 +65,10 @@ class Model:
             row["deleted"] |= row["id"] in ids
 
 
-def _write(path, rows) -> None:
+def _write(path, title: str, rows: list) -> None:
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.array([v for _, v in rows], np.float32).ravel()), DIM)
-    pq.write_table(pa.table({"id": pa.array([i for i, _ in rows], pa.string()), "embedding": vectors}), path)
+    pq.write_table(pa.table({"id": pa.array([i for i, _ in rows], pa.string()), "embedding": vectors,
+                             "title": [title] * len(rows)}), path)
 
 
 def _check(path, model: Model, message: str) -> None:
@@ -81,7 +84,7 @@ def _check(path, model: Model, message: str) -> None:
 def _play(seed: int, steps: int, index_type: str, engine: str | None, folder) -> None:
     rng = np.random.default_rng(seed)
     pick = random.Random(seed)
-    files: dict[str, list] = {}
+    files: dict[str, tuple] = {}  # name -> (title, rows)
     model, log, built = Model(), [], False
     path, data = folder / "index", folder / "files"
     data.mkdir()
@@ -92,21 +95,25 @@ def _play(seed: int, steps: int, index_type: str, engine: str | None, folder) ->
         return list(zip(ids, map(tuple, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))))
 
     for step in range(steps):
-        action = pick.choice(["add", "change", "remove", "delete", "rebuild"]) if built else "add"
+        action = pick.choice(["add", "change", "retitle", "remove", "delete", "rebuild"]) if built else "add"
         if (action == "remove" and len(files) < 2) or (action == "delete" and not model.shown()):
             action = "add"
         if action == "add":
             name = f"part-{pick.randint(0, 99):02d}-{step}.parquet"
-            files[name] = rows(pick.randint(1, 6))
+            files[name] = ("", rows(pick.randint(1, 6)))
         elif action == "change":
             name = pick.choice(sorted(files))
-            files[name] = [row for row in files[name] if pick.random() < 0.6] + rows(pick.randint(0, 3)) or rows(1)
+            kept = [row for row in files[name][1] if pick.random() < 0.6]
+            files[name] = (files[name][0], kept + rows(pick.randint(0, 3)) or rows(1))
+        elif action == "retitle":  # the same rows, another title
+            name = pick.choice(sorted(files))
+            files[name] = (f"title {step}", files[name][1])
         elif action == "remove":
             name = pick.choice(sorted(files))
             del files[name]
             (data / name).unlink()
-        if action in ("add", "change"):
-            _write(data / name, files[name])
+        if action in ("add", "change", "retitle"):
+            _write(data / name, *files[name])
         log.append((action, sorted(files)))
         if action == "delete":
             victims = pick.sample(sorted(model.shown()), min(len(model.shown()), pick.randint(1, 3)))

@@ -247,6 +247,39 @@ def test_an_index_moved_with_its_embeddings_appends_from_where_they_are_now(byo,
 
 
 @pytest.mark.parametrize("index_type, engine", TYPES)
+def test_an_append_takes_up_a_file_whose_other_columns_alone_changed_in_place(index_type, engine, byo, tmp_path):
+    folder, vectors = byo
+    build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), tmp_path / "index")
+    count = len(load_index(tmp_path / "index"))
+    table = pq.read_table(folder / "part-1.parquet")
+    retitled = table.set_column(2, "caption", pa.array(["retitled"] * len(table)))
+    pq.write_table(retitled.take(np.random.default_rng(0).permutation(len(table))), folder / "part-1.parquet")
+    info = append_index(tmp_path / "index", open_source(folder))
+    assert (info["appends"][-1]["refreshed"], info["appends"][-1]["changed"], info["count"]) == (["part-1.parquet"], [], count)
+    index = load_index(tmp_path / "index")
+    assert len(index.deleted) == 0
+    captions = dict(zip(index.rows.table().column("id").to_pylist(), index.rows.table().column("caption").to_pylist()))
+    assert all(captions[f"doc{i}"] == ("retitled" if i >= 1500 else "x") for i in range(3000))
+    assert index.search(vectors[2000:2001], 1)[1][0, 0] == "doc2000"
+    # A file whose rows do not all show (doc1500 upserted by a later file) is added again, as appends
+    # upsert a changed file's rows: taken up in place, it would show another vector than that.
+    write_parquet(folder, clustered(1, seed=9), 1500, "part-2.parquet")
+    append_index(tmp_path / "index", open_source(folder))
+    pq.write_table(retitled.set_column(2, "caption", pa.array(["again"] * len(table))), folder / "part-1.parquet")
+    upserted = append_index(tmp_path / "index", open_source(folder))["appends"][-1]
+    assert (upserted["refreshed"], upserted["changed"]) == ([], ["part-1.parquet"])
+    index = load_index(tmp_path / "index")
+    live = np.setdiff1d(np.arange(index.rows.count), index.deleted)
+    shown = dict(zip(index.ids[live], index.backend.vectors(live)))
+    assert shown["doc1500"] @ vectors[1500] > 0.999 and len(shown) == 3000
+    other = pq.read_table(folder / "part-0.parquet")  # the same ids, other vectors: added again
+    pq.write_table(other.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(
+        pa.array(np.roll(vectors[:1500], 1, axis=0).ravel()), 64)), folder / "part-0.parquet")
+    again = append_index(tmp_path / "index", open_source(folder))
+    assert (again["appends"][-1]["refreshed"], again["appends"][-1]["changed"]) == ([], ["part-0.parquet"])
+
+
+@pytest.mark.parametrize("index_type, engine", TYPES)
 def test_an_append_measures_recall_with_new_rows_it_holds_out_until_then(index_type, engine, byo, tmp_path):
     folder, vectors = byo
     first = write_parquet(tmp_path / "first", vectors[:1500])

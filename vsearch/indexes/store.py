@@ -371,70 +371,142 @@ def _stale_entries(path: Path, info: dict[str, Any], source: VectorSource,
     return changed, removed
 
 
-def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
-                 note: Notes = lambda line: None, recall_queries: int = 500,
-                 on_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """Bring the index at `path` up to date with the files of `source`, without rebuilding it: add
-    the files it has not seen; for each file that changed since (such as the last shard of a
-    dataset that grew) retire the vectors of its old version and add its rows again; retire the
-    vectors of shards gone from a vsearch shard folder. Ids deleted from the index stay deleted
-    where a changed file holds them again, and in any shard of a vsearch shard folder (each a piece
-    of the same dataset, wherever an edit moved its rows); a new bring-your-own file brings them back.
-    `on_total(n)` once with the number of vectors to add, `on_rows(n)` as they are."""
-    info = read_index_manifest(path)
-    _check_appendable(path, info, source)
-    changed, removed = _stale_entries(path, info, source, note)
-    indexed = {s["path"] for s in info["shards"]} - {s["path"] for s in changed + removed}
-    adding = [f for f in source.files if str(f.path.resolve()) not in indexed]
-    if not adding and not removed:
-        note(f"nothing to append: index {path} already holds every file in {source.directory}")
-        return info
-    cls = backend_class(info["type"], info["engine"])
-    started = time.perf_counter()
-    retired = _labels_of(changed + removed)
-    rows_now = {str(f.path.resolve()): f.rows for f in adding}
+def _same_vectors(backend: Backend, existing: Rows, source: VectorSource, changed: list[dict[str, Any]],
+                  hidden: np.ndarray) -> dict[str, tuple[dict[str, Any], VectorFile, np.ndarray, pa.Table]]:
+    """The `changed` files that hold the same ids, once each, with the same vectors as the version
+    the index took up and shows (no label of it `hidden`: deleted, replaced by a later file's row
+    or retired), by path: (manifest entry, file, the label of each of its rows, its rows). Only
+    their other columns changed (a title edited, the paths of covers that moved): their vectors
+    stay, and their rows are taken up in place, where adding them again would have shown the same
+    vectors and left as many retired ones in the index."""
+    files = {str(f.path.resolve()): f for f in source.files}
+    same = {}
     for entry in changed:
+        labels = _labels_of([entry])
+        then = dict(zip(existing.take(labels).column("id").to_pylist(), labels.tolist()))
+        file = files[entry["path"]]
+        if not len(labels) or len(then) != len(labels) or file.rows != len(labels) or np.isin(labels, hidden).any():
+            continue
+        parts, at, seen = [], [], set()
+        for rows, vectors in source.batches([file], metadata=True):
+            ids = rows.column("id").to_pylist()
+            if any(id_ not in then or id_ in seen for id_ in ids):
+                break
+            seen.update(ids)
+            labels_now = np.array([then[id_] for id_ in ids], np.int64)
+            # float16 rounding apart (the vectors ivfpq refines with): a vector made again from the
+            # same cover differs far more
+            if np.abs(backend.vectors(labels_now) - vectors).max(initial=0) > 2e-3:
+                break
+            parts.append(rows)
+            at.append(labels_now)
+        else:
+            if len(seen) == len(then):
+                same[entry["path"]] = (entry, file, np.concatenate(at), pa.concat_tables(parts))
+    return same
+
+
+def _note_stale(same: dict[str, tuple], stale: list[dict[str, Any]], removed: list[dict[str, Any]],
+                adding: list[VectorFile], source: VectorSource, note: Notes) -> None:
+    rows_now = {str(f.path.resolve()): f.rows for f in adding}
+    for entry, _, labels, _ in same.values():
+        note(f"{entry['name']} changed in its other columns alone: its {counted(len(labels), 'vector')} kept, "
+             "its rows taken up")
+    for entry in stale:
         note(f"{entry['name']} changed since it was indexed: retiring its "
              f"{counted(len(_labels_of([entry])), 'old vector')}, adding its {counted(rows_now[entry['path']], 'row')}")
     for entry in removed:
         note(f"{entry['name']} is gone from {source.directory}: retiring its "
              f"{counted(len(_labels_of([entry])), 'vector')}")
 
+
+def _rows_now(same: dict[str, tuple], schema: pa.Schema) -> tuple[np.ndarray, pa.Table]:
+    """(labels, in order, and their rows) of the files `_same_vectors` found, conformed to `schema`."""
+    if not same:
+        return np.empty(0, np.int64), schema.empty_table()
+    labels = np.concatenate([at for _, _, at, _ in same.values()])
+    rows = pa.concat_tables([conform(rows, schema, str(file.path)) for _, file, _, rows in same.values()])
+    order = np.argsort(labels, kind="stable")
+    return labels[order], rows.take(pa.array(order))
+
+
+def _with_rows_now(table: pa.Table, start: int, labels: np.ndarray, rows: pa.Table) -> pa.Table:
+    """`table`, the row file's rows from label `start` on, with those of `labels` (sorted) replaced
+    by `rows`."""
+    first, end = np.searchsorted(labels, [start, start + len(table)]).tolist()
+    if first == end:
+        return table
+    order = np.arange(len(table))
+    order[labels[first:end] - start] = len(table) + np.arange(end - first)
+    return pa.concat_tables([table, rows.slice(first, end - first)]).take(pa.array(order))
+
+
+def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
+                 note: Notes = lambda line: None, recall_queries: int = 500,
+                 on_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Bring the index at `path` up to date with the files of `source`, without rebuilding it: add
+    the files it has not seen; for each file that changed since (such as the last shard of a
+    dataset that grew) retire the vectors of its old version and add its rows again, unless it
+    holds the same ids with the same vectors (`_same_vectors`: a title edited, covers moved), whose
+    rows the index then takes up in place; retire the vectors of shards gone from a vsearch shard
+    folder. Ids deleted from the index stay deleted where a changed file holds them again, and in
+    any shard of a vsearch shard folder (each a piece of the same dataset, wherever an edit moved
+    its rows); a new bring-your-own file brings them back. `on_total(n)` once with the number of
+    vectors to add, `on_rows(n)` as they are."""
+    info = read_index_manifest(path)
+    _check_appendable(path, info, source)
+    changed, removed = _stale_entries(path, info, source, note)
+    indexed = {s["path"] for s in info["shards"]} - {s["path"] for s in changed + removed}
+    new = [f for f in source.files if str(f.path.resolve()) not in indexed]
+    if not new and not removed:
+        note(f"nothing to append: index {path} already holds every file in {source.directory}")
+        return info
+    cls = backend_class(info["type"], info["engine"])
+    started = time.perf_counter()
+
     def fill(work: Path) -> dict[str, Any]:
         for name in [p.name for p in path.glob("vectors-*.npy")] + [DELETED]:
             if (path / name).exists():
                 os.link(path / name, work / name)  # unchanged files: share them, don't copy
         backend = cls.load(path, info["dim"], info["params"], writable=True)
+        existing = Rows(path / ROWS)
+        deleted = read_deleted(path)
+        same = _same_vectors(backend, existing, source, changed, held_labels(deleted))
+        stale = [entry for entry in changed if entry["path"] not in same]
+        adding = [f for f in new if str(f.path.resolve()) not in same]
+        retired = _labels_of(stale + removed)
+        _note_stale(same, stale, removed, adding, source, note)
         new_rows = sum(f.rows for f in adding)
         on_total(new_rows)
         if new_rows:
             backend.prepare(work, new_rows)
-        deleted = read_deleted(path)
         dead = np.union1d(held_labels(deleted), retired)
         backend.hide(dead)  # now, so that recall is measured on the search the saved index makes
         held = HeldOut(sample_positions(new_rows, min(recall_queries, (info["count"] + new_rows) // 10), seed=1))
         params = dict(info["params"])
-        existing = Rows(path / ROWS)
+        rows_now = _rows_now(same, existing.schema)
         with RowsWriter(work / ROWS, existing.schema) as rows:
-            for table in existing.tables():
-                rows.write(table, str(path / ROWS))
+            for table, start in zip(existing.tables(), existing.starts.tolist()):
+                rows.write(_with_rows_now(table, start, *rows_now), str(path / ROWS))
             label = _add_files(backend, source, adding, info["count"], rows, on_rows, held)
             measured = _append_recall(info, backend, dead, held, params, recall_queries)
             if len(held.positions):
                 _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
+        refreshed = [{**entry, **file_entry(file)} for entry, file, _, _ in same.values()]  # labels kept
         entries = [{**file_entry(f), "labels": labels} for f, labels
                    in zip(adding, _file_labels([f.rows for f in adding], held.positions, info["count"]))]
-        again = [e for e in entries if source.kind is not None or e["path"] in {s["path"] for s in changed}]
+        again = [e for e in entries if source.kind is not None or e["path"] in {s["path"] for s in stale}]
         order = np.concatenate([_shown_last(info["count"], dead),
                                 info["count"] + _insertion_order(new_rows, held.positions)])
         rows_deleted = pa.concat_tables([retire(deleted, retired), deleted_again(path, work, _labels_of(again))])
         mark_superseded(work, rows_deleted, order, note, hidden=np.setdiff1d(retired, held_labels(deleted)))
         _save(backend, work, hidden_before=dead)
         appended = {**info, "count": info["count"] + new_rows, "params": params, "recall": measured,
-                    "shards": [s for s in info["shards"] if s["path"] in indexed] + entries,
+                    "shards": [s for s in info["shards"] if s["path"] in indexed] + refreshed + entries,
                     "appends": info.get("appends", []) + [{
                         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": [f.name for f in adding],
-                        "rows": new_rows, "changed": [s["name"] for s in changed],
+                        "rows": new_rows, "changed": [s["name"] for s in stale],
+                        "refreshed": [s["name"] for s in refreshed],
                         "removed": [s["name"] for s in removed], "retired": len(retired),
                         "seconds": round(time.perf_counter() - started, 3)}]}
         note(f"appended {counted(new_rows, 'vector')} from {counted(len(adding), 'file')}"
