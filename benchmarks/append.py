@@ -4,9 +4,13 @@ a dataset that grew: that last file made again with --grown more rows (as `vsear
 a grown dataset's last shard) and a new file of --added rows. `append_index` does it in place;
 `build_index` makes a fresh index from the same files. For each: seconds, the search settings it
 chose and the recall@10 its manifest reports, and recall@10 measured alike for both: new queries
-against exact search over the vectors the files now hold, by id.
+against exact search over the vectors the files now hold, by id. With --retitled, every file is
+instead written again with a new title column, its ids and vectors as they were (as `vsearch
+embed` rewrites shards whose titles were edited, or whose covers moved): the append takes up their
+rows in place.
 
     python benchmarks/append.py [--count 200000] [--last 5000] [--grown 5000] [--added 20000] [--type hnsw]
+                                [--retitled]
 
 Prints a table and writes JSON (default benchmarks/out/append.json).
 """
@@ -40,6 +44,13 @@ def grow(source: VectorSource, grown: int, added: int, seed: int) -> None:
     write_vectors_parquet(_table(added, source.dim, seed, 2, "new-"), source.directory / "part-99999.parquet")
 
 
+def retitle(source: VectorSource) -> None:
+    """Write every file of `source` again with a title column added, its rows otherwise as they were."""
+    for file in source.files:
+        table = pq.read_table(file.path)
+        write_vectors_parquet(table.append_column("title", pa.array([f"title {file.name}"] * len(table))), file.path)
+
+
 def _table(rows: int, dim: int, seed: int, number: int, prefix: str) -> pa.Table:
     return clip_like_table([f"{prefix}{i}" for i in range(rows)], dim, seed, number)
 
@@ -67,6 +78,7 @@ def main() -> None:
     parser.add_argument("--added", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--type", default="hnsw")
+    parser.add_argument("--retitled", action="store_true", help="Every file retitled instead of the dataset grown.")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/append.json"))
     args = parser.parse_args()
@@ -78,7 +90,10 @@ def main() -> None:
         source = open_source(folder)
         appended, rebuilt = Path(scratch) / "appended", Path(scratch) / "rebuilt"
         build_index(BuildConfig(type=args.type), source, appended)
-        grow(source, args.grown, args.added, seed=1)
+        if args.retitled:
+            retitle(source)
+        else:
+            grow(source, args.grown, args.added, seed=1)
         grown = open_source(source.directory)
         started = time.perf_counter()
         append_info = append_index(appended, grown)
@@ -90,7 +105,8 @@ def main() -> None:
         measured = {name: recall_at(10, load_index(path).search(queries, 10), truth)
                     for name, path in (("append", appended), ("rebuild", rebuilt))}
     report = {"date": time.strftime("%Y-%m-%d"), "type": args.type, "count": args.count, "last": args.last,
-              "grown": args.grown,
+              "retitled": args.retitled, "grown": args.grown,
+              "refreshed_files": len(append_info["appends"][-1].get("refreshed", [])),
               "added": args.added, "dim": args.dim, "append_seconds": round(append_seconds, 2),
               "rebuild_seconds": round(build_seconds, 2), "append_over_rebuild": round(append_seconds / build_seconds, 3),
               "search_params": {name: {key: info["params"][key] for key in backend_class(args.type).search_params}
@@ -98,8 +114,9 @@ def main() -> None:
               "reported_recall@10": {"append": append_info["recall"]["recall@10"],
                                      "rebuild": build_info["recall"]["recall@10"]},
               "measured_recall@10": {name: round(value, 4) for name, value in measured.items()}}
-    table = Table(title=f"{args.type}, {args.count + args.last:,} × {args.dim}; last file of {args.last:,} "
-                        f"+{args.grown:,} rows, new file of {args.added:,}")
+    change = ("every file retitled" if args.retitled
+              else f"last file of {args.last:,} +{args.grown:,} rows, new file of {args.added:,}")
+    table = Table(title=f"{args.type}, {args.count + args.last:,} × {args.dim}; {change}")
     for column in ("", "seconds", "search", "recall@10 reported", "recall@10 measured"):
         table.add_column(column, justify="right")
     for name, seconds in (("append", append_seconds), ("rebuild", build_seconds)):
