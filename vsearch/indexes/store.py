@@ -406,7 +406,7 @@ def _same_vectors(backend: Backend, existing: Rows, source: VectorSource, change
     return same
 
 
-def _note_stale(same: dict[str, tuple], stale: list[dict[str, Any]], removed: list[dict[str, Any]],
+def _note_changes(same: dict[str, tuple], stale: list[dict[str, Any]], removed: list[dict[str, Any]],
                 adding: list[VectorFile], source: VectorSource, note: Notes) -> None:
     rows_now = {str(f.path.resolve()): f.rows for f in adding}
     for entry, _, labels, _ in same.values():
@@ -475,7 +475,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         stale = [entry for entry in changed if entry["path"] not in same]
         adding = [f for f in new if str(f.path.resolve()) not in same]
         retired = _labels_of(stale + removed)
-        _note_stale(same, stale, removed, adding, source, note)
+        _note_changes(same, stale, removed, adding, source, note)
         new_rows = sum(f.rows for f in adding)
         on_total(new_rows)
         if new_rows:
