@@ -146,10 +146,11 @@ def with_metadata(columns: dict[str, Any], rows: list[Row], reads_text: bool = F
     """`columns` with each row's title, OCR text, `uri` and `cover` as `rows` (by id) give them now;
     with `reads_text` (--ocr), the text read off a cover stays where its row has none."""
     by_id = {row.id: row for row in rows}
-    ocr = [by_id[id_].ocr if by_id[id_].ocr is not None or not reads_text else text
-           for id_, text in zip(columns["id"], columns.get("ocr", [None] * len(columns["id"])))]
-    return {**columns, "title": [by_id[id_].title for id_ in columns["id"]], "ocr": ocr,
-            "uri": [by_id[id_].uri for id_ in columns["id"]], "cover": [by_id[id_].cover for id_ in columns["id"]]}
+    now = [by_id[id_] for id_ in columns["id"]]
+    read = columns.get("ocr", [None] * len(now))
+    return {**columns, "title": [row.title for row in now], "uri": [row.uri for row in now],
+            "cover": [row.cover for row in now],
+            "ocr": [text if reads_text and row.ocr is None else row.ocr for row, text in zip(now, read)]}
 
 
 def made_from(entry: dict[str, Any] | None, rows: list[Row], digests: dict[str, str]) -> bool:
@@ -401,7 +402,7 @@ def _column(field_: pa.Field, kind: str, vectors: np.ndarray, columns: dict[str,
 def with_kept_rows(directory: Path, entry: dict[str, Any], columns: dict[str, Any], order: list[str]) -> dict[str, Any]:
     """`columns` (rows encoded again, as `write_shard_file` takes them) together with the rows of the
     shard `entry` lists, in the order of the ids in `order`: a shard whose failed rows were retried,
-    or whose files moved, to be written whole again."""
+    or whose vectors still hold for rows that changed (`vectors_hold`), to be written whole again."""
     try:
         kept = pq.read_table(directory / entry["name"])
     except (OSError, pa.ArrowException) as exc:

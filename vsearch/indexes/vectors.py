@@ -184,10 +184,9 @@ def _dense(column: pa.Array, dim: int, path: Path, ids: pa.Array) -> np.ndarray:
     return vectors
 
 
-def _list_dim(path: Path, column: str) -> int | None:
-    """How many values each vector of `column` in the Parquet file at `path` has: a fixed-size
-    list's size, or the length of the first vector that is not null (None when there is none)."""
-    parquet = _parquet(path)
+def _list_dim(parquet: pq.ParquetFile, column: str) -> int | None:
+    """How many values each vector of `column` in `parquet` has: a fixed-size list's size, or the
+    length of the first vector that is not null (None when there is none)."""
     kind = parquet.schema_arrow.field(column).type
     if pa.types.is_fixed_size_list(kind):
         return kind.list_size
@@ -231,16 +230,19 @@ def parquet_source(directory: Path, id_column: str | None = None, vector_column:
     id_name = id_column or "id"
     if id_name not in schema.names:
         raise VsearchError(f"{paths[0]} has no id column {id_name!r}; pass --id-column")
-    dim = next(filter(None, (_list_dim(path, column) for path in paths)), None)
-    if dim is None:
-        raise VsearchError(f"no vectors in {directory}: its {column!r} columns hold none")
-    files = []
+    dim, files = None, []
     for path in paths:
         parquet = _parquet(path)
         other = parquet.schema_arrow
-        if column not in other.names or not _float_list(other.field(column)) or _list_dim(path, column) not in (dim, None):
-            raise VsearchError(f"{path} does not have the same {dim}-d vector column {column!r} as {paths[0].name}")
+        listed = column in other.names and _float_list(other.field(column))
+        length = _list_dim(parquet, column) if listed else None
+        if not listed or None not in (dim, length) and length != dim:
+            raise VsearchError(f"{path} does not have the same {dim or ''}-d vector column {column!r} as "
+                               f"{paths[0].name}")
+        dim = dim or length
         files.append(VectorFile(path.name, path, parquet.metadata.num_rows, sha256_of(path)))
+    if dim is None:
+        raise VsearchError(f"no vectors in {directory}: its {column!r} columns hold none")
     return VectorSource(directory, directory.name, dim, files, None, id_name, column)
 
 
