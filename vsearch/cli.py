@@ -265,7 +265,7 @@ def build_index_command(
         help="The model that made bring-your-own --embeddings, so that `vsearch query` can encode text; "
              "or the text encoder for --layout cbvs10m-hnsw (default uniclip).")] = None,
     device: Annotated[str, typer.Option(help="Device for loading --model.")] = "auto",
-    threads: Annotated[int, typer.Option(help="Threads for building (-1: all cores).")] = -1,
+    threads: Annotated[int, typer.Option(help="Threads for building or appending (-1: all cores).")] = -1,
 ) -> None:
     """Build an index from embedding shards (or add to one with --append)."""
     from vsearch.console import progress, stderr
@@ -298,7 +298,8 @@ def build_index_command(
 
         destination = out or (ws.index_dir(name) if name else index_built_from(ws, source.directory, kind, type))
         with progress(f"append to {destination.name}", None, unit="vectors") as bar:
-            append_index(destination, source, bar, note=lambda line: stderr.print(line), on_total=bar.expect)
+            append_index(destination, source, bar, note=lambda line: stderr.print(line), on_total=bar.expect,
+                         threads=threads)
         return
     type = type or "hnsw"
     default_name = f"{source.directory.name}-{type}" if kind == "cover" else f"{source.directory.name}-clip-{type}"

@@ -443,7 +443,7 @@ def _with_rows_now(table: pa.Table, start: int, labels: np.ndarray, rows: pa.Tab
 
 def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None] = lambda n: None,
                  note: Notes = lambda line: None, recall_queries: int = 500,
-                 on_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+                 on_total: Callable[[int], None] = lambda n: None, threads: int = -1) -> dict[str, Any]:
     """Bring the index at `path` up to date with the files of `source`, without rebuilding it: add
     the files it has not seen; for each file that changed since (such as the last shard of a
     dataset that grew) retire the vectors of its old version and add its rows again, unless it
@@ -452,7 +452,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
     folder. Ids deleted from the index stay deleted where a changed file holds them again, and in
     any shard of a vsearch shard folder (each a piece of the same dataset, wherever an edit moved
     its rows); a new bring-your-own file brings them back. `on_total(n)` once with the number of
-    vectors to add, `on_rows(n)` as they are."""
+    vectors to add, `on_rows(n)` as they are; `threads` as a build's (-1: every core)."""
     info = read_index_manifest(path)
     _check_appendable(path, info, source)
     changed, removed = _stale_entries(path, info, source, note)
@@ -469,6 +469,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
             if (path / name).exists():
                 os.link(path / name, work / name)  # unchanged files: share them, don't copy
         backend = cls.load(path, info["dim"], info["params"], writable=True)
+        backend.set_threads(threads)
         existing = Rows(path / ROWS)
         deleted = read_deleted(path)
         same = _same_vectors(backend, existing, source, changed, held_labels(deleted))
