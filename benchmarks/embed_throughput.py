@@ -29,7 +29,8 @@ from rich.table import Table
 
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.datasets import Row
-from vsearch.embeddings.job import EmbedConfig, encode_media_shards, run_embed, total_workers
+from vsearch.embeddings.job import EmbedConfig, encode_media_shards, one_in_flight, run_embed, total_workers
+from vsearch.embeddings.torch_encoder import PendingOutputs
 from vsearch.embeddings.uniclip import UniClip, UniClipConfig
 from vsearch.workspace import Workspace
 
@@ -54,17 +55,16 @@ def random_checkpoint(path: Path) -> None:
 
 
 def model_only(encoder, covers: int, batch_size: int) -> float:
-    """Covers/s of the encoder alone on pre-made pixels already on its device."""
+    """Covers/s of the encoder alone on pre-made pixels already on its device, each batch queued
+    before the one before it is read back, as the job does."""
     pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=encoder.device)
     encoder.encode_pixels(pixels)  # warm-up: kernels, autotuning
     batches = max(1, covers // batch_size)
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    for _ in range(batches):
-        encoder.encode_pixels(pixels)
-    if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
+    for _, outputs in one_in_flight(range(batches), lambda _: encoder.submit_pixels(pixels)):
+        outputs.result()
     return batches * batch_size / (time.perf_counter() - started)
 
 
@@ -77,11 +77,11 @@ class NoModel:
     def __getattr__(self, name: str):
         return getattr(self.encoder, name)
 
-    def encode_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    def submit_pixels(self, pixels: torch.Tensor) -> PendingOutputs:
         if pixels.is_cuda:
             torch.cuda.synchronize(pixels.device)  # the batch's decoding and resizing, done
-        return {"vector": np.zeros((len(pixels), self.encoder.dim), np.float32),
-                "ocr_presence": np.zeros(len(pixels), np.float32)}
+        return PendingOutputs({"vector": torch.ones((len(pixels), self.encoder.dim)),
+                               "ocr_presence": torch.zeros(len(pixels))})
 
 
 def readers_only(encoder, folder: Path, args: argparse.Namespace) -> float:
@@ -106,9 +106,13 @@ def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Names
     result = run_embed(config, workspace, on_rows=lambda n: batches.append((time.perf_counter(), n)), encoder=encoder)
     elapsed = time.perf_counter() - started
     assert result.rows_written == args.covers, result
-    (first, first_rows), (last, _) = batches[0], batches[-1]
-    steady = (args.covers - first_rows) / (last - first) if last > first else float("nan")
+    # Between the first report and the one before last: a batch is reported once the next one is
+    # queued, which on the CPU means computed, so the last two reports come together there.
+    times, rows = [t for t, _ in batches], [n for _, n in batches]
+    steady = sum(rows[1:-1]) / (times[-2] - times[0]) if len(batches) > 2 else float("nan")
+    first, last = times[0], times[-1]
     return {"covers_per_s": args.covers / elapsed, "steady_covers_per_s": steady,
+            "until_first_batch_s": first - started, "after_last_batch_s": started + elapsed - last,
             **{f"{stage}_s": round(seconds, 2) for stage, seconds in asdict(result.times).items()}}
 
 
@@ -132,6 +136,7 @@ def main() -> None:
         reading = readers_only(encoder, scratch / "covers", args)
         job = end_to_end(encoder, scratch / "covers", Workspace.resolve(scratch / "ws"), args)
     pipeline, steady = job.pop("covers_per_s"), job.pop("steady_covers_per_s")
+    before, after = job.pop("until_first_batch_s"), job.pop("after_last_batch_s")
 
     device = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else platform.processor() or "cpu"
     report = {
@@ -140,7 +145,8 @@ def main() -> None:
         "model_only_covers_per_s": round(alone, 1), "readers_only_covers_per_s": round(reading, 1),
         "end_to_end_covers_per_s": round(pipeline, 1),
         "end_to_end_over_model_only": round(pipeline / alone, 3),
-        "after_first_batch_covers_per_s": round(steady, 1), "job_seconds": job,
+        "after_first_batch_covers_per_s": round(steady, 1), "until_first_batch_s": round(before, 2),
+        "after_last_batch_s": round(after, 2), "job_seconds": job,
     }
     table = Table(title=f"embed throughput on {device}")
     for column in ("covers", "model only (covers/s)", "readers only", "end to end (covers/s)", "ratio",
@@ -150,8 +156,8 @@ def main() -> None:
                   f"{steady:,.1f}", f"{steady / alone:.1%}")
     Console().print(table)
     Console().print("the job's seconds: " + ", ".join(f"{stage.removesuffix('_s')} {seconds}" for stage, seconds in job.items())
-                    + " (input: the model waiting for batches; output: for the shard writer; decoding: on the device, "
-                      "beside the model)")
+                    + f" (input: the model waiting for batches; output: for the shard writer; decoding: on the device, "
+                      f"beside the model); {before:.1f} s until the first batch was encoded, {after:.1f} s after the last")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

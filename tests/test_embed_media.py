@@ -25,6 +25,7 @@ from vsearch.embeddings import load_encoder
 from vsearch.embeddings.datasets import open_dataset, url_id
 from vsearch.embeddings.encoders import l2_normalise
 from vsearch.embeddings.job import EmbedConfig, OomBackoff, StageTimes, run_embed, total_workers
+from vsearch.embeddings.torch_encoder import PendingOutputs
 from vsearch.embeddings.media import MediaError, decode_image, sample_frames
 from vsearch.embeddings.shards import Manifest
 from vsearch.errors import VsearchError
@@ -204,17 +205,17 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing():
     class FlakyGpu:
         calls: list[int] = []
 
-        def encode_pixels(self, pixels):
+        def submit_pixels(self, pixels):
             self.calls.append(len(pixels))
             if len(pixels) > 8:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-            return {"vector": pixels.reshape(len(pixels), -1).numpy()}
+            return PendingOutputs({"vector": pixels.reshape(len(pixels), -1)})
 
     gpu = FlakyGpu()
     backoff = OomBackoff(gpu, limit=64)
-    pixels = torch.arange(40 * 3, dtype=torch.float32).reshape(40, 3)
-    out = backoff(pixels)
-    np.testing.assert_array_equal(out["vector"], pixels.numpy())
+    pixels = torch.arange(1, 40 * 3 + 1, dtype=torch.float32).reshape(40, 3)
+    out = backoff(pixels)()
+    np.testing.assert_allclose(out["vector"], l2_normalise(pixels.numpy()), rtol=1e-6)
     assert backoff.limit == 5 and gpu.calls[:4] == [40, 20, 10, 5] and max(gpu.calls[4:]) == 5
 
 
@@ -237,9 +238,9 @@ def test_one_process_per_device_writes_the_same_shards(workspace, tiny_uniclip, 
 def test_the_job_says_which_stage_bounds_it(workspace, tiny_uniclip, monkeypatch):
     from vsearch.embeddings.uniclip import UniClipEncoder
 
-    read, encode = reader.MediaRows.__getitems__, UniClipEncoder.encode_pixels
+    read, submit = reader.MediaRows.__getitems__, UniClipEncoder.submit_pixels
     monkeypatch.setattr(reader.MediaRows, "__getitems__", lambda self, items: time.sleep(0.5) or read(self, items))
-    monkeypatch.setattr(UniClipEncoder, "encode_pixels", lambda self, pixels: time.sleep(0.1) or encode(self, pixels))
+    monkeypatch.setattr(UniClipEncoder, "submit_pixels", lambda self, pixels: time.sleep(0.1) or submit(self, pixels))
     started = time.perf_counter()
     times = embed_demo(workspace, tiny_uniclip, batch_size=50).times  # 4 batches
     # The next batch is read while the model runs: the job waits 0.5 s for the first, then about 0.4 s.

@@ -198,22 +198,43 @@ class OomBackoff:
     def __init__(self, encoder: Any, limit: int):
         self.encoder, self.limit = encoder, limit
 
-    def __call__(self, pixels: Any) -> dict[str, np.ndarray]:
+    def __call__(self, pixels: Any) -> Callable[[], dict[str, np.ndarray]]:
+        """Start encoding `pixels`; returns the function that waits for their outputs. Memory runs out
+        while the work is queued, so the halving happens here."""
         import torch
 
-        parts: list[dict[str, np.ndarray]] = []
+        parts = []
         start = 0
         while start < len(pixels):
             size = min(self.limit, len(pixels) - start)
             try:
-                parts.append(self.encoder.encode_pixels(pixels[start:start + size]))
+                parts.append(self.encoder.submit_pixels(pixels[start:start + size]))
                 start += size
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise VsearchError("CUDA out of memory with a batch of one image") from None
                 torch.cuda.empty_cache()
                 self.limit = size // 2
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+        def outputs() -> dict[str, np.ndarray]:
+            results = [part.result() for part in parts]
+            return {name: np.concatenate([result[name] for result in results]) for name in results[0]}
+
+        return outputs
+
+
+def one_in_flight(items: Iterator[T], submit: Callable[[T], Any]) -> Iterator[tuple[T, Any]]:
+    """Each item with what `submit(item)` returned, the next item submitted before this one is
+    given back: the device has the next batch queued while the host waits for this one's outputs
+    and then takes up the host for other work (writing shards, the next batch's decoding)."""
+    pending = None
+    for item in items:
+        submitted = (item, submit(item))
+        if pending is not None:
+            yield pending
+        pending = submitted
+    if pending is not None:
+        yield pending
 
 
 def mean_pool(frame_vectors: np.ndarray, frames: int) -> np.ndarray:
@@ -256,19 +277,27 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
         with times.timing("decoding") if on_device else nullcontext():
             return batch, *device_pixels(batch, encoder.device, transform, encoder.image_transform)
 
+    def submitted(prepared: tuple) -> Callable[[], dict[str, np.ndarray]] | None:
+        pixels = prepared[1]
+        if pixels is None:
+            return None
+        with times.timing("model"):
+            return encode(pixels if kind == "cover" else pixels.flatten(0, 1))
+
     shard: _ShardInProgress | None = None
     # The next batch is read and prepared on the device (JPEGs decoded and resized) while the model
-    # runs on this one.
-    for batch, pixels, rows, failed in times.waited(read_ahead(map(with_pixels, batches))):
+    # runs on this one, and queued on the device before this one's outputs are waited for.
+    prepared = times.waited(read_ahead(map(with_pixels, batches)))
+    for (batch, _, rows, failed), outputs in one_in_flight(prepared, submitted):
         if shard is not None and batch.number != shard.number:
             yield shard.finished(encoder.dim)
             shard = None
         shard = shard or _ShardInProgress(kind, batch.number)
         shard.failed += [_failure(row, kind, reason) for row, reason in failed]
-        if pixels is not None:
+        if outputs is not None:
             with times.timing("model"):
-                outputs = encode(pixels if kind == "cover" else pixels.flatten(0, 1))
-            shard.outputs.append(outputs if kind == "cover" else {"vector": mean_pool(outputs["vector"], config.frames)})
+                arrays = outputs()
+            shard.outputs.append(arrays if kind == "cover" else {"vector": mean_pool(arrays["vector"], config.frames)})
             shard.rows += rows
         on_rows(len(batch.rows) + len(batch.failed))
     if shard is not None:

@@ -69,13 +69,14 @@ class TorchImageEncoder:
         pixels = pixels.to(self.device, non_blocking=True)
         return pixels if self.normalisation is None else self.normalisation(pixels.float() / 255)
 
+    def submit_pixels(self, pixels: torch.Tensor) -> "PendingOutputs":
+        """Start encoding a batch of pixels; on CUDA this returns once the work is queued."""
+        with torch.inference_mode(), self.autocast():
+            return PendingOutputs(self._encode_pixels(self.model_input(pixels)))
+
     def encode_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
         """Encode a batch of pixels; returns float32 arrays keyed by column name."""
-        with torch.inference_mode(), self.autocast():
-            outputs = self._encode_pixels(self.model_input(pixels))
-        arrays = {name: value.float().cpu().numpy() for name, value in outputs.items()}
-        arrays["vector"] = l2_normalise(arrays["vector"])
-        return arrays
+        return self.submit_pixels(pixels).result()
 
     def pixels(self, images: Sequence) -> torch.Tensor:
         """A batch of pixels (`image_transform`ed images), on the CPU."""
@@ -86,3 +87,27 @@ class TorchImageEncoder:
 
     def _encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+class PendingOutputs:
+    """A batch's outputs on their way to the host. The embed job queues the next batch before it
+    waits for these, so the GPU is never left without work while the host is busy elsewhere (a
+    thread decoding JPEGs holds the host for tens of milliseconds a batch)."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor]):
+        device = next(iter(outputs.values())).device
+        on_cuda = device.type == "cuda"
+        # On CUDA, copies to the host that do not wait: into pinned memory, done when `_copied` is.
+        self._host = {name: value.float().to("cpu", non_blocking=on_cuda) for name, value in outputs.items()}
+        self._copied = None
+        if on_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(device))
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Float32 arrays keyed by column name, the vectors L2-normalised; waits for the device."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        arrays = {name: value.numpy() for name, value in self._host.items()}
+        arrays["vector"] = l2_normalise(arrays["vector"])
+        return arrays
