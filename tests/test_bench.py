@@ -74,16 +74,27 @@ def run_script(script: str, *args: str) -> None:
 
 def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
     out = tmp_path / "embed.json"
-    run_script("embed_throughput.py", "--covers", "8", "--batch-size", "4", "--workers", "1", "--device", "cpu",
+    run_script("embed_throughput.py", "--covers", "12", "--batch-size", "4", "--workers", "1", "--device", "cpu",
                "--out", str(out))
     report = json.loads(out.read_text())
-    assert report["covers"] == 8 and report["model_only_covers_per_s"] > 0
+    assert report["covers"] == 12 and report["model_only_covers_per_s"] > 0
     # The rates are rounded to 0.1 covers/s in the report, a few per cent of a CPU's rate.
     assert report["end_to_end_over_model_only"] == pytest.approx(
         report["end_to_end_covers_per_s"] / report["model_only_covers_per_s"], rel=0.05)
-    assert report["after_first_batch_covers_per_s"] > 0  # two batches of 4: the second one's rate
+    assert report["after_first_batch_covers_per_s"] > 0  # three batches of 4: the second one's rate
+    assert report["until_first_batch_s"] > 0 and report["after_last_batch_s"] >= 0
     assert report["job_seconds"]["model_s"] > 0 and set(report["job_seconds"]) == {
         "input_s", "model_s", "output_s", "decoding_s"}
+
+
+def test_embed_stages_times_each_step_of_a_batch(tmp_path):
+    out = tmp_path / "stages.json"
+    run_script("embed_stages.py", "--covers", "8", "--batch-size", "4", "--device", "cpu", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["batches"] == 2
+    assert set(report["steps_ms"]) == {"read files", "decode JPEGs", "resize", "model"}
+    assert all(0 < step["host"] <= step["device"] for step in report["steps_ms"].values())
+    assert report["overlapped_ms"] == {}  # the loop's overlap is the GPU's alone
 
 
 def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count(tmp_path):
