@@ -250,6 +250,26 @@ def test_the_job_says_which_stage_bounds_it(workspace, tiny_uniclip, monkeypatch
     assert "bounds" not in _stage_line(StageTimes(input=1.0, model=9.0, output=0.5))
 
 
+def test_the_next_batch_is_queued_before_this_ones_outputs_are_waited_for(workspace, tiny_uniclip, monkeypatch):
+    from vsearch.embeddings.uniclip import UniClipEncoder
+
+    events, submit = [], UniClipEncoder.submit_pixels
+
+    def logged(self, pixels):
+        pending, number = submit(self, pixels), sum(event == "submit" for event, _ in events)
+        events.append(("submit", number))
+        result = pending.result
+        pending.result = lambda: events.append(("result", number)) or result()
+        return pending
+
+    monkeypatch.setattr(UniClipEncoder, "submit_pixels", logged)
+    result = embed_demo(workspace, tiny_uniclip, batch_size=50, shard_size=100)  # 4 batches across 2 shards
+    # The GPU is never left without work while the host reads a batch's outputs back.
+    assert events == [("submit", 0), ("submit", 1), ("result", 0), ("submit", 2), ("result", 1),
+                      ("submit", 3), ("result", 2), ("result", 3)]
+    assert result.rows_written == 199 and result.shards_written == 2
+
+
 def test_covers_are_decoded_by_the_readers_where_torchvision_no_longer_decodes_jpegs(workspace, tiny_uniclip,
                                                                                      monkeypatch):
     import torchvision.io
