@@ -30,10 +30,10 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from embed_throughput import make_covers, random_checkpoint
+from embed_throughput import covers_and_checkpoint
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.job import one_in_flight
-from vsearch.embeddings.reader import jpeg_tensor, transform_by_size
+from vsearch.embeddings.reader import decode_jpegs, jpeg_tensor, transform_by_size
 from vsearch.overlap import read_ahead
 
 
@@ -53,22 +53,24 @@ def median_ms(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
+def prepared(encoder, jpegs: list[torch.Tensor]) -> torch.Tensor:
+    """A batch's JPEGs decoded and resized on the encoder's device, as the job does it."""
+    return decode_jpegs(jpegs, [None] * len(jpegs), encoder.device, encoder.tensor_transform,
+                        encoder.image_transform)[0]
+
+
 def overlapped_ms(batches: list[list[torch.Tensor]], encoder, in_flight: bool) -> float:
     """Milliseconds a batch of the job's loop: the next batch decoded and resized on a thread
     while the model runs on this one; `in_flight`: and queued on the device before this one's
     outputs are waited for, as the job does (else each batch is waited for before the next)."""
-    def prepare(jpegs: list[torch.Tensor]) -> torch.Tensor:
-        return transform_by_size(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=encoder.device),
-                                 encoder.tensor_transform)
-
     torch.cuda.synchronize(encoder.device)
     started = time.perf_counter()
-    prepared = read_ahead(map(prepare, batches))
+    prepared_batches = read_ahead(prepared(encoder, jpegs) for jpegs in batches)
     if in_flight:
-        for _, outputs in one_in_flight(prepared, encoder.submit_pixels):
+        for _, outputs in one_in_flight(prepared_batches, encoder.submit_pixels):
             outputs.result()
     else:
-        for pixels in prepared:
+        for pixels in prepared_batches:
             encoder.encode_pixels(pixels)
     return (time.perf_counter() - started) * 1e3 / len(batches)
 
@@ -99,15 +101,11 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        (scratch / "covers").mkdir()
-        make_covers(scratch / "covers", args.covers)
-        random_checkpoint(scratch / "uniclip-random.pt")
-        spec = f"uniclip:{scratch / 'uniclip-random.pt'}"
+        covers, spec = covers_and_checkpoint(Path(scratch), args.covers)
         encoder = load_encoder(spec, args.device)
         # float16 matrix products on the CPU are slow or missing: the candidate is the GPU's
         fast = float16_encoder(spec, encoder.device) if encoder.device.type == "cuda" else None
-        files = sorted((scratch / "covers").iterdir())
+        files = sorted(covers.iterdir())
         read_runs, batches = [], []
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
@@ -118,8 +116,7 @@ def main() -> None:
     device = encoder.device
     if len(batches[-1]) < args.batch_size and len(batches) > 1:
         batches.pop()  # every timed batch the same size
-    pixels = [transform_by_size(decode_jpeg(b, mode=ImageReadMode.RGB, device=device), encoder.tensor_transform)
-              for b in batches[:2]]
+    pixels = [prepared(encoder, b) for b in batches[:2]]
     encoder.encode_pixels(pixels[0])  # warm-up: kernels, autotuning, the decoder's handle
 
     decoded: list = []

@@ -54,6 +54,15 @@ def random_checkpoint(path: Path) -> None:
     torch.save({"state_dict": UniClip(UniClipConfig()).state_dict()}, path)
 
 
+def covers_and_checkpoint(scratch: Path, count: int) -> tuple[Path, str]:
+    """`count` covers in a folder of `scratch` and a UniCLIP checkpoint with random weights beside
+    them: (the covers' folder, the encoder spec)."""
+    (scratch / "covers").mkdir()
+    make_covers(scratch / "covers", count)
+    random_checkpoint(scratch / "uniclip-random.pt")
+    return scratch / "covers", f"uniclip:{scratch / 'uniclip-random.pt'}"
+
+
 def model_only(encoder, covers: int, batch_size: int) -> float:
     """Covers/s of the encoder alone on pre-made pixels already on its device, each batch queued
     before the one before it is read back, as the job does."""
@@ -127,14 +136,11 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        (scratch / "covers").mkdir()
-        make_covers(scratch / "covers", args.covers)
-        random_checkpoint(scratch / "uniclip-random.pt")
-        encoder = load_encoder(f"uniclip:{scratch / 'uniclip-random.pt'}", args.device)
+        covers, spec = covers_and_checkpoint(Path(scratch), args.covers)
+        encoder = load_encoder(spec, args.device)
         alone = model_only(encoder, args.covers, args.batch_size)
-        reading = readers_only(encoder, scratch / "covers", args)
-        job = end_to_end(encoder, scratch / "covers", Workspace.resolve(scratch / "ws"), args)
+        reading = readers_only(encoder, covers, args)
+        job = end_to_end(encoder, covers, Workspace.resolve(Path(scratch) / "ws"), args)
     pipeline, steady = job.pop("covers_per_s"), job.pop("steady_covers_per_s")
     before, after = job.pop("until_first_batch_s"), job.pop("after_last_batch_s")
 
