@@ -7,12 +7,13 @@ as the job runs them, the next batch prepared on a thread while the model encode
 Steps: reading the files (the readers' work, here in this process), JPEG decoding on the device
 (host time of the call beside its device time: the part of decoding the host does), resizing the
 decoded covers (`transform_by_size`), the model (image tower and presence head, vectors back on
-the host), and on a GPU a candidate for the model: its weights in float16, timed and compared
-with the job's outputs. "Overlapped" is the job's loop without its reader processes: each batch
-waited for before the next is queued, and (as the job runs) the next batch queued on the device
-before this one's outputs are waited for. Against `model`, it says how much of the job's
-shortfall from model-only throughput the device's own preparation explains. Prints a table and
-writes JSON (default benchmarks/out/embed_stages.json).
+the host), and on a GPU the decoding again while another stream has about 100 ms of matrix
+products queued (its host ms: whether decoding waits for the device's other work). "Overlapped"
+is the job's loop without its reader processes: each batch waited for before the next is queued,
+and (as the job runs) the next batch queued on the device before this one's outputs are waited
+for; their host ms is the thread's median time to prepare a batch beside the model. Against
+`model`, it says how much of the job's shortfall from model-only throughput the device's own
+preparation explains. Prints a table and writes JSON (default benchmarks/out/embed_stages.json).
 """
 
 from __future__ import annotations
@@ -59,37 +60,45 @@ def prepared(encoder, jpegs: list[torch.Tensor]) -> torch.Tensor:
                         encoder.image_transform)[0]
 
 
-def overlapped_ms(batches: list[list[torch.Tensor]], encoder, in_flight: bool) -> float:
-    """Milliseconds a batch of the job's loop: the next batch decoded and resized on a thread
-    while the model runs on this one; `in_flight`: and queued on the device before this one's
-    outputs are waited for, as the job does (else each batch is waited for before the next)."""
+def overlapped_ms(batches: list[list[torch.Tensor]], encoder, in_flight: bool) -> tuple[float, float]:
+    """Milliseconds a batch of the job's loop, and the median milliseconds the thread took to prepare
+    a batch: the next batch decoded and resized on a thread while the model runs on this one;
+    `in_flight`: and queued on the device before this one's outputs are waited for, as the job does
+    (else each batch is waited for before the next)."""
+    preparing: list[float] = []
+
+    def timed_prepared(jpegs: list[torch.Tensor]) -> torch.Tensor:
+        started = time.perf_counter()
+        pixels = prepared(encoder, jpegs)
+        preparing.append((time.perf_counter() - started) * 1e3)
+        return pixels
+
     torch.cuda.synchronize(encoder.device)
     started = time.perf_counter()
-    prepared_batches = read_ahead(prepared(encoder, jpegs) for jpegs in batches)
+    prepared_batches = read_ahead(map(timed_prepared, batches))
     if in_flight:
         for _, outputs in one_in_flight(prepared_batches, encoder.submit_pixels):
             outputs.result()
     else:
         for pixels in prepared_batches:
             encoder.encode_pixels(pixels)
-    return (time.perf_counter() - started) * 1e3 / len(batches)
+    return (time.perf_counter() - started) * 1e3 / len(batches), statistics.median(preparing)
 
 
-def float16_encoder(spec: str, device: torch.device):
-    """A candidate for the model's time: the encoder with its weights in float16, as OpenAI's CLIP
-    and cn_clip run on a GPU (autocast then keeps only the layer norms in float32, and the residual
-    stream stays in float16)."""
-    fast = load_encoder(spec, str(device))
-    fast.model.half()
-    return fast
-
-
-def differences(encoder, other, pixels: torch.Tensor) -> dict[str, float]:
-    """How far `other`'s outputs are from `encoder`'s on the same pixels."""
-    ours, theirs = encoder.encode_pixels(pixels), other.encode_pixels(pixels)
-    cosines = (ours["vector"] * theirs["vector"]).sum(axis=1)
-    return {"vector_cosine_min": float(cosines.min()), "vector_cosine_mean": float(cosines.mean()),
-            "presence_max_abs_difference": float(abs(ours["ocr_presence"] - theirs["ocr_presence"]).max())}
+def beside_busy_device(step: Callable[[], object], device: torch.device) -> float:
+    """Host ms of `step` while another stream has about 100 ms of matrix products queued: how much
+    the device's other work slows it, with no Python running beside it."""
+    left = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    product = torch.empty_like(left)
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        for _ in range(60):
+            torch.mm(left, left, out=product)
+    started = time.perf_counter()
+    step()
+    host = (time.perf_counter() - started) * 1e3
+    torch.cuda.synchronize(device)
+    return host
 
 
 def main() -> None:
@@ -103,8 +112,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         covers, spec = covers_and_checkpoint(Path(scratch), args.covers)
         encoder = load_encoder(spec, args.device)
-        # float16 matrix products on the CPU are slow or missing: the candidate is the GPU's
-        fast = float16_encoder(spec, encoder.device) if encoder.device.type == "cuda" else None
         files = sorted(covers.iterdir())
         read_runs, batches = [], []
         for start in range(0, len(files), args.batch_size):
@@ -128,14 +135,14 @@ def main() -> None:
                              for d in decoded]),
         "model": median_ms([timed(lambda p=p: encoder.encode_pixels(p), device) for p in pixels * len(batches)]),
     }
-    candidate = {}
-    if fast is not None:
-        candidate = differences(encoder, fast, pixels[0])
-        steps["model, float16 weights (a candidate)"] = median_ms(
-            [timed(lambda p=p: fast.encode_pixels(p), device) for p in pixels * len(batches)])
-    overlapped = {"overlapped, waiting for each batch": overlapped_ms(batches, encoder, in_flight=False),
-                  "overlapped, a batch in flight": overlapped_ms(batches, encoder, in_flight=True)
-                  } if device.type == "cuda" else {}
+    overlapped = {
+        "overlapped, waiting for each batch": overlapped_ms(batches, encoder, in_flight=False),
+        "overlapped, a batch in flight": overlapped_ms(batches, encoder, in_flight=True),
+    } if device.type == "cuda" else {}
+    if device.type == "cuda":
+        steps["decode JPEGs, another stream busy"] = (statistics.median(
+            beside_busy_device(lambda b=b: decode_jpeg(b, mode=ImageReadMode.RGB, device=device), device)
+            for b in batches),) * 2
 
     size = args.batch_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -144,16 +151,13 @@ def main() -> None:
         table.add_column(column, justify="right")
     for step, (host, whole) in steps.items():
         table.add_row(step, f"{host:.1f}", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
-    for step, whole in overlapped.items():
-        table.add_row(step, "", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
+    for step, (whole, preparing) in overlapped.items():
+        table.add_row(step, f"{preparing:.1f}", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
     Console().print(table)
-    if candidate:
-        print("float16 weights against float32 weights with autocast: " + ", ".join(
-            f"{name} {value:.6f}" for name, value in candidate.items()))
     report = {"date": time.strftime("%Y-%m-%d"), "device": name, "batch_size": size, "batches": len(batches),
               "steps_ms": {step: {"host": round(h, 2), "device": round(d, 2)} for step, (h, d) in steps.items()},
-              "overlapped_ms": {step: round(ms, 2) for step, ms in overlapped.items()},
-              "float16_weights_against_autocast": candidate}
+              "overlapped_ms": {step: {"batch": round(ms, 2), "preparing": round(preparing, 2)}
+                                for step, (ms, preparing) in overlapped.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
