@@ -11,7 +11,8 @@ the host), and on a GPU the decoding again while another stream has about 100 ms
 products queued (its host ms: whether decoding waits for the device's other work). "Overlapped"
 is the job's loop without its reader processes: each batch waited for before the next is queued,
 and (as the job runs) the next batch queued on the device before this one's outputs are waited
-for; their host ms is the thread's median time to prepare a batch beside the model. Against
+for; and (a candidate) the same with the batches decoded in a process of its own, handed over
+through CUDA IPC. Their host ms is the median time to prepare a batch beside the model. Against
 `model`, it says how much of the job's shortfall from model-only throughput the device's own
 preparation explains. Prints a table and writes JSON (default benchmarks/out/embed_stages.json).
 """
@@ -19,6 +20,7 @@ preparation explains. Prints a table and writes JSON (default benchmarks/out/emb
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -85,6 +87,44 @@ def overlapped_ms(batches: list[list[torch.Tensor]], encoder, in_flight: bool) -
     return (time.perf_counter() - started) * 1e3 / len(batches), statistics.median(preparing)
 
 
+def _prepare_apart(spec: str, device: str, batches: list[list[torch.Tensor]], ready, finished) -> None:
+    """The decoding process of `apart_ms`: each batch prepared and handed over with its milliseconds."""
+    encoder = load_encoder(spec, device)
+    for jpegs in batches:
+        started = time.perf_counter()
+        pixels = prepared(encoder, jpegs)
+        if pixels.is_cuda:
+            torch.cuda.synchronize(pixels.device)
+        ready.put((pixels, (time.perf_counter() - started) * 1e3))
+    finished.wait()  # the pixels live in this process's memory until the model has read them
+
+
+def apart_ms(batches: list[list[torch.Tensor]], encoder, spec: str) -> tuple[float, float]:
+    """`overlapped_ms` with a batch in flight, the batches decoded and resized in a process of their
+    own (a candidate): its own CUDA context, so a wait for the whole device there does not wait for
+    the model's work. Pixels arrive through CUDA IPC; timed from the first batch's arrival."""
+    context = torch.multiprocessing.get_context("spawn")
+    ready, finished = context.Queue(maxsize=2), context.Event()
+    child = context.Process(target=_prepare_apart, args=(spec, str(encoder.device), batches, ready, finished))
+    child.start()
+    preparing: list[float] = []
+
+    def arrived() -> torch.Tensor:
+        pixels, ms = ready.get()
+        preparing.append(ms)
+        return pixels
+
+    first = arrived()
+    started = time.perf_counter()
+    for _, outputs in one_in_flight(itertools.chain([first], (arrived() for _ in batches[1:])),
+                                    encoder.submit_pixels):
+        outputs.result()
+    elapsed = time.perf_counter() - started
+    finished.set()
+    child.join()
+    return elapsed * 1e3 / len(batches), statistics.median(preparing)
+
+
 def beside_busy_device(step: Callable[[], object], device: torch.device) -> float:
     """Host ms of `step` while another stream has about 100 ms of matrix products queued: how much
     the device's other work slows it, with no Python running beside it."""
@@ -120,47 +160,49 @@ def main() -> None:
             batches.append([jpeg_tensor(path.read_bytes()) for path in chunk])
             elapsed = (time.perf_counter() - started) * 1e3
             read_runs.append((elapsed, elapsed))
-    device = encoder.device
-    if len(batches[-1]) < args.batch_size and len(batches) > 1:
-        batches.pop()  # every timed batch the same size
-    pixels = [prepared(encoder, b) for b in batches[:2]]
-    encoder.encode_pixels(pixels[0])  # warm-up: kernels, autotuning, the decoder's handle
+        device = encoder.device
+        if len(batches[-1]) < args.batch_size and len(batches) > 1:
+            batches.pop()  # every timed batch the same size
+        pixels = [prepared(encoder, b) for b in batches[:2]]
+        encoder.encode_pixels(pixels[0])  # warm-up: kernels, autotuning, the decoder's handle
 
-    decoded: list = []
-    steps = {
-        "read files": median_ms(read_runs),
-        "decode JPEGs": median_ms([timed(lambda b=b: decoded.append(
-            decode_jpeg(b, mode=ImageReadMode.RGB, device=device)), device) for b in batches]),
-        "resize": median_ms([timed(lambda d=d: transform_by_size(d, encoder.tensor_transform), device)
-                             for d in decoded]),
-        "model": median_ms([timed(lambda p=p: encoder.encode_pixels(p), device) for p in pixels * len(batches)]),
-    }
-    overlapped = {
-        "overlapped, waiting for each batch": overlapped_ms(batches, encoder, in_flight=False),
-        "overlapped, a batch in flight": overlapped_ms(batches, encoder, in_flight=True),
-    } if device.type == "cuda" else {}
-    if device.type == "cuda":
-        steps["decode JPEGs, another stream busy"] = (statistics.median(
-            beside_busy_device(lambda b=b: decode_jpeg(b, mode=ImageReadMode.RGB, device=device), device)
-            for b in batches),) * 2
+        decoded: list = []
+        steps = {
+            "read files": median_ms(read_runs),
+            "decode JPEGs": median_ms([timed(lambda b=b: decoded.append(
+                decode_jpeg(b, mode=ImageReadMode.RGB, device=device)), device) for b in batches]),
+            "resize": median_ms([timed(lambda d=d: transform_by_size(d, encoder.tensor_transform), device)
+                                 for d in decoded]),
+            "model": median_ms([timed(lambda p=p: encoder.encode_pixels(p), device) for p in pixels * len(batches)]),
+        }
+        overlapped = {
+            "overlapped, waiting for each batch": overlapped_ms(batches, encoder, in_flight=False),
+            "overlapped, a batch in flight": overlapped_ms(batches, encoder, in_flight=True),
+        } if device.type == "cuda" else {}
+        if device.type == "cuda":
+            overlapped["overlapped, a batch in flight, decoded in a process of its own"] = apart_ms(
+                batches, encoder, spec)
+            steps["decode JPEGs, another stream busy"] = (statistics.median(
+                beside_busy_device(lambda b=b: decode_jpeg(b, mode=ImageReadMode.RGB, device=device), device)
+                for b in batches),) * 2
 
-    size = args.batch_size
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    table = Table(title=f"one batch of {size} covers on {name}")
-    for column in ("step", "host ms", "device ms", "covers/s"):
-        table.add_column(column, justify="right")
-    for step, (host, whole) in steps.items():
-        table.add_row(step, f"{host:.1f}", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
-    for step, (whole, preparing) in overlapped.items():
-        table.add_row(step, f"{preparing:.1f}", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
-    Console().print(table)
-    report = {"date": time.strftime("%Y-%m-%d"), "device": name, "batch_size": size, "batches": len(batches),
-              "steps_ms": {step: {"host": round(h, 2), "device": round(d, 2)} for step, (h, d) in steps.items()},
-              "overlapped_ms": {step: {"batch": round(ms, 2), "preparing": round(preparing, 2)}
-                                for step, (ms, preparing) in overlapped.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+        size = args.batch_size
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        table = Table(title=f"one batch of {size} covers on {name}")
+        for column in ("step", "host ms", "device ms", "covers/s"):
+            table.add_column(column, justify="right")
+        for step, (host, whole) in steps.items():
+            table.add_row(step, f"{host:.1f}", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
+        for step, (whole, preparing) in overlapped.items():
+            table.add_row(step, f"{preparing:.1f}", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
+        Console().print(table)
+        report = {"date": time.strftime("%Y-%m-%d"), "device": name, "batch_size": size, "batches": len(batches),
+                  "steps_ms": {step: {"host": round(h, 2), "device": round(d, 2)} for step, (h, d) in steps.items()},
+                  "overlapped_ms": {step: {"batch": round(ms, 2), "preparing": round(preparing, 2)}
+                                    for step, (ms, preparing) in overlapped.items()}}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
