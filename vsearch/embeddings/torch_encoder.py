@@ -59,6 +59,7 @@ class TorchImageEncoder:
     image_transform: Callable
     normalisation: Normalize | None
     extra_columns: dict[str, pa.DataType] = {}
+    _normalising: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def autocast(self) -> AbstractContextManager:
         # fp16 on CUDA doubles throughput; on the CPU autocast would only cost accuracy.
@@ -67,7 +68,19 @@ class TorchImageEncoder:
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """A batch of pixels on the device, scaled to [0, 1] and normalised as the model was trained."""
         pixels = pixels.to(self.device, non_blocking=True)
-        return pixels if self.normalisation is None else self.normalisation(pixels.float() / 255)
+        if self.normalisation is None:
+            return pixels
+        mean, std = self._mean_and_std()
+        return (pixels.float() / 255).sub_(mean).div_(std)  # Normalize's own steps, so the same values
+
+    def _mean_and_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made on the device once. torchvision's Normalize makes them from lists at every call and
+        # reads back whether std has a zero: on a GPU the host then waits for all the work queued
+        # there, so the embed job could not queue a batch before the one before it had finished.
+        if self._normalising is None:
+            self._normalising = tuple(torch.as_tensor(values, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+                                      for values in (self.normalisation.mean, self.normalisation.std))
+        return self._normalising
 
     def submit_pixels(self, pixels: torch.Tensor) -> "PendingOutputs":
         """Start encoding a batch of pixels; on CUDA this returns once the work is queued."""
