@@ -33,9 +33,8 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from embed_throughput import covers_and_checkpoint
+from embed_throughput import covers_and_checkpoint, encode_in_flight
 from vsearch.embeddings import load_encoder
-from vsearch.embeddings.job import one_in_flight
 from vsearch.embeddings.reader import decode_jpegs, jpeg_tensor, transform_by_size
 from vsearch.overlap import read_ahead
 
@@ -79,8 +78,7 @@ def overlapped_ms(batches: list[list[torch.Tensor]], encoder, in_flight: bool) -
     started = time.perf_counter()
     prepared_batches = read_ahead(map(timed_prepared, batches))
     if in_flight:
-        for _, outputs in one_in_flight(prepared_batches, encoder.submit_pixels):
-            outputs.result()
+        encode_in_flight(encoder, prepared_batches)
     else:
         for pixels in prepared_batches:
             encoder.encode_pixels(pixels)
@@ -116,9 +114,7 @@ def apart_ms(batches: list[list[torch.Tensor]], encoder, spec: str) -> tuple[flo
 
     first = arrived()
     started = time.perf_counter()
-    for _, outputs in one_in_flight(itertools.chain([first], (arrived() for _ in batches[1:])),
-                                    encoder.submit_pixels):
-        outputs.result()
+    encode_in_flight(encoder, itertools.chain([first], (arrived() for _ in batches[1:])))
     elapsed = time.perf_counter() - started
     finished.set()
     child.join()
@@ -175,13 +171,13 @@ def main() -> None:
                                  for d in decoded]),
             "model": median_ms([timed(lambda p=p: encoder.encode_pixels(p), device) for p in pixels * len(batches)]),
         }
-        overlapped = {
-            "overlapped, waiting for each batch": overlapped_ms(batches, encoder, in_flight=False),
-            "overlapped, a batch in flight": overlapped_ms(batches, encoder, in_flight=True),
-        } if device.type == "cuda" else {}
+        overlapped = {}
         if device.type == "cuda":
-            overlapped["overlapped, a batch in flight, decoded in a process of its own"] = apart_ms(
-                batches, encoder, spec)
+            overlapped = {
+                "overlapped, waiting for each batch": overlapped_ms(batches, encoder, in_flight=False),
+                "overlapped, a batch in flight": overlapped_ms(batches, encoder, in_flight=True),
+                "overlapped, a batch in flight, decoded in a process of its own": apart_ms(batches, encoder, spec),
+            }
             steps["decode JPEGs, another stream busy"] = (statistics.median(
                 beside_busy_device(lambda b=b: decode_jpeg(b, mode=ImageReadMode.RGB, device=device), device)
                 for b in batches),) * 2

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import multiprocessing
 import platform
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -72,9 +74,14 @@ def model_only(encoder, covers: int, batch_size: int) -> float:
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    for _, outputs in one_in_flight(range(batches), lambda _: encoder.submit_pixels(pixels)):
-        outputs.result()
+    encode_in_flight(encoder, itertools.repeat(pixels, batches))
     return batches * batch_size / (time.perf_counter() - started)
+
+
+def encode_in_flight(encoder, batches: Iterable[torch.Tensor]) -> None:
+    """Encode batches of pixels as the job does: each queued before the one before it is read back."""
+    for _, outputs in one_in_flight(batches, encoder.submit_pixels):
+        outputs.result()
 
 
 class NoModel:
