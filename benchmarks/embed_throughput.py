@@ -3,7 +3,7 @@
 to wait for), for UniCLIP ViT-B/16 with random weights.
 
     python benchmarks/embed_throughput.py [--covers 2048] [--device auto] [--batch-size 256] [--workers 8]
-                                          [--decode auto|device|workers]
+                                          [--decode auto|both|device|workers[,...]]
 
 Prints a table and writes JSON (default benchmarks/out/embed_throughput.json). The pipeline's goal
 is at least 90% of model-only throughput: decoding and resizing must keep the device busy.
@@ -15,11 +15,13 @@ import argparse
 import functools
 import itertools
 import json
+import logging
 import multiprocessing
 import platform
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from vsearch.embeddings import load_encoder
+from vsearch.embeddings import load_encoder, reader
 from vsearch.embeddings.datasets import Row
 from vsearch.embeddings.job import EmbedConfig, encode_media_shards, one_in_flight, run_embed, total_workers
 from vsearch.embeddings.torch_encoder import PendingOutputs
@@ -100,36 +102,68 @@ class NoModel:
                                "ocr_presence": torch.zeros(len(pixels))})
 
 
-def readers_only(encoder, folder: Path, args: argparse.Namespace) -> float:
+class SplitRecords(logging.Handler):
+    """The readers' share of each batch's JPEGs and what it was set from, batch by batch, as the
+    job logs them (`reader.JpegSplit.observe`)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.rows: list[list[float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.rows.append([round(value, 4) for value in record.args])
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        logger = logging.getLogger(reader.__name__)
+        level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+
+def readers_only(encoder, folder: Path, args: argparse.Namespace, decode: str) -> float:
     """Covers/s the job's input side delivers (reader processes, decoding on the device) with no
     model to wait for: below model-only, the readers bound the job and more workers help."""
     rows = [Row(path.stem, None, None, str(path)) for path in sorted(folder.iterdir())]
-    config = EmbedConfig(batch_size=args.batch_size, workers=total_workers(args.workers, 1), decode=args.decode)
+    config = EmbedConfig(batch_size=args.batch_size, workers=total_workers(args.workers, 1), decode=decode)
     started = time.perf_counter()
     for _ in encode_media_shards(NoModel(encoder), "cover", iter([(0, rows)]), config, lambda n: None):
         pass
     return len(rows) / (time.perf_counter() - started)
 
 
-def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Namespace) -> dict[str, float]:
+def end_to_end(encoder, folder: Path, workspace: Workspace, args: argparse.Namespace, decode: str) -> dict:
     """Covers/s of the whole job, covers/s once the first batch is out (a long job's rate: starting
-    the reader processes no longer counts), and the job's seconds per stage."""
+    the reader processes no longer counts), the job's seconds per stage and the covers it decoded
+    on the device."""
     # Shards of the job's default size, so that writing overlaps encoding as in a real job.
     config = EmbedConfig(dataset=str(folder), model=encoder.spec, device=str(encoder.device), batch_size=args.batch_size,
-                         out=workspace.root / "shards", overwrite=True, workers=args.workers, decode=args.decode)
+                         out=workspace.root / "shards", overwrite=True, workers=args.workers, decode=decode)
     batches: list[tuple[float, int]] = []
+    splits = SplitRecords()
     started = time.perf_counter()
-    result = run_embed(config, workspace, on_rows=lambda n: batches.append((time.perf_counter(), n)), encoder=encoder)
+    with splits.recording():
+        result = run_embed(config, workspace, on_rows=lambda n: batches.append((time.perf_counter(), n)), encoder=encoder)
     elapsed = time.perf_counter() - started
     assert result.rows_written == args.covers, result
     # Between the first report and the one before last: a batch is reported once the next one is
     # queued, which on the CPU means computed, so the last two reports come together there.
     times, rows = [t for t, _ in batches], [n for _, n in batches]
     steady = sum(rows[1:-1]) / (times[-2] - times[0]) if len(batches) > 2 else float("nan")
-    first, last = times[0], times[-1]
-    return {"covers_per_s": args.covers / elapsed, "steady_covers_per_s": steady,
-            "until_first_batch_s": first - started, "after_last_batch_s": started + elapsed - last,
-            **{f"{stage}_s": round(seconds, 2) for stage, seconds in asdict(result.times).items()}}
+    # With `both`, the batches the readers took before the job had measured its pace were shared
+    # at a first guess: the second half shows the share the job settles on.
+    half = len(batches) // 2
+    settled = sum(rows[half:-1]) / (times[-2] - times[half - 1]) if len(batches) > 3 else float("nan")
+    seconds = asdict(result.times)
+    return {"covers_per_s": args.covers / elapsed, "steady_covers_per_s": steady, "settled_covers_per_s": settled,
+            "until_first_batch_s": times[0] - started, "after_last_batch_s": started + elapsed - times[-1],
+            "decoded_on_device": seconds.pop("decoded_on_device"), "split": splits.rows,
+            "job_seconds": {f"{stage}_s": round(value, 2) for stage, value in seconds.items()}}
 
 
 def main() -> None:
@@ -138,39 +172,57 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--decode", default="auto", help="where JPEGs are decoded: auto, device or workers")
+    parser.add_argument("--decode", default="auto",
+                        help="where JPEGs are decoded: auto, both, device or workers; several, comma-separated, "
+                             "are each run on the same covers")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "embed_throughput.json")
     args = parser.parse_args()
 
+    runs = []
     with tempfile.TemporaryDirectory() as scratch:
         covers, spec = covers_and_checkpoint(Path(scratch), args.covers)
         encoder = load_encoder(spec, args.device)
         alone = model_only(encoder, args.covers, args.batch_size)
-        reading = readers_only(encoder, covers, args)
-        job = end_to_end(encoder, covers, Workspace.resolve(Path(scratch) / "ws"), args)
-    pipeline, steady = job.pop("covers_per_s"), job.pop("steady_covers_per_s")
-    before, after = job.pop("until_first_batch_s"), job.pop("after_last_batch_s")
+        for decode in args.decode.split(","):
+            reading = readers_only(encoder, covers, args, decode)
+            job = end_to_end(encoder, covers, Workspace.resolve(Path(scratch) / "ws"), args, decode)
+            runs.append({"decode": decode, "readers_only_covers_per_s": round(reading, 1),
+                         "end_to_end_covers_per_s": round(job["covers_per_s"], 1),
+                         "end_to_end_over_model_only": round(job["covers_per_s"] / alone, 3),
+                         "after_first_batch_covers_per_s": round(job["steady_covers_per_s"], 1),
+                         "after_first_batch_over_model_only": round(job["steady_covers_per_s"] / alone, 3),
+                         "second_half_covers_per_s": round(job["settled_covers_per_s"], 1),
+                         "second_half_over_model_only": round(job["settled_covers_per_s"] / alone, 3),
+                         "until_first_batch_s": round(job["until_first_batch_s"], 2),
+                         "after_last_batch_s": round(job["after_last_batch_s"], 2),
+                         "decoded_on_device": job["decoded_on_device"], "job_seconds": job["job_seconds"],
+                         "split": {"columns": ["reader_jpegs", "jpegs", "device_s", "waited_s", "share"],
+                                   "batches": job["split"]}})
 
     device = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": device, "model": "UniCLIP ViT-B/16 (random weights)",
-        "covers": args.covers, "batch_size": args.batch_size, "workers": args.workers, "decode": args.decode,
-        "model_only_covers_per_s": round(alone, 1), "readers_only_covers_per_s": round(reading, 1),
-        "end_to_end_covers_per_s": round(pipeline, 1),
-        "end_to_end_over_model_only": round(pipeline / alone, 3),
-        "after_first_batch_covers_per_s": round(steady, 1), "until_first_batch_s": round(before, 2),
-        "after_last_batch_s": round(after, 2), "job_seconds": job,
+        "covers": args.covers, "batch_size": args.batch_size, "workers": args.workers,
+        "model_only_covers_per_s": round(alone, 1), "runs": runs,
     }
-    table = Table(title=f"embed throughput on {device}")
-    for column in ("covers", "model only (covers/s)", "readers only", "end to end (covers/s)", "ratio",
-                   "after 1st batch", "ratio"):
+    table = Table(title=f"embed throughput on {device}, {args.covers:,} covers; model only {alone:,.1f} covers/s")
+    for column in ("decode", "readers only", "end to end (covers/s)", "ratio", "after 1st batch", "ratio",
+                   "2nd half", "ratio", "decoded on the device"):
         table.add_column(column, justify="right")
-    table.add_row(str(args.covers), f"{alone:,.1f}", f"{reading:,.1f}", f"{pipeline:,.1f}", f"{pipeline / alone:.1%}",
-                  f"{steady:,.1f}", f"{steady / alone:.1%}")
-    Console().print(table)
-    Console().print("the job's seconds: " + ", ".join(f"{stage.removesuffix('_s')} {seconds}" for stage, seconds in job.items())
-                    + f" (input: the model waiting for batches; output: for the shard writer; decoding: on the device, "
-                      f"beside the model); {before:.1f} s until the first batch was encoded, {after:.1f} s after the last")
+    for run in runs:
+        table.add_row(run["decode"], f"{run['readers_only_covers_per_s']:,.1f}", f"{run['end_to_end_covers_per_s']:,.1f}",
+                      f"{run['end_to_end_over_model_only']:.1%}", f"{run['after_first_batch_covers_per_s']:,.1f}",
+                      f"{run['after_first_batch_over_model_only']:.1%}", f"{run['second_half_covers_per_s']:,.1f}",
+                      f"{run['second_half_over_model_only']:.1%}", f"{run['decoded_on_device'] / args.covers:.0%}")
+    console = Console()
+    console.print(table)
+    for run in runs:
+        console.print(f"{run['decode']}: the job's seconds: "
+                      + ", ".join(f"{stage.removesuffix('_s')} {value}" for stage, value in run["job_seconds"].items())
+                      + f"; {run['until_first_batch_s']:.1f} s until the first batch was encoded, "
+                        f"{run['after_last_batch_s']:.1f} s after the last")
+    console.print("(input: the model waiting for batches; output: for the shard writer; decoding: on the device, "
+                  "beside the model)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

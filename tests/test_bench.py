@@ -75,16 +75,22 @@ def run_script(script: str, *args: str) -> None:
 def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
     out = tmp_path / "embed.json"
     run_script("embed_throughput.py", "--covers", "12", "--batch-size", "4", "--workers", "1", "--device", "cpu",
-               "--out", str(out))
+               "--decode", "workers,both", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["covers"] == 12 and report["model_only_covers_per_s"] > 0
-    # The rates are rounded to 0.1 covers/s in the report, a few per cent of a CPU's rate.
-    assert report["end_to_end_over_model_only"] == pytest.approx(
-        report["end_to_end_covers_per_s"] / report["model_only_covers_per_s"], rel=0.05)
-    assert report["after_first_batch_covers_per_s"] > 0  # three batches of 4: the second one's rate
-    assert report["until_first_batch_s"] > 0 and report["after_last_batch_s"] >= 0
-    assert report["job_seconds"]["model_s"] > 0 and set(report["job_seconds"]) == {
-        "input_s", "model_s", "output_s", "decoding_s"}
+    workers, both = report["runs"]
+    assert (workers["decode"], both["decode"]) == ("workers", "both")
+    assert workers["decoded_on_device"] == 0 < both["decoded_on_device"] < 12
+    # How the readers' share was set, batch by batch: (their JPEGs, the batch's, ...)
+    assert workers["split"]["batches"] == [] and [row[:2] for row in both["split"]["batches"]][0] == [2, 4]
+    for run in report["runs"]:
+        # The rates are rounded to 0.1 covers/s in the report, a few per cent of a CPU's rate.
+        assert run["end_to_end_over_model_only"] == pytest.approx(
+            run["end_to_end_covers_per_s"] / report["model_only_covers_per_s"], rel=0.05)
+        assert run["after_first_batch_covers_per_s"] > 0  # three batches of 4: the second one's rate
+        assert run["until_first_batch_s"] > 0 and run["after_last_batch_s"] >= 0
+        assert run["job_seconds"]["model_s"] > 0 and set(run["job_seconds"]) == {
+            "input_s", "model_s", "output_s", "decoding_s"}
 
 
 def test_embed_stages_times_each_step_of_a_batch(tmp_path):

@@ -298,7 +298,8 @@ def test_device_processes_bring_the_shards_up_to_date_with_a_changed_dataset(wor
 
 def test_each_gpu_gets_its_own_readers_unless_told_otherwise(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 96)
-    assert total_workers(None, 1) == 8 and total_workers(None, 8) == 64  # not 8 shared by 8 GPUs
+    assert total_workers(None, 1) == 16 and total_workers(None, 4) == 64  # not 16 shared by 4 GPUs
+    assert total_workers(None, 8) == 96
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     assert total_workers(None, 2) == 4
     assert total_workers(3, 2) == 3
@@ -328,6 +329,55 @@ def test_jpegs_decoded_on_the_device_give_the_same_vectors(workspace, tiny_unicl
     vb = np.array(b.column("vector").to_pylist(), np.float32)
     assert (va * vb).sum(axis=1).min() > 0.995
     assert on_device.times.decoding > 0 == on_workers.times.decoding  # the job's time split says which ran
+
+
+def test_readers_and_device_share_the_jpegs_and_give_the_same_vectors(workspace, tiny_uniclip, tmp_path):
+    on_workers = embed_demo(workspace, tiny_uniclip, limit=64, batch_size=8, decode="workers")
+    shared = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=2, limit=64,
+                                   batch_size=8, decode="both", out=tmp_path / "both"), workspace)
+    a, b = table(on_workers.directory, "cover"), table(shared.directory, "cover")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    va = np.array(a.column("vector").to_pylist(), np.float32)
+    vb = np.array(b.column("vector").to_pylist(), np.float32)
+    assert (va * vb).sum(axis=1).min() > 0.995
+    # The readers start with half of each batch's JPEGs: some of the 64 covers went each way.
+    assert 0 < shared.times.decoded_on_device < 64 and on_workers.times.decoded_on_device == 0
+    assert "decoding" in _stage_line(shared.times) and "covers on the device" in _stage_line(shared.times)
+
+
+def a_batch(reader_jpegs: int, device_jpegs: int, seconds_a_jpeg: float, other_seconds: float) -> reader.Batch:
+    return reader.Batch(number=0, rows=[], pixels=None, jpeg_bytes=torch.empty(0, dtype=torch.uint8),
+                        jpeg_sizes=[1] * device_jpegs, failed=[],
+                        reader_seconds=other_seconds + reader_jpegs * seconds_a_jpeg, reader_jpegs=reader_jpegs,
+                        reader_jpeg_seconds=reader_jpegs * seconds_a_jpeg)
+
+
+def test_the_readers_get_the_share_of_jpegs_they_can_decode_while_the_device_does_a_batch():
+    split = reader.JpegSplit(readers=4)
+    assert split.readers_take(100) == 50  # unmeasured: half
+    # 10 ms a JPEG and 100 ms a batch for reading, 200 ms of the device's a batch: of 100 JPEGs,
+    # 4 readers at 85% of their pace decode (0.85 * 4 * 0.2 - 0.1) / 0.01 = 58 in that time.
+    for _ in range(50):
+        split.observe(a_batch(split.readers_take(100), 100 - split.readers_take(100), 0.01, 0.1), device_seconds=0.2)
+    assert split.readers_take(100) == 58
+    # A shard's last batch is a short one: the readers do not take the next ones whole for it (on an
+    # H200 the batch a reader took whole arrived half a second late).
+    split.observe(a_batch(split.readers_take(30), 30 - split.readers_take(30), 0.01, 0.1), device_seconds=0.2)
+    assert split.readers_take(100) < 70
+    # Slower readers (a busier machine) get fewer, down to a floor that keeps them measured.
+    for _ in range(50):
+        split.observe(a_batch(split.readers_take(100), 100 - split.readers_take(100), 0.05, 0.1), device_seconds=0.2)
+    assert split.readers_take(100) == round((0.85 * 4 * 0.2 - 0.1) / 0.05)
+    for _ in range(50):
+        split.observe(a_batch(split.readers_take(100), 100 - split.readers_take(100), 1.0, 0.1), device_seconds=0.2)
+    assert split.readers_take(100) == 2
+    # Fast readers take them all; without readers the device decodes every JPEG.
+    for _ in range(50):
+        split.observe(a_batch(split.readers_take(100), 100 - split.readers_take(100), 0.001, 0.0), device_seconds=0.2)
+    assert split.readers_take(100) == 100
+    alone = reader.JpegSplit(readers=0)
+    alone.observe(a_batch(0, 100, 0.0, 0.0), device_seconds=1.0)
+    assert alone.readers_take(100) == 0
 
 
 @pytest.mark.parametrize("decode", ["workers", "device"])

@@ -105,8 +105,10 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Images per encoder call (halved on CUDA out-of-memory).")] = 256,
     workers: Annotated[Optional[int], typer.Option(
         help="Processes reading and decoding media, shared by the GPUs; with lexical, processes encoding "
-             "the text (default: the cores, at most 8 a GPU).")] = None,
-    decode: Annotated[str, typer.Option(help="Where JPEG covers are decoded: auto (GPU when there is one), device, workers.")] = "auto",
+             "the text (default: the cores, at most 16 a GPU).")] = None,
+    decode: Annotated[str, typer.Option(
+        help="Where JPEG covers are decoded: auto (both with a GPU, else workers), device, workers, or both "
+             "(the readers as many as they keep up with, the device the rest).")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Embed only the first N rows.")] = None,
     ocr: Annotated[bool, typer.Option(
         "--ocr", help="Read the text on covers whose row has none, with RapidOCR (pip install 'vsearch[ocr]'); "
@@ -189,7 +191,8 @@ def _appends_owed(workspace: Workspace, shards: Path) -> list[str]:
 
 def _stage_line(times: StageTimes) -> str:
     """Where an embed job's time went, and what bounded it."""
-    decoding = f" (decoding on the device {times.decoding:.1f} s, beside the model)" if times.decoding else ""
+    decoding = (f" (decoding {times.decoded_on_device:,} covers on the device {times.decoding:.1f} s, beside the model)"
+                if times.decoding else "")
     line = (f"time: model {times.model:.1f} s, waiting for input {times.input:.1f} s{decoding}, "
             f"waiting for the disk {times.output:.1f} s")
     if times.input > times.model:

@@ -56,7 +56,7 @@ class EmbedConfig:
     shard_size: int = 10_000
     batch_size: int = 256
     frames: int = 12
-    decode: str = "auto"  # where covers' JPEGs are decoded: auto (the GPU when there is one), device, workers
+    decode: str = "auto"  # where covers' JPEGs are decoded: auto (both with a GPU, else workers), device, workers, both
     limit: int | None = None
     overwrite: bool = False
     device: str = "auto"
@@ -70,12 +70,13 @@ class StageTimes:
     """Seconds the encoding loop spent waiting for input (readers, OCR, JPEG decoding on the device),
     in the model, and waiting for the shard writer (the disk): the largest is the stage that bounds
     the job. `decoding` is the time spent preparing batches on the device (JPEG decoding, resizing)
-    beside the model, on a thread of its own."""
+    beside the model, on a thread of its own, and `decoded_on_device` the covers it decoded."""
 
     input: float = 0.0
     model: float = 0.0
     output: float = 0.0
     decoding: float = 0.0
+    decoded_on_device: int = 0
 
     @contextmanager
     def timing(self, stage: str) -> Iterator[None]:
@@ -133,9 +134,11 @@ def resolve_model(spec: str, workspace: Workspace) -> str:
 
 
 def total_workers(workers: int | None, devices: int) -> int:
-    """The DataLoader processes for `devices` device processes: as given, or every core, at most 8 a
-    device (8 keep one GPU fed when it decodes the JPEGs itself; more only contend for the disk)."""
-    return workers if workers is not None else min(8 * devices, os.cpu_count() or 1)
+    """The DataLoader processes for `devices` device processes: as given, or every core, at most 16
+    a device. With a GPU the readers decode as many of the JPEGs as they keep up with
+    (`reader.JpegSplit`), so cores count; past 16 (a GPU machine's core decodes about 150 covers a
+    second, an H200 encodes 5,000) each holds its prefetched batches in shared memory for little."""
+    return workers if workers is not None else min(16 * devices, os.cpu_count() or 1)
 
 
 def resolve_devices(device: str) -> list[str]:
@@ -263,17 +266,19 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
                         ) -> Iterator[EncodedShard]:
     """Encode covers (images) or clips (pooled frames) shard by shard with an image encoder."""
     times = times or StageTimes()
-    from vsearch.embeddings.reader import decodes_jpegs_on_device, device_pixels, media_batches
+    from vsearch.embeddings.reader import JpegSplit, decodes_jpegs_on_device, device_pixels, media_batches
 
     batch_rows = config.batch_size if kind == "cover" else max(1, config.batch_size // config.frames)
-    on_device = kind == "cover" and decodes_jpegs_on_device(encoder) and (
-        config.decode == "device" or (config.decode == "auto" and encoder.device.type == "cuda"))
+    decode = config.decode if config.decode != "auto" else "both" if encoder.device.type == "cuda" else "workers"
+    on_device = kind == "cover" and decodes_jpegs_on_device(encoder) and decode != "workers"
+    split = JpegSplit(config.workers if decode == "both" else 0) if on_device else None
     batches = media_batches(shards, kind, encoder.image_transform, config.frames, batch_rows, config.workers,
-                            pin_memory=encoder.device.type == "cuda", raw_jpegs=on_device)
+                            pin_memory=encoder.device.type == "cuda", split=split)
     transform = getattr(encoder, "tensor_transform", None)
     encode = OomBackoff(encoder, config.batch_size)
 
     def with_pixels(batch: Any) -> tuple:
+        times.decoded_on_device += len(batch.jpeg_sizes)
         with times.timing("decoding") if on_device else nullcontext():
             return batch, *device_pixels(batch, encoder.device, transform, encoder.image_transform)
 
@@ -626,8 +631,8 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     be counted cheaply); pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
     if config.kind not in KINDS:
         raise VsearchError(f"unknown --kind {config.kind!r}: use cover, clip or both")
-    if config.decode not in ("auto", "device", "workers"):
-        raise VsearchError(f"unknown --decode {config.decode!r}: use auto, device or workers")
+    if config.decode not in ("auto", "device", "workers", "both"):
+        raise VsearchError(f"unknown --decode {config.decode!r}: use auto, device, workers or both")
     if min(config.shard_size, config.batch_size, config.frames) < 1:
         raise VsearchError("--shard-size, --batch-size and --frames must be at least 1")
     if config.limit is not None and config.limit < 1:

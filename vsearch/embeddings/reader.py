@@ -7,6 +7,9 @@ belongs to exactly one shard.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -19,6 +22,7 @@ from vsearch.embeddings.media import MediaError, decode_image, is_turned, read_a
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+log = logging.getLogger(__name__)
 
 
 def jpeg_tensor(data: bytes) -> torch.Tensor | None:
@@ -40,6 +44,9 @@ class Batch:
     jpeg_bytes: torch.Tensor
     jpeg_sizes: list[int]
     failed: list[tuple[Row, str]]
+    reader_seconds: float = 0.0  # the reader process's time on this batch: reading, and decoding `pixels`
+    reader_jpegs: int = 0  # JPEGs of `pixels` that the reader decoded although the device could have
+    reader_jpeg_seconds: float = 0.0  # the time it took to decode and resize those
 
     @property
     def jpegs(self) -> list[torch.Tensor]:
@@ -58,18 +65,79 @@ class Item:
     pixels: torch.Tensor | None = None
     jpeg: torch.Tensor | None = None
     error: str | None = None
+    seconds: float = 0.0  # reading's share and decoding
+    jpeg_decoded_here: bool = False
+
+
+# Where the reader processes' pace is not yet measured, they take this share of each batch's JPEGs
+# (on an H200 with 15 readers the job settles near half).
+FIRST_READER_SHARE = 0.5
+# They are given this much less work than their measured pace allows, so that they stay ahead of
+# the device: a batch they are late with leaves the model waiting.
+READER_MARGIN = 0.85
+# The share never falls below this, so the readers' pace stays measured.
+LEAST_READER_SHARE = 0.02
+SMOOTHING = 0.2  # the weight of each batch's figures in their running averages
+
+
+class JpegSplit:
+    """The share of each batch's JPEG covers that the reader processes decode on their cores; the
+    device decodes the rest. Decoding on the GPU is not free: nvjpeg's calls return only once the
+    model's queued work is done, so each JPEG the device decodes lengthens the model's batches,
+    while the readers' cores are otherwise idle (they only read files).
+
+    The main process watches both sides and sets the share that the readers can just keep up with:
+    their time per JPEG and per batch for everything else, against the time the device takes for
+    a batch, the time spent waiting for the readers left out. The readers read it, through shared
+    memory, as they start each batch."""
+
+    def __init__(self, readers: int):
+        self.readers = readers
+        self._share = multiprocessing.get_context().RawValue("d", FIRST_READER_SHARE if readers else 0.0)
+        self._jpeg_seconds: float | None = None
+        self._other_seconds: float | None = None
+        self._device_seconds: float | None = None
+        self._jpegs: float | None = None  # a batch's; averaged too, as a shard's last batch is a short one
+
+    @property
+    def share(self) -> float:
+        return self._share.value
+
+    def readers_take(self, jpegs: int) -> int:
+        """How many of a batch's `jpegs` a reader decodes itself."""
+        return round(self._share.value * jpegs)
+
+    def observe(self, batch: Batch, device_seconds: float, waited: float = 0.0) -> None:
+        """Learn from one batch that the device took `device_seconds` to deal with, after waiting
+        `waited` seconds for the readers to hand it over."""
+        log.debug("JPEGs decoded by the readers %d of %d, device %.4f s, waited %.4f s, share %.3f", batch.reader_jpegs,
+                  batch.reader_jpegs + len(batch.jpeg_sizes), device_seconds, waited, self.share)
+        if not self.readers:
+            return
+        if batch.reader_jpegs:
+            self._jpeg_seconds = _smoothed(self._jpeg_seconds, batch.reader_jpeg_seconds / batch.reader_jpegs)
+        self._other_seconds = _smoothed(self._other_seconds, batch.reader_seconds - batch.reader_jpeg_seconds)
+        self._device_seconds = _smoothed(self._device_seconds, device_seconds)
+        self._jpegs = _smoothed(self._jpegs, batch.reader_jpegs + len(batch.jpeg_sizes))
+        if self._jpeg_seconds and self._jpegs:
+            spare = READER_MARGIN * self.readers * self._device_seconds - self._other_seconds
+            self._share.value = min(1.0, max(LEAST_READER_SHARE, spare / (self._jpeg_seconds * self._jpegs)))
+
+
+def _smoothed(average: float | None, value: float) -> float:
+    return value if average is None else average + SMOOTHING * (value - average)
 
 
 class MediaRows(torch.utils.data.Dataset):
     """Indexed by (shard number, row); reads and prepares that row's media.
 
     The DataLoader asks for a whole batch at once (`__getitems__`), so a batch's remote covers are
-    fetched concurrently. With `raw_jpegs`, JPEG covers are passed on undecoded for the device to
-    decode; other formats are decoded here, as everything is without it.
+    fetched concurrently. With a `split`, the JPEG covers it does not give the readers are passed on
+    undecoded for the device to decode; other formats are decoded here, as everything is without it.
     """
 
-    def __init__(self, kind: str, transform: Callable, frames: int, raw_jpegs: bool = False):
-        self.kind, self.transform, self.frames, self.raw_jpegs = kind, transform, frames, raw_jpegs
+    def __init__(self, kind: str, transform: Callable, frames: int, split: JpegSplit | None = None):
+        self.kind, self.transform, self.frames, self.split = kind, transform, frames, split
 
     def __getitem__(self, index: tuple[int, Row]) -> Item:
         return self.__getitems__([index])[0]
@@ -83,16 +151,26 @@ class MediaRows(torch.utils.data.Dataset):
                 except MediaError as exc:
                     item.error = str(exc)
             return items
-        for item, data in zip(items, read_all([item.row.uri for item in items])):
+        started = time.perf_counter()
+        datas = read_all([item.row.uri for item in items])
+        reading = (time.perf_counter() - started) / len(items)
+        jpegs = [jpeg_tensor(data) if self.split and isinstance(data, bytes) else None for data in datas]
+        to_decode_here = self.split.readers_take(sum(jpeg is not None for jpeg in jpegs)) if self.split else 0
+        for item, data, jpeg in zip(items, datas, jpegs):
+            started = time.perf_counter()
             if isinstance(data, MediaError):
                 item.error = str(data)
-            elif self.raw_jpegs and (jpeg := jpeg_tensor(data)) is not None:
+            elif jpeg is not None and not to_decode_here:
                 item.jpeg = jpeg
             else:
+                if jpeg is not None:
+                    to_decode_here -= 1
+                    item.jpeg_decoded_here = True
                 try:
                     item.pixels = self.transform(decode_image(data, item.row.uri))
                 except MediaError as exc:
                     item.error = str(exc)
+            item.seconds = reading + time.perf_counter() - started
         return items
 
 
@@ -106,6 +184,9 @@ def collate(items: list[Item]) -> Batch:
         jpeg_bytes=torch.cat([item.jpeg for item in encoded]) if encoded else torch.empty(0, dtype=torch.uint8),
         jpeg_sizes=[len(item.jpeg) for item in encoded],
         failed=[(item.row, item.error) for item in items if item.error is not None],
+        reader_seconds=sum(item.seconds for item in items),
+        reader_jpegs=sum(item.jpeg_decoded_here for item in items),
+        reader_jpeg_seconds=sum(item.seconds for item in items if item.jpeg_decoded_here),
     )
 
 
@@ -195,14 +276,34 @@ def _batch_plan(shards: Iterator[tuple[int, list[Row]]], batch_rows: int) -> Ite
 
 
 def media_batches(shards: Iterator[tuple[int, list[Row]]], kind: str, transform: Callable, frames: int,
-                  batch_rows: int, workers: int, pin_memory: bool, raw_jpegs: bool = False) -> Iterator[Batch]:
-    """Batches of preprocessed media for the given shards, read by `workers` processes."""
+                  batch_rows: int, workers: int, pin_memory: bool, split: JpegSplit | None = None) -> Iterator[Batch]:
+    """Batches of preprocessed media for the given shards, read by `workers` processes; with a
+    `split`, some JPEGs left for the device to decode, as many as the readers cannot keep up with."""
     loader = DataLoader(
-        MediaRows(kind, transform, frames, raw_jpegs),
+        MediaRows(kind, transform, frames, split),
         batch_sampler=_batch_plan(shards, batch_rows),
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
+        # Batches a reader has been asked for were shared as the split stood then: a deeper queue
+        # only delays the split's corrections (4 a reader kept a 60,000-cover run on its first guess
+        # for half its batches).
+        prefetch_factor=2 if workers else None,
     )
-    return iter(loader)
+    return iter(loader) if split is None else _observed(iter(loader), split)
+
+
+def _observed(batches: Iterator[Batch], split: JpegSplit) -> Iterator[Batch]:
+    """`batches`, each one shown to `split` with the time its consumer took for the one before:
+    the device's time a batch, the time spent waiting for the readers left out."""
+    previous = None
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        if previous is not None:
+            split.observe(previous, device_seconds=asked - handed, waited=waited)
+        previous, handed = batch, time.perf_counter()
+        waited = handed - asked
+        yield batch
