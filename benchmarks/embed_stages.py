@@ -11,8 +11,7 @@ the host), and on a GPU the decoding again while another stream has about 100 ms
 products queued (its host ms: whether decoding waits for the device's other work). "Overlapped"
 is the job's loop without its reader processes: each batch waited for before the next is queued,
 and (as the job runs) the next batch queued on the device before this one's outputs are waited
-for; and (a candidate) the same with the batches decoded in a process of its own, handed over
-through CUDA IPC. Their host ms is the median time to prepare a batch beside the model. Against
+for. Their host ms is the median time to prepare a batch beside the model. Against
 `model`, it says how much of the job's shortfall from model-only throughput the device's own
 preparation explains. Prints a table and writes JSON (default benchmarks/out/embed_stages.json).
 """
@@ -20,7 +19,6 @@ preparation explains. Prints a table and writes JSON (default benchmarks/out/emb
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import tempfile
@@ -85,42 +83,6 @@ def overlapped_ms(batches: list[list[torch.Tensor]], encoder, in_flight: bool) -
     return (time.perf_counter() - started) * 1e3 / len(batches), statistics.median(preparing)
 
 
-def _prepare_apart(spec: str, device: str, batches: list[list[torch.Tensor]], ready, finished) -> None:
-    """The decoding process of `apart_ms`: each batch prepared and handed over with its milliseconds."""
-    encoder = load_encoder(spec, device)
-    for jpegs in batches:
-        started = time.perf_counter()
-        pixels = prepared(encoder, jpegs)
-        if pixels.is_cuda:
-            torch.cuda.synchronize(pixels.device)
-        ready.put((pixels, (time.perf_counter() - started) * 1e3))
-    finished.wait()  # the pixels live in this process's memory until the model has read them
-
-
-def apart_ms(batches: list[list[torch.Tensor]], encoder, spec: str) -> tuple[float, float]:
-    """`overlapped_ms` with a batch in flight, the batches decoded and resized in a process of their
-    own (a candidate): its own CUDA context, so a wait for the whole device there does not wait for
-    the model's work. Pixels arrive through CUDA IPC; timed from the first batch's arrival."""
-    context = torch.multiprocessing.get_context("spawn")
-    ready, finished = context.Queue(maxsize=2), context.Event()
-    child = context.Process(target=_prepare_apart, args=(spec, str(encoder.device), batches, ready, finished))
-    child.start()
-    preparing: list[float] = []
-
-    def arrived() -> torch.Tensor:
-        pixels, ms = ready.get()
-        preparing.append(ms)
-        return pixels
-
-    first = arrived()
-    started = time.perf_counter()
-    encode_in_flight(encoder, itertools.chain([first], (arrived() for _ in batches[1:])))
-    elapsed = time.perf_counter() - started
-    finished.set()
-    child.join()
-    return elapsed * 1e3 / len(batches), statistics.median(preparing)
-
-
 def beside_busy_device(step: Callable[[], object], device: torch.device) -> float:
     """Host ms of `step` while another stream has about 100 ms of matrix products queued: how much
     the device's other work slows it, with no Python running beside it."""
@@ -176,7 +138,6 @@ def main() -> None:
             overlapped = {
                 "overlapped, waiting for each batch": overlapped_ms(batches, encoder, in_flight=False),
                 "overlapped, a batch in flight": overlapped_ms(batches, encoder, in_flight=True),
-                "overlapped, a batch in flight, decoded in a process of its own": apart_ms(batches, encoder, spec),
             }
             steps["decode JPEGs, another stream busy"] = (statistics.median(
                 beside_busy_device(lambda b=b: decode_jpeg(b, mode=ImageReadMode.RGB, device=device), device)

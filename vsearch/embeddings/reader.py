@@ -294,16 +294,12 @@ def media_batches(shards: Iterator[tuple[int, list[Row]]], kind: str, transform:
 
 
 def _observed(batches: Iterator[Batch], split: JpegSplit) -> Iterator[Batch]:
-    """`batches`, each one shown to `split` with the time its consumer took for the one before:
-    the device's time a batch, the time spent waiting for the readers left out."""
-    previous = None
-    while True:
-        asked = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            return
-        if previous is not None:
-            split.observe(previous, device_seconds=asked - handed, waited=waited)
-        previous, handed = batch, time.perf_counter()
-        waited = handed - asked
+    """`batches`, each one shown to `split` once its consumer asks for the next: the time in
+    between is the device's for that batch, the time spent waiting for the readers left out."""
+    asked = time.perf_counter()
+    for batch in batches:
+        handed = time.perf_counter()
         yield batch
+        asked_again = time.perf_counter()
+        split.observe(batch, device_seconds=asked_again - handed, waited=handed - asked)
+        asked = asked_again
