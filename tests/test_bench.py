@@ -115,6 +115,18 @@ def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count
     assert (report["params"]["M"], report["params"]["ef_construction"]) == (32, 200)  # the build's defaults
 
 
+def test_hnsw_growth_times_each_step_of_one_build_for_each_engine(tmp_path):
+    out = tmp_path / "growth.json"
+    run_script("hnsw_growth.py", "--count", "3000", "--step", "1000", "--dim", "32", "--threads", "1",
+               "--queries", "50", "--engines", "hnswlib,faiss-sq8", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert list(report["engines"]) == ["hnswlib", "faiss-sq8"]
+    for result in report["engines"].values():
+        assert [step["up_to"] for step in result["steps"]] == [1000, 2000, 3000]
+        assert all(step["vectors_per_s"] > 0 for step in result["steps"])
+        assert set(result["recall_at_10"]) == {"64", "128"} and result["recall_at_10"]["128"] >= 0.9
+
+
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):
     out = tmp_path / "latency.json"
     run_script("query_latency.py", "--queries", "5", "--synthetic", "3000", "--device", "cpu", "--out", str(out))
