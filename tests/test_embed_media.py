@@ -39,6 +39,17 @@ def table(directory, kind):
     return pa.concat_tables(pq.read_table(directory / s["name"]) for s in manifest.shards if s["kind"] == kind)
 
 
+def assert_same_covers(one, other) -> tuple[np.ndarray, np.ndarray]:
+    """Two jobs' cover shards hold the same ids, in order, and vectors within a cosine of 0.995 of
+    each other (JPEGs decoded or resized elsewhere); returns both sets of vectors."""
+    a, b = table(one.directory, "cover"), table(other.directory, "cover")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    va = np.array(a.column("vector").to_pylist(), np.float32)
+    vb = np.array(b.column("vector").to_pylist(), np.float32)
+    assert (va * vb).sum(axis=1).min() > 0.995
+    return va, vb
+
+
 def embed_demo(workspace, tiny_uniclip, **options):
     config = EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0, **options)
     return run_embed(config, workspace)
@@ -323,11 +334,7 @@ def test_jpegs_decoded_on_the_device_give_the_same_vectors(workspace, tiny_unicl
     on_workers = embed_demo(workspace, tiny_uniclip, limit=30, decode="workers")
     on_device = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0,
                                       limit=30, decode="device", out=tmp_path / "device"), workspace)
-    a, b = table(on_workers.directory, "cover"), table(on_device.directory, "cover")
-    assert a.column("id").to_pylist() == b.column("id").to_pylist()
-    va = np.array(a.column("vector").to_pylist(), np.float32)
-    vb = np.array(b.column("vector").to_pylist(), np.float32)
-    assert (va * vb).sum(axis=1).min() > 0.995
+    assert_same_covers(on_workers, on_device)
     assert on_device.times.decoding > 0 == on_workers.times.decoding  # the job's time split says which ran
 
 
@@ -335,11 +342,7 @@ def test_readers_and_device_share_the_jpegs_and_give_the_same_vectors(workspace,
     on_workers = embed_demo(workspace, tiny_uniclip, limit=64, batch_size=8, decode="workers")
     shared = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=2, limit=64,
                                    batch_size=8, decode="both", out=tmp_path / "both"), workspace)
-    a, b = table(on_workers.directory, "cover"), table(shared.directory, "cover")
-    assert a.column("id").to_pylist() == b.column("id").to_pylist()
-    va = np.array(a.column("vector").to_pylist(), np.float32)
-    vb = np.array(b.column("vector").to_pylist(), np.float32)
-    assert (va * vb).sum(axis=1).min() > 0.995
+    assert_same_covers(on_workers, shared)
     # The readers start with half of each batch's JPEGs: some of the 64 covers went each way.
     assert 0 < shared.times.decoded_on_device < 64 and on_workers.times.decoded_on_device == 0
     assert "decoding" in _stage_line(shared.times) and "covers on the device" in _stage_line(shared.times)
@@ -460,11 +463,7 @@ def test_a_jpeg_the_device_cannot_decode_is_decoded_on_the_host(tmp_path, worksp
     monkeypatch.undo()
     on_workers = embed_demo(workspace, tiny_uniclip, limit=5, decode="workers")
     assert on_device.manifest.failed == []
-    a, b = table(on_workers.directory, "cover"), table(on_device.directory, "cover")
-    assert a.column("id").to_pylist() == b.column("id").to_pylist()
-    va = np.array(a.column("vector").to_pylist(), np.float32)
-    vb = np.array(b.column("vector").to_pylist(), np.float32)
-    assert (va * vb).sum(axis=1).min() > 0.995
+    va, vb = assert_same_covers(on_workers, on_device)
     assert np.allclose(va[0], vb[0], atol=2e-3)  # the rejected cover went the workers' way exactly
 
 
