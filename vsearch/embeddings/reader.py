@@ -25,11 +25,18 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 log = logging.getLogger(__name__)
 
 
+def device_decodes(data: bytes) -> bool:
+    """Whether the device's JPEG decoder can take a file: a JPEG, but not one stored turned, which
+    the device would decode as stored (see `media.decode_image`)."""
+    return data.startswith(JPEG_MAGIC) and not is_turned(data)
+
+
 def jpeg_tensor(data: bytes) -> torch.Tensor | None:
-    """A file's bytes as the device's JPEG decoder takes them, or None when it is not a JPEG, or is
-    one stored turned, which the device would decode as stored (see `media.decode_image`)."""
-    if not data.startswith(JPEG_MAGIC) or is_turned(data):
-        return None
+    """A file's bytes as the device's JPEG decoder takes them, or None where it cannot (`device_decodes`)."""
+    return _as_tensor(data) if device_decodes(data) else None
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -154,16 +161,16 @@ class MediaRows(torch.utils.data.Dataset):
         started = time.perf_counter()
         datas = read_all([item.row.uri for item in items])
         reading = (time.perf_counter() - started) / len(items)
-        jpegs = [jpeg_tensor(data) if self.split and isinstance(data, bytes) else None for data in datas]
-        to_decode_here = self.split.readers_take(sum(jpeg is not None for jpeg in jpegs)) if self.split else 0
+        jpegs = [bool(self.split) and isinstance(data, bytes) and device_decodes(data) for data in datas]
+        to_decode_here = self.split.readers_take(sum(jpegs)) if self.split else 0
         for item, data, jpeg in zip(items, datas, jpegs):
             started = time.perf_counter()
             if isinstance(data, MediaError):
                 item.error = str(data)
-            elif jpeg is not None and not to_decode_here:
-                item.jpeg = jpeg
+            elif jpeg and not to_decode_here:
+                item.jpeg = _as_tensor(data)
             else:
-                if jpeg is not None:
+                if jpeg:
                     to_decode_here -= 1
                     item.jpeg_decoded_here = True
                 try:
