@@ -23,6 +23,21 @@ TINY_OPEN_CLIP = {
 }
 
 
+needs_huge_pages = pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                                      reason="needs Linux with transparent huge pages")
+
+
+def huge_page_advised_bytes() -> int:
+    """Bytes of this process's mappings that asked for transparent huge pages (VmFlags `hg`)."""
+    total = size = 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1]) * 1024
+        elif line.startswith("VmFlags:") and " hg" in line:
+            total += size
+    return total
+
+
 @dataclass
 class CliResult:
     code: int

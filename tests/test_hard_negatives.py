@@ -3,6 +3,7 @@
 from vsearch.embeddings.datasets import open_dataset
 from vsearch.embeddings import load_encoder
 from vsearch.indexes.hard_negatives import read_as_trained, write_hard_negatives
+from tests.conftest import huge_page_advised_bytes, needs_huge_pages
 
 LINES = [
     "大宅门演员表\thttp://c/1.jpg\t大宅门 演员表",
@@ -43,6 +44,17 @@ def test_one_line_per_distinct_ocr_text_with_its_ten_nearest_others(tmp_path, wo
     assert lines[0][1] == "大宅门 第二部"  # the nearest other text shares 大宅门
     assert all(n.startswith("原神 攻略") for n in lines[5][1:10])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@needs_huge_pages
+def test_its_graph_asks_for_huge_pages_before_its_rows_are_written(tmp_path, workspace):
+    source = tmp_path / "cbvs10m.txt"
+    source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    before, grown = huge_page_advised_bytes(), []
+    encoder = load_encoder("lexical")
+    write_hard_negatives(open_dataset(str(source), workspace), encoder, tmp_path / "cbvs10m-HNSW",
+                         on_texts=lambda n: grown.append(huge_page_advised_bytes() - before))
+    assert grown[0] >= (1 << 16) * encoder.dim * 4  # the graph's first allocation, its vectors alone
 
 
 def test_the_cli_writes_it_under_the_workspace_datasets(cli, workspace):

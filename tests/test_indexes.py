@@ -18,7 +18,7 @@ from vsearch.indexes.index import read_index_manifest
 from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
-from tests.conftest import write_cbvs_covers
+from tests.conftest import huge_page_advised_bytes, needs_huge_pages, write_cbvs_covers
 
 TYPES = [("flat", None), ("hnsw", None), ("hnsw", "faiss"), ("ivfpq", None)]
 
@@ -118,6 +118,17 @@ def test_faiss_vectors_are_memory_mapped_not_read(engine, byo, tmp_path):
     assert not flat.codes.is_owned  # a view of the mapped file
     scores, ids = index.search(byo[1][:2], 1)
     assert ids[:, 0].tolist() == ["doc0", "doc1"] and np.allclose(scores[:, 0], 1, atol=1e-5)
+
+
+@needs_huge_pages
+def test_an_hnswlib_graph_asks_for_huge_pages_before_its_rows_are_written(tmp_path):
+    before = huge_page_advised_bytes()
+    backend = HnswlibBackend.create(tmp_path, 512, 20_000, {"M": 32, "ef_construction": 40})
+    assert huge_page_advised_bytes() - before >= 20_000 * 512 * 4  # its vectors alone; links add more
+    backend.add(np.ones((10, 512), np.float32), np.arange(10))
+    backend.prepare(tmp_path, 30_000)  # an append's resize replaces the allocation with one that asks too
+    assert huge_page_advised_bytes() - before >= 30_010 * 512 * 4
+    assert len(backend) == 10
 
 
 def test_ivfpq_keeps_float16_vectors_on_disk_and_its_index_small(byo, tmp_path):

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from vsearch.errors import VsearchError, counted
+from vsearch.indexes.hugepages import huge_pages_for_new_regions
 
 FAISS_FILE = "index.faiss"
 
@@ -270,7 +271,8 @@ class HnswlibBackend(Backend):
         import hnswlib
 
         index = hnswlib.Index(space="ip", dim=dim)
-        index.init_index(max_elements=max(capacity, 1), M=params["M"], ef_construction=params["ef_construction"])
+        with huge_pages_for_new_regions(capacity * dim * 4):
+            index.init_index(max_elements=max(capacity, 1), M=params["M"], ef_construction=params["ef_construction"])
         return cls(index, params.get("ef_search", cls.search_params["ef_search"]))
 
     @classmethod
@@ -285,7 +287,9 @@ class HnswlibBackend(Backend):
     def prepare(self, directory: Path, new_rows: int) -> None:
         needed = self.index.get_current_count() + new_rows
         if needed > self.index.get_max_elements():
-            self.index.resize_index(needed)
+            # The copy of the old graph has touched its pages; only the new rows' get huge ones.
+            with huge_pages_for_new_regions(needed * self.index.dim * 4):
+                self.index.resize_index(needed)
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         self.index.add_items(vectors, labels, num_threads=self.threads)

@@ -29,6 +29,7 @@ from vsearch.embeddings.encoders import Encoder
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file
 from vsearch.indexes.backends import exact_top_k
+from vsearch.indexes.hugepages import huge_pages_for_new_regions
 from vsearch.indexes.tuning import sample_positions, tune_search
 from vsearch.overlap import in_background
 
@@ -106,7 +107,8 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
     if not dataset.has_text:
         raise VsearchError(f"dataset {dataset.name} has no OCR texts (format {dataset.format})")
     index = hnswlib.Index(space="ip", dim=encoder.dim)
-    index.init_index(max_elements=1 << 16, M=32, ef_construction=200)
+    with huge_pages_for_new_regions((1 << 16) * encoder.dim * 4):
+        index.init_index(max_elements=1 << 16, M=32, ef_construction=200)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")
     # The vectors again, for the queries and the exact search that tunes them: hnswlib hands them
@@ -122,7 +124,8 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             stream = distinct_ocr_texts(dataset)
             while chunk := list(islice(stream, batch)):
                 if len(texts) + len(chunk) > index.get_max_elements():
-                    index.resize_index(2 * index.get_max_elements())
+                    with huge_pages_for_new_regions(2 * index.get_max_elements() * encoder.dim * 4):
+                        index.resize_index(2 * index.get_max_elements())
                 vectors = encoder.encode_texts(chunk).astype(np.float16)
                 index.add_items(vectors.astype(np.float32), np.arange(len(texts), len(texts) + len(chunk)))
                 spilled.write(vectors.tobytes())
