@@ -1,16 +1,25 @@
-"""HNSW insertion rate as one graph grows: vectors/s over each step of a build, for hnswlib and for
-FAISS's HNSW over float32, float16 and 8-bit vectors, with recall@10 at the end.
+"""HNSW insertion rate as one graph grows: vectors/s over each step of a build, for each engine and
+graph setting, then recall@10 and batch queries/s over a sweep of ef_search.
 
     python benchmarks/hnsw_growth.py [--count 1000000] [--step 250000] [--threads N] [--dim 512]
-                                     [--engines hnswlib,faiss,faiss-fp16,faiss-sq8] [--M 32] [--ef-construction 200]
+                                     [--engines hnswlib,vsearch,faiss,faiss-fp16,faiss-sq8]
+                                     [--graphs 32/200,32/100]
 
 On a lent 16-core machine hnswlib's rate fell from 24,000 vectors/s over the first 250k to 7,600
 by 1.5M (benchmarks/RESULTS.md): past the cache, every step of an insert's search reads a vector
-from memory, and 16 cores share its bandwidth. A graph over float16 or 8-bit vectors reads a half
-or a quarter of the bytes for each distance. vsearch builds neither (`faiss-fp16` and `faiss-sq8`
-are candidates); this says whether their rate holds up as the graph grows, and what recall they
-give before any refinement. The vectors are made in memory, not read from Parquet. Prints a table
-and writes JSON (default benchmarks/out/hnsw_growth.json).
+from memory. The engines:
+
+- `hnswlib`: hnswlib's own calls;
+- `vsearch`: the same graph as vsearch builds it, its memory on huge pages
+  (vsearch/indexes/hugepages.py), so that the page tables stay in the cache;
+- `faiss`, `faiss-fp16`, `faiss-sq8`: FAISS's HNSW over float32, float16 and 8-bit vectors, which read
+  a half or a quarter of the bytes for each distance. vsearch builds only the first; the others are
+  candidates, and this says whether their rate holds up as the graph grows, and what recall they
+  give before any refinement.
+
+A sparser graph (`--graphs M/ef_construction`, several allowed) builds faster and needs a wider
+search for the same recall; the sweep says how much wider. The vectors are made in memory, not
+read from Parquet. Prints a table and writes JSON (default benchmarks/out/hnsw_growth.json).
 """
 
 from __future__ import annotations
@@ -30,33 +39,40 @@ from rich.console import Console
 from rich.table import Table
 
 from build_threads import cpu_model
-from vsearch.indexes.backends import exact_top_k
+from vsearch.indexes.backends import HnswlibBackend, exact_top_k
 from vsearch.indexes.bench import clip_like
 
-ENGINES = ("hnswlib", "faiss", "faiss-fp16", "faiss-sq8")
-EF_SEARCH = (64, 128)
+ENGINES = ("hnswlib", "vsearch", "faiss", "faiss-fp16", "faiss-sq8")
+EF_SEARCH = (32, 64, 128, 256)
 TRAINING_ROWS = 100_000  # what the 8-bit quantiser learns each dimension's range from
 
 
-def new_index(engine: str, dim: int, args: argparse.Namespace, sample: np.ndarray) -> Any:
+def new_index(engine: str, graph: tuple[int, int], dim: int, args: argparse.Namespace, sample: np.ndarray) -> Any:
+    m, ef_construction = graph
     if engine == "hnswlib":
         index = hnswlib.Index(space="ip", dim=dim)
-        index.init_index(max_elements=args.count, M=args.M, ef_construction=args.ef_construction)
+        index.init_index(max_elements=args.count, M=m, ef_construction=ef_construction)
         index.set_num_threads(args.threads)
         return index
+    if engine == "vsearch":  # hnswlib with its graph on huge pages (vsearch/indexes/hugepages.py)
+        backend = HnswlibBackend.create(Path("."), dim, args.count, {"M": m, "ef_construction": ef_construction})
+        backend.set_threads(args.threads)
+        return backend
     quantiser = {"faiss-fp16": faiss.ScalarQuantizer.QT_fp16, "faiss-sq8": faiss.ScalarQuantizer.QT_8bit}
     if engine == "faiss":
-        index = faiss.IndexHNSWFlat(dim, args.M, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
     else:
-        index = faiss.IndexHNSWSQ(dim, quantiser[engine], args.M, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWSQ(dim, quantiser[engine], m, faiss.METRIC_INNER_PRODUCT)
         index.train(sample)
-    index.hnsw.efConstruction = args.ef_construction
+    index.hnsw.efConstruction = ef_construction
     return index
 
 
 def insert(index: Any, vectors: np.ndarray, start: int) -> None:
     if isinstance(index, hnswlib.Index):
         index.add_items(vectors, np.arange(start, start + len(vectors)))
+    elif isinstance(index, HnswlibBackend):
+        index.add(vectors, np.arange(start, start + len(vectors)))
     else:
         index.add(vectors)
 
@@ -65,6 +81,9 @@ def search(index: Any, queries: np.ndarray, ef: int) -> np.ndarray:
     if isinstance(index, hnswlib.Index):
         index.set_ef(ef)
         return index.knn_query(queries, k=10)[0].astype(np.int64)
+    if isinstance(index, HnswlibBackend):
+        index.set_search({"ef_search": ef})
+        return index.search(queries, 10)[1]
     index.hnsw.efSearch = ef
     return index.search(queries, 10)[1]
 
@@ -76,10 +95,23 @@ def chunks(vectors: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndar
         yield np.arange(start, start + len(part)), part
 
 
-def grow(engine: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+def swept(index: Any, queries: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]:
+    """Recall@10 and batch queries/s at each ef_search."""
+    search(index, queries[:100], EF_SEARCH[0])  # the first call's page faults are not the search's
+    rows = []
+    for ef in EF_SEARCH:
+        began = time.perf_counter()
+        found = search(index, queries, ef)
+        qps = len(queries) / (time.perf_counter() - began)
+        recall = np.mean([len(set(mine) & set(best)) / 10 for mine, best in zip(found, truth)])
+        rows.append({"ef_search": ef, "recall_at_10": round(float(recall), 4), "qps": round(qps)})
+    return rows
+
+
+def grow(engine: str, graph: tuple[int, int], vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
          args: argparse.Namespace) -> dict[str, Any]:
-    """One build of `engine` over `vectors`, a step at a time: the rate of each step, and recall@10."""
-    index = new_index(engine, vectors.shape[1], args, vectors[:TRAINING_ROWS])
+    """One build of `engine` over `vectors`, a step at a time: the rate of each step, then the search sweep."""
+    index = new_index(engine, graph, vectors.shape[1], args, vectors[:TRAINING_ROWS])
     steps, started = [], time.perf_counter()
     for start in range(0, len(vectors), args.step):
         chunk = vectors[start:start + args.step]
@@ -87,9 +119,19 @@ def grow(engine: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarra
         insert(index, chunk, start)
         steps.append({"up_to": start + len(chunk), "vectors_per_s": round(len(chunk) / (time.perf_counter() - began))})
     seconds = time.perf_counter() - started
-    recall = {ef: float(np.mean([len(set(found) & set(best)) / 10 for found, best in zip(search(index, queries, ef), truth)]))
-              for ef in EF_SEARCH}
-    return {"steps": steps, "seconds": round(seconds, 1), "recall_at_10": {str(ef): round(r, 4) for ef, r in recall.items()}}
+    return {"engine": engine, "M": graph[0], "ef_construction": graph[1], "steps": steps,
+            "seconds": round(seconds, 1), "search": swept(index, queries, truth)}
+
+
+def graph_settings(text: str) -> list[tuple[int, int]]:
+    """`32/200,16/100` as (M, ef_construction) pairs."""
+    try:
+        pairs = [tuple(int(part) for part in item.split("/")) for item in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(pair) != 2 or min(pair) < 2 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: give M/ef_construction pairs, each at least 2, e.g. 32/200,16/100")
+    return pairs
 
 
 def main() -> None:
@@ -99,8 +141,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--M", type=int, default=32)
-    parser.add_argument("--ef-construction", type=int, default=200)
+    parser.add_argument("--graphs", type=graph_settings, default=[(32, 200)],
+                        help="M/ef_construction pairs, comma-separated (default 32/200, vsearch's)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "hnsw_growth.json")
     args = parser.parse_args()
@@ -113,22 +155,22 @@ def main() -> None:
     vectors = np.concatenate(list(clip_like(args.count, args.dim, seed=0)))
     queries = np.concatenate(list(clip_like(args.queries, args.dim, seed=1)))
     truth = exact_top_k(queries, chunks(vectors, args.step), 10)[1]
-    results = {engine: grow(engine, vectors, queries, truth, args) for engine in engines}
+    runs = [grow(engine, graph, vectors, queries, truth, args) for graph in args.graphs for engine in engines]
 
-    table = Table(title=f"HNSW insertion, vectors/s, {args.threads} threads, M={args.M}, "
-                        f"ef_construction={args.ef_construction}, {args.dim}-d")
+    table = Table(title=f"HNSW insertion, vectors/s, {args.threads} threads, {args.dim}-d; "
+                        "then recall@10 / batch queries/s")
     table.add_column("up to", justify="right")
-    for engine in engines:
-        table.add_column(engine, justify="right")
-    for row, up_to in enumerate(step["up_to"] for step in results[engines[0]]["steps"]):
-        table.add_row(f"{up_to:,}", *(f"{results[e]['steps'][row]['vectors_per_s']:,}" for e in engines))
-    table.add_row("seconds", *(f"{results[e]['seconds']:,}" for e in engines))
-    for ef in EF_SEARCH:
-        table.add_row(f"recall@10, ef {ef}", *(f"{results[e]['recall_at_10'][str(ef)]:.3f}" for e in engines))
+    for run in runs:
+        table.add_column(f"{run['engine']}\nM={run['M']}, efc={run['ef_construction']}", justify="right")
+    for row, up_to in enumerate(step["up_to"] for step in runs[0]["steps"]):
+        table.add_row(f"{up_to:,}", *(f"{run['steps'][row]['vectors_per_s']:,}" for run in runs))
+    table.add_row("seconds", *(f"{run['seconds']:,}" for run in runs))
+    for row, ef in enumerate(EF_SEARCH):
+        table.add_row(f"ef_search {ef}", *(f"{run['search'][row]['recall_at_10']:.3f} / {run['search'][row]['qps']:,}"
+                                             for run in runs))
     Console().print(table)
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
-              "count": args.count, "step": args.step, "dim": args.dim, "M": args.M,
-              "ef_construction": args.ef_construction, "queries": args.queries, "engines": results}
+              "count": args.count, "step": args.step, "dim": args.dim, "queries": args.queries, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -65,11 +65,12 @@ def test_a_killed_bench_leaves_no_build_running(tmp_path):
     assert gone(helpers, seconds=5)  # the build alone would take several more
 
 
-def run_script(script: str, *args: str) -> None:
+def run_script(script: str, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(root)})
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == returncode, done.stderr[-2000:]
+    return done
 
 
 def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
@@ -115,16 +116,23 @@ def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count
     assert (report["params"]["M"], report["params"]["ef_construction"]) == (32, 200)  # the build's defaults
 
 
-def test_hnsw_growth_times_each_step_of_one_build_for_each_engine(tmp_path):
+def test_hnsw_growth_times_each_step_of_one_build_for_each_engine_and_graph(tmp_path):
     out = tmp_path / "growth.json"
     run_script("hnsw_growth.py", "--count", "3000", "--step", "1000", "--dim", "32", "--threads", "1",
-               "--queries", "50", "--engines", "hnswlib,faiss-sq8", "--out", str(out))
-    report = json.loads(out.read_text())
-    assert list(report["engines"]) == ["hnswlib", "faiss-sq8"]
-    for result in report["engines"].values():
-        assert [step["up_to"] for step in result["steps"]] == [1000, 2000, 3000]
-        assert all(step["vectors_per_s"] > 0 for step in result["steps"])
-        assert set(result["recall_at_10"]) == {"64", "128"} and result["recall_at_10"]["128"] >= 0.9
+               "--queries", "50", "--engines", "hnswlib,vsearch,faiss-sq8", "--graphs", "32/200,8/40", "--out", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["engine"], run["M"], run["ef_construction"]) for run in runs] == [
+        (engine, *graph) for graph in ((32, 200), (8, 40)) for engine in ("hnswlib", "vsearch", "faiss-sq8")]
+    for run in runs:
+        assert [step["up_to"] for step in run["steps"]] == [1000, 2000, 3000]
+        assert all(step["vectors_per_s"] > 0 for step in run["steps"])
+        assert [row["ef_search"] for row in run["search"]] == [32, 64, 128, 256]
+        assert all(row["qps"] > 0 for row in run["search"]) and run["search"][-1]["recall_at_10"] >= 0.9
+
+
+def test_hnsw_growth_names_a_malformed_graph_setting():
+    done = run_script("hnsw_growth.py", "--graphs", "32", returncode=2)
+    assert "M/ef_construction pairs" in done.stderr
 
 
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):
