@@ -43,10 +43,12 @@ def main() -> None:
         build_index(BuildConfig(type=args.type), source, path)
         shutil.copytree(path, intact)
         plain = load_index(intact)
+        plain.settle()
         chosen = np.random.default_rng(0).permutation(args.count)  # each count deletes the first of these
         for count in counts:
             delete_ids(path, [f"v{i}" for i in chosen[:count]])
             pruned = load_index(path)
+            pruned.settle()
             rows.append({"deleted": len(pruned.deleted),
                          **{name: time_ratio(pruned.search, plain.search, batches) for name, batches in inputs.items()}})
     table = Table(title=f"{args.type}, {args.count:,} × {args.dim}: search time with deletes / without")

@@ -48,6 +48,7 @@ def measure(searcher: Searcher, index: Path, queries: list[str], rerank: bool, d
             where: str | None = None) -> dict:
     totals, stages = [], {"encode": 0.0, "search": 0.0, "metadata": 0.0, "rerank": 0.0}
     searcher.search(QueryConfig(queries[0], index, rerank=rerank, device=device, where=where))  # warm-up
+    searcher.index.settle()
     started = time.perf_counter()
     for text in queries:
         begin = time.perf_counter()

@@ -3,7 +3,9 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import platform
 import random
+import re
 import socket
 import threading
 import time
@@ -25,6 +27,11 @@ TINY_OPEN_CLIP = {
 
 needs_huge_pages = pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
                                       reason="needs Linux with transparent huge pages")
+
+
+can_collapse = pytest.mark.skipif(
+    tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2]) < (6, 1),
+    reason="moving written pages onto huge pages (MADV_COLLAPSE) needs Linux 6.1")
 
 
 def huge_page_advised_bytes() -> int:

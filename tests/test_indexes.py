@@ -14,11 +14,12 @@ from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
 from vsearch.indexes.backends import HnswlibBackend
+from vsearch.indexes.hugepages import huge_page_bytes
 from vsearch.indexes.index import read_index_manifest
 from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
-from tests.conftest import huge_page_advised_bytes, needs_huge_pages, write_cbvs_covers
+from tests.conftest import can_collapse, huge_page_advised_bytes, needs_huge_pages, write_cbvs_covers
 
 TYPES = [("flat", None), ("hnsw", None), ("hnsw", "faiss"), ("ivfpq", None)]
 
@@ -129,6 +130,24 @@ def test_an_hnswlib_graph_asks_for_huge_pages_before_its_rows_are_written(tmp_pa
     backend.prepare(tmp_path, 30_000)  # an append's resize replaces the allocation with one that asks too
     assert huge_page_advised_bytes() - before >= 30_010 * 512 * 4
     assert len(backend) == 10
+
+
+@needs_huge_pages
+@can_collapse
+def test_a_loaded_hnswlib_graph_moves_onto_huge_pages_and_finds_the_same(tmp_path):
+    # Past glibc's largest mmap threshold (32 MiB), so that the graph is a mapping of its own
+    vectors = np.random.default_rng(0).standard_normal((20_000, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    built = HnswlibBackend.create(tmp_path, 512, len(vectors), {"M": 8, "ef_construction": 16})
+    built.add(vectors, np.arange(len(vectors)))
+    built.save(tmp_path)
+    del built
+    before = huge_page_bytes()
+    loaded = HnswlibBackend.load(tmp_path, 512, {"ef_search": 32})
+    found = loaded.search(vectors[:50], 5)  # while the pages move: searches need not wait
+    loaded.settle()
+    assert huge_page_bytes() - before >= 32 << 20  # most of the 42 MB graph
+    assert np.array_equal(loaded.search(vectors[:50], 5)[1], found[1])
 
 
 def test_ivfpq_keeps_float16_vectors_on_disk_and_its_index_small(byo, tmp_path):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from vsearch.errors import VsearchError, counted
-from vsearch.indexes.hugepages import huge_pages_for_new_regions
+from vsearch.indexes.hugepages import collapse_in_background, huge_pages_for_new_regions
 
 FAISS_FILE = "index.faiss"
 
@@ -123,6 +123,9 @@ class Backend:
     def set_threads(self, threads: int) -> None:
         if threads > 0:
             _faiss().omp_set_num_threads(threads)
+
+    def settle(self) -> None:
+        """Wait for what the backend goes on doing by itself after loading (none do but hnswlib)."""
 
 
 class FaissBackend(Backend):
@@ -265,6 +268,7 @@ class HnswlibBackend(Backend):
         # parsed on the first call to `vectors`.
         self.saved, self.saved_count = saved, self.count
         self._mapped: tuple[np.ndarray, np.ndarray] | None = None
+        self.collapsing: threading.Thread | None = None  # the loaded graph moving onto huge pages
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "HnswlibBackend":
@@ -280,9 +284,13 @@ class HnswlibBackend(Backend):
         import hnswlib
 
         index = hnswlib.Index(space="ip", dim=dim)
-        index.load_index(str(directory / cls.file_name))
-        saved = np.memmap(directory / cls.file_name, np.uint8, "r")
-        return cls(index, params.get("ef_search", cls.search_params["ef_search"]), saved)
+        path = directory / cls.file_name
+        with huge_pages_for_new_regions(path.stat().st_size // 2) as graph:  # its vectors and links, most of the file
+            index.load_index(str(path))
+        saved = np.memmap(path, np.uint8, "r")
+        backend = cls(index, params.get("ef_search", cls.search_params["ef_search"]), saved)
+        backend.collapsing = collapse_in_background(graph, index)
+        return backend
 
     def prepare(self, directory: Path, new_rows: int) -> None:
         needed = self.index.get_current_count() + new_rows
@@ -290,6 +298,10 @@ class HnswlibBackend(Backend):
             # The copy of the old graph has touched its pages; only the new rows' get huge ones.
             with huge_pages_for_new_regions(needed * self.index.dim * 4):
                 self.index.resize_index(needed)
+
+    def settle(self) -> None:
+        if self.collapsing is not None:
+            self.collapsing.join()
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         self.index.add_items(vectors, labels, num_threads=self.threads)

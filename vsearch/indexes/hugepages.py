@@ -5,7 +5,9 @@ every read also misses the TLB and walks the page tables, which for a 22 GB grap
 44 MB and miss the cache too; with 2 MiB pages they are 88 KB and stay in it. Most Linux systems
 hand out huge pages only to memory that asks for them (`/sys/kernel/mm/transparent_hugepage/enabled`
 is `madvise`). numpy asks for its large arrays; hnswlib's `malloc` of the graph never does, so
-vsearch asks for it before hnswlib touches the pages (benchmarks/RESULTS.md has the gain).
+vsearch asks for it before hnswlib touches the pages. A graph loaded from a file has been written
+by the time vsearch sees it, so its pages are moved onto huge ones afterwards, on a thread
+(benchmarks/RESULTS.md has the gains).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 MAPS = Path("/proc/self/maps")
+ROLLUP = Path("/proc/self/smaps_rollup")
 MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25  # Linux 6.1 and later
 HUGE_PAGE = 2 << 20  # a smaller mapping, a thread's stack say, cannot hold one
 
 
@@ -34,6 +39,12 @@ def anonymous_regions() -> set[tuple[int, int]]:
     return regions
 
 
+def huge_page_bytes() -> int:
+    """How much of this process's anonymous memory is on huge pages (0 where /proc does not say)."""
+    lines = ROLLUP.read_text().splitlines() if ROLLUP.exists() else []
+    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("AnonHugePages:"))
+
+
 def _madvise():
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -41,15 +52,37 @@ def _madvise():
 
 
 @contextlib.contextmanager
-def huge_pages_for_new_regions(least_bytes: int) -> Iterator[None]:
+def huge_pages_for_new_regions(least_bytes: int) -> Iterator[list[tuple[int, int]]]:
     """Ask for huge pages for every anonymous mapping of at least `least_bytes` made inside the
-    block: a library's one big allocation. Pages it has touched already keep their size. Where the
-    system cannot (no /proc, no transparent huge pages), nothing changes and nothing fails."""
+    block: a library's one big allocation. Yields a list, filled with those (start, end) when the
+    block ends. Pages it has touched already keep their size (`collapse_in_background` moves
+    them). Where the system cannot (no /proc, no transparent huge pages), nothing changes and
+    nothing fails."""
     before = anonymous_regions()
-    yield
+    advised: list[tuple[int, int]] = []
+    yield advised
     least = max(least_bytes, HUGE_PAGE)
-    grown = [(start, end) for start, end in anonymous_regions() - before if end - start >= least]
-    if grown:
+    advised += [(start, end) for start, end in anonymous_regions() - before if end - start >= least]
+    if advised:
         madvise = _madvise()
-        for start, end in grown:
+        for start, end in advised:
             madvise(start, end - start, MADV_HUGEPAGE)  # EINVAL without THP: the pages stay small
+
+
+def _collapse(regions: list[tuple[int, int]], owner: object) -> None:
+    """MADV_COLLAPSE each region; `owner` is only held, so that the memory outlives the calls."""
+    madvise = _madvise()
+    for start, end in regions:
+        madvise(start, end - start, MADV_COLLAPSE)  # ctypes lets go of the GIL meanwhile
+
+
+def collapse_in_background(regions: list[tuple[int, int]], owner: object) -> threading.Thread | None:
+    """Move the pages already written in `regions` onto huge pages, on a daemon thread that holds
+    `owner` (the object whose memory they are) until it is done: about a second a GB, during which
+    searches go on and speed up. None when there is nothing to move; on kernels before 6.1 the
+    thread ends at once and the pages stay as they are."""
+    if not regions:
+        return None
+    thread = threading.Thread(target=_collapse, args=(regions, owner), name="vsearch-huge-pages", daemon=True)
+    thread.start()
+    return thread
