@@ -135,6 +135,16 @@ def test_hnsw_growth_names_a_malformed_graph_setting():
     assert "M/ef_construction pairs" in done.stderr
 
 
+def test_loaded_hnsw_compares_vsearchs_load_with_hnswlibs_own(tmp_path):
+    out = tmp_path / "loaded.json"
+    run_script("loaded_hnsw.py", "--count", "3000", "--dim", "32", "--queries", "50", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["count"] == 3000 and report["ef_search"] >= 16
+    assert report["open_seconds"] > 0 and report["hnswlib_open_seconds"] > 0 and report["huge_pages_seconds"] >= 0
+    assert set(report["time_over_hnswlib"]) == {"batch", "single"}
+    assert all(ratio > 0 for ratio in report["time_over_hnswlib"].values())
+
+
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):
     out = tmp_path / "latency.json"
     run_script("query_latency.py", "--queries", "5", "--synthetic", "3000", "--device", "cpu", "--out", str(out))
