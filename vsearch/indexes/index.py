@@ -190,7 +190,7 @@ class Index:
 
     def settle(self) -> None:
         """Wait until searches run at full speed. Right after loading, an hnswlib graph moves onto
-        huge pages on a thread (about a second a GB; 1.4x the queries/s at 1M); searches meanwhile
+        huge pages on a thread (about a second a GB; 1.3x the queries/s at 1M); searches meanwhile
         are right, only slower. A service may call this before it takes traffic; benchmarks do."""
         self.backend.settle()
 
