@@ -3,11 +3,14 @@ CBVS-10M-format file of `--lines` rows, the ef_search it chose and the recall@10
 the recall@10 of the lists in the file, checked here against exact search over all its texts (a
 listed neighbour scoring as high as the exact 10th counts as found) on a sample of other texts.
 
-    python benchmarks/hard_negatives.py [--lines 300000] [--model lexical] [--sample 1000]
+    python benchmarks/hard_negatives.py [--lines 300000] [--phrases N] [--model lexical] [--sample 1000]
 
 The file is made from real query texts (`../shared/data/cbvs20k.txt`, else the demo titles): a
 title and an OCR text of two queries each, every fifth OCR text `\\N`, so texts repeat and share
-words as real covers' do. Prints a table and writes JSON (default benchmarks/out/hard_negatives.json).
+words as real covers' do. With P queries to draw from (all of them, or `--phrases`), L lines hold
+about P² (1 - exp(-0.8 L / P²)) distinct OCR texts, so `--phrases` sets how many distinct texts a
+file of the real 10M lines holds. Prints a table and writes JSON (default
+benchmarks/out/hard_negatives.json).
 """
 
 from __future__ import annotations
@@ -33,15 +36,21 @@ from vsearch.workspace import Workspace
 SHARED_QUERIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbvs20k.txt"
 
 
-def phrases() -> list[str]:
-    """Distinct short Chinese texts to build titles and OCR texts from."""
+def phrases(count: int | None = None, seed: int = 0) -> list[str]:
+    """Distinct short Chinese texts to build titles and OCR texts from: all of them, or `count`
+    drawn at random."""
     source = SHARED_QUERIES if SHARED_QUERIES.is_file() else Path(demo_source())
-    return sorted({line.split("\t")[0] for line in source.read_text(encoding="utf-8").splitlines() if line.strip()})
+    every = sorted({line.split("\t")[0] for line in source.read_text(encoding="utf-8").splitlines() if line.strip()})
+    if count is None:
+        return every
+    if not 2 <= count <= len(every):
+        raise SystemExit(f"--phrases must be between 2 and {len(every)} (the queries there are to draw from)")
+    return sorted(random.Random(seed).sample(every, count))
 
 
-def write_cbvs10m_file(path: Path, lines: int, seed: int = 0) -> None:
+def write_cbvs10m_file(path: Path, lines: int, words: list[str] | None = None, seed: int = 0) -> None:
     rng = random.Random(seed)
-    words = phrases()
+    words = words or phrases()
     with open(path, "w", encoding="utf-8") as handle:
         for i in range(lines):
             ocr = "\\N" if i % 5 == 0 else f"{rng.choice(words)} {rng.choice(words)}"
@@ -66,23 +75,26 @@ def neighbour_recall(path: Path, encoder, sample: int, seed: int = 0) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=300_000)
+    parser.add_argument("--phrases", type=int, help="queries to draw titles and OCR texts from (default: all)")
     parser.add_argument("--model", default="lexical", help="encoder spec (a local checkpoint for uniclip:PATH)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--sample", type=int, default=1000, help="texts whose neighbours are checked")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/hard_negatives.json"))
     args = parser.parse_args()
+    words = phrases(args.phrases)
     encoder = read_as_trained(load_encoder(args.model, args.device))
     with tempfile.TemporaryDirectory() as scratch:
         source, out = Path(scratch) / "cbvs10m.txt", Path(scratch) / "cbvs10m-HNSW"
-        write_cbvs10m_file(source, args.lines)
+        write_cbvs10m_file(source, args.lines, words)
         started = time.perf_counter()
         dataset = open_dataset(str(source), Workspace.resolve(Path(scratch) / "ws"))
         written = write_hard_negatives(dataset, encoder, out, target_recall=args.target_recall)
         seconds = time.perf_counter() - started
         peak = peak_resident_bytes()
         checked = neighbour_recall(out, encoder, args.sample)
-    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "lines": args.lines, "texts": written.texts,
+    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "lines": args.lines, "phrases": len(words),
+              "texts": written.texts,
               "seconds": round(seconds, 1), "texts_per_second": round(written.texts / seconds),
               "peak_rss_mib": peak >> 20, "ef_search": written.ef_search, "recall@10_measured": round(written.recall, 4),
               "recall@10_checked": round(checked, 4)}
