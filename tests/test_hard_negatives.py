@@ -89,3 +89,43 @@ def test_uniclip_reads_ocr_texts_at_the_semantic_heads_training_length(tiny_unic
     assert not np.allclose(encoder.encode_texts([long_text]), at_query_length)
     lexical = load_encoder("lexical")
     assert read_as_trained(lexical) is lexical and not hasattr(lexical, "context_length")
+
+
+def test_its_graph_and_search_take_the_users_parameters_and_threads(tmp_path, workspace, monkeypatch):
+    import hnswlib
+
+    made = []
+
+    class Recorded(hnswlib.Index):
+        def init_index(self, **kwargs):
+            made.append(kwargs)
+            super().init_index(**kwargs)
+
+        def knn_query(self, *args, **kwargs):
+            made.append({"threads": self.num_threads, "ef": self.ef})
+            return super().knn_query(*args, **kwargs)
+
+    monkeypatch.setattr(hnswlib, "Index", Recorded)
+    source = tmp_path / "cbvs10m.txt"
+    source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    written = write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"),
+                                   tmp_path / "cbvs10m-HNSW", params={"M": 8, "ef_construction": 40, "ef_search": 24},
+                                   threads=1)
+    assert made[0]["M"] == 8 and made[0]["ef_construction"] == 40
+    assert made[1:] and all(search == {"threads": 1, "ef": 24} for search in made[1:])  # measured at 24, not tuned
+    assert written.params == {"M": 8, "ef_construction": 40, "ef_search": 24} and written.recall == 1.0
+
+
+def test_the_cli_passes_params_and_refuses_options_that_are_not_for_the_file(cli, workspace):
+    workspace.datasets.mkdir(parents=True)
+    (workspace.datasets / "cbvs10m.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    written = workspace.datasets / "cbvs10m-HNSW"
+    layout = ("build-index", "--layout", "cbvs10m-hnsw", "--dataset", "cbvs10m", "--model", "lexical")
+    refused = cli(*layout, "--kind", "clip", "--append")
+    assert refused.code == 1 and "--kind, --append: not for --layout cbvs10m-hnsw" in refused.stderr
+    unknown = cli(*layout, "--param", "nprobe=8")
+    assert unknown.code == 1 and "unknown parameter nprobe for the cbvs10m-hnsw layout" in unknown.stderr
+    assert not written.exists()
+    result = cli(*layout, "--param", "ef_search=24", "--threads", "1")
+    assert result.code == 0 and "at ef_search=24)" in result.stderr
+    assert len(written.read_text(encoding="utf-8").splitlines()) == 15

@@ -219,13 +219,15 @@ def _parse_size(text: str) -> int:
 
 
 def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str,
-                          target_recall: float) -> None:
+                          target_recall: float, params: dict[str, int], threads: int) -> None:
     from vsearch.console import progress_bars, stderr
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
     from vsearch.embeddings.job import resolve_model
-    from vsearch.indexes.hard_negatives import read_as_trained, write_hard_negatives
+    from vsearch.indexes.hard_negatives import graph_params, read_as_trained, write_hard_negatives
+    from vsearch.indexes.tuning import shortfall_hint
 
+    graph_params(params)  # a bad --param is named before the dataset and the model are opened
     source = open_dataset(dataset or "cbvs10m", ws)
     encoder = read_as_trained(load_encoder(resolve_model(model, ws), device))
     destination = out or ws.datasets / f"{source.name}-HNSW"
@@ -233,10 +235,14 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
                         "the dataset file: writing the hard negatives would erase it")
     with progress_bars([f"read {source.name}, encode its OCR texts", "find their nearest neighbours"],
                        unit=["lines", "texts"]) as (read, listed):
-        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, on_lines=read,
-                                       on_line_count=read.expect, on_texts=listed.expect, on_written=listed)
+        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, params=params,
+                                       threads=threads, on_lines=read, on_line_count=read.expect,
+                                       on_texts=listed.expect, on_written=listed)
     stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
                  f"exact search at ef_search={written.ef_search}) -> {destination}")
+    if written.recall < target_recall:
+        stderr.print(f"that is below the target recall@10 {target_recall}: "
+                     + shortfall_hint("hnsw", written.params, encoder.dim))
 
 
 @app.command("build-index")
@@ -253,7 +259,7 @@ def build_index_command(
         help="Index name under <workspace>/indexes (default <dataset>-<type>, <dataset>-clip-<type> for clips).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Index folder (overrides --name), or the cbvs10m-HNSW file.")] = None,
     param: Annotated[list[str], typer.Option(
-        help="Parameter KEY=VALUE, repeatable. hnsw: M, ef_construction, ef_search; "
+        help="Parameter KEY=VALUE, repeatable. hnsw (--layout cbvs10m-hnsw too): M, ef_construction, ef_search; "
              "ivfpq: nlist, m, nbits, opq, train_size, opq_iterations, nprobe, k_factor.")] = [],
     memory_budget: Annotated[Optional[str], typer.Option(help="Memory the loaded index may use, e.g. 8GiB.")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 the chosen parameters must reach.")] = 0.95,
@@ -268,7 +274,7 @@ def build_index_command(
         help="The model that made bring-your-own --embeddings, so that `vsearch query` can encode text; "
              "or the text encoder for --layout cbvs10m-hnsw (default uniclip).")] = None,
     device: Annotated[str, typer.Option(help="Device for loading --model.")] = "auto",
-    threads: Annotated[int, typer.Option(help="Threads for building or appending (-1: all cores).")] = -1,
+    threads: Annotated[int, typer.Option(help="Threads for building, appending or writing the cbvs10m-HNSW file (-1: all cores).")] = -1,
 ) -> None:
     """Build an index from embedding shards (or add to one with --append)."""
     from vsearch.console import progress, stderr
@@ -285,7 +291,14 @@ def build_index_command(
     if layout is not None:
         if layout != "cbvs10m-hnsw" or type not in (None, "hnsw"):
             raise VsearchError(f"unknown layout {layout!r} for --type {type or 'hnsw'}: the one layout is cbvs10m-hnsw (hnsw)")
-        _write_hard_negatives(ws, dataset, model or "uniclip", out, device, target_recall)
+        given = {"--engine": engine not in (None, "hnswlib"), "--embeddings": embeddings is not None,
+                 "--kind": kind != "cover", "--name": name is not None, "--memory-budget": memory_budget is not None,
+                 "--append": append, "--id-column": id_column is not None, "--vector-column": vector_column is not None}
+        if any(given.values()):
+            raise VsearchError(f"{', '.join(flag for flag, set_ in given.items() if set_)}: not for --layout "
+                               "cbvs10m-hnsw, which writes one file from a dataset's OCR texts with hnswlib")
+        _write_hard_negatives(ws, dataset, model or "uniclip", out, device, target_recall, _parse_params(param),
+                              threads)
         return
     if kind not in ("cover", "clip"):
         raise VsearchError(f"unknown --kind {kind!r}: use cover or clip")

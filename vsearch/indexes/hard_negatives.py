@@ -10,7 +10,8 @@ distinct texts only (and, until the file is written, 1 KB of disk per text for t
 Before writing, `ef_search` is tuned as an index build tunes it: recall@10 of the neighbour lists
 of a sample of texts against exact search over all of them, the cheapest setting that reaches the
 target. OCR texts repeat with small changes, and near-duplicates are hard for a graph: on 750k
-texts made from CBVS-20K queries a fixed ef_search of 200 listed 88% of the true neighbours.
+texts made from CBVS-20K queries a fixed ef_search of 200 listed 88% of the true neighbours. The
+graph's M and ef_construction, and ef_search (then measured, not tuned), can be set as a build's.
 """
 
 from __future__ import annotations
@@ -30,19 +31,34 @@ from vsearch.errors import VsearchError
 from vsearch.files import fsync_file
 from vsearch.indexes.backends import exact_top_k
 from vsearch.indexes.hugepages import huge_pages_for_new_regions
-from vsearch.indexes.tuning import sample_positions, tune_search
+from vsearch.indexes.tuning import check_params, recall, sample_positions, tune_search
 from vsearch.overlap import in_background
 
 NEIGHBOURS = 10
 RECALL_SAMPLE = 500
 EXACT_CHUNK = 65_536  # texts a step of the exact search reads (128 MiB of float32 at 512-d)
+GRAPH = {"M": 32, "ef_construction": 200}  # an index build's defaults at the default target recall
 
 
 @dataclass
 class HardNegatives:
     texts: int  # lines written
-    ef_search: int
+    params: dict[str, int]  # M, ef_construction and the ef_search the lists were found at
     recall: float  # recall@10 of the neighbour lists on a sample of texts, against exact search
+
+    @property
+    def ef_search(self) -> int:
+        return self.params["ef_search"]
+
+
+def graph_params(overrides: dict[str, int]) -> dict[str, int]:
+    """The graph's parameters with the user's `overrides` (M, ef_construction, ef_search) applied."""
+    unknown = set(overrides) - {*GRAPH, "ef_search"}
+    if unknown:
+        raise VsearchError(f"unknown parameter {', '.join(sorted(unknown))} for the cbvs10m-hnsw layout "
+                           f"(known: M, ef_construction, ef_search)")
+    check_params(overrides)
+    return {**GRAPH, **overrides}
 
 
 def distinct_ocr_texts(dataset: Dataset) -> Iterator[str]:
@@ -78,9 +94,10 @@ class _Graph:
         return 1 - distances, labels.astype(np.int64)  # hnswlib's "ip" distance is 1 - inner product
 
 
-def _tune_ef(index, vectors: np.ndarray, target: float) -> tuple[int, float]:
-    """The cheapest ef_search whose neighbour lists reach `target` recall@10 on a sample of the
-    indexed `vectors` (else the best tried), and that recall; each text is left out of its own list."""
+def _chosen_ef(index, vectors: np.ndarray, target: float, ef_search: int | None) -> tuple[int, float]:
+    """`ef_search`, or where that is None the cheapest whose neighbour lists reach `target` recall@10
+    on a sample of the indexed `vectors` (else the best tried); and the recall at it. Each text is
+    left out of its own list."""
     count = len(vectors)
     k = min(NEIGHBOURS, count - 1)
     positions = sample_positions(count, RECALL_SAMPLE)
@@ -88,12 +105,16 @@ def _tune_ef(index, vectors: np.ndarray, target: float) -> tuple[int, float]:
     chunks = ((np.arange(start, min(start + EXACT_CHUNK, count)), vectors[start:start + EXACT_CHUNK])
               for start in range(0, count, EXACT_CHUNK))
     truth = exact_top_k(queries, chunks, k + 1)
+    if ef_search is not None:
+        index.set_ef(ef_search)
+        return ef_search, recall(_Graph(index).search, queries, positions, truth, k)
     chosen, sweep = tune_search("hnsw", _Graph(index), {}, queries, positions, truth, target, k)
     ef = chosen["ef_search"]
     return ef, next(s["recall@10"] for s in sweep if s["ef_search"] == ef)
 
 
 def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: int = 2048, target_recall: float = 0.95,
+                         params: dict[str, int] | None = None, threads: int = -1,
                          on_lines: Callable[[int], None] = lambda n: None,
                          on_line_count: Callable[[int], None] = lambda n: None,
                          on_texts: Callable[[int], None] = lambda n: None,
@@ -101,14 +122,17 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
     """Write the file for `dataset` to `out` (via a temporary file). Progress: `on_lines(n)` as lines
     of the dataset are read and their new texts encoded, `on_line_count(n)` once with the lines of a
     local file (counted on another thread), `on_texts(n)` once with the number of distinct texts,
-    `on_written(n)` as their neighbour lines are written (at 10M, minutes of graph search)."""
+    `on_written(n)` as their neighbour lines are written (at 10M, minutes of graph search).
+    `params` as `graph_params` takes them; `threads` as a build's (-1: every core)."""
     import hnswlib
 
     if not dataset.has_text:
         raise VsearchError(f"dataset {dataset.name} has no OCR texts (format {dataset.format})")
+    params = graph_params(params or {})
     index = hnswlib.Index(space="ip", dim=encoder.dim)
     with huge_pages_for_new_regions((1 << 16) * encoder.dim * 4):
-        index.init_index(max_elements=1 << 16, M=32, ef_construction=200)
+        index.init_index(max_elements=1 << 16, M=params["M"], ef_construction=params["ef_construction"])
+    index.set_num_threads(threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")
     # The vectors again, for the queries and the exact search that tunes them: hnswlib hands them
@@ -139,7 +163,7 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             on_texts(len(texts))
             spilled.flush()
             queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
-            ef, reached = _tune_ef(index, queries, target_recall)
+            params["ef_search"], reached = _chosen_ef(index, queries, target_recall, params.get("ef_search"))
             with open(temporary, "w", encoding="utf-8") as handle:
                 for start in range(0, len(texts), batch):
                     found, _ = index.knn_query(np.asarray(queries[start:start + batch], np.float32),
@@ -153,4 +177,4 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    return HardNegatives(len(texts), ef, reached)
+    return HardNegatives(len(texts), params, reached)
