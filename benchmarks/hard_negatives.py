@@ -4,6 +4,7 @@ the recall@10 of the lists in the file, checked here against exact search over a
 listed neighbour scoring as high as the exact 10th counts as found) on a sample of other texts.
 
     python benchmarks/hard_negatives.py [--lines 300000] [--phrases N] [--model lexical] [--sample 1000]
+                                        [--m 32] [--ef-construction 200]
 
 The file is made from real query texts (`../shared/data/cbvs20k.txt`, else the demo titles): a
 title and an OCR text of two queries each, every fifth OCR text `\\N`, so texts repeat and share
@@ -29,7 +30,7 @@ from rich.table import Table
 from vsearch.embeddings import load_encoder
 from vsearch.embeddings.datasets import demo_source, open_dataset
 from vsearch.indexes.bench import peak_resident_bytes
-from vsearch.indexes.hard_negatives import NEIGHBOURS, read_as_trained, write_hard_negatives
+from vsearch.indexes.hard_negatives import GRAPH, NEIGHBOURS, read_as_trained, write_hard_negatives
 from vsearch.indexes.tuning import TIE_TOLERANCE
 from vsearch.workspace import Workspace
 
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--model", default="lexical", help="encoder spec (a local checkpoint for uniclip:PATH)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--m", type=int, default=GRAPH["M"], help="the graph's M")
+    parser.add_argument("--ef-construction", type=int, default=GRAPH["ef_construction"])
     parser.add_argument("--sample", type=int, default=1000, help="texts whose neighbours are checked")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/hard_negatives.json"))
     args = parser.parse_args()
@@ -89,12 +92,13 @@ def main() -> None:
         write_cbvs10m_file(source, args.lines, words)
         started = time.perf_counter()
         dataset = open_dataset(str(source), Workspace.resolve(Path(scratch) / "ws"))
-        written = write_hard_negatives(dataset, encoder, out, target_recall=args.target_recall)
+        written = write_hard_negatives(dataset, encoder, out, target_recall=args.target_recall,
+                                       params={"M": args.m, "ef_construction": args.ef_construction})
         seconds = time.perf_counter() - started
         peak = peak_resident_bytes()
         checked = neighbour_recall(out, encoder, args.sample)
     result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "lines": args.lines, "phrases": len(words),
-              "texts": written.texts,
+              "texts": written.texts, "M": written.params["M"], "ef_construction": written.params["ef_construction"],
               "seconds": round(seconds, 1), "texts_per_second": round(written.texts / seconds),
               "peak_rss_mib": peak >> 20, "ef_search": written.ef_search, "recall@10_measured": round(written.recall, 4),
               "recall@10_checked": round(checked, 4)}

@@ -174,11 +174,13 @@ def test_hard_negatives_reports_the_files_recall_as_measured_and_as_checked(tmp_
     assert report["recall@10_checked"] >= 0.9 and report["peak_rss_mib"] > 0
 
 
-def test_hard_negatives_draws_its_texts_from_fewer_phrases_when_asked(tmp_path):
+def test_hard_negatives_draws_its_texts_from_fewer_phrases_on_the_graph_asked_for(tmp_path):
     out = tmp_path / "hard_negatives.json"
-    run_script("hard_negatives.py", "--lines", "2000", "--phrases", "10", "--sample", "50", "--out", str(out))
+    run_script("hard_negatives.py", "--lines", "2000", "--phrases", "10", "--sample", "50", "--m", "8",
+               "--ef-construction", "40", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["phrases"] == 10 and report["texts"] <= 100  # OCR texts are pairs of the 10
+    assert report["M"] == 8 and report["ef_construction"] == 40
 
 
 def test_append_bench_compares_an_append_with_a_rebuild_of_a_grown_dataset(tmp_path):
