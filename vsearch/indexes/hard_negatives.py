@@ -31,7 +31,7 @@ from vsearch.errors import VsearchError
 from vsearch.files import fsync_file
 from vsearch.indexes.backends import exact_top_k
 from vsearch.indexes.hugepages import huge_pages_for_new_regions
-from vsearch.indexes.tuning import check_params, recall, sample_positions, tune_search
+from vsearch.indexes.tuning import check_overrides, recall, sample_positions, tune_search
 from vsearch.overlap import in_background
 
 NEIGHBOURS = 10
@@ -53,11 +53,7 @@ class HardNegatives:
 
 def graph_params(overrides: dict[str, int]) -> dict[str, int]:
     """The graph's parameters with the user's `overrides` (M, ef_construction, ef_search) applied."""
-    unknown = set(overrides) - {*GRAPH, "ef_search"}
-    if unknown:
-        raise VsearchError(f"unknown parameter {', '.join(sorted(unknown))} for the cbvs10m-hnsw layout "
-                           f"(known: M, ef_construction, ef_search)")
-    check_params(overrides)
+    check_overrides(overrides, [*GRAPH, "ef_search"], "the cbvs10m-hnsw layout")
     return {**GRAPH, **overrides}
 
 

@@ -57,6 +57,15 @@ def check_params(params: dict[str, int]) -> None:
             raise VsearchError(f"parameter {key}={value} is out of range: {key} must be {allowed}")
 
 
+def check_overrides(overrides: dict[str, int], known: list[str], what: str) -> None:
+    """Refuse a user's parameter that `what` does not take (`known` are those it does), or one out of range."""
+    unknown = set(overrides) - set(known)
+    if unknown:
+        raise VsearchError(f"unknown parameter {', '.join(sorted(unknown))} for {what} "
+                           f"(known: {', '.join(known) or 'none'})")
+    check_params(overrides)
+
+
 @dataclass
 class Choice:
     params: dict[str, int]
@@ -86,11 +95,7 @@ def _power_of_two(value: float) -> int:
 def choose_build_params(index_type: str, defaults: dict[str, int], count: int, dim: int, overrides: dict[str, int],
                         memory_budget: int | None, target_recall: float) -> Choice:
     """Build parameters with the reason for each; the user's own settings always win."""
-    unknown = set(overrides) - set(defaults)
-    if unknown:
-        raise VsearchError(f"unknown parameter {', '.join(sorted(unknown))} for {index_type} "
-                           f"(known: {', '.join(defaults) or 'none'})")
-    check_params(overrides)
+    check_overrides(overrides, list(defaults), index_type)
     choice = Choice(dict(defaults))
     if index_type == "hnsw":
         _choose_hnsw(choice, target_recall)
