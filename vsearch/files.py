@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -83,3 +84,23 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=1))
+
+
+def lock_folder(directory: Path, job: str) -> IO[str]:
+    """An exclusive lock on `directory` (its `.lock` file), held until the returned handle is closed,
+    so that two runs of `job` never write it at once; the kernel releases it when its process ends,
+    however it ends."""
+    handle = open(directory / ".lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise VsearchError(f"another {job} (process {holder or 'unknown'}) is writing to {directory}; "
+                           "wait for it to finish, or pass --out for another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

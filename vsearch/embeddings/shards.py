@@ -40,7 +40,6 @@ failed rows are encoded again.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -56,11 +55,10 @@ import pyarrow.parquet as pq
 
 from vsearch.embeddings.datasets import Row, file_version, is_registered, is_remote
 from vsearch.errors import VsearchError
-from vsearch.files import fsync_file, sha256_of, write_json_atomic
+from vsearch.files import fsync_file, lock_folder, sha256_of, write_json_atomic
 
 FORMAT = "vsearch-shards/1"
 MANIFEST = "_manifest.json"
-LOCK = ".lock"
 KINDS = ("cover", "clip")
 MANIFEST_SHARE = 0.05
 METADATA_COLUMNS = ("title", "ocr", "uri", "cover")
@@ -247,7 +245,7 @@ class ShardWriter:
         """Start or resume writing, holding the folder's lock until the writer is closed; refuse to mix
         in shards made by another encoder or dataset."""
         directory.mkdir(parents=True, exist_ok=True)
-        lock = _lock(directory)
+        lock = lock_folder(directory, "vsearch embed")
         try:
             writer = cls(directory, _resumed_manifest(directory, fresh, overwrite), extra)
         except BaseException:
@@ -301,25 +299,6 @@ class ShardWriter:
         self._unwritten = True
         if self._write_seconds <= MANIFEST_SHARE * (time.monotonic() - self._written_at):
             self.write_manifest()
-
-
-def _lock(directory: Path) -> IO[str]:
-    """An exclusive lock on the shard folder, so that two jobs never write it at once (one would delete
-    the other's temporary files); the kernel releases it when its process ends, however it ends."""
-    handle = open(directory / LOCK, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip()
-        handle.close()
-        raise VsearchError(f"another vsearch embed (process {holder or 'unknown'}) is writing to {directory}; "
-                           "wait for it to finish, or pass --out for another folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
 
 
 def _remove_partial_files(directory: Path) -> None:
