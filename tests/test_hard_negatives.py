@@ -20,7 +20,7 @@ def test_one_line_per_distinct_ocr_text_with_its_ten_nearest_others(tmp_path, wo
     source = tmp_path / "cbvs10m.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     out = tmp_path / "cbvs10m-HNSW"
-    during = []  # the folder as each batch is encoded: the vectors spilled to disk have no name to leave behind
+    during = []  # the folder as each batch is encoded: the run's work is kept beside the file until it is written
     read, line_count, counted, listed = [], [], [], []
 
     def on_lines(n):
@@ -30,7 +30,7 @@ def test_one_line_per_distinct_ocr_text_with_its_ten_nearest_others(tmp_path, wo
     written = write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4,
                                    on_lines=on_lines, on_line_count=line_count.append, on_texts=counted.append,
                                    on_written=listed.append)
-    assert during and all(names == [source.name] for names in during)
+    assert during and all(names == ["cbvs10m-HNSW.partial", source.name] for names in during)
     assert line_count == [18] and sum(read) == 18  # every line read counts, repeats, \N and malformed ones too
     assert counted == [15] and listed == [4, 4, 4, 3]
     lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
@@ -43,7 +43,7 @@ def test_one_line_per_distinct_ocr_text_with_its_ten_nearest_others(tmp_path, wo
         assert len(fields) == 11 and fields[0] not in fields[1:] and set(fields[1:]) <= set(texts)
     assert lines[0][1] == "大宅门 第二部"  # the nearest other text shares 大宅门
     assert all(n.startswith("原神 攻略") for n in lines[5][1:10])
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cbvs10m-HNSW", source.name]
 
 
 @needs_huge_pages
@@ -129,3 +129,165 @@ def test_the_cli_passes_params_and_refuses_options_that_are_not_for_the_file(cli
     result = cli(*layout, "--param", "ef_search=24", "--threads", "1")
     assert result.code == 0 and "at ef_search=24)" in result.stderr
     assert len(written.read_text(encoding="utf-8").splitlines()) == 15
+
+
+class Stopping:
+    """The lexical encoder, stopped (as by Ctrl-C) when asked for batch number `stop_at`; records what it encodes."""
+
+    def __init__(self, stop_at=None):
+        self.inner = load_encoder("lexical")
+        self.spec, self.dim, self.fingerprint = self.inner.spec, self.inner.dim, self.inner.fingerprint
+        self.stop_at, self.encoded = stop_at, []
+
+    def encode_texts(self, texts):
+        if len(self.encoded) == self.stop_at:
+            raise KeyboardInterrupt
+        self.encoded.append(list(texts))
+        return self.inner.encode_texts(texts)
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_stopped_run_goes_on_from_its_last_checkpoint(tmp_path, workspace, monkeypatch):
+    import pytest
+    from vsearch.indexes import hard_negatives
+
+    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out = tmp_path / "cbvs10m-HNSW"
+    out.write_text("the file of an earlier run\n", encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=2), out, batch=4)
+    assert out.read_text(encoding="utf-8") == "the file of an earlier run\n"  # kept until the new one is written
+    assert (tmp_path / "cbvs10m-HNSW.partial" / "graph.hnsw").exists()
+
+    encoder, notes, read = Stopping(), [], []
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append,
+                                   on_lines=read.append)
+    assert notes == [f"resuming the stopped run in {tmp_path / 'cbvs10m-HNSW.partial'}: 8 texts already in its graph"]
+    assert sum(len(chunk) for chunk in encoder.encoded) == 7  # the 8 texts of the two batches saved are not encoded again
+    assert sum(read) == 18
+    reference = tmp_path / "reference"
+    write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), reference, batch=4)
+    assert written.texts == 15 and written.recall == 1.0 and written.checkpoints == 2  # after each batch encoded
+    assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cbvs10m-HNSW", source.name, "reference"]
+
+
+def test_a_run_stopped_while_saving_its_graph_goes_on_from_the_graph_saved_before(tmp_path, workspace, monkeypatch):
+    import hnswlib
+    import pytest
+    from vsearch.indexes import hard_negatives
+
+    saves = []
+
+    class StoppedSaving(hnswlib.Index):
+        def save_index(self, path):
+            saves.append(path)
+            if len(saves) == 2:  # the checkpoint lists the new graph, which never replaces the old
+                open(path, "wb").write(b"half a graph")
+                raise KeyboardInterrupt
+            super().save_index(path)
+
+    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(hnswlib, "Index", StoppedSaving)
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out = tmp_path / "cbvs10m-HNSW"
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4)
+    encoder, notes = Stopping(), []
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
+    assert notes[0].endswith(": 4 texts already in its graph")
+    assert sum(len(chunk) for chunk in encoder.encoded) == 11 and written.texts == 15 and written.recall == 1.0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 15
+
+
+def test_a_stopped_run_is_not_mixed_with_other_settings_or_other_texts(tmp_path, workspace, monkeypatch):
+    import pytest
+    from vsearch.errors import VsearchError
+    from vsearch.files import lock_folder
+    from vsearch.indexes import hard_negatives
+
+    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=2), out, batch=4, params={"M": 8})
+    with pytest.raises(VsearchError, match=r"holds the graph of a stopped run made with M=8, not 16: run the command"):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4, params={"M": 16})
+    other_model = load_encoder("lexical:256")
+    with pytest.raises(VsearchError, match=r"made with model lexical, not lexical:256"):
+        write_hard_negatives(open_dataset(str(source), workspace), other_model, out, batch=4, params={"M": 8})
+    with lock_folder(partial, "test"), pytest.raises(VsearchError, match=r"another vsearch build-index --layout "
+                                                                         r"cbvs10m-hnsw \(process \d+\) is writing to"):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4, params={"M": 8})
+    assert (partial / "graph.hnsw").exists() and not out.exists()
+
+    # The dataset's first OCR text corrected since: the graph's texts are not the dataset's first any more.
+    write_lines(source, [LINES[0].replace("大宅门 演员表", "大宅门 演员名单"), *LINES[1:]])
+    encoder, notes = Stopping(), []
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, params={"M": 8},
+                                   note=notes.append)
+    assert notes == [f"{partial} holds a stopped run over texts this dataset no longer begins with: starting over"]
+    assert sum(len(chunk) for chunk in encoder.encoded) == 16 and written.texts == 16
+    assert out.read_text(encoding="utf-8").startswith("大宅门 演员名单\t") and not partial.exists()
+
+
+def test_lines_added_to_the_dataset_after_a_stop_are_taken_on_resuming(tmp_path, workspace, monkeypatch):
+    import pytest
+    from vsearch.indexes import hard_negatives
+
+    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out = tmp_path / "cbvs10m-HNSW"
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=3), out, batch=4)
+    write_lines(source, [*LINES, "新的\thttp://c/7.jpg\t新的 文字"])
+    encoder = Stopping()
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4)
+    assert sum(len(chunk) for chunk in encoder.encoded) == 4 and written.texts == 16
+    assert out.read_text(encoding="utf-8").splitlines()[-1].startswith("新的 文字\t")
+
+
+def test_too_few_texts_leave_no_stopped_run_behind(tmp_path, workspace):
+    import pytest
+    from vsearch.errors import VsearchError
+
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES[:1])
+    with pytest.raises(VsearchError, match="has 1 distinct OCR text"):
+        write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), tmp_path / "cbvs10m-HNSW")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+
+
+def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(tmp_path, workspace, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+    from vsearch.indexes import hard_negatives
+
+    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=2), out, batch=4)
+    graph = partial / "graph.hnsw"
+    graph.write_bytes(graph.read_bytes()[:-100])  # as a disk that filled up while hnswlib wrote it
+    encoder, notes = Stopping(stop_at=3), []
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
+    assert notes[0].startswith(f"cannot read the graph of the stopped run in {partial} (")
+    assert notes[0].endswith("): starting over")
+    assert sum(len(chunk) for chunk in encoder.encoded) == 12
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 1000, 1000))
+    encoder, notes = Stopping(), []
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
+    assert notes[0].endswith(": 12 texts already in its graph")
+    assert len(notes) == 2 and notes[1].startswith(f"0.0 GiB free in {partial}, a checkpoint of the graph needs about")
+    assert notes[1].endswith("going on without; a run stopped from here resumes from the last one (12 texts)")
+    assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15

@@ -1,4 +1,5 @@
-"""Kill an embed part-way (SIGKILL, Ctrl-C); the re-run must equal an uninterrupted run exactly."""
+"""Kill a job part-way (SIGKILL, Ctrl-C): an embed, whose re-run must equal an uninterrupted run exactly, and
+the cbvs10m-HNSW file, whose re-run goes on from its last checkpoint."""
 
 import json
 import os
@@ -111,3 +112,54 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_completes_the_job(workers, tmp_
     assert f"{done_before} shards already done" in " ".join(err.split())
     ids = table(out).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == ROWS
+
+
+TEXTS = 20_000  # ten of the job's batches; its first checkpoint follows the first
+
+
+def write_ocr_texts(workspace):
+    workspace.datasets.mkdir(parents=True, exist_ok=True)
+    texts = [f"大宅门 演员表 第{i}集" for i in range(TEXTS)]
+    lines = [f"标题{i}\thttp://c/{i}.jpg\t{text}" for i, text in enumerate(texts)]
+    (workspace.datasets / "cbvs10m.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return texts
+
+
+def hard_negatives(workspace):
+    command = [sys.executable, "-m", "vsearch", "--workspace", str(workspace.root), "build-index",
+               "--layout", "cbvs10m-hnsw", "--dataset", "cbvs10m", "--model", "lexical"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_checkpoint(process, partial):
+    deadline = time.monotonic() + 120
+    while not (partial / "graph.hnsw").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the job finished before it could be stopped; raise TEXTS"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_a_stopped_cbvs10m_hnsw_job_resumes_from_its_last_checkpoint(stop, workspace):
+    texts = write_ocr_texts(workspace)
+    out, partial = workspace.datasets / "cbvs10m-HNSW", workspace.datasets / "cbvs10m-HNSW.partial"
+    process = hard_negatives(workspace)
+    wait_for_checkpoint(process, partial)
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=60)
+    if stop == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in err
+        assert "".join(err.split()).endswith(f"thetextsencodeduptothelastcheckpointarekeptin{partial}:"
+                                             "runthesamecommandagaintoresumevsearch:interrupted")
+    assert not out.exists()
+
+    resumed = hard_negatives(workspace)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    said = "".join(err.split())  # the console wraps long paths
+    saved = int(said.split(f"resumingthestoppedrunin{partial}:")[1].split("texts")[0].replace(",", ""))
+    assert 0 < saved < TEXTS and saved % 2048 == 0  # whole batches, from the checkpoint
+    lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [fields[0] for fields in lines] == texts
+    assert all(len(fields) == 11 and fields[0] not in fields[1:] for fields in lines)
+    assert not partial.exists()

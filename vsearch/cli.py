@@ -224,7 +224,8 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
     from vsearch.embeddings.job import resolve_model
-    from vsearch.indexes.hard_negatives import graph_params, read_as_trained, write_hard_negatives
+    from vsearch.indexes.hard_negatives import (graph_params, partial_folder, read_as_trained,
+                                                 write_hard_negatives)
     from vsearch.indexes.tuning import shortfall_hint
 
     graph_params(params)  # a bad --param is named before the dataset and the model are opened
@@ -233,11 +234,18 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
     destination = out or ws.datasets / f"{source.name}-HNSW"
     _refuse_overwriting(destination, Path(source.source.removeprefix("file://")),
                         "the dataset file: writing the hard negatives would erase it")
-    with progress_bars([f"read {source.name}, encode its OCR texts", "find their nearest neighbours"],
-                       unit=["lines", "texts"]) as (read, listed):
-        written = write_hard_negatives(source, encoder, destination, target_recall=target_recall, params=params,
-                                       threads=threads, on_lines=read, on_line_count=read.expect,
-                                       on_texts=listed.expect, on_written=listed)
+    try:
+        with progress_bars([f"read {source.name}, encode its OCR texts", "find their nearest neighbours"],
+                           unit=["lines", "texts"]) as (read, listed):
+            written = write_hard_negatives(source, encoder, destination, target_recall=target_recall,
+                                           params=params, threads=threads, on_lines=read, on_line_count=read.expect,
+                                           on_texts=listed.expect, on_written=listed,
+                                           note=lambda line: stderr.print(line))
+    except KeyboardInterrupt:
+        if partial_folder(destination).exists():
+            stderr.print(f"the texts encoded up to the last checkpoint are kept in {partial_folder(destination)}: "
+                         "run the same command again to resume")
+        raise
     stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
                  f"exact search at ef_search={written.ef_search}) -> {destination}")
     if written.recall < target_recall:
