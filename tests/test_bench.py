@@ -172,6 +172,7 @@ def test_hard_negatives_reports_the_files_recall_as_measured_and_as_checked(tmp_
     assert report["lines"] == 2000 and 0 < report["texts"] <= 1600  # every fifth OCR text is \N
     assert report["ef_search"] >= 16 and report["recall@10_measured"] >= 0.95
     assert report["recall@10_checked"] >= 0.9 and report["peak_rss_mib"] > 0
+    assert report["checkpoints"] == 1 and report["checkpoint_seconds"] >= 0  # one batch, saved once
 
 
 def test_hard_negatives_draws_its_texts_from_fewer_phrases_on_the_graph_asked_for(tmp_path):
