@@ -246,6 +246,28 @@ def _each_label(mark: Any, labels: np.ndarray, done_already: str) -> None:
                 raise
 
 
+def new_hnswlib_graph(dim: int, capacity: int, params: dict[str, int]) -> Any:
+    """An empty hnswlib graph (inner product) with room for `capacity` vectors, on huge pages."""
+    import hnswlib
+
+    index = hnswlib.Index(space="ip", dim=dim)
+    with huge_pages_for_new_regions(capacity * dim * 4):
+        index.init_index(max_elements=max(capacity, 1), M=params["M"], ef_construction=params["ef_construction"])
+    return index
+
+
+def loaded_hnswlib_graph(path: Path, dim: int) -> tuple[Any, threading.Thread | None]:
+    """The hnswlib graph saved in `path`, and the thread moving its pages onto huge ones (see
+    `collapse_in_background`). A file whose length disagrees with what it lists is hnswlib's
+    RuntimeError."""
+    import hnswlib
+
+    index = hnswlib.Index(space="ip", dim=dim)
+    with huge_pages_for_new_regions(path.stat().st_size // 2) as graph:  # its vectors and links, most of the file
+        index.load_index(str(path))
+    return index, collapse_in_background(graph, index)
+
+
 class HnswlibBackend(Backend):
     """HNSW graph in hnswlib (inner-product space)."""
 
@@ -272,24 +294,16 @@ class HnswlibBackend(Backend):
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "HnswlibBackend":
-        import hnswlib
-
-        index = hnswlib.Index(space="ip", dim=dim)
-        with huge_pages_for_new_regions(capacity * dim * 4):
-            index.init_index(max_elements=max(capacity, 1), M=params["M"], ef_construction=params["ef_construction"])
+        index = new_hnswlib_graph(dim, capacity, params)
         return cls(index, params.get("ef_search", cls.search_params["ef_search"]))
 
     @classmethod
     def load(cls, directory: Path, dim: int, params: dict[str, int], writable: bool = False) -> "HnswlibBackend":
-        import hnswlib
-
-        index = hnswlib.Index(space="ip", dim=dim)
         path = directory / cls.file_name
-        with huge_pages_for_new_regions(path.stat().st_size // 2) as graph:  # its vectors and links, most of the file
-            index.load_index(str(path))
+        index, collapsing = loaded_hnswlib_graph(path, dim)
         saved = np.memmap(path, np.uint8, "r")
         backend = cls(index, params.get("ef_search", cls.search_params["ef_search"]), saved)
-        backend.collapsing = collapse_in_background(graph, index)
+        backend.collapsing = collapsing
         return backend
 
     def prepare(self, directory: Path, new_rows: int) -> None:

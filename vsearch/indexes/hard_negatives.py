@@ -42,8 +42,8 @@ from vsearch.embeddings.datasets import Dataset
 from vsearch.embeddings.encoders import Encoder
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file, lock_folder, write_json_atomic
-from vsearch.indexes.backends import exact_top_k
-from vsearch.indexes.hugepages import collapse_in_background, huge_pages_for_new_regions
+from vsearch.indexes.backends import exact_top_k, loaded_hnswlib_graph, new_hnswlib_graph
+from vsearch.indexes.hugepages import huge_pages_for_new_regions
 from vsearch.indexes.tuning import check_overrides, recall, sample_positions, tune_search
 from vsearch.overlap import in_background
 
@@ -161,7 +161,7 @@ class _PartialRun:
         state = json.loads(self.state.read_text(encoding="utf-8"))
         self._refuse_other_settings(state["made_with"])
         try:
-            index = _loaded_graph(self.graph, self.dim)
+            index, _ = loaded_hnswlib_graph(self.graph, self.dim)
         except RuntimeError as exc:  # hnswlib checks the file's length against what it lists
             self.note(f"cannot read the graph of the stopped run in {self.folder} ({exc}): starting over")
             return None, []
@@ -240,25 +240,6 @@ def _graph_file_bytes(index: Any, count: int) -> int:
     return count * (4 * index.dim + 4 * (2 * index.M + 1) + 8 + 4 + 8)
 
 
-def _new_graph(dim: int, params: dict[str, int]) -> Any:
-    import hnswlib
-
-    index = hnswlib.Index(space="ip", dim=dim)
-    with huge_pages_for_new_regions(FIRST_CAPACITY * dim * 4):
-        index.init_index(max_elements=FIRST_CAPACITY, M=params["M"], ef_construction=params["ef_construction"])
-    return index
-
-
-def _loaded_graph(path: Path, dim: int) -> Any:
-    import hnswlib
-
-    index = hnswlib.Index(space="ip", dim=dim)
-    with huge_pages_for_new_regions(path.stat().st_size // 2) as regions:  # its vectors and links, most of the file
-        index.load_index(str(path))
-    collapse_in_background(regions, index)
-    return index
-
-
 def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: int = 2048, target_recall: float = 0.95,
                          params: dict[str, int] | None = None, threads: int = -1,
                          on_lines: Callable[[int], None] = lambda n: None,
@@ -283,9 +264,9 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
         counting = in_background(dataset.expected_rows, on_line_count)
         stream = distinct_ocr_texts(dataset)
         index, texts = run.resumed(stream)
-        pending = [] if index is not None else texts
-        if index is None:
-            index, texts = _new_graph(encoder.dim, params), []
+        pending: list[str] = []
+        if index is None:  # the texts read, if any, are the dataset's and go into a new graph
+            index, pending, texts = new_hnswlib_graph(encoder.dim, FIRST_CAPACITY, params), texts, []
         index.set_num_threads(threads)
         lines_reported = 0
         # The vectors again, beside the graph, for the queries and the exact search that tunes them:
