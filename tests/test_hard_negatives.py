@@ -116,6 +116,48 @@ def test_its_graph_and_search_take_the_users_parameters_and_threads(tmp_path, wo
     assert written.params == {"M": 8, "ef_construction": 40, "ef_search": 24} and written.recall == 1.0
 
 
+def test_by_default_its_graph_is_built_and_searched_on_every_core(tmp_path, workspace, monkeypatch):
+    import os
+    import threading
+
+    import hnswlib
+    import pytest
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: nothing to spread over")
+    workers = []  # native threads hnswlib ran each call of 2048 texts on (a smaller batch runs on one)
+
+    def watched(call, *args, **kwargs):
+        before, peak, done = len(os.listdir("/proc/self/task")), [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], len(os.listdir("/proc/self/task")))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            done.set()
+            watcher.join()
+            if len(args[0]) == 2048:
+                workers.append(peak[0] - before - 1)  # less the watcher
+
+    class Watched(hnswlib.Index):
+        def add_items(self, *args, **kwargs):
+            return watched(super().add_items, *args, **kwargs)
+
+        def knn_query(self, *args, **kwargs):
+            return watched(super().knn_query, *args, **kwargs)
+
+    monkeypatch.setattr(hnswlib, "Index", Watched)
+    source = tmp_path / "cbvs10m.txt"
+    source.write_text("".join(f"标题{i}\thttp://c/{i}.jpg\t大宅门 演员表 第{i}集\n" for i in range(4096)), encoding="utf-8")
+    write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), tmp_path / "cbvs10m-HNSW")
+    assert len(workers) == 4 and workers == [os.cpu_count()] * 4  # two batches inserted, two searched
+
+
 def test_the_cli_passes_params_and_refuses_options_that_are_not_for_the_file(cli, workspace):
     workspace.datasets.mkdir(parents=True)
     (workspace.datasets / "cbvs10m.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")

@@ -267,7 +267,8 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
         pending: list[str] = []
         if index is None:  # the texts read, if any, are the dataset's and go into a new graph
             index, pending, texts = new_hnswlib_graph(encoder.dim, FIRST_CAPACITY, params), texts, []
-        index.set_num_threads(threads)
+        if threads > 0:  # hnswlib reads -1 there as one thread: its few-rows check compares it unsigned
+            index.set_num_threads(threads)
         lines_reported = 0
         # The vectors again, beside the graph, for the queries and the exact search that tunes them:
         # hnswlib hands them back only as Python lists (get_items, about 23 µs a vector: 4 minutes at
