@@ -195,9 +195,9 @@ def write_lines(path, lines):
 
 def test_a_stopped_run_goes_on_from_its_last_checkpoint(tmp_path, workspace, monkeypatch):
     import pytest
-    from vsearch.indexes import hard_negatives
+    from vsearch.indexes import resume
 
-    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out = tmp_path / "cbvs10m-HNSW"
     out.write_text("the file of an earlier run\n", encoding="utf-8")
@@ -222,7 +222,7 @@ def test_a_stopped_run_goes_on_from_its_last_checkpoint(tmp_path, workspace, mon
 def test_a_run_stopped_while_saving_its_graph_goes_on_from_the_graph_saved_before(tmp_path, workspace, monkeypatch):
     import hnswlib
     import pytest
-    from vsearch.indexes import hard_negatives
+    from vsearch.indexes import resume
 
     saves = []
 
@@ -234,7 +234,7 @@ def test_a_run_stopped_while_saving_its_graph_goes_on_from_the_graph_saved_befor
                 raise KeyboardInterrupt
             super().save_index(path)
 
-    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
     monkeypatch.setattr(hnswlib, "Index", StoppedSaving)
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out = tmp_path / "cbvs10m-HNSW"
@@ -251,14 +251,14 @@ def test_a_stopped_run_is_not_mixed_with_other_settings_or_other_texts(tmp_path,
     import pytest
     from vsearch.errors import VsearchError
     from vsearch.files import lock_folder
-    from vsearch.indexes import hard_negatives
+    from vsearch.indexes import resume
 
-    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
     with pytest.raises(KeyboardInterrupt):
         write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=2), out, batch=4, params={"M": 8})
-    with pytest.raises(VsearchError, match=r"holds the graph of a stopped run made with M=8, not 16: run the command"):
+    with pytest.raises(VsearchError, match=r"holds a stopped run made with M=8, not 16: run the command"):
         write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4, params={"M": 16})
     other_model = load_encoder("lexical:256")
     with pytest.raises(VsearchError, match=r"made with model lexical, not lexical:256"):
@@ -280,9 +280,9 @@ def test_a_stopped_run_is_not_mixed_with_other_settings_or_other_texts(tmp_path,
 
 def test_lines_added_to_the_dataset_after_a_stop_are_taken_on_resuming(tmp_path, workspace, monkeypatch):
     import pytest
-    from vsearch.indexes import hard_negatives
+    from vsearch.indexes import resume
 
-    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out = tmp_path / "cbvs10m-HNSW"
     with pytest.raises(KeyboardInterrupt):
@@ -309,9 +309,9 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
     from collections import namedtuple
 
     import pytest
-    from vsearch.indexes import hard_negatives
+    from vsearch.indexes import resume
 
-    monkeypatch.setattr(hard_negatives, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
     with pytest.raises(KeyboardInterrupt):
@@ -330,6 +330,6 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
     encoder, notes = Stopping(), []
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 12 texts already in its graph")
-    assert len(notes) == 2 and notes[1].startswith(f"0.0 GiB free in {partial}, a checkpoint of the graph needs about")
+    assert len(notes) == 2 and notes[1].startswith(f"0.0 GiB free in {partial}, a checkpoint needs about")
     assert notes[1].endswith("going on without; a run stopped from here resumes from the last one (12 texts)")
     assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15

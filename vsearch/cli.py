@@ -218,14 +218,22 @@ def _parse_size(text: str) -> int:
         raise VsearchError(f"bad size {text!r}: expected e.g. 8GiB, 500MB or a number of bytes") from None
 
 
+def _say_where_the_work_is_kept(destination: Path, work: str) -> None:
+    """After Ctrl-C: where a job writing `destination` keeps its `work`, if it saved any."""
+    from vsearch.console import stderr
+    from vsearch.indexes.resume import partial_folder
+
+    if partial_folder(destination).exists():
+        stderr.print(f"{work} are kept in {partial_folder(destination)}: run the same command again to resume")
+
+
 def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: Path | None, device: str,
                           target_recall: float, params: dict[str, int], threads: int) -> None:
     from vsearch.console import progress_bars, stderr
     from vsearch.embeddings import load_encoder
     from vsearch.embeddings.datasets import open_dataset
     from vsearch.embeddings.job import resolve_model
-    from vsearch.indexes.hard_negatives import (graph_params, partial_folder, read_as_trained,
-                                                 write_hard_negatives)
+    from vsearch.indexes.hard_negatives import graph_params, read_as_trained, write_hard_negatives
     from vsearch.indexes.tuning import shortfall_hint
 
     graph_params(params)  # a bad --param is named before the dataset and the model are opened
@@ -242,9 +250,7 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
                                            on_texts=listed.expect, on_written=listed,
                                            note=lambda line: stderr.print(line))
     except KeyboardInterrupt:
-        if partial_folder(destination).exists():
-            stderr.print(f"the texts encoded up to the last checkpoint are kept in {partial_folder(destination)}: "
-                         "run the same command again to resume")
+        _say_where_the_work_is_kept(destination, "the texts encoded up to the last checkpoint")
         raise
     stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
                  f"exact search at ef_search={written.ef_search}) -> {destination}")

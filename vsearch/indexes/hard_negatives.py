@@ -11,9 +11,8 @@ A run at the real size takes hours, so it keeps its work in `<out>.partial/` and
 a crash, `kill -9`) goes on from its last checkpoint when the same command runs again: the graph as
 hnswlib saves it, the float16 vectors of its texts and `checkpoint.json`. The texts are not stored: they
 are the dataset's first distinct ones, read again (not encoded) on resuming, and a digest of them says
-whether the dataset still begins with them. Checkpoints are spaced so that saving takes at most
-`CHECKPOINT_SHARE` of the run (at 10M texts a save of about 20 GB); the folder is removed once the file
-is written.
+whether the dataset still begins with them. Checkpoints are spaced as `resume.py` says (at 10M texts
+a save of about 20 GB); the folder is removed once the file is written.
 
 Before writing, `ef_search` is tuned as an index build tunes it: recall@10 of the neighbour lists
 of a sample of texts against exact search over all of them, the cheapest setting that reaches the
@@ -25,11 +24,7 @@ graph's M and ef_construction, and ef_search (then measured, not tuned), can be 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -41,8 +36,9 @@ import numpy as np
 from vsearch.embeddings.datasets import Dataset
 from vsearch.embeddings.encoders import Encoder
 from vsearch.errors import VsearchError
-from vsearch.files import fsync_file, lock_folder, write_json_atomic
+from vsearch.files import fsync_file
 from vsearch.indexes.backends import exact_top_k, loaded_hnswlib_graph, new_hnswlib_graph
+from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.hugepages import huge_pages_for_new_regions
 from vsearch.indexes.tuning import check_overrides, recall, sample_positions, tune_search
 from vsearch.overlap import in_background
@@ -52,7 +48,6 @@ RECALL_SAMPLE = 500
 EXACT_CHUNK = 65_536  # texts a step of the exact search reads (128 MiB of float32 at 512-d)
 GRAPH = {"M": 32, "ef_construction": 200}  # an index build's defaults at the default target recall
 FIRST_CAPACITY = 1 << 16  # texts the graph has room for before it first grows (it doubles)
-CHECKPOINT_SHARE = 0.02  # of the run's time, at most, spent saving checkpoints
 
 
 @dataclass
@@ -126,112 +121,76 @@ def _chosen_ef(index, vectors: np.ndarray, target: float, ef_search: int | None)
     return ef, next(s["recall@10"] for s in sweep if s["ef_search"] == ef)
 
 
-def partial_folder(out: Path) -> Path:
-    """Where a run writing `out` keeps its work until the file is written."""
-    return out.with_name(out.name + ".partial")
-
-
 def _digest_of(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
 class _PartialRun:
-    """The folder a run keeps its work in (see the module's notes), locked while the run goes on."""
+    """The run's checkpoint folder (see the module's notes) with its graph and vectors."""
 
     def __init__(self, out: Path, encoder: Encoder, params: dict[str, int], note: Callable[[str], None]):
-        self.folder, self.note = partial_folder(out), note
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.lock: IO[str] | None = lock_folder(self.folder, "vsearch build-index --layout cbvs10m-hnsw")
-        self.dim = encoder.dim
         # What the graph's vectors depend on; `model` names it in messages, the fingerprint decides.
-        self.made_with = {"model": encoder.spec, "fingerprint": encoder.fingerprint, "dim": encoder.dim,
-                          "context_length": getattr(encoder, "context_length", None),
-                          "M": params["M"], "ef_construction": params["ef_construction"]}
-        self.graph, self.state = self.folder / "graph.hnsw", self.folder / "checkpoint.json"
+        made_with = {"model": encoder.spec, "fingerprint": encoder.fingerprint, "dim": encoder.dim,
+                     "context_length": getattr(encoder, "context_length", None),
+                     "M": params["M"], "ef_construction": params["ef_construction"]}
+        self.folder = CheckpointFolder(out, "vsearch build-index --layout cbvs10m-hnsw", made_with, note)
+        self.dim, self.note = encoder.dim, note
+        self.graph, self.spilled = self.folder.path / "graph.hnsw", self.folder.path / "vectors.f16"
         self.saved: dict[str, str] = {}  # texts in the graph on disk -> the digest of those texts
-        self.saving_seconds, self.saved_at = 0.0, time.monotonic()
-        self.checkpoints, self.checkpoint_seconds = 0, 0.0
 
     def resumed(self, stream: Iterator[str]) -> tuple[Any, list[str]]:
         """The graph of a stopped run and its texts, read again from `stream`; or None and the texts
         read where there is none to go on from (none saved, one that cannot be read, or the dataset no
         longer begins with its texts). A graph made with other settings is refused."""
-        if not (self.graph.exists() and self.state.exists()):
+        state = self.folder.saved() if self.graph.exists() else None
+        if state is None:
             return None, []
-        state = json.loads(self.state.read_text(encoding="utf-8"))
-        self._refuse_other_settings(state["made_with"])
         try:
             index, _ = loaded_hnswlib_graph(self.graph, self.dim)
         except RuntimeError as exc:  # hnswlib checks the file's length against what it lists
-            self.note(f"cannot read the graph of the stopped run in {self.folder} ({exc}): starting over")
+            self.note(f"cannot read the graph of the stopped run in {self.folder.path} ({exc}): starting over")
             return None, []
         count = index.get_current_count()
-        vectors = self.folder / "vectors.f16"
-        if (vectors.stat().st_size if vectors.exists() else 0) < count * self.dim * 2:
-            self.note(f"the stopped run in {self.folder} lacks the vectors of its graph's texts: starting over")
+        if (self.spilled.stat().st_size if self.spilled.exists() else 0) < count * self.dim * 2:
+            self.note(f"the stopped run in {self.folder.path} lacks the vectors of its graph's texts: starting over")
             return None, []
         texts = list(islice(stream, count))
         if state["saved"].get(str(count)) != _digest_of(texts):
-            self.note(f"{self.folder} holds a stopped run over texts this dataset no longer begins with: starting over")
+            self.note(f"{self.folder.path} holds a stopped run over texts this dataset no longer begins with: "
+                      "starting over")
             return None, texts
-        self.note(f"resuming the stopped run in {self.folder}: {count:,} texts already in its graph")
+        self.note(f"resuming the stopped run in {self.folder.path}: {count:,} texts already in its graph")
         self.saved = {str(count): state["saved"][str(count)]}
         return index, texts
 
-    def _refuse_other_settings(self, saved: dict[str, Any]) -> None:
-        for key, now in self.made_with.items():
-            if key != "model" and saved.get(key) != now:
-                made = (f"model {saved.get('model')}, not {self.made_with['model']}" if key == "fingerprint"
-                        else f"{key}={saved.get(key)}, not {now}")
-                raise VsearchError(f"{self.folder} holds the graph of a stopped run made with {made}: run the "
-                                   "command that started it to resume it, or delete the folder to start over")
-
     def vectors(self, count: int) -> IO[bytes]:
         """The file of the graph's float16 vectors, open for adding to its first `count`."""
-        path = self.folder / "vectors.f16"
-        handle = open(path, "r+b" if count and path.exists() else "w+b")
+        handle = open(self.spilled, "r+b" if count and self.spilled.exists() else "w+b")
         handle.truncate(count * self.dim * 2)
         handle.seek(0, os.SEEK_END)
         return handle
 
     def checkpoint_due(self) -> bool:
-        return self.saving_seconds <= CHECKPOINT_SHARE * (time.monotonic() - self.saved_at)
+        return self.folder.due()
 
     def checkpoint(self, index: Any, vectors: IO[bytes], texts: list[str]) -> None:
         """Save the graph holding `texts`, whose vectors are in `vectors`. The state lists the graph
         on disk and the one about to replace it, so a run stopped between the two writes finds the
-        digest of its graph's texts whichever it left. Where the disk has no room for the graph, the
-        run goes on without checkpoints: hnswlib would write what fits and say nothing."""
-        started = time.monotonic()
-        needed, free = _graph_file_bytes(index, len(texts)), shutil.disk_usage(self.folder).free
-        if free < needed:
-            last = (f"resumes from the last one ({int(next(iter(self.saved))):,} texts)" if self.saved
-                    else "starts over")
-            self.note(f"{free / 2**30:.1f} GiB free in {self.folder}, a checkpoint of the graph needs about "
-                      f"{needed / 2**30:.1f}: going on without; a run stopped from here {last}")
-            self.saving_seconds = math.inf
+        digest of its graph's texts whichever it left."""
+        last = (f"resumes from the last one ({int(next(iter(self.saved))):,} texts)" if self.saved
+                else "starts over")
+        if not self.folder.has_room(_graph_file_bytes(index, len(texts)), last):
             return
-        vectors.flush()
-        os.fsync(vectors.fileno())
-        on_disk = {**self.saved, str(len(texts)): _digest_of(texts)}
-        write_json_atomic(self.state, {"made_with": self.made_with, "saved": on_disk})
-        temporary = self.graph.with_name(self.graph.name + ".tmp")
-        index.save_index(str(temporary))
-        fsync_file(temporary)
-        os.replace(temporary, self.graph)
-        self.saved = {str(len(texts)): on_disk[str(len(texts))]}
-        self.saved_at = time.monotonic()
-        self.saving_seconds = self.saved_at - started
-        self.checkpoints, self.checkpoint_seconds = self.checkpoints + 1, self.checkpoint_seconds + self.saving_seconds
-
-    def close(self) -> None:
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
-
-    def remove(self) -> None:
-        self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        with self.folder.saving():
+            vectors.flush()
+            os.fsync(vectors.fileno())
+            on_disk = {**self.saved, str(len(texts)): _digest_of(texts)}
+            self.folder.write_state({"saved": on_disk})
+            temporary = self.graph.with_name(self.graph.name + ".tmp")
+            index.save_index(str(temporary))
+            fsync_file(temporary)
+            os.replace(temporary, self.graph)
+            self.saved = {str(len(texts)): on_disk[str(len(texts))]}
 
 
 def _graph_file_bytes(index: Any, count: int) -> int:
@@ -290,7 +249,7 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             on_lines(dataset.read - lines_reported)
             counting.join()  # a count arriving after the last line would empty the filled bar again
             if len(texts) < 2:
-                run.remove()
+                run.folder.remove()
                 raise VsearchError(f"dataset {dataset.name} has {len(texts)} distinct OCR text(s): need at least 2")
             on_texts(len(texts))
             spilled.flush()
@@ -310,6 +269,6 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
         temporary.unlink(missing_ok=True)
         raise
     finally:
-        run.close()
-    run.remove()
-    return HardNegatives(len(texts), params, reached, run.checkpoints, run.checkpoint_seconds)
+        run.folder.close()
+    run.folder.remove()
+    return HardNegatives(len(texts), params, reached, run.folder.checkpoints, run.folder.checkpoint_seconds)
