@@ -1,6 +1,7 @@
 """HNSW build rate against build threads: vectors/s of vsearch's hnsw build (reading the Parquet
-vectors, inserting them, measuring recall, saving) and of hnswlib's `add_items` alone on the same
-vectors, at each thread count, with how well each scales over the fewest threads tried.
+vectors, inserting them, measuring recall, saving, and the checkpoints it saves on the way, which
+are counted with their time) and of hnswlib's `add_items` alone on the same vectors, at each thread
+count, with how well each scales over the fewest threads tried.
 
     python benchmarks/build_threads.py [--count 100000] [--threads 1,2] [--dim 512]
 
@@ -43,11 +44,11 @@ def raw_insert_rate(vectors: np.ndarray, params: dict[str, int], threads: int) -
     return len(vectors) / (time.perf_counter() - started)
 
 
-def vsearch_build_rate(source, scratch: Path, threads: int) -> tuple[float, dict[str, int]]:
-    """Vectors/s of the whole build, and the parameters it chose."""
+def vsearch_build_rate(source, scratch: Path, threads: int) -> tuple[float, dict]:
+    """Vectors/s of the whole build, and its manifest (the parameters it chose, its checkpoints)."""
     started = time.perf_counter()
     info = build_index(BuildConfig(type="hnsw", threads=threads), source, scratch / f"index-{threads}")
-    return info["count"] / (time.perf_counter() - started), info["params"]
+    return info["count"] / (time.perf_counter() - started), info
 
 
 def main() -> None:
@@ -64,14 +65,17 @@ def main() -> None:
         # The same vectors as the build reads: float16 in the Parquet files, float32 to hnswlib.
         vectors = np.concatenate([batch for _, batch in source.batches()])
         for threads in counts:
-            build, params = vsearch_build_rate(source, Path(scratch), threads)
+            build, info = vsearch_build_rate(source, Path(scratch), threads)
+            params = info["params"]
             rows.append({"threads": threads, "vsearch_build_vectors_per_s": round(build, 1),
-                         "hnswlib_add_items_vectors_per_s": round(raw_insert_rate(vectors, params, threads), 1)})
+                         "hnswlib_add_items_vectors_per_s": round(raw_insert_rate(vectors, params, threads), 1),
+                         "checkpoints": info["checkpoints"]["saved"],
+                         "checkpoint_seconds": info["checkpoints"]["seconds"]})
     first = rows[0]
     table = Table(title=f"hnsw build, {args.count:,} × {args.dim}, M={params['M']}, "
                         f"ef_construction={params['ef_construction']} ({os.cpu_count()} × {cpu_model()})")
     for column in ("threads", "vsearch build (vectors/s)", "scaling", "hnswlib add_items (vectors/s)", "scaling",
-                   "vsearch / hnswlib"):
+                   "vsearch / hnswlib", "checkpoints (s)"):
         table.add_column(column, justify="right")
     for row in rows:
         ours, theirs = row["vsearch_build_vectors_per_s"], row["hnswlib_add_items_vectors_per_s"]
@@ -80,7 +84,8 @@ def main() -> None:
         row["vsearch_scaling"] = round(ours / first["vsearch_build_vectors_per_s"] / scale, 3)
         row["hnswlib_scaling"] = round(theirs / first["hnswlib_add_items_vectors_per_s"] / scale, 3)
         table.add_row(str(row["threads"]), f"{ours:,.0f}", f"{row['vsearch_scaling']:.2f}", f"{theirs:,.0f}",
-                      f"{row['hnswlib_scaling']:.2f}", f"{ours / theirs:.2f}")
+                      f"{row['hnswlib_scaling']:.2f}", f"{ours / theirs:.2f}",
+                      f"{row['checkpoints']} ({row['checkpoint_seconds']:.1f})")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(),

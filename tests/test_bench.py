@@ -114,6 +114,7 @@ def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count
     assert all(row["vsearch_build_vectors_per_s"] > 0 and row["hnswlib_add_items_vectors_per_s"] > 0
                for row in report["rows"])
     assert (report["params"]["M"], report["params"]["ef_construction"]) == (32, 200)  # the build's defaults
+    assert all(row["checkpoints"] >= 1 and row["checkpoint_seconds"] >= 0 for row in report["rows"])  # the first is due at once
 
 
 def test_hnsw_growth_times_each_step_of_one_build_for_each_engine_and_graph(tmp_path):

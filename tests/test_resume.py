@@ -163,3 +163,47 @@ def test_a_stopped_cbvs10m_hnsw_job_resumes_from_its_last_checkpoint(stop, works
     assert [fields[0] for fields in lines] == texts
     assert all(len(fields) == 11 and fields[0] not in fields[1:] for fields in lines)
     assert not partial.exists()
+
+
+VECTORS, FILE_ROWS = 40_000, 2_000  # twenty files, a record batch each; the first checkpoint follows the first
+
+
+def build(parts, out):
+    command = [sys.executable, "-m", "vsearch", "build-index", "--type", "hnsw", "--embeddings", str(parts),
+               "--out", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_a_stopped_index_build_resumes_from_its_last_checkpoint(stop, tmp_path):
+    from tests.test_indexes import clustered, write_parquet
+    from vsearch.indexes import load_index
+
+    vectors = clustered(VECTORS, dim=128)
+    for start in range(0, VECTORS, FILE_ROWS):
+        write_parquet(tmp_path / "parts", vectors[start:start + FILE_ROWS], start, f"part-{start:06d}.parquet")
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    process = build(tmp_path / "parts", out)
+    deadline = time.monotonic() + 120
+    while not (partial / "index.hnsw").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the build finished before it could be stopped; raise VECTORS"
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=60)
+    if stop == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in err
+        assert "".join(err.split()).endswith(f"thevectorsindexeduptothelastcheckpointarekeptin{partial}:"
+                                             "runthesamecommandagaintoresumevsearch:interrupted")
+    assert not out.exists()
+
+    resumed = build(tmp_path / "parts", out)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    said = "".join(err.split())
+    saved = int(said.split(f"resumingthestoppedbuildin{partial}:")[1].split("vectors")[0].replace(",", ""))
+    assert 0 < saved < VECTORS
+    index = load_index(out)
+    assert len(index) == VECTORS and not partial.exists()
+    _, ids = index.search(vectors[:20], 1)
+    assert [row[0] for row in ids] == [f"doc{i}" for i in range(20)]

@@ -290,7 +290,7 @@ def build_index_command(
     device: Annotated[str, typer.Option(help="Device for loading --model.")] = "auto",
     threads: Annotated[int, typer.Option(help="Threads for building, appending or writing the cbvs10m-HNSW file (-1: all cores).")] = -1,
 ) -> None:
-    """Build an index from embedding shards (or add to one with --append)."""
+    """Build an index from embedding shards (or add to one with --append); a stopped HNSW build resumes."""
     from vsearch.console import progress, stderr
     from vsearch.indexes import BuildConfig, append_index, build_index
     from vsearch.indexes.backends import backend_class
@@ -337,8 +337,12 @@ def build_index_command(
     config = BuildConfig(type=type, engine=engine, kind=kind, params=_parse_params(param), threads=threads,
                          memory_budget=_parse_size(memory_budget) if memory_budget else None,
                          target_recall=target_recall)
-    with progress(f"build {type} index", source.count, unit="vectors") as advance:
-        info = build_index(config, source, destination, advance, note=lambda line: stderr.print(line))
+    try:
+        with progress(f"build {type} index", source.count, unit="vectors") as advance:
+            info = build_index(config, source, destination, advance, note=lambda line: stderr.print(line))
+    except KeyboardInterrupt:
+        _say_where_the_work_is_kept(destination, "the vectors indexed up to the last checkpoint")
+        raise
     stderr.print(f"{info['count']:,} vectors indexed ({type}, {info['engine']}) in {info['build_seconds']:.1f}s, "
                  f"recall@10 {info['recall']['recall@10']} -> {destination}")
 

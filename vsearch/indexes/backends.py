@@ -70,6 +70,7 @@ class Backend:
     build_params: ClassVar[dict[str, int]] = {}
     search_params: ClassVar[dict[str, int]] = {}
     trains: ClassVar[bool] = False
+    resumable: ClassVar[bool] = False  # `load(writable=True)` gives an index that takes more vectors
     full_results: ClassVar[bool] = False  # search always fills k columns with real labels when k <= count
 
     @classmethod
@@ -126,6 +127,10 @@ class Backend:
 
     def settle(self) -> None:
         """Wait for what the backend goes on doing by itself after loading (none do but hnswlib)."""
+
+    def release_file(self) -> None:
+        """Stop reading from the file the index was loaded from, which is about to be replaced: a
+        mapping would keep its disk space taken (none map it after a writable load but hnswlib)."""
 
 
 class FaissBackend(Backend):
@@ -185,6 +190,7 @@ class FaissHnswBackend(FaissBackend):
     type, engine = "hnsw", "faiss"
     build_params = {"M": 32, "ef_construction": 200}
     search_params = {"ef_search": 128}
+    resumable = True
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "FaissHnswBackend":
@@ -274,6 +280,7 @@ class HnswlibBackend(Backend):
     type, engine, file_name = "hnsw", "hnswlib", "index.hnsw"
     build_params = {"M": 32, "ef_construction": 200}
     search_params = {"ef_search": 128}
+    resumable = True
     full_results = True  # where hnswlib cannot find k, search falls back to exact search
 
     def __init__(self, index: Any, ef_search: int, saved: np.ndarray | None = None):
@@ -316,6 +323,10 @@ class HnswlibBackend(Backend):
     def settle(self) -> None:
         if self.collapsing is not None:
             self.collapsing.join()
+
+    def release_file(self) -> None:
+        with self._map_lock:
+            self.saved, self._mapped = None, None  # `vectors` reads them with get_items instead
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         self.index.add_items(vectors, labels, num_threads=self.threads)

@@ -4,9 +4,13 @@ goes on from it.
 
 The folder is locked while a run uses it, and its `checkpoint.json` records what the work was made
 with (the settings a job's output depends on): a run with other settings is refused rather than mixed
-into it. Saving is spaced so that it costs at most `CHECKPOINT_SHARE` of the run: after a save that took
-s seconds, the next waits until s / CHECKPOINT_SHARE seconds of work have passed. What the job saves,
-and how it checks that its input is still the one the work was made from, is the job's own.
+into it. Saves are spaced to cost about `CHECKPOINT_SHARE` of the run: after a save that took s
+seconds, the next waits until s / CHECKPOINT_SHARE seconds of work have passed. The graph grows in
+between, and so does its save, so the share runs over by what saving a vector costs against adding
+it (3.4% of a 300k-line cbvs10m-HNSW run, 0.9% at 1M lines: benchmarks/RESULTS.md). Spacing by the
+save's predicted time instead would hold 2%, but where saving a vector costs more than 2% of adding
+it (a 1M-vector build on 2 cores, or a slow disk) it never saves again. What the job saves, and how
+it checks that its input is still the one the work was made from, is the job's own.
 """
 
 from __future__ import annotations

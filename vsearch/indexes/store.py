@@ -17,12 +17,15 @@
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
 place, so a failed build never replaces a good index; the next build removes what a killed one left.
+An HNSW build also saves its graph as it grows to `<name>.partial/` (see resume.py), from which the
+same build, run again after it stopped, goes on.
 `index.py` loads one for search.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import socket
@@ -38,11 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vsearch.errors import VsearchError, counted
-from vsearch.files import write_json_atomic
+from vsearch.files import fsync_file, write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
 from vsearch.indexes.deleted import (DELETED, delete_by_id, deleted_again, held_labels, mark_superseded,
                                      read_deleted, retire, still_deleted, write_deleted)
 from vsearch.indexes.index import FORMAT, MANIFEST, Deletes, deletes_of, read_index_manifest, search_live
+from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
 from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather,
                                     memory_bytes, recall, sample_positions, shortfall_hint,
@@ -77,16 +81,21 @@ class HeldOut:
 
 def _add(backend: Backend, vectors: np.ndarray, rows: pa.Table, first_label: int, out: RowsWriter,
          origin: str) -> int:
+    """Add `rows` and their `vectors` as labels from `first_label` on; returns the next label. Labels
+    the backend holds already (a resumed build's graph) get their rows only."""
     if not len(rows):  # a batch wholly held out or left out
         return first_label
-    labels = np.arange(first_label, first_label + len(rows), dtype=np.int64)
-    backend.add(np.ascontiguousarray(vectors, dtype=np.float32), labels)
+    done = min(max(len(backend) - first_label, 0), len(rows))
+    if done < len(rows):
+        labels = np.arange(first_label + done, first_label + len(rows), dtype=np.int64)
+        backend.add(np.ascontiguousarray(vectors[done:], dtype=np.float32), labels)
     out.write(rows, origin)
     return first_label + len(rows)
 
 
 def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], first_label: int,
-               out: RowsWriter, on_rows: Callable[[int], None], held: HeldOut | None = None) -> int:
+               out: RowsWriter, on_rows: Callable[[int], None], held: HeldOut | None = None,
+               after_batch: Callable[[], None] = lambda: None) -> int:
     """Stream `files` into the backend and the row file, one record batch (float32 only per batch) at a
     time, setting `held` rows aside; returns the next label. Labels follow insertion order."""
     label, position = first_label, 0
@@ -103,6 +112,7 @@ def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], 
         label = _add(backend, vectors, rows, label, out, str(file.path))
         position += size
         on_rows(size)
+        after_batch()
     return label
 
 
@@ -269,6 +279,59 @@ def _labels_of(entries: list[dict[str, Any]]) -> np.ndarray:
     return np.concatenate(spans) if spans else np.empty(0, np.int64)
 
 
+class _BuildCheckpoints:
+    """A build's checkpoint folder (see resume.py). Types whose backend can go on adding to a
+    loaded index (`resumable`: the HNSW graphs, whose insertion takes most of an hour at 10M) save
+    their index there as it grows; the rows need no saving, being the source's, read again on
+    resuming. Any type refuses a stopped build made with other settings."""
+
+    def __init__(self, cls: type[Backend], destination: Path, source: VectorSource, params: dict[str, int],
+                 note: Notes):
+        made_with = {"type": cls.type, "engine": cls.engine, "dim": source.dim,
+                     **{name: params[name] for name in cls.build_params}}
+        self.folder = CheckpointFolder(destination, "vsearch build-index", made_with, note)
+        self.cls, self.dim, self.params, self.note = cls, source.dim, params, note
+        # What the labels stand for: the same files, less the same ids left out.
+        self.built_from = {"shards": [file_entry(f) for f in source.files],
+                           "excluded": hashlib.sha256("\n".join(sorted(source.excluded)).encode()).hexdigest()}
+        self.saved: int | None = None  # vectors in the index saved by this run
+
+    def resumed(self) -> Backend | None:
+        """The index of a stopped build of the same vectors, to go on adding to; None where there is none
+        to go on from (none saved, one of other vectors, or one that cannot be read)."""
+        state = self.folder.saved()  # refuses another type's too
+        if state is None or not self.cls.resumable or not (self.folder.path / self.cls.file_name).exists():
+            return None
+        if state["built_from"] != self.built_from:
+            self.note(f"{self.folder.path} holds a stopped build of other vectors: starting over")
+            return None
+        try:
+            backend = self.cls.load(self.folder.path, self.dim, self.params, writable=True)
+        except RuntimeError as exc:  # both libraries check a file's length against what it lists
+            self.note(f"cannot read the index of the stopped build in {self.folder.path} ({exc}): starting over")
+            return None
+        backend.release_file()  # the next checkpoint replaces it
+        self.saved = len(backend)
+        self.note(f"resuming the stopped build in {self.folder.path}: {len(backend):,} vectors already in its index")
+        return backend
+
+    def save_if_due(self, backend: Backend) -> None:
+        if not self.cls.resumable or not self.folder.due():
+            return
+        stopped_then = (f"resumes from the last one ({self.saved:,} vectors)" if self.saved is not None
+                        else "starts over")
+        if not self.folder.has_room(memory_bytes(self.cls.type, len(backend), self.dim, self.params), stopped_then):
+            return
+        with self.folder.saving():
+            self.folder.write_state({"built_from": self.built_from})
+            staging = self.folder.path / "saving"
+            staging.mkdir(exist_ok=True)
+            backend.save(staging)
+            fsync_file(staging / self.cls.file_name)
+            os.replace(staging / self.cls.file_name, self.folder.path / self.cls.file_name)
+            self.saved = len(backend)
+
+
 def build_index(config: BuildConfig, source: VectorSource, destination: Path,
                 on_rows: Callable[[int], None] = lambda n: None, note: Notes = lambda line: None) -> dict[str, Any]:
     """Build an index of `config.type` from `source` into `destination`. Ids deleted from the index
@@ -291,20 +354,25 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         note(reason)
     params = choice.params
     started = time.perf_counter()
+    checkpoints = _BuildCheckpoints(cls, destination, source, params, note)
 
     def fill(work: Path) -> dict[str, Any]:
-        backend = cls.create(work, source.dim, count, params)
+        backend = checkpoints.resumed()
+        if backend is None:
+            backend = cls.create(work, source.dim, count, params)
+        resumed = len(backend)
         backend.set_threads(config.threads)
         if cls.trains:
             note(f"training on {min(params['train_size'], count):,} sampled vectors")
             backend.train(gather(source, sample_positions(count, params["train_size"])))
-        backend.prepare(work, count)
+        backend.prepare(work, count - resumed)
         held = HeldOut(sample_positions(count, min(config.recall_queries, count // 10), seed=1))
         tuned = not set(cls.search_params) & set(config.params)
         target = config.target_recall if tuned and cls.search_params else None
         measured = None
         with RowsWriter(work / ROWS, source.row_schema) as rows:
-            label = _add_files(backend, source, source.files, 0, rows, on_rows, held)
+            label = _add_files(backend, source, source.files, 0, rows, on_rows, held,
+                               after_batch=lambda: checkpoints.save_if_due(backend))
             if len(held.positions):
                 measured = _measured(config.type, backend, params, np.concatenate(held.vectors),
                                      np.full(len(held.positions), -1), _held_out_truth(source, held), target,
@@ -322,7 +390,9 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
                        for f, labels in zip(source.files, _file_labels(source.live_rows, held.positions))],
             "files": {"index": cls.file_name, "rows": ROWS},
             "memory_bytes": memory_bytes(config.type, count, source.dim, params), "recall": measured,
-            "build_seconds": round(time.perf_counter() - started, 3),
+            "build_seconds": round(time.perf_counter() - started, 3), "resumed_vectors": resumed,
+            "checkpoints": {"saved": checkpoints.folder.checkpoints,
+                            "seconds": round(checkpoints.folder.checkpoint_seconds, 3)},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_id": uuid.uuid4().hex, "appends": [],
         }
         note(f"recall@10 {info['recall']['recall@10']} with "
@@ -332,7 +402,13 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
                  + shortfall_hint(config.type, params, source.dim))
         return info
 
-    return _in_work_dir(destination, fill)
+    try:
+        info = _in_work_dir(destination, fill)
+    except BaseException:
+        checkpoints.folder.close()
+        raise
+    checkpoints.folder.remove()
+    return info
 
 
 def _check_appendable(path: Path, info: dict[str, Any], source: VectorSource) -> None:

@@ -1,0 +1,183 @@
+"""A stopped HNSW build goes on from its last checkpoint when run again (see vsearch/indexes/resume.py)."""
+
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from vsearch.errors import VsearchError
+from vsearch.files import lock_folder
+from vsearch.indexes import BuildConfig, build_index, load_index, resume
+from vsearch.indexes.backends import FaissHnswBackend, HnswlibBackend, IvfPqBackend
+from vsearch.indexes.rows import Rows
+from vsearch.indexes.tuning import sample_positions
+from vsearch.indexes.vectors import open_source
+from tests.test_indexes import clustered, exact, write_parquet
+
+FILES, ROWS = 4, 1000  # a record batch per file: a checkpoint after each, with CHECKPOINT_SHARE raised
+HNSW = [("hnswlib", HnswlibBackend), ("faiss", FaissHnswBackend)]
+
+
+@pytest.fixture
+def parts(tmp_path):
+    vectors = clustered(FILES * ROWS)
+    for number in range(FILES):
+        write_parquet(tmp_path / "parts", vectors[number * ROWS:(number + 1) * ROWS], number * ROWS,
+                      f"part-{number}.parquet")
+    return tmp_path / "parts", vectors
+
+
+@pytest.fixture
+def every_batch(monkeypatch):
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
+
+
+def counting_adds(monkeypatch, backend, stop_at=None):
+    """The rows each call of `backend.add` gets; Ctrl-C on call `stop_at`."""
+    added, add = [], backend.add
+
+    def counted(self, vectors, labels):
+        if len(added) + 1 == stop_at:
+            raise KeyboardInterrupt
+        added.append(len(labels))
+        add(self, vectors, labels)
+
+    monkeypatch.setattr(backend, "add", counted)
+    return added
+
+
+def stopped_build(monkeypatch, backend, config, source, out, stop_at=3):
+    with monkeypatch.context() as patch:
+        counting_adds(patch, backend, stop_at)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(config, source, out)
+
+
+@pytest.mark.parametrize("engine, backend", HNSW, ids=[engine for engine, _ in HNSW])
+def test_a_stopped_build_goes_on_from_its_last_checkpoint(engine, backend, parts, tmp_path, monkeypatch, every_batch):
+    folder, vectors = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    config = BuildConfig(type="hnsw", engine=engine)
+    stopped_build(monkeypatch, backend, config, open_source(folder), out)
+    assert not out.exists() and (partial / backend.file_name).exists()
+
+    added, notes = counting_adds(monkeypatch, backend), []
+    info = build_index(config, open_source(folder), out, note=notes.append)
+    held = sample_positions(FILES * ROWS, FILES * ROWS // 10, seed=1)  # rows a build measures recall with, added last
+    in_graph = 2 * ROWS - int(np.sum(held < 2 * ROWS))  # the first two files' rows
+    assert f"resuming the stopped build in {partial}: {in_graph:,} vectors already in its index" in notes
+    assert sum(added) == FILES * ROWS - in_graph and info["resumed_vectors"] == in_graph
+    assert not partial.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["index", "parts"]
+
+    reference = build_index(config, open_source(folder), tmp_path / "reference")
+    assert [s["labels"] for s in info["shards"]] == [s["labels"] for s in reference["shards"]]
+    assert Rows(out / "rows.arrow").ids().to_pylist() == Rows(tmp_path / "reference" / "rows.arrow").ids().to_pylist()
+    assert info["recall"]["recall@10"] >= 0.95
+    _, ids = load_index(out).search(vectors[:50], 10)
+    found = np.mean([len({int(i[3:]) for i in row} & set(t)) / 10 for row, t in zip(ids, exact(vectors, vectors[:50], 10))])
+    assert found >= 0.95
+
+
+def test_a_stopped_build_is_not_mixed_with_other_settings(parts, tmp_path, monkeypatch, every_batch):
+    folder, _ = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    stopped_build(monkeypatch, HnswlibBackend, BuildConfig(params={"M": 16}), open_source(folder), out)
+    with pytest.raises(VsearchError, match=r"index.partial holds a stopped run made with M=16, not 8: run the command "
+                                           r"that started it to resume it, or delete the folder to start over"):
+        build_index(BuildConfig(params={"M": 8}), open_source(folder), out)
+    with pytest.raises(VsearchError, match=r"made with type=hnsw, not flat"):
+        build_index(BuildConfig(type="flat"), open_source(folder), out)
+    with pytest.raises(VsearchError, match=r"made with engine=hnswlib, not faiss"):
+        build_index(BuildConfig(engine="faiss", params={"M": 16}), open_source(folder), out)
+    with lock_folder(partial, "test"), pytest.raises(VsearchError, match=r"another vsearch build-index \(process \d+\)"):
+        build_index(BuildConfig(params={"M": 16}), open_source(folder), out)
+    assert (partial / "index.hnsw").exists() and not out.exists()
+
+
+def test_a_stopped_build_of_other_vectors_or_an_unreadable_index_starts_over(parts, tmp_path, monkeypatch, every_batch):
+    folder, vectors = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    stopped_build(monkeypatch, HnswlibBackend, BuildConfig(), open_source(folder), out)
+    write_parquet(folder, clustered(ROWS, seed=5), 0, "part-0.parquet")  # the first file re-embedded since
+
+    notes = []
+    with monkeypatch.context() as patch:
+        counting_adds(patch, HnswlibBackend, stop_at=3)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(BuildConfig(), open_source(folder), out, note=notes.append)
+    assert f"{partial} holds a stopped build of other vectors: starting over" in notes
+
+    graph = partial / "index.hnsw"
+    graph.write_bytes(graph.read_bytes()[:-100])  # as a disk that filled up while hnswlib wrote it
+    added, notes = counting_adds(monkeypatch, HnswlibBackend), []
+    info = build_index(BuildConfig(), open_source(folder), out, note=notes.append)
+    said = [n for n in notes if n.startswith(f"cannot read the index of the stopped build in {partial} (")]
+    assert len(said) == 1 and said[0].endswith("): starting over")
+    assert sum(added) == FILES * ROWS and info["resumed_vectors"] == 0 and not partial.exists()
+
+
+def test_a_disk_without_room_for_a_checkpoint_costs_the_checkpoint_not_the_build(parts, tmp_path, monkeypatch,
+                                                                                 every_batch):
+    folder, _ = parts
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 1000, 1000))
+    notes = []
+    info = build_index(BuildConfig(), open_source(folder), tmp_path / "index", note=notes.append)
+    assert info["count"] == FILES * ROWS
+    saying = [n for n in notes if "GiB free" in n]
+    assert saying == [f"0.0 GiB free in {tmp_path / 'index.partial'}, a checkpoint needs about 0.0: going on "
+                      "without; a run stopped from here starts over"]
+    assert not (tmp_path / "index.partial").exists()
+
+
+def test_a_build_that_saved_no_checkpoint_leaves_no_folder_for_one(parts, tmp_path, monkeypatch):
+    folder, _ = parts
+    stopped_build(monkeypatch, IvfPqBackend, BuildConfig(type="ivfpq", params={"nlist": 16, "m": 8}),
+                  open_source(folder), tmp_path / "index", stop_at=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+
+
+def test_the_manifest_and_files_of_a_resumed_build_are_those_of_any_build(parts, tmp_path, monkeypatch, every_batch):
+    folder, _ = parts
+    out = tmp_path / "index"
+    stopped_build(monkeypatch, HnswlibBackend, BuildConfig(), open_source(folder), out, stop_at=4)
+    build_index(BuildConfig(), open_source(folder), out)
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["count"] == FILES * ROWS and manifest["resumed_vectors"] > 0
+    assert len(pq.read_table(folder / "part-0.parquet")) == ROWS  # the source is only read
+    assert sorted(p.name for p in out.iterdir()) == ["index.hnsw", "index.json", "rows.arrow"]
+
+
+def test_a_resumed_build_holds_no_disk_space_of_the_checkpoint_it_replaced(parts, tmp_path, monkeypatch, every_batch):
+    folder, _ = parts
+    stopped_build(monkeypatch, HnswlibBackend, BuildConfig(), open_source(folder), tmp_path / "index")
+    replaced, add = [], HnswlibBackend.add
+
+    def checking(self, vectors, labels):
+        replaced.append(f"{tmp_path / 'index.partial' / 'index.hnsw'} (deleted)" in Path("/proc/self/maps").read_text())
+        add(self, vectors, labels)
+
+    monkeypatch.setattr(HnswlibBackend, "add", checking)
+    build_index(BuildConfig(), open_source(folder), tmp_path / "index")
+    assert len(replaced) >= 2 and not any(replaced)  # a checkpoint followed each of them
+
+
+def test_a_checkpoint_waits_for_fifty_times_the_last_saves_time_of_work(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(resume, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    folder = resume.CheckpointFolder(tmp_path / "out", "test", {}, lambda line: None)
+    assert folder.due()  # the first at once: nothing saved yet
+    with folder.saving():
+        clock.now += 1.0
+    clock.now += 49.0
+    assert not folder.due()
+    clock.now += 1.0
+    assert folder.due() and folder.checkpoints == 1 and folder.checkpoint_seconds == 1.0
+    folder.close()
+    assert not (tmp_path / "out.partial").exists()  # it never held a checkpoint
