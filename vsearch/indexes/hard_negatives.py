@@ -40,7 +40,7 @@ from vsearch.files import fsync_file
 from vsearch.indexes.backends import exact_top_k, loaded_hnswlib_graph, new_hnswlib_graph
 from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.hugepages import huge_pages_for_new_regions
-from vsearch.indexes.tuning import check_overrides, recall, sample_positions, tune_search
+from vsearch.indexes.tuning import check_overrides, memory_bytes, recall, sample_positions, tune_search
 from vsearch.overlap import in_background
 
 NEIGHBOURS = 10
@@ -134,7 +134,7 @@ class _PartialRun:
                      "context_length": getattr(encoder, "context_length", None),
                      "M": params["M"], "ef_construction": params["ef_construction"]}
         self.folder = CheckpointFolder(out, "vsearch build-index --layout cbvs10m-hnsw", made_with, note)
-        self.dim, self.note = encoder.dim, note
+        self.dim, self.params, self.note = encoder.dim, params, note
         self.graph, self.spilled = self.folder.path / "graph.hnsw", self.folder.path / "vectors.f16"
         self.saved: dict[str, str] = {}  # texts in the graph on disk -> the digest of those texts
 
@@ -170,16 +170,12 @@ class _PartialRun:
         handle.seek(0, os.SEEK_END)
         return handle
 
-    def checkpoint_due(self) -> bool:
-        return self.folder.due()
-
     def checkpoint(self, index: Any, vectors: IO[bytes], texts: list[str]) -> None:
         """Save the graph holding `texts`, whose vectors are in `vectors`. The state lists the graph
         on disk and the one about to replace it, so a run stopped between the two writes finds the
         digest of its graph's texts whichever it left."""
-        last = (f"resumes from the last one ({int(next(iter(self.saved))):,} texts)" if self.saved
-                else "starts over")
-        if not self.folder.has_room(_graph_file_bytes(index, len(texts)), last):
+        last = f"{int(next(iter(self.saved))):,} texts" if self.saved else None
+        if not self.folder.has_room(memory_bytes("hnsw", len(texts), self.dim, self.params), last):
             return
         with self.folder.saving():
             vectors.flush()
@@ -191,12 +187,6 @@ class _PartialRun:
             fsync_file(temporary)
             os.replace(temporary, self.graph)
             self.saved = {str(len(texts)): on_disk[str(len(texts))]}
-
-
-def _graph_file_bytes(index: Any, count: int) -> int:
-    """About what hnswlib's file of a graph of `count` vectors takes, a little more: per vector its
-    values, its label and its links at the bottom level (2M) and, on average, the levels above."""
-    return count * (4 * index.dim + 4 * (2 * index.M + 1) + 8 + 4 + 8)
 
 
 def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: int = 2048, target_recall: float = 0.95,
@@ -244,7 +234,7 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                 texts += chunk
                 on_lines(dataset.read - lines_reported)
                 lines_reported = dataset.read
-                if run.checkpoint_due():
+                if run.folder.due():
                     run.checkpoint(index, spilled, texts)
             on_lines(dataset.read - lines_reported)
             counting.join()  # a count arriving after the last line would empty the filled bar again

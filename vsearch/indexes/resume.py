@@ -27,7 +27,7 @@ from typing import IO, Any
 from vsearch.errors import VsearchError
 from vsearch.files import lock_folder, write_json_atomic
 
-CHECKPOINT_SHARE = 0.02  # of a run's time, at most, spent saving checkpoints
+CHECKPOINT_SHARE = 0.02  # of a run's time spent saving checkpoints, about (over it while the graph grows fast)
 STATE = "checkpoint.json"
 
 
@@ -66,13 +66,15 @@ class CheckpointFolder:
     def due(self) -> bool:
         return self.saving_seconds <= CHECKPOINT_SHARE * (time.monotonic() - self.saved_at)
 
-    def has_room(self, needed: int, stopped_then: str) -> bool:
+    def has_room(self, needed: int, last_saved: str | None) -> bool:
         """Whether the disk has `needed` bytes free for the next checkpoint. Where it has not, the run goes
-        on without checkpoints (and says so, and that a run stopped from here `stopped_then`): a library
-        may write what fits and report nothing (hnswlib does)."""
+        on without checkpoints and says so, and what a run stopped from here resumes from (the
+        checkpoint of `last_saved`, "12 texts" say, or none): a library may write what fits and report
+        nothing (hnswlib does)."""
         free = shutil.disk_usage(self.path).free
         if free >= needed:
             return True
+        stopped_then = f"resumes from the last one ({last_saved})" if last_saved else "starts over"
         self.note(f"{free / 2**30:.1f} GiB free in {self.path}, a checkpoint needs about {needed / 2**30:.1f}: "
                   f"going on without; a run stopped from here {stopped_then}")
         self.saving_seconds = math.inf

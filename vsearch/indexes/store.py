@@ -318,9 +318,8 @@ class _BuildCheckpoints:
     def save_if_due(self, backend: Backend) -> None:
         if not self.cls.resumable or not self.folder.due():
             return
-        stopped_then = (f"resumes from the last one ({self.saved:,} vectors)" if self.saved is not None
-                        else "starts over")
-        if not self.folder.has_room(memory_bytes(self.cls.type, len(backend), self.dim, self.params), stopped_then):
+        last = f"{self.saved:,} vectors" if self.saved is not None else None
+        if not self.folder.has_room(memory_bytes(self.cls.type, len(backend), self.dim, self.params), last):
             return
         with self.folder.saving():
             self.folder.write_state({"built_from": self.built_from})
