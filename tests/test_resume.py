@@ -19,14 +19,18 @@ from tests.conftest import write_cbvs_covers
 ROWS, SHARD = 60_000, 1_000
 
 
+def vsearch(*arguments):
+    """`vsearch ARGUMENTS…` started in a process of its own, its output captured."""
+    # Ctrl-C must reach it even where the test runner was started with SIGINT ignored (a background job).
+    return subprocess.Popen([sys.executable, "-m", "vsearch", *arguments], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def embed(source, out, workspace, workers=2):
     """`workers` 2 runs the job in two processes, 0 in this one."""
-    command = [sys.executable, "-m", "vsearch", "--workspace", str(workspace.root), "embed",
-               "--dataset", str(source), "--model", "lexical", "--out", str(out), "--shard-size", str(SHARD),
-               "--batch-size", "100", "--workers", str(workers)]
-    # Ctrl-C must reach it even where the test runner was started with SIGINT ignored (a background job).
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return vsearch("--workspace", str(workspace.root), "embed", "--dataset", str(source), "--model", "lexical",
+                   "--out", str(out), "--shard-size", str(SHARD), "--batch-size", "100", "--workers", str(workers))
 
 
 def wait_for_shards(process, out, count):
@@ -126,17 +130,16 @@ def write_ocr_texts(workspace):
 
 
 def hard_negatives(workspace):
-    command = [sys.executable, "-m", "vsearch", "--workspace", str(workspace.root), "build-index",
-               "--layout", "cbvs10m-hnsw", "--dataset", "cbvs10m", "--model", "lexical"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return vsearch("--workspace", str(workspace.root), "build-index", "--layout", "cbvs10m-hnsw",
+                   "--dataset", "cbvs10m", "--model", "lexical")
 
 
-def wait_for_checkpoint(process, partial):
+def wait_for_checkpoint(process, graph):
+    """Until the job has saved `graph`, its first checkpoint."""
     deadline = time.monotonic() + 120
-    while not (partial / "graph.hnsw").exists() and process.poll() is None and time.monotonic() < deadline:
+    while not graph.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert process.poll() is None, "the job finished before it could be stopped; raise TEXTS"
+    assert process.poll() is None, "the job finished before it could be stopped; give it more to do"
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
@@ -144,7 +147,7 @@ def test_a_stopped_cbvs10m_hnsw_job_resumes_from_its_last_checkpoint(stop, works
     texts = write_ocr_texts(workspace)
     out, partial = workspace.datasets / "cbvs10m-HNSW", workspace.datasets / "cbvs10m-HNSW.partial"
     process = hard_negatives(workspace)
-    wait_for_checkpoint(process, partial)
+    wait_for_checkpoint(process, partial / "graph.hnsw")
     process.send_signal(stop)
     _, err = process.communicate(timeout=60)
     if stop == signal.SIGINT:
@@ -169,10 +172,7 @@ VECTORS, FILE_ROWS = 40_000, 2_000  # twenty files, a record batch each; the fir
 
 
 def build(parts, out):
-    command = [sys.executable, "-m", "vsearch", "build-index", "--type", "hnsw", "--embeddings", str(parts),
-               "--out", str(out)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return vsearch("build-index", "--type", "hnsw", "--embeddings", str(parts), "--out", str(out))
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
@@ -185,10 +185,7 @@ def test_a_stopped_index_build_resumes_from_its_last_checkpoint(stop, tmp_path):
         write_parquet(tmp_path / "parts", vectors[start:start + FILE_ROWS], start, f"part-{start:06d}.parquet")
     out, partial = tmp_path / "index", tmp_path / "index.partial"
     process = build(tmp_path / "parts", out)
-    deadline = time.monotonic() + 120
-    while not (partial / "index.hnsw").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert process.poll() is None, "the build finished before it could be stopped; raise VECTORS"
+    wait_for_checkpoint(process, partial / "index.hnsw")
     process.send_signal(stop)
     _, err = process.communicate(timeout=60)
     if stop == signal.SIGINT:
