@@ -1,6 +1,7 @@
 """A stopped HNSW build goes on from its last checkpoint when run again (see vsearch/indexes/resume.py)."""
 
 import json
+import re
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -14,7 +15,7 @@ from vsearch.files import lock_folder
 from vsearch.indexes import BuildConfig, build_index, load_index, resume
 from vsearch.indexes.backends import FaissHnswBackend, HnswlibBackend, IvfPqBackend
 from vsearch.indexes.rows import Rows
-from vsearch.indexes.tuning import sample_positions
+from vsearch.indexes.tuning import memory_bytes, sample_positions
 from vsearch.indexes.vectors import open_source
 from tests.test_indexes import clustered, exact, write_parquet
 
@@ -120,18 +121,114 @@ def test_a_stopped_build_of_other_vectors_or_an_unreadable_index_starts_over(par
     assert sum(added) == FILES * ROWS and info["resumed_vectors"] == 0 and not partial.exists()
 
 
+class Disk:
+    """A disk of `size` bytes holding the files under `root` but the source's (`parts`), as
+    `shutil.disk_usage` sees it; `others` bytes written by someone else."""
+
+    usage = namedtuple("usage", "total used free")
+
+    def __init__(self, monkeypatch, root, size):
+        self.root, self.size, self.others = root, size, 0
+        monkeypatch.setattr(shutil, "disk_usage", self.usage_of)
+
+    def usage_of(self, path):
+        used = self.others + sum(f.stat().st_size for f in self.root.rglob("*")
+                                 if f.is_file() and "parts" not in f.relative_to(self.root).parts)
+        return self.usage(self.size, used, max(self.size - used, 0))
+
+
+def index_bytes(count=FILES * ROWS):
+    return memory_bytes("hnsw", count, 64, HnswlibBackend.build_params)
+
+
+def test_a_build_without_room_for_its_index_stops_before_it_starts(parts, tmp_path, monkeypatch):
+    folder, _ = parts
+    out = tmp_path / "index"
+    build_index(BuildConfig(type="flat"), open_source(folder), out)
+    Disk(monkeypatch, tmp_path, size=int(index_bytes() * 0.9))
+    added = counting_adds(monkeypatch, HnswlibBackend)
+    with pytest.raises(VsearchError, match=rf"^no room for the index {out}: it needs about 2.2 MiB, and {tmp_path} "
+                                           r"has [\d.]+ KiB free; free some space or write elsewhere$"):
+        build_index(BuildConfig(), open_source(folder), out)
+    assert added == [] and sorted(p.name for p in tmp_path.iterdir()) == ["index", "parts"]
+    assert load_index(out).manifest["type"] == "flat"  # the index there is as it was
+
+
 def test_a_disk_without_room_for_a_checkpoint_costs_the_checkpoint_not_the_build(parts, tmp_path, monkeypatch,
                                                                                  every_batch):
-    folder, _ = parts
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 1000, 1000))
+    folder, vectors = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    Disk(monkeypatch, tmp_path, size=int(index_bytes() * 1.5))  # the index and half of it again
     notes = []
-    info = build_index(BuildConfig(), open_source(folder), tmp_path / "index", note=notes.append)
-    assert info["count"] == FILES * ROWS
-    saying = [n for n in notes if "GiB free" in n]
-    assert saying == [f"0.0 GiB free in {tmp_path / 'index.partial'}, a checkpoint needs about 0.0: going on "
-                      "without; a run stopped from here starts over"]
-    assert not (tmp_path / "index.partial").exists()
+    info = build_index(BuildConfig(), open_source(folder), out, note=notes.append)
+    assert info["count"] == FILES * ROWS and 1 <= info["checkpoints"]["saved"] < FILES
+    without = [n for n in notes if "going on without" in n]
+    assert len(without) == 1 and without[0].startswith(f"{partial}") is False
+    assert re.fullmatch(rf"\d.\d MiB free in {partial}, a checkpoint needs about \d.\d MiB: going on without; a run "
+                        r"stopped from here resumes from the last one \([\d,]+ vectors\)", without[0])
+    # At the end, the checkpoint's space is the index's: its save would fail without it.
+    assert re.fullmatch(rf"removing the checkpoint in {partial} \(\d.\d MiB\) to make room for the index {out}; a "
+                        r"run stopped from here starts over", notes[notes.index(without[0]) + 1])
+    assert not partial.exists() and load_index(out).search(vectors[:3], 1)[1][:, 0].tolist() == ["doc0", "doc1", "doc2"]
+
+
+def test_a_build_whose_index_finds_no_room_at_the_end_keeps_its_checkpoint(parts, tmp_path, monkeypatch,
+                                                                           every_batch):
+    folder, _ = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    disk = Disk(monkeypatch, tmp_path, size=index_bytes() * 3)
+    added, add = [], HnswlibBackend.add
+
+    def filling(self, vectors, labels):
+        add(self, vectors, labels)
+        added.append(len(labels))
+        if sum(added) >= FILES * ROWS:  # someone else fills the disk as the last rows go in
+            disk.others = disk.size - index_bytes() // 2
+
+    monkeypatch.setattr(HnswlibBackend, "add", filling)
+    with pytest.raises(VsearchError, match=rf"^no room for the index {out}: .* free and .* in the checkpoint in "
+                                           rf"{partial}, which it would replace; the checkpoint is kept: free some "
+                                           r"space and run the same command again to resume from it$"):
+        build_index(BuildConfig(), open_source(folder), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.partial", "parts"]
+
+    disk.others, added[:], notes = 0, [], []
+    info = build_index(BuildConfig(), open_source(folder), out, note=notes.append)
+    assert any(n.startswith(f"resuming the stopped build in {partial}") for n in notes)
+    assert info["resumed_vectors"] > 0 and sum(added) == FILES * ROWS - info["resumed_vectors"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails as a full disk's")
+@pytest.mark.parametrize("engine, backend", HNSW, ids=[engine for engine, _ in HNSW])
+def test_a_checkpoint_the_disk_cannot_take_leaves_the_last_one_and_the_build_goes_on(engine, backend, parts, tmp_path,
+                                                                                   monkeypatch, every_batch):
+    folder, _ = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    staged = partial / "saving" / backend.file_name
+    calls, add = [], backend.add
+
+    def failing_saves(self, vectors, labels):
+        calls.append(len(labels))
+        if len(calls) == 2:  # the first checkpoint saved: the next is written where writes fail, as on a full disk
+            staged.symlink_to("/dev/full")
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        add(self, vectors, labels)
+
+    notes = []
+    monkeypatch.setattr(backend, "add", failing_saves)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(BuildConfig(engine=engine), open_source(folder), out, note=notes.append)
+    saved = backend.load(partial, 64, backend.build_params)
+    assert len(saved) == calls[0]  # the first checkpoint's, the failed one's file gone
+    assert not staged.exists() and not staged.is_symlink()
+    said = [n for n in notes if "checkpoint" in n]
+    assert len(said) == 1 and said[0].startswith("cannot save a checkpoint (")
+    assert said[0].endswith(f"): going on without; a run stopped from here resumes from the last one ({calls[0]:,} vectors)")
+
+    monkeypatch.undo()
+    info = build_index(BuildConfig(engine=engine), open_source(folder), out)
+    assert info["resumed_vectors"] == calls[0] and info["count"] == FILES * ROWS
 
 
 def test_a_build_that_saved_no_checkpoint_leaves_no_folder_for_one(parts, tmp_path, monkeypatch):
@@ -173,7 +270,7 @@ def test_a_checkpoint_waits_for_fifty_times_the_last_saves_time_of_work(tmp_path
     monkeypatch.setattr(resume, "time", SimpleNamespace(monotonic=lambda: clock.now))
     folder = resume.CheckpointFolder(tmp_path / "out", "test", {}, lambda line: None)
     assert folder.due()  # the first at once: nothing saved yet
-    with folder.saving():
+    with folder.saving(None, tmp_path / "staged"):
         clock.now += 1.0
     clock.now += 49.0
     assert not folder.due()

@@ -330,6 +330,33 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
     encoder, notes = Stopping(), []
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 12 texts already in its graph")
-    assert len(notes) == 2 and notes[1].startswith(f"0.0 GiB free in {partial}, a checkpoint needs about")
+    assert len(notes) == 2 and notes[1].startswith(f"1.0 KiB free in {partial}, a checkpoint needs about")
     assert notes[1].endswith("going on without; a run stopped from here resumes from the last one (12 texts)")
     assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15
+
+
+def test_a_checkpoint_the_disk_cannot_take_leaves_the_last_one(tmp_path, workspace, monkeypatch):
+    import os
+
+    import pytest
+    from vsearch.indexes import resume
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full, a file every write to fails as a full disk's")
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=1), out, batch=4)
+    (partial / "graph.hnsw.tmp").symlink_to("/dev/full")  # where the next graph is written: every write fails
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=2), out, batch=4,
+                             note=notes.append)
+    assert notes[1].startswith("cannot save a checkpoint (hnswlib wrote 0 of ")
+    assert notes[1].endswith("going on without; a run stopped from here resumes from the last one (4 texts)")
+    assert not (partial / "graph.hnsw.tmp").is_symlink()
+
+    notes = []
+    written = write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4, note=notes.append)
+    assert notes[0].endswith(": 4 texts already in its graph") and written.texts == 15

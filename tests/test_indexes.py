@@ -280,6 +280,25 @@ def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
         assert ids[0, 0] == "doc2500", (index_type, engine)
 
 
+def test_an_append_without_room_for_the_index_leaves_it_as_it_was(byo, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    folder, vectors = byo
+    first = tmp_path / "first"
+    write_parquet(first, vectors[:1500], 0, "part-0.parquet")
+    path = tmp_path / "index"
+    build_index(BuildConfig(), open_source(first), path)
+    write_parquet(first, vectors[1500:], 1500, "part-1.parquet")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage(1 << 30, (1 << 30) - 2**20, 2**20))
+    # The graph of 3,000 vectors is written anew beside the old one.
+    with pytest.raises(VsearchError, match=rf"^no room for the index {path}: it needs about 1.6 MiB, and {tmp_path} has "
+                                           r"1.0 MiB free; free some space or write elsewhere$"):
+        append_index(path, open_source(first))
+    assert read_index_manifest(path)["count"] == 1500 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "byo", "first", "index"]
+
+
 def test_an_index_moved_with_its_embeddings_appends_from_where_they_are_now(byo, tmp_path):
     folder, vectors = byo
     first = tmp_path / "first"

@@ -15,3 +15,10 @@ def first_line(exc: BaseException) -> str:
 def counted(count: int, noun: str) -> str:
     """`count` `noun`s for a message: "1 shard", "2,048 vectors"."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def human_size(size: float) -> str:
+    """Bytes for a message: "1.50 GiB", "45.2 MiB", "3.0 KiB"."""
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"

@@ -6,18 +6,20 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import fsspec
 
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, human_size
 
 # A server silent this long fails the request: a stalled cover server costs that row (recorded
 # as failed), not aiohttp's default five minutes a request, while a long download that keeps
 # sending (a dataset file, a video) is not cut off.
 HTTP_TIMEOUT_SECONDS = 30
+LOCK_FILE = ".lock"  # what `lock_folder` locks, in the folder it guards
 
 
 def url_to_fs(url: str, deadline: float | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -86,11 +88,26 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=1))
 
 
+def check_room(directory: Path, needed: int, output: str, replaced: tuple[int, str] = (0, ""),
+               then: str = "free some space or write elsewhere") -> bool:
+    """Stop unless the disk of `directory` has room for `output`, about `needed` bytes, counting the
+    `replaced` bytes (of the files it supersedes, named) as free; whether it needs them."""
+    free = shutil.disk_usage(directory).free
+    if free >= needed:
+        return False
+    size, name = replaced
+    if free + size < needed:
+        counting = f" and {human_size(size)} in {name}, which it would replace" if size else ""
+        raise VsearchError(f"no room for {output}: it needs about {human_size(needed)}, and {directory} has "
+                           f"{human_size(free)} free{counting}; {then}")
+    return True
+
+
 def lock_folder(directory: Path, job: str) -> IO[str]:
     """An exclusive lock on `directory` (its `.lock` file), held until the returned handle is closed,
     so that two runs of `job` never write it at once; the kernel releases it when its process ends,
     however it ends."""
-    handle = open(directory / ".lock", "a+", encoding="utf-8")
+    handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -13,6 +13,8 @@ index is built; search parameters (ef_search, nprobe, k_factor) can change at an
 
 from __future__ import annotations
 
+import errno
+import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vsearch.errors import VsearchError, counted
+from vsearch.errors import VsearchError, counted, human_size
 from vsearch.indexes.hugepages import collapse_in_background, huge_pages_for_new_regions
 
 FAISS_FILE = "index.faiss"
@@ -171,7 +173,11 @@ class FaissBackend(Backend):
         return int(self.index.ntotal)
 
     def save(self, directory: Path) -> None:
-        _faiss().write_index(self.index, str(directory / self.file_name))
+        path = directory / self.file_name
+        try:
+            _faiss().write_index(self.index, str(path))
+        except RuntimeError as exc:  # a short write (a full disk); one within stdio's buffer it only prints
+            raise OSError(errno.EIO, str(exc).split("failed: ")[-1].strip(), str(path)) from None
 
 
 class FlatBackend(FaissBackend):
@@ -260,6 +266,16 @@ def new_hnswlib_graph(dim: int, capacity: int, params: dict[str, int]) -> Any:
     with huge_pages_for_new_regions(capacity * dim * 4):
         index.init_index(max_elements=max(capacity, 1), M=params["M"], ef_construction=params["ef_construction"])
     return index
+
+
+def save_hnswlib_graph(index: Any, path: Path) -> None:
+    """Save `index` to `path`, an OSError where the file came out short: hnswlib writes what fits
+    and reports nothing (a full disk, a quota)."""
+    index.save_index(str(path))
+    written, expected = path.stat().st_size, index.index_file_size()
+    if written != expected:
+        raise OSError(errno.EIO, f"hnswlib wrote {written:,} of {expected:,} bytes, "
+                      f"{human_size(shutil.disk_usage(path.parent).free)} free on that disk", str(path))
 
 
 def loaded_hnswlib_graph(path: Path, dim: int) -> tuple[Any, threading.Thread | None]:
@@ -380,7 +396,7 @@ class HnswlibBackend(Backend):
         return self.count
 
     def save(self, directory: Path) -> None:
-        self.index.save_index(str(directory / self.file_name))
+        save_hnswlib_graph(self.index, directory / self.file_name)
 
     def set_threads(self, threads: int) -> None:
         self.threads = threads

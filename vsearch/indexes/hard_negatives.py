@@ -37,7 +37,7 @@ from vsearch.embeddings.datasets import Dataset
 from vsearch.embeddings.encoders import Encoder
 from vsearch.errors import VsearchError
 from vsearch.files import fsync_file
-from vsearch.indexes.backends import exact_top_k, loaded_hnswlib_graph, new_hnswlib_graph
+from vsearch.indexes.backends import exact_top_k, loaded_hnswlib_graph, new_hnswlib_graph, save_hnswlib_graph
 from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.hugepages import huge_pages_for_new_regions
 from vsearch.indexes.tuning import check_overrides, memory_bytes, recall, sample_positions, tune_search
@@ -177,13 +177,14 @@ class _PartialRun:
         last = f"{int(next(iter(self.saved))):,} texts" if self.saved else None
         if not self.folder.has_room(memory_bytes("hnsw", len(texts), self.dim, self.params), last):
             return
-        with self.folder.saving():
-            vectors.flush()
-            os.fsync(vectors.fileno())
+        # Not in the save, whose failure costs only the checkpoint: vectors not written cost the run.
+        vectors.flush()
+        os.fsync(vectors.fileno())
+        temporary = self.graph.with_name(self.graph.name + ".tmp")
+        with self.folder.saving(last, temporary):
             on_disk = {**self.saved, str(len(texts)): _digest_of(texts)}
             self.folder.write_state({"saved": on_disk})
-            temporary = self.graph.with_name(self.graph.name + ".tmp")
-            index.save_index(str(temporary))
+            save_hnswlib_graph(index, temporary)
             fsync_file(temporary)
             os.replace(temporary, self.graph)
             self.saved = {str(len(texts)): on_disk[str(len(texts))]}

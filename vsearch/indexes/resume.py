@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from vsearch.errors import VsearchError
-from vsearch.files import lock_folder, write_json_atomic
+from vsearch.errors import VsearchError, human_size
+from vsearch.files import LOCK_FILE, check_room, lock_folder, write_json_atomic
 
 CHECKPOINT_SHARE = 0.02  # of a run's time spent saving checkpoints, about (over it while the graph grows fast)
 STATE = "checkpoint.json"
@@ -69,25 +69,52 @@ class CheckpointFolder:
     def has_room(self, needed: int, last_saved: str | None) -> bool:
         """Whether the disk has `needed` bytes free for the next checkpoint. Where it has not, the run goes
         on without checkpoints and says so, and what a run stopped from here resumes from (the
-        checkpoint of `last_saved`, "12 texts" say, or none): a library may write what fits and report
-        nothing (hnswlib does)."""
+        checkpoint of `last_saved`, "12 texts" say, or none)."""
         free = shutil.disk_usage(self.path).free
         if free >= needed:
             return True
-        stopped_then = f"resumes from the last one ({last_saved})" if last_saved else "starts over"
-        self.note(f"{free / 2**30:.1f} GiB free in {self.path}, a checkpoint needs about {needed / 2**30:.1f}: "
-                  f"going on without; a run stopped from here {stopped_then}")
-        self.saving_seconds = math.inf
+        self._go_on_without(f"{human_size(free)} free in {self.path}, a checkpoint needs about {human_size(needed)}",
+                            last_saved)
         return False
+
+    def _go_on_without(self, reason: str, last_saved: str | None) -> None:
+        stopped_then = f"resumes from the last one ({last_saved})" if last_saved else "starts over"
+        self.note(f"{reason}: going on without; a run stopped from here {stopped_then}")
+        self.saving_seconds = math.inf
+
+    def room_for_output(self, needed: int, directory: Path, output: str, make: bool) -> None:
+        """Stop unless the disk of `directory` can take the job's `output`, about `needed` bytes,
+        counting the space of the checkpoint, which the output supersedes, as free. With `make`
+        (the output is about to be written), remove the checkpoint where its space is needed: the
+        alternative is a run that has done all its work failing at its last step."""
+        held = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file() and f.name != LOCK_FILE)
+        then = ("the checkpoint is kept: free some space and run the same command again to resume from it"
+                if make and held else "free some space or write elsewhere")
+        if not check_room(directory, needed, output, (held, f"the checkpoint in {self.path}"), then) or not make:
+            return
+        self.note(f"removing the checkpoint in {self.path} ({human_size(held)}) to make room for {output}; a run "
+                  "stopped from here starts over")
+        for child in self.path.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            elif child.name != LOCK_FILE:
+                child.unlink()
 
     def write_state(self, state: dict[str, Any]) -> None:
         write_json_atomic(self.state, {"made_with": self.made_with, **state})
 
     @contextlib.contextmanager
-    def saving(self) -> Iterator[None]:
-        """Time a checkpoint's save, which sets when the next is due."""
+    def saving(self, last_saved: str | None, staging: Path) -> Iterator[None]:
+        """Time a checkpoint's save into `staging` (then moved into place), which sets when the next
+        is due. A save that fails to write (a full disk) leaves the last checkpoint as it was, and the
+        run goes on without more."""
         started = time.monotonic()
-        yield
+        try:
+            yield
+        except OSError as exc:
+            staging.unlink(missing_ok=True)
+            self._go_on_without(f"cannot save a checkpoint ({exc.strerror or exc})", last_saved)
+            return
         self.saved_at = time.monotonic()
         self.saving_seconds = self.saved_at - started
         self.checkpoints, self.checkpoint_seconds = self.checkpoints + 1, self.checkpoint_seconds + self.saving_seconds

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vsearch.errors import VsearchError, counted
-from vsearch.files import fsync_file, write_json_atomic
+from vsearch.files import check_room, fsync_file, write_json_atomic
 from vsearch.indexes.backends import Backend, backend_class
 from vsearch.indexes.deleted import (DELETED, delete_by_id, deleted_again, held_labels, mark_superseded,
                                      read_deleted, retire, still_deleted, write_deleted)
@@ -49,8 +49,8 @@ from vsearch.indexes.index import FORMAT, MANIFEST, Deletes, deletes_of, read_in
 from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
 from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather,
-                                    memory_bytes, recall, sample_positions, shortfall_hint,
-                                    tune_search)
+                                    memory_bytes, recall, refinement_bytes, sample_positions,
+                                    shortfall_hint, tune_search)
 from vsearch.indexes.vectors import VectorFile, VectorSource, file_entry
 
 # Fewer held-out queries than this measure recall@10 too coarsely to tune search parameters on.
@@ -321,9 +321,9 @@ class _BuildCheckpoints:
         last = f"{self.saved:,} vectors" if self.saved is not None else None
         if not self.folder.has_room(memory_bytes(self.cls.type, len(backend), self.dim, self.params), last):
             return
-        with self.folder.saving():
+        staging = self.folder.path / "saving"
+        with self.folder.saving(last, staging / self.cls.file_name):
             self.folder.write_state({"built_from": self.built_from})
-            staging = self.folder.path / "saving"
             staging.mkdir(exist_ok=True)
             backend.save(staging)
             fsync_file(staging / self.cls.file_name)
@@ -356,6 +356,9 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
     checkpoints = _BuildCheckpoints(cls, destination, source, params, note)
 
     def fill(work: Path) -> dict[str, Any]:
+        # Now rather than after an hour's work; the room for checkpoints is looked for as they fall due.
+        needed = memory_bytes(config.type, count, source.dim, params) + refinement_bytes(config.type, count, source.dim)
+        checkpoints.folder.room_for_output(needed, destination.parent, f"the index {destination}", make=False)
         backend = checkpoints.resumed()
         if backend is None:
             backend = cls.create(work, source.dim, count, params)
@@ -378,6 +381,8 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
                                      "held-out")
                 _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
         mark_superseded(work, carried, _insertion_order(count, held.positions), note)
+        checkpoints.folder.room_for_output(memory_bytes(config.type, count, source.dim, params), destination.parent,
+                                           f"the index {destination}", make=True)
         _save(backend, work)
         if measured is None:  # too few rows to hold any out
             measured = _leave_one_out(config.type, backend, held_labels(read_deleted(work)), params,
@@ -553,6 +558,9 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         retired = _labels_of(stale + removed)
         _note_changes(same, stale, removed, adding, source, note)
         new_rows = sum(f.rows for f in adding)
+        # The index's file is written anew; of the vectors beside it, only the new rows' (the rest are linked).
+        check_room(path.parent, memory_bytes(info["type"], info["count"] + new_rows, info["dim"], info["params"])
+                   + refinement_bytes(info["type"], new_rows, info["dim"]), f"the index {path}")
         on_total(new_rows)
         if new_rows:
             backend.prepare(work, new_rows)

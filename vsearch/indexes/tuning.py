@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, human_size
 from vsearch.indexes.backends import exact_top_k, merged_top_k
 from vsearch.indexes.vectors import VectorFile, VectorSource
 
@@ -82,10 +82,9 @@ def memory_bytes(index_type: str, count: int, dim: int, params: dict[str, int]) 
     return count * (params["m"] + 8) + params["nlist"] * dim * 4 + rotation
 
 
-def _human_size(size: float) -> str:
-    if size >= 2**30:
-        return f"{size / 2**30:.2f} GiB"
-    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+def refinement_bytes(index_type: str, count: int, dim: int) -> int:
+    """Size of the float16 vectors IVF-PQ keeps on disk beside its index, for refinement."""
+    return count * dim * 2 if index_type == "ivfpq" else 0
 
 
 def _power_of_two(value: float) -> int:
@@ -107,9 +106,9 @@ def choose_build_params(index_type: str, defaults: dict[str, int], count: int, d
     size = memory_bytes(index_type, count, dim, choice.params)
     if memory_budget is not None and size > memory_budget:
         hint = "; ivfpq fits far more vectors in the same memory" if index_type != "ivfpq" else ""
-        raise VsearchError(f"{index_type} with {count:,} x {dim}-d vectors needs about {_human_size(size)}, "
-                           f"over the memory budget of {_human_size(memory_budget)}{hint}")
-    choice.reasons.append(f"estimated memory {_human_size(size)} for {count:,} vectors")
+        raise VsearchError(f"{index_type} with {count:,} x {dim}-d vectors needs about {human_size(size)}, "
+                           f"over the memory budget of {human_size(memory_budget)}{hint}")
+    choice.reasons.append(f"estimated memory {human_size(size)} for {count:,} vectors")
     return choice
 
 
@@ -150,8 +149,8 @@ def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | Non
         per_vector = (memory_budget - nlist * dim * 4 - dim * dim * 4) / max(count, 1) - 8
         fitting = [x for x in divisors if x <= per_vector]
         if not fitting:
-            raise VsearchError(f"ivfpq cannot fit {count:,} vectors in {_human_size(memory_budget)}: even PQ{divisors[0]} "
-                               f"needs about {_human_size(count * (divisors[0] + 8))}")
+            raise VsearchError(f"ivfpq cannot fit {count:,} vectors in {human_size(memory_budget)}: even PQ{divisors[0]} "
+                               f"needs about {human_size(count * (divisors[0] + 8))}")
         if target > 0.95 or max(fitting) < m:
             m = max(fitting)
             why = f"m={m}: the most bytes per vector the memory budget allows"
