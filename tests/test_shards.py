@@ -17,7 +17,7 @@ from vsearch.embeddings.job import EmbedConfig, run_embed, text_processes
 from vsearch.embeddings import datasets, shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError
-from vsearch.files import sha256_of
+from vsearch.files import sha256_of, write_json_atomic
 from vsearch.workspace import Workspace
 from tests.conftest import edit_lines, random_cover_line, write_cbvs_covers
 
@@ -145,6 +145,38 @@ def test_a_text_job_shared_among_processes_writes_what_one_process_writes(tmp_pa
     assert text_processes(open_dataset(str(source), workspace), replace(config, workers=8)) == 3  # 3 shards
     assert [s["name"] for s in shared.manifest.shards] == [s["name"] for s in one.manifest.shards]
     assert rows_of(shared.directory) == rows_of(one.directory)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails as a full disk's")
+@pytest.mark.parametrize("workers", [0, 2], ids=["one process", "two processes"])
+def test_a_shard_the_disk_cannot_take_is_one_line_naming_it_and_a_rerun_resumes(workers, tmp_path, workspace,
+                                                                                monkeypatch):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    config = EmbedConfig(model="lexical", dataset=str(source), shard_size=50, workers=workers, out=tmp_path / "shards")
+    config.out.mkdir()
+    full = config.out / "cover-00001.parquet.tmp"
+    full.symlink_to("/dev/full")  # where shard 1 is written first: every write there fails, as on a full disk
+    with monkeypatch.context() as patch, pytest.raises(VsearchError if workers else OSError) as raised:
+        patch.setattr(shards, "_remove_partial_files", lambda directory: None)  # a stopped run's, at the start
+        run_embed(config, workspace)
+    assert str(raised.value) == f"No space left on device: {full}" if workers else (
+        raised.value.strerror, raised.value.filename) == ("No space left on device", str(full))
+    assert not full.is_symlink() and not (config.out / "cover-00001.parquet").exists()
+
+    again = run_embed(config, workspace)
+    assert again.shards_written + again.shards_skipped == 3 and again.shards_written >= 1
+    assert rows_of(config.out) == rows_of(run_embed(replace(config, workers=0, out=tmp_path / "whole"), workspace).directory)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails as a full disk's")
+def test_a_manifest_the_disk_cannot_take_names_itself_and_leaves_the_old_one(tmp_path):
+    manifest = tmp_path / MANIFEST
+    write_json_atomic(manifest, {"shards": []})
+    (tmp_path / f"{MANIFEST}.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError) as raised:
+        write_json_atomic(manifest, {"shards": [{"name": "cover-00000.parquet"}]})
+    assert (raised.value.strerror, raised.value.filename) == ("No space left on device", str(tmp_path / f"{MANIFEST}.tmp"))
+    assert json.loads(manifest.read_text()) == {"shards": []}
 
 
 def test_a_remote_text_dataset_is_read_once_by_one_process(tmp_path, workspace):

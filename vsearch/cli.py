@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from vsearch.errors import VsearchError, counted
+from vsearch.errors import VsearchError, counted, os_error_line
 from vsearch.workspace import ENV_VAR, Workspace
 
 if TYPE_CHECKING:
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor when stdout flushes at exit
             sys.exit(1)
         # a path that cannot be written or read (a missing folder, no permission, a full disk)
-        _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), 1)
+        _fail(os_error_line(exc), 1)
     if code == 130:  # how typer ends a command that Ctrl-C (KeyboardInterrupt) stopped
         print("vsearch: interrupted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

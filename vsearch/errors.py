@@ -12,6 +12,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def os_error_line(exc: OSError) -> str:
+    """A file that could not be written or read, in one line: why, and which file where known."""
+    return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+
+
 def counted(count: int, noun: str) -> str:
     """`count` `noun`s for a message: "1 shard", "2,048 vectors"."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"

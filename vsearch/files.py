@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -13,7 +14,7 @@ from typing import IO, Any
 
 import fsspec
 
-from vsearch.errors import VsearchError, human_size
+from vsearch.errors import VsearchError, first_line, human_size
 
 # A server silent this long fails the request: a stalled cover server costs that row (recorded
 # as failed), not aiohttp's default five minutes a request, while a long download that keeps
@@ -77,11 +78,24 @@ def fsync_file(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so readers see the old or the new, never half."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
+    with errors_naming(temporary), open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def errors_naming(path: Path) -> Iterator[None]:
+    """Name `path` in an OSError raised while writing it: Python's writes and Arrow's name no file,
+    and "No space left on device" alone does not say which disk."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        reason = os.strerror(exc.errno) if isinstance(exc.errno, int) else first_line(exc)
+        raise OSError(exc.errno, reason, str(path)) from exc
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from vsearch.embeddings.ocr import ENGINE as OCR_ENGINE, require_engine as requi
 from vsearch.embeddings.shards import (Manifest, ShardWriter, content_digest, made_from, media_digest,
                                       media_version, shard_schema, vectors_hold, with_kept_rows, with_metadata,
                                       write_shard_file)
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, os_error_line
 from vsearch.overlap import exit_with_parent, in_background, read_ahead
 from vsearch.workspace import Workspace
 
@@ -511,6 +511,8 @@ def _device_process(rank: int, devices: list[str], spec: str, config: EmbedConfi
                          (dataset.duplicates, dataset.malformed)))
     except VsearchError as exc:
         results.put(("error", rank, str(exc), None))
+    except OSError as exc:  # a file that cannot be written (a full disk) is said in one line, as in one process
+        results.put(("error", rank, os_error_line(exc), None))
     except BaseException:
         results.put(("crash", rank, traceback.format_exc(), None))
 

@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 
 from vsearch.embeddings.datasets import Row, file_version, is_registered, is_remote
 from vsearch.errors import VsearchError
-from vsearch.files import fsync_file, lock_folder, sha256_of, write_json_atomic
+from vsearch.files import errors_naming, fsync_file, lock_folder, sha256_of, write_json_atomic
 
 FORMAT = "vsearch-shards/1"
 MANIFEST = "_manifest.json"
@@ -419,8 +419,13 @@ def write_shard_file(directory: Path, schema: pa.Schema, kind: str, number: int,
     name = shard_name(kind, number)
     final = directory / name
     temporary = final.with_name(name + ".tmp")
-    write_vectors_parquet(table, temporary)
-    fsync_file(temporary)
+    try:
+        with errors_naming(temporary):
+            write_vectors_parquet(table, temporary)
+            fsync_file(temporary)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # its space, on a full disk
+        raise
     os.replace(temporary, final)
     inputs = list(columns["id"]) + [f["id"] for f in failed]
     entry = {"name": name, "kind": kind, "number": number, "rows": len(table),

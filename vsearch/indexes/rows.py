@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from vsearch.errors import VsearchError
+from vsearch.files import errors_naming
 
 ROWS = "rows.arrow"
 
@@ -40,17 +41,20 @@ class RowsWriter:
     """Appends tables, conformed to one schema, to a new row file."""
 
     def __init__(self, path: Path, schema: pa.Schema):
-        self.schema = schema
-        self._writer = ipc.new_file(str(path), schema)
+        self.path, self.schema = path, schema
+        with errors_naming(path):
+            self._writer = ipc.new_file(str(path), schema)
 
     def write(self, table: pa.Table, origin: str) -> None:
-        self._writer.write_table(conform(table, self.schema, origin))
+        with errors_naming(self.path):
+            self._writer.write_table(conform(table, self.schema, origin))
 
     def __enter__(self) -> RowsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._writer.close()
+        with errors_naming(self.path):
+            self._writer.close()
 
 
 class Rows:
