@@ -360,3 +360,27 @@ def test_a_checkpoint_the_disk_cannot_take_leaves_the_last_one(tmp_path, workspa
     notes = []
     written = write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4, note=notes.append)
     assert notes[0].endswith(": 4 texts already in its graph") and written.texts == 15
+
+
+def test_a_file_the_disk_cannot_take_names_itself_and_the_run_resumes_from_its_checkpoint(tmp_path, workspace,
+                                                                                          monkeypatch):
+    import os
+
+    import pytest
+    from vsearch.indexes import resume
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full, a file every write to fails as a full disk's")
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out = tmp_path / "cbvs10m-HNSW"
+    out.with_name(out.name + ".tmp").symlink_to("/dev/full")  # where the file is written: every write fails
+    with pytest.raises(OSError) as raised:
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4)
+    assert (raised.value.strerror, raised.value.filename) == ("No space left on device", f"{out}.tmp")
+    assert not out.exists() and not out.with_name(out.name + ".tmp").is_symlink()
+
+    encoder, notes = Stopping(), []
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
+    assert notes[0].endswith(": 15 texts already in its graph") and encoder.encoded == []
+    assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15

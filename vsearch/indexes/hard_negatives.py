@@ -36,7 +36,7 @@ import numpy as np
 from vsearch.embeddings.datasets import Dataset
 from vsearch.embeddings.encoders import Encoder
 from vsearch.errors import VsearchError
-from vsearch.files import fsync_file
+from vsearch.files import errors_naming, fsync_file
 from vsearch.indexes.backends import exact_top_k, loaded_hnswlib_graph, new_hnswlib_graph, save_hnswlib_graph
 from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.hugepages import huge_pages_for_new_regions
@@ -178,8 +178,9 @@ class _PartialRun:
         if not self.folder.has_room(memory_bytes("hnsw", len(texts), self.dim, self.params), last):
             return
         # Not in the save, whose failure costs only the checkpoint: vectors not written cost the run.
-        vectors.flush()
-        os.fsync(vectors.fileno())
+        with errors_naming(self.spilled):
+            vectors.flush()
+            os.fsync(vectors.fileno())
         temporary = self.graph.with_name(self.graph.name + ".tmp")
         with self.folder.saving(last, temporary):
             on_disk = {**self.saved, str(len(texts)): _digest_of(texts)}
@@ -231,7 +232,8 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                         index.resize_index(2 * index.get_max_elements())
                 vectors = encoder.encode_texts(chunk).astype(np.float16)
                 index.add_items(vectors.astype(np.float32), np.arange(len(texts), len(texts) + len(chunk)))
-                spilled.write(vectors.tobytes())
+                with errors_naming(run.spilled):
+                    spilled.write(vectors.tobytes())
                 texts += chunk
                 on_lines(dataset.read - lines_reported)
                 lines_reported = dataset.read
@@ -243,10 +245,11 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                 run.folder.remove()
                 raise VsearchError(f"dataset {dataset.name} has {len(texts)} distinct OCR text(s): need at least 2")
             on_texts(len(texts))
-            spilled.flush()
+            with errors_naming(run.spilled):
+                spilled.flush()
             queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
             params["ef_search"], reached = _chosen_ef(index, queries, target_recall, params.get("ef_search"))
-            with open(temporary, "w", encoding="utf-8") as handle:
+            with errors_naming(temporary), open(temporary, "w", encoding="utf-8") as handle:
                 for start in range(0, len(texts), batch):
                     found, _ = index.knn_query(np.asarray(queries[start:start + batch], np.float32),
                                                k=min(NEIGHBOURS + 1, len(texts)))
