@@ -162,6 +162,17 @@ def test_ivfpq_keeps_float16_vectors_on_disk_and_its_index_small(byo, tmp_path):
     assert all(isinstance(s, np.memmap) for s in index.backend.segments)
 
 
+def test_ivfpq_takes_the_disk_space_of_its_vectors_before_writing_them(tmp_path):
+    # A write into a hole of a mapped file that the disk has no room for is a SIGBUS: the process
+    # dies without a word. With the blocks taken first, a full disk is an OSError at the start.
+    from vsearch.indexes.backends import IvfPqBackend
+
+    backend = IvfPqBackend.create(tmp_path, 64, 50_000, {**IvfPqBackend.build_params, "m": 8, "nlist": 16})
+    backend.prepare(tmp_path, 50_000)
+    kept = (tmp_path / "vectors-00000.npy").stat()
+    assert kept.st_size >= 50_000 * 64 * 2 and kept.st_blocks * 512 >= kept.st_size
+
+
 @pytest.mark.slow
 def test_ivfpq_with_an_opq_rotation_reaches_the_target_recall(tmp_path):
     write_parquet(tmp_path / "byo", clustered(12000, dim=128))

@@ -14,6 +14,7 @@ index is built; search parameters (ef_search, nprobe, k_factor) can change at an
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from vsearch.errors import VsearchError, counted, human_size
+from vsearch.files import errors_naming
 from vsearch.indexes.hugepages import collapse_in_background, huge_pages_for_new_regions
 
 FAISS_FILE = "index.faiss"
@@ -463,6 +465,10 @@ class IvfPqBackend(FaissBackend):
     def prepare(self, directory: Path, new_rows: int) -> None:
         path = directory / f"vectors-{len(self.segments):05d}.npy"
         self._open = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(new_rows, self.dim))
+        if hasattr(os, "posix_fallocate"):  # not on macOS
+            # Its blocks taken now: a write into a mapped hole the disk has no room for is a SIGBUS, a crash.
+            with errors_naming(path), open(path, "r+b") as handle:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
         self._filled = 0
         self.segments.append(self._open)
 
