@@ -401,3 +401,31 @@ def test_list_shows_what_the_workspace_holds_and_which_folders_are_the_defaults(
     damaged = json.loads(cli("list", "--json").stdout)
     assert "unreadable index manifest" in {e["name"]: e for e in damaged["indexes"]}["demo-hnsw"]["error"]
     assert cli("list").code == 0
+
+
+def test_list_shows_the_checkpoints_a_stopped_build_left_until_it_is_run_again(cli, workspace, tmp_path, monkeypatch):
+    from vsearch.files import lock_folder
+    from vsearch.indexes import BuildConfig, resume
+    from vsearch.indexes.backends import HnswlibBackend
+    from vsearch.indexes.vectors import open_source
+    from tests.test_build_resume import stopped_build
+    from tests.test_indexes import clustered, write_parquet
+
+    vectors = clustered(3000)
+    for number in range(3):
+        write_parquet(tmp_path / "parts", vectors[number * 1000:(number + 1) * 1000], number * 1000,
+                      f"part-{number}.parquet")
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
+    index = workspace.index_dir("mine")
+    stopped_build(monkeypatch, HnswlibBackend, BuildConfig(), open_source(tmp_path / "parts"), index)
+    [entry] = json.loads(cli("list", "--json").stdout)["checkpoints"]
+    assert (entry["name"], entry["writes"], entry["job"]) == ("mine.partial", str(index), "vsearch build-index")
+    assert entry["bytes"] > 1000 * 64 * 4 and not entry["running"]
+    with lock_folder(index.with_name("mine.partial"), "test"):
+        assert json.loads(cli("list", "--json").stdout)["checkpoints"][0]["running"]
+    shown = cli("list")
+    assert "mine.partial" in shown.stdout and "stopped" in shown.stdout
+    assert all(len(line) <= 80 for line in shown.stdout.splitlines())
+
+    assert cli("build-index", "--type", "hnsw", "--embeddings", str(tmp_path / "parts"), "--name", "mine").code == 0
+    assert json.loads(cli("list", "--json").stdout)["checkpoints"] == []

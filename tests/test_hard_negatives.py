@@ -384,3 +384,18 @@ def test_a_file_the_disk_cannot_take_names_itself_and_the_run_resumes_from_its_c
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 15 texts already in its graph") and encoder.encoded == []
     assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15
+
+
+def test_a_stopped_runs_checkpoint_is_listed_with_the_workspace(tmp_path, workspace, monkeypatch):
+    import pytest
+    from vsearch.indexes import resume
+    from vsearch.listing import checkpoints_listing
+
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out = workspace.datasets / "cbvs10m-HNSW"
+    with pytest.raises(KeyboardInterrupt):
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=2), out, batch=4)
+    [entry] = checkpoints_listing(workspace)
+    assert (entry["writes"], entry["job"], entry["running"]) == (
+        str(out), "vsearch build-index --layout cbvs10m-hnsw", False)

@@ -500,20 +500,21 @@ def list_command(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print the listing as a JSON object.")] = False,
 ) -> None:
-    """What the workspace holds: shard folders and indexes, with the defaults marked."""
+    """What the workspace holds: shard folders, indexes and the checkpoints of stopped runs, with the defaults marked."""
     from vsearch.console import listing_tables, stderr, stdout
-    from vsearch.listing import embeddings_listing, indexes_listing
+    from vsearch.listing import checkpoints_listing, embeddings_listing, indexes_listing
 
     ws: Workspace = ctx.obj
-    listing = {"workspace": str(ws.root), "embeddings": embeddings_listing(ws), "indexes": indexes_listing(ws)}
+    listing = {"workspace": str(ws.root), "embeddings": embeddings_listing(ws), "indexes": indexes_listing(ws),
+               "checkpoints": checkpoints_listing(ws)}
     if as_json:
         sys.stdout.write(json.dumps(listing, ensure_ascii=False, indent=1) + "\n")
         return
     stderr.print(f"workspace: {ws.root}")
-    if not listing["embeddings"] and not listing["indexes"]:
+    if not any(listing[part] for part in ("embeddings", "indexes", "checkpoints")):
         stderr.print("nothing here yet: run vsearch demo, or vsearch embed --dataset NAME")
         return
-    for table in listing_tables(listing["embeddings"], listing["indexes"]):
+    for table in listing_tables(listing["embeddings"], listing["indexes"], listing["checkpoints"]):
         stdout.print(table)
 
 

@@ -15,6 +15,7 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.table import Column, Table
 from rich.text import Text
 
+from vsearch.errors import human_size
 from vsearch.query import Hit
 
 stdout = Console(soft_wrap=False)
@@ -186,9 +187,11 @@ def _index_type_cell(entry: dict[str, Any]) -> str:
     return entry["type"] if entry["engine"] == default else f"{entry['type']}/{entry['engine']}"
 
 
-def listing_tables(embeddings: list[dict[str, Any]], indexes: list[dict[str, Any]]) -> list[Table]:
-    """The workspace's shard folders and indexes (see `vsearch.listing`); clips, failed rows and an
-    index's kind only where some differ from nothing (or covers), so that the rest fits 80 columns."""
+def listing_tables(embeddings: list[dict[str, Any]], indexes: list[dict[str, Any]],
+                   checkpoints: list[dict[str, Any]]) -> list[Table]:
+    """The workspace's shard folders, indexes and checkpoints (see `vsearch.listing`); clips, failed
+    rows and an index's kind only where some differ from nothing (or covers), checkpoints only where
+    there are some, so that the rest fits 80 columns."""
     shard_columns: dict[str, Callable[[dict], str]] = {
         "dataset": lambda e: e["dataset"], "model": lambda e: _model_cell(e["model"]),
         "covers": lambda e: f"{e['covers']:,}"}
@@ -205,5 +208,13 @@ def listing_tables(embeddings: list[dict[str, Any]], indexes: list[dict[str, Any
         index_columns["behind"] = lambda e: f"{e['behind']:,}" if e.get("behind") else ""
         behind = ("behind: shard files changed since, for build-index --append",)
     index_columns["recall@10"] = lambda e: f"{e['recall@10']:.3f}"
-    return [_listing_table("embeddings", embeddings, shard_columns),
-            _listing_table("indexes", indexes, index_columns, behind)]
+    tables = [_listing_table("embeddings", embeddings, shard_columns),
+              _listing_table("indexes", indexes, index_columns, behind)]
+    if checkpoints:
+        checkpoint_columns: dict[str, Callable[[dict], str]] = {
+            "job": lambda e: e["job"] or "?", "size": lambda e: human_size(e["bytes"]),
+            "saved": lambda e: e["saved"][:16].replace("T", " "),
+            "state": lambda e: "running" if e["running"] else "stopped"}
+        tables.append(_listing_table("checkpoints", checkpoints, checkpoint_columns,
+                                     ("the job's command resumes a stopped one; deleting the folder gives its work up",)))
+    return tables

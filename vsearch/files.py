@@ -117,6 +117,21 @@ def check_room(directory: Path, needed: int, output: str, replaced: tuple[int, s
     return True
 
 
+def is_locked(directory: Path) -> bool:
+    """Whether a process holds `directory`'s lock (`lock_folder`) now."""
+    try:
+        handle = open(directory / LOCK_FILE, encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def lock_folder(directory: Path, job: str) -> IO[str]:
     """An exclusive lock on `directory` (its `.lock` file), held until the returned handle is closed,
     so that two runs of `job` never write it at once; the kernel releases it when its process ends,

@@ -7,13 +7,17 @@ no path: the folder whose manifest was written last.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 from vsearch.embeddings.shards import MANIFEST as SHARDS_MANIFEST, Manifest
 from vsearch.errors import VsearchError
+from vsearch.files import is_locked
 from vsearch.indexes.deleted import shown_count
 from vsearch.indexes.index import MANIFEST as INDEX_MANIFEST, read_index_manifest
+from vsearch.indexes.resume import STATE
 from vsearch.workspace import Workspace
 
 
@@ -53,6 +57,31 @@ def indexes_listing(workspace: Workspace) -> list[dict[str, Any]]:
                         "recall@10": info["recall"]["recall@10"], "built": info["built_at"],
                         "appends": len(info.get("appends", []))})
     return entries
+
+
+def checkpoints_listing(workspace: Workspace) -> list[dict[str, Any]]:
+    """One entry per checkpoint folder (`<out>.partial/`, resume.py) of an index build or the
+    cbvs10m-HNSW job in the workspace: the job, what it writes, its size (at 10M, a 22 GB graph),
+    when it last saved, and whether a run holds it now. One whose command is run again with another
+    --out, or never again, stays: this is where it shows."""
+    entries = []
+    for folder in [*sorted(workspace.indexes.glob("*.partial")), *sorted(workspace.datasets.glob("*.partial"))]:
+        state = folder / STATE
+        if not state.is_file():
+            continue
+        saved = state.stat().st_mtime
+        entries.append({"name": folder.name, "path": str(folder), "writes": str(folder.with_suffix("")),
+                        "job": _job_of(state), "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+                        "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(saved)),
+                        "running": is_locked(folder)})
+    return entries
+
+
+def _job_of(state: Path) -> str | None:
+    try:
+        return json.loads(state.read_text(encoding="utf-8")).get("job")
+    except (OSError, ValueError):  # written whole (write_json_atomic), so a damaged one is someone else's doing
+        return None
 
 
 def shards_behind(info: dict[str, Any]) -> int | None:

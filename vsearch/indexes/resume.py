@@ -42,7 +42,7 @@ class CheckpointFolder:
     decides."""
 
     def __init__(self, out: Path, job: str, made_with: dict[str, Any], note: Callable[[str], None]):
-        self.path, self.made_with, self.note = partial_folder(out), made_with, note
+        self.path, self.job, self.made_with, self.note = partial_folder(out), job, made_with, note
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock: IO[str] | None = lock_folder(self.path, job)
         self.state = self.path / STATE
@@ -101,7 +101,7 @@ class CheckpointFolder:
                 child.unlink()
 
     def write_state(self, state: dict[str, Any]) -> None:
-        write_json_atomic(self.state, {"made_with": self.made_with, **state})
+        write_json_atomic(self.state, {"job": self.job, "made_with": self.made_with, **state})
 
     @contextlib.contextmanager
     def saving(self, last_saved: str | None, staging: Path) -> Iterator[None]:
