@@ -17,7 +17,7 @@ from vsearch.errors import VsearchError
 from vsearch.files import is_locked
 from vsearch.indexes.deleted import shown_count
 from vsearch.indexes.index import MANIFEST as INDEX_MANIFEST, read_index_manifest
-from vsearch.indexes.resume import STATE
+from vsearch.indexes.resume import STATE, held_bytes
 from vsearch.workspace import Workspace
 
 
@@ -71,7 +71,7 @@ def checkpoints_listing(workspace: Workspace) -> list[dict[str, Any]]:
             continue
         saved = state.stat().st_mtime
         entries.append({"name": folder.name, "path": str(folder), "writes": str(folder.with_suffix("")),
-                        "job": _job_of(state), "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+                        "job": _job_of(state), "bytes": held_bytes(folder),
                         "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(saved)),
                         "running": is_locked(folder)})
     return entries

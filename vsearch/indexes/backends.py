@@ -137,6 +137,11 @@ class Backend:
         mapping would keep its disk space taken (none map it after a writable load but hnswlib)."""
 
 
+def _faiss_reason(exc: RuntimeError) -> str:
+    """What a FAISS error says went wrong, without the source location and the check that failed."""
+    return str(exc).split("failed: ")[-1].strip()
+
+
 class FaissBackend(Backend):
     """Shared by the FAISS types: the index is one file in FAISS's own format."""
 
@@ -179,7 +184,7 @@ class FaissBackend(Backend):
         try:
             _faiss().write_index(self.index, str(path))
         except RuntimeError as exc:  # a short write (a full disk); one within stdio's buffer it only prints
-            raise OSError(errno.EIO, str(exc).split("failed: ")[-1].strip(), str(path)) from None
+            raise OSError(errno.EIO, _faiss_reason(exc), str(path)) from None
 
 
 class FlatBackend(FaissBackend):
@@ -458,7 +463,7 @@ class IvfPqBackend(FaissBackend):
         try:
             self.index.train(sample)
         except RuntimeError as exc:  # FAISS's k-means refuses fewer points than centroids
-            reason = str(exc).split("failed: ")[-1].strip()
+            reason = _faiss_reason(exc)
             raise VsearchError(f"ivfpq cannot train on {counted(len(sample), 'vector')}: {reason}; lower --param nlist "
                                f"or nbits, or use --type flat") from None
 

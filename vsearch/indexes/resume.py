@@ -31,6 +31,11 @@ CHECKPOINT_SHARE = 0.02  # of a run's time spent saving checkpoints, about (over
 STATE = "checkpoint.json"
 
 
+def held_bytes(folder: Path) -> int:
+    """The disk space a checkpoint folder's work takes."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != LOCK_FILE)
+
+
 def partial_folder(out: Path) -> Path:
     """Where a run writing `out` (a file or an index folder) keeps its work until `out` is written."""
     return out.with_name(out.name + ".partial")
@@ -87,7 +92,7 @@ class CheckpointFolder:
         counting the space of the checkpoint, which the output supersedes, as free. With `make`
         (the output is about to be written), remove the checkpoint where its space is needed: the
         alternative is a run that has done all its work failing at its last step."""
-        held = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file() and f.name != LOCK_FILE)
+        held = held_bytes(self.path)
         then = ("the checkpoint is kept: free some space and run the same command again to resume from it"
                 if make and held else "free some space or write elsewhere")
         if not check_room(directory, needed, output, (held, f"the checkpoint in {self.path}"), then) or not make:
