@@ -3,7 +3,7 @@ graph setting, then recall@10 and batch queries/s over a sweep of ef_search.
 
     python benchmarks/hnsw_growth.py [--count 1000000] [--step 250000] [--threads N] [--dim 512]
                                      [--engines hnswlib,vsearch,faiss,faiss-fp16,faiss-sq8]
-                                     [--graphs 32/200,32/100]
+                                     [--graphs 32/200,32/100] [--extrapolate 10000000]
 
 On a lent 16-core machine hnswlib's rate fell from 24,000 vectors/s over the first 250k to 7,600
 by 1.5M (benchmarks/RESULTS.md): past the cache, every step of an insert's search reads a vector
@@ -20,6 +20,12 @@ from memory. The engines:
 A sparser graph (`--graphs M/ef_construction`, several allowed) builds faster and needs a wider
 search for the same recall; the sweep says how much wider. The vectors are made in memory, not
 read from Parquet. Prints a table and writes JSON (default benchmarks/out/hnsw_growth.json).
+
+A 10M build outlasts the 15 minutes of device time a lent session has, so `--extrapolate N`
+estimates each build's time at N from its steps, as a range: the low end holds the last step's
+rate to the end; the high end lets the rate go on falling from there as a power law fitted to the
+later half of the steps (rate ∝ n^-a), likely too steep once every insert reads from memory anyway.
+They are estimates, labelled so in the table and the JSON, not measurements.
 """
 
 from __future__ import annotations
@@ -118,9 +124,31 @@ def grow(engine: str, graph: tuple[int, int], vectors: np.ndarray, queries: np.n
         began = time.perf_counter()
         insert(index, chunk, start)
         steps.append({"up_to": start + len(chunk), "vectors_per_s": round(len(chunk) / (time.perf_counter() - began))})
+        # As it goes, so that a run stopped at its time limit still says how far the rates got.
+        print(f"{engine} M={graph[0]} ef_construction={graph[1]}: up to {steps[-1]['up_to']:,} "
+              f"at {steps[-1]['vectors_per_s']:,} vectors/s", flush=True)
     seconds = time.perf_counter() - started
     return {"engine": engine, "M": graph[0], "ef_construction": graph[1], "steps": steps,
             "seconds": round(seconds, 1), "search": swept(index, queries, truth)}
+
+
+def extrapolated(run: dict[str, Any], target: int) -> dict[str, float]:
+    """Seconds for `run`'s build to reach `target` vectors: `low_s` at its last step's rate, `high_s`
+    with the rate falling as the power law `exponent` fitted to the later half of its steps."""
+    steps = run["steps"]
+    built, last_rate = steps[-1]["up_to"], steps[-1]["vectors_per_s"]
+    starts = [0] + [step["up_to"] for step in steps[:-1]]
+    middles = [(start + step["up_to"]) / 2 for start, step in zip(starts, steps)]
+    later = slice(len(steps) // 2 if len(steps) >= 4 else -2, None)  # main() asks for two steps at least
+    slope = np.polyfit(np.log(middles[later]), np.log([step["vectors_per_s"] for step in steps[later]]), 1)[0]
+    low = run["seconds"] + (target - built) / last_rate
+    if slope >= 0:  # the rate held up: nothing to extrapolate a fall from
+        return {"to": target, "exponent": 0.0, "low_s": round(low, 1), "high_s": round(low, 1)}
+    # From the last step on, rate(n) = last_rate · (n / its middle)^slope; its inverse integrated to the target.
+    fall = -float(slope)
+    rest = (target ** (1 + fall) - built ** (1 + fall)) / ((1 + fall) * last_rate * middles[-1] ** fall)
+    return {"to": target, "exponent": round(fall, 3), "low_s": round(low, 1),
+            "high_s": round(run["seconds"] + float(rest), 1)}
 
 
 def graph_settings(text: str) -> list[tuple[int, int]]:
@@ -144,18 +172,25 @@ def main() -> None:
     parser.add_argument("--graphs", type=graph_settings, default=[(32, 200)],
                         help="M/ef_construction pairs, comma-separated (default 32/200, vsearch's)")
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--extrapolate", type=int, default=None, metavar="N",
+                        help="estimate each build's time at N vectors from its steps (see above)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "hnsw_growth.json")
     args = parser.parse_args()
     engines = args.engines.split(",")
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
         parser.error(f"unknown engine {unknown[0]}: use {', '.join(ENGINES)}")
+    if args.extrapolate is not None and (args.extrapolate <= args.count or args.count < 2 * args.step):
+        parser.error("--extrapolate needs N above --count, and --count of at least two --step")
     faiss.omp_set_num_threads(args.threads)
 
     vectors = np.concatenate(list(clip_like(args.count, args.dim, seed=0)))
     queries = np.concatenate(list(clip_like(args.queries, args.dim, seed=1)))
     truth = exact_top_k(queries, chunks(vectors, args.step), 10)[1]
     runs = [grow(engine, graph, vectors, queries, truth, args) for graph in args.graphs for engine in engines]
+    if args.extrapolate:
+        for run in runs:
+            run["extrapolated"] = extrapolated(run, args.extrapolate)
 
     table = Table(title=f"HNSW insertion, vectors/s, {args.threads} threads, {args.dim}-d; "
                         "then recall@10 / batch queries/s")
@@ -165,6 +200,10 @@ def main() -> None:
     for row, up_to in enumerate(step["up_to"] for step in runs[0]["steps"]):
         table.add_row(f"{up_to:,}", *(f"{run['steps'][row]['vectors_per_s']:,}" for run in runs))
     table.add_row("seconds", *(f"{run['seconds']:,}" for run in runs))
+    if args.extrapolate:
+        table.add_row(f"estimated minutes\nto {args.extrapolate:,}",
+                      *(f"{run['extrapolated']['low_s'] / 60:.0f}-{run['extrapolated']['high_s'] / 60:.0f}\n"
+                        f"(n^-{run['extrapolated']['exponent']})" for run in runs))
     for row, ef in enumerate(EF_SEARCH):
         table.add_row(f"ef_search {ef}", *(f"{run['search'][row]['recall_at_10']:.3f} / {run['search'][row]['qps']:,}"
                                              for run in runs))

@@ -120,7 +120,8 @@ def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count
 def test_hnsw_growth_times_each_step_of_one_build_for_each_engine_and_graph(tmp_path):
     out = tmp_path / "growth.json"
     run_script("hnsw_growth.py", "--count", "3000", "--step", "1000", "--dim", "32", "--threads", "1",
-               "--queries", "50", "--engines", "hnswlib,vsearch,faiss-sq8", "--graphs", "32/200,8/40", "--out", str(out))
+               "--queries", "50", "--engines", "hnswlib,vsearch,faiss-sq8", "--graphs", "32/200,8/40",
+               "--extrapolate", "30000", "--out", str(out))
     runs = json.loads(out.read_text())["runs"]
     assert [(run["engine"], run["M"], run["ef_construction"]) for run in runs] == [
         (engine, *graph) for graph in ((32, 200), (8, 40)) for engine in ("hnswlib", "vsearch", "faiss-sq8")]
@@ -129,11 +130,48 @@ def test_hnsw_growth_times_each_step_of_one_build_for_each_engine_and_graph(tmp_
         assert all(step["vectors_per_s"] > 0 for step in run["steps"])
         assert [row["ef_search"] for row in run["search"]] == [32, 64, 128, 256]
         assert all(row["qps"] > 0 for row in run["search"]) and run["search"][-1]["recall_at_10"] >= 0.9
+        # The estimate for 30,000: the last step's rate held to the end, and at most that as the rate falls.
+        estimate = run["extrapolated"]
+        held = run["seconds"] + 27000 / run["steps"][-1]["vectors_per_s"]
+        assert estimate["to"] == 30000 and estimate["low_s"] == pytest.approx(held, abs=0.1)
+        assert estimate["high_s"] >= estimate["low_s"] and estimate["exponent"] >= 0
 
 
 def test_hnsw_growth_names_a_malformed_graph_setting():
     done = run_script("hnsw_growth.py", "--graphs", "32", returncode=2)
     assert "M/ef_construction pairs" in done.stderr
+    done = run_script("hnsw_growth.py", "--count", "3000", "--step", "2000", "--extrapolate", "10000", returncode=2)
+    assert "--extrapolate needs" in done.stderr
+
+
+def device_check(out: Path, *parts: str, returncode: int = 0, **sizes: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "device_check.sh"), *parts], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, **sizes})
+    assert done.returncode == returncode, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_device_check_records_the_machine_and_the_hnsw_growth_with_its_estimate_at_10m(tmp_path):
+    done = device_check(tmp_path, "machine", "growth", COUNT="2000", STEP="1000")
+    assert "Model name" in (tmp_path / "machine.txt").read_text()
+    assert (tmp_path / "log.txt").read_text() == done.stdout  # the log holds all the call printed
+    runs = json.loads((tmp_path / "growth.json").read_text())["runs"]
+    assert [(run["engine"], run["M"], run["ef_construction"], run["extrapolated"]["to"]) for run in runs] == [
+        ("vsearch", 32, 200, 10_000_000), ("vsearch", 32, 100, 10_000_000)]
+    assert "== growth: exit 0" in done.stdout and "up to 2,000 at" in done.stdout
+
+
+def test_device_check_refuses_an_unknown_part_before_running_any(tmp_path):
+    done = device_check(tmp_path / "out", "machine", "bench", returncode=2)
+    assert "unknown part bench" in done.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_device_check_times_the_embed_job_against_the_model_alone(tmp_path):
+    device_check(tmp_path, "embed", DEVICE="cpu", COVERS="8", BATCH="4", WORKERS="1")
+    report = json.loads((tmp_path / "embed.json").read_text())
+    assert report["covers"] == 8 and report["runs"][0]["decode"] == "both"
 
 
 def test_loaded_hnsw_compares_vsearchs_load_with_hnswlibs_own(tmp_path):
