@@ -158,7 +158,7 @@ def test_device_check_records_the_machine_and_the_hnsw_growth_with_its_estimate_
     assert (tmp_path / "log.txt").read_text() == done.stdout  # the log holds all the call printed
     runs = json.loads((tmp_path / "growth.json").read_text())["runs"]
     assert [(run["engine"], run["M"], run["ef_construction"], run["extrapolated"]["to"]) for run in runs] == [
-        ("vsearch", 32, 200, 10_000_000), ("vsearch", 32, 100, 10_000_000)]
+        ("hnswlib", 32, 200, 10_000_000), ("vsearch", 32, 200, 10_000_000)]
     assert "== growth: exit 0" in done.stdout and "up to 2,000 at" in done.stdout
 
 

@@ -19,7 +19,7 @@ from vsearch.indexes.tuning import memory_bytes, sample_positions
 from vsearch.indexes.vectors import open_source
 from tests.test_indexes import clustered, exact, write_parquet
 
-FILES, ROWS = 4, 1000  # a record batch per file: a checkpoint after each, with CHECKPOINT_SHARE raised
+FILES, ROWS = 4, 1000  # a record batch per file: a checkpoint after each, with `every_batch`
 HNSW = [("hnswlib", HnswlibBackend), ("faiss", FaissHnswBackend)]
 
 
@@ -34,17 +34,21 @@ def parts(tmp_path):
 
 @pytest.fixture
 def every_batch(monkeypatch):
+    """A checkpoint after each record batch: one due every time, and hnswlib's windows a batch each."""
     monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(HnswlibBackend, "insertion_window", 1)
 
 
-def counting_adds(monkeypatch, backend, stop_at=None):
-    """The rows each call of `backend.add` gets; Ctrl-C on call `stop_at`."""
+def counting_adds(monkeypatch, backend, stop_at=None, labels_added=None):
+    """The rows each call of `backend.add` gets (and their labels, into `labels_added`); Ctrl-C on call `stop_at`."""
     added, add = [], backend.add
 
     def counted(self, vectors, labels):
         if len(added) + 1 == stop_at:
             raise KeyboardInterrupt
         added.append(len(labels))
+        if labels_added is not None:
+            labels_added.append(labels.copy())
         add(self, vectors, labels)
 
     monkeypatch.setattr(backend, "add", counted)
@@ -56,6 +60,38 @@ def stopped_build(monkeypatch, backend, config, source, out, stop_at=3):
         counting_adds(patch, backend, stop_at)
         with pytest.raises(KeyboardInterrupt):
             build_index(config, source, out)
+
+
+def test_hnswlib_inserts_a_window_near_vectors_first_and_resumes_from_the_end_of_one(parts, tmp_path, monkeypatch):
+    folder, vectors = parts
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(HnswlibBackend, "insertion_window", 1500)  # a window once two files are read
+    monkeypatch.setattr(HnswlibBackend, "rows_per_cluster", 64)
+    out = tmp_path / "index"
+    with monkeypatch.context() as patch:
+        first = []
+        counting_adds(patch, HnswlibBackend, stop_at=2, labels_added=first)  # Ctrl-C in the second window
+        with pytest.raises(KeyboardInterrupt):
+            build_index(BuildConfig(type="hnsw"), open_source(folder), out)
+    held = sample_positions(FILES * ROWS, FILES * ROWS // 10, seed=1)
+    window = 2 * ROWS - int(np.sum(held < 2 * ROWS))  # the first two files' rows, less those held out
+    (labels,) = first
+    assert sorted(labels) == list(range(window)) and list(labels) != sorted(labels)  # all of them, in another order
+    # Inserted in that order, they lie in runs of the same cluster: each vector's neighbour in the
+    # order is nearer, on average, than its neighbour in the files.
+    kept = np.delete(vectors, held, axis=0)[:window]
+    next_in_order = np.mean(np.sum(kept[labels[1:]] * kept[labels[:-1]], axis=1))
+    assert next_in_order > np.mean(np.sum(kept[1:] * kept[:-1], axis=1)) + 0.4
+
+    notes = []
+    info = build_index(BuildConfig(type="hnsw"), open_source(folder), out, note=notes.append)
+    assert f"resuming the stopped build in {tmp_path / 'index.partial'}: {window:,} vectors already in its index" in notes
+    assert info["resumed_vectors"] == window and info["recall"]["recall@10"] >= 0.95
+    reference = build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "reference")
+    assert [s["labels"] for s in info["shards"]] == [s["labels"] for s in reference["shards"]]
+    index = load_index(out)
+    assert np.array_equal(index.backend.vectors(np.arange(len(index.backend))),
+                          load_index(tmp_path / "reference").backend.vectors(np.arange(len(index.backend))))
 
 
 @pytest.mark.parametrize("engine, backend", HNSW, ids=[engine for engine, _ in HNSW])

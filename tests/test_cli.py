@@ -415,7 +415,8 @@ def test_list_shows_the_checkpoints_a_stopped_build_left_until_it_is_run_again(c
     for number in range(3):
         write_parquet(tmp_path / "parts", vectors[number * 1000:(number + 1) * 1000], number * 1000,
                       f"part-{number}.parquet")
-    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch,
+    monkeypatch.setattr(HnswlibBackend, "insertion_window", 1)  # each batch a window of its own
     index = workspace.index_dir("mine")
     stopped_build(monkeypatch, HnswlibBackend, BuildConfig(), open_source(tmp_path / "parts"), index)
     [entry] = json.loads(cli("list", "--json").stdout)["checkpoints"]

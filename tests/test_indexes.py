@@ -916,7 +916,7 @@ def test_hnswlib_returns_every_neighbour_asked_for_even_where_its_graph_cannot_r
     # 90% identical vectors: hnswlib's graph reaches too few nodes to return them all, and hnswlib raises.
     # A search widened to the whole index meets that. One build thread, so that the graph (and whether
     # the library alone raises) is the same on every run.
-    count = 5000
+    count = 6000
     vectors = np.tile(np.eye(1, 32, dtype=np.float32), (count, 1))
     vectors[: count // 10] = clustered(count // 10, 32)
     write_parquet(tmp_path / "dupes", vectors)

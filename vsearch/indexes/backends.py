@@ -76,6 +76,7 @@ class Backend:
     trains: ClassVar[bool] = False
     resumable: ClassVar[bool] = False  # `load(writable=True)` gives an index that takes more vectors
     full_results: ClassVar[bool] = False  # search always fills k columns with real labels when k <= count
+    insertion_window: ClassVar[int] = 0  # vectors a build gathers before `add`, in `insertion_order`
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "Backend":
@@ -93,6 +94,11 @@ class Backend:
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         raise NotImplementedError
+
+    def insertion_order(self, vectors: np.ndarray) -> np.ndarray:
+        """The order to add a window of `vectors` in (positions); as given, unless the index is faster
+        to build in another."""
+        return np.arange(len(vectors))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, labels), best first; fewer than k columns, or labels of -1, where the index runs out."""
@@ -305,6 +311,10 @@ class HnswlibBackend(Backend):
     search_params = {"ef_search": 128}
     resumable = True
     full_results = True  # where hnswlib cannot find k, search falls back to exact search
+    # A window of 2^18 vectors in clusters of about 256 (`insertion_order`): at 1M×512 on 2 cores the
+    # graph built 3.0x faster than in the files' order, with the same recall (10,000 at a time: 2.0x).
+    insertion_window = 1 << 18
+    rows_per_cluster = 256
 
     def __init__(self, index: Any, ef_search: int, saved: np.ndarray | None = None):
         self.index, self.ef_search, self.threads = index, ef_search, -1
@@ -321,6 +331,7 @@ class HnswlibBackend(Backend):
         self.saved, self.saved_count = saved, self.count
         self._mapped: tuple[np.ndarray, np.ndarray] | None = None
         self.collapsing: threading.Thread | None = None  # the loaded graph moving onto huge pages
+        self.clusters: Any = None  # the coarse centroids `insertion_order` sorts by, once trained
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "HnswlibBackend":
@@ -354,6 +365,24 @@ class HnswlibBackend(Backend):
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         self.index.add_items(vectors, labels, num_threads=self.threads)
         self.count = self.index.get_current_count()
+
+    def insertion_order(self, vectors: np.ndarray) -> np.ndarray:
+        """Near vectors one after another: sorted by their nearest of ~1,000 k-means centroids
+        (trained on the first window of enough vectors). An insert reads the graph around its
+        vector, thousands of vectors scattered over memory; the next insert, near it, and the other
+        threads' find most of them still in the cache. Labels keep the files' order; only the order
+        of insertion changes, within a window, whose vectors still see all the windows before."""
+        if self.clusters is None:
+            count = min(1024, len(vectors) // self.rows_per_cluster)
+            if count < 16:  # too few to gain from it
+                return np.arange(len(vectors))
+            sample = np.random.default_rng(0).choice(len(vectors), min(len(vectors), 64 * count), replace=False)
+            kmeans = _faiss().Kmeans(vectors.shape[1], count, niter=10, spherical=True, seed=1234)
+            kmeans.train(np.asarray(vectors[np.sort(sample)], np.float32))
+            self.clusters = kmeans.index
+        nearest = [self.clusters.search(np.asarray(vectors[start:start + 65_536], np.float32), 1)[1][:, 0]
+                   for start in range(0, len(vectors), 65_536)]  # float32 a part at a time
+        return np.argsort(np.concatenate(nearest), kind="stable")
 
     def set_search(self, params: dict[str, int]) -> None:
         self.ef_search = params.get("ef_search", self.ef_search)
@@ -406,6 +435,7 @@ class HnswlibBackend(Backend):
         save_hnswlib_graph(self.index, directory / self.file_name)
 
     def set_threads(self, threads: int) -> None:
+        super().set_threads(threads)  # FAISS sorts the windows
         self.threads = threads
 
 

@@ -79,25 +79,60 @@ class HeldOut:
     rows: list[pa.Table] = field(default_factory=list)
 
 
-def _add(backend: Backend, vectors: np.ndarray, rows: pa.Table, first_label: int, out: RowsWriter,
+class _Window:
+    """Vectors on their way into `backend`, gathered until it has `insertion_window` of them, then
+    added in its `insertion_order` (hnswlib's: near vectors one after another, so that each insert
+    finds the part of the graph it reads still in the cache), a chunk at a time for the progress
+    bar. `after()` runs between windows only (an HNSW build saves its checkpoint there): the index
+    then holds every label below some point and no other, as a resumed build expects."""
+
+    CHUNK = 16_384
+
+    def __init__(self, backend: Backend, on_rows: Callable[[int], None] = lambda n: None,
+                 after: Callable[[], None] = lambda: None):
+        self.backend, self.on_rows, self.after = backend, on_rows, after
+        self.vectors: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        self.vectors.append(vectors)
+        self.labels.append(labels)
+        if sum(map(len, self.labels)) >= self.backend.insertion_window:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.labels:
+            return
+        vectors, labels = np.concatenate(self.vectors), np.concatenate(self.labels)
+        self.vectors, self.labels = [], []
+        order = self.backend.insertion_order(vectors)
+        for start in range(0, len(order), self.CHUNK):
+            part = order[start:start + self.CHUNK]
+            self.backend.add(np.ascontiguousarray(vectors[part], dtype=np.float32), labels[part])
+            self.on_rows(len(part))
+        self.after()
+
+
+def _add(window: _Window, vectors: np.ndarray, rows: pa.Table, first_label: int, out: RowsWriter,
          origin: str) -> int:
     """Add `rows` and their `vectors` as labels from `first_label` on; returns the next label. Labels
-    the backend holds already (a resumed build's graph) get their rows only."""
+    the backend holds already (a resumed build's graph) get their rows only, counted at once."""
     if not len(rows):  # a batch wholly held out or left out
         return first_label
-    done = min(max(len(backend) - first_label, 0), len(rows))
+    done = min(max(len(window.backend) - first_label, 0), len(rows))
+    if done:
+        window.on_rows(done)
     if done < len(rows):
-        labels = np.arange(first_label + done, first_label + len(rows), dtype=np.int64)
-        backend.add(np.ascontiguousarray(vectors[done:], dtype=np.float32), labels)
+        window.add(vectors[done:], np.arange(first_label + done, first_label + len(rows), dtype=np.int64))
     out.write(rows, origin)
     return first_label + len(rows)
 
 
-def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], first_label: int,
-               out: RowsWriter, on_rows: Callable[[int], None], held: HeldOut | None = None,
-               after_batch: Callable[[], None] = lambda: None) -> int:
-    """Stream `files` into the backend and the row file, one record batch (float32 only per batch) at a
-    time, setting `held` rows aside; returns the next label. Labels follow insertion order."""
+def _add_files(window: _Window, source: VectorSource, files: list[VectorFile], first_label: int,
+               out: RowsWriter, held: HeldOut | None = None) -> int:
+    """Stream `files` into the backend and the row file, one record batch at a time (float32 only
+    for a chunk at a time), setting `held` rows aside; returns the next label. Labels follow the
+    files' order; the rows held out, added last, are counted then."""
     label, position = first_label, 0
     for file, rows, vectors in source.file_batches(files, metadata=True):
         size = len(rows)
@@ -109,11 +144,18 @@ def _add_files(backend: Backend, source: VectorSource, files: list[VectorFile], 
             held.vectors.append(np.asarray(vectors[~keep], np.float32))
             held.rows.append(conform(rows.filter(pa.array(~keep)), out.schema, str(file.path)))
             vectors, rows = vectors[keep], rows.filter(pa.array(keep))
-        label = _add(backend, vectors, rows, label, out, str(file.path))
+        label = _add(window, vectors, rows, label, out, str(file.path))
         position += size
-        on_rows(size)
-        after_batch()
+    window.flush()
     return label
+
+
+def _add_held(backend: Backend, held: HeldOut, first_label: int, out: RowsWriter,
+              on_rows: Callable[[int], None]) -> None:
+    """Add the rows `held` out, recall measured with them, as labels from `first_label` on."""
+    window = _Window(backend, on_rows)
+    _add(window, np.concatenate(held.vectors), pa.concat_tables(held.rows), first_label, out, "held-out rows")
+    window.flush()
 
 
 def _holds(folder: Path, source: VectorSource) -> bool:
@@ -373,13 +415,13 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         target = config.target_recall if tuned and cls.search_params else None
         measured = None
         with RowsWriter(work / ROWS, source.row_schema) as rows:
-            label = _add_files(backend, source, source.files, 0, rows, on_rows, held,
-                               after_batch=lambda: checkpoints.save_if_due(backend))
+            window = _Window(backend, on_rows, after=lambda: checkpoints.save_if_due(backend))
+            label = _add_files(window, source, source.files, 0, rows, held)
             if len(held.positions):
                 measured = _measured(config.type, backend, params, np.concatenate(held.vectors),
                                      np.full(len(held.positions), -1), _held_out_truth(source, held), target,
                                      "held-out")
-                _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
+                _add_held(backend, held, label, rows, on_rows)
         mark_superseded(work, carried, _insertion_order(count, held.positions), note)
         checkpoints.folder.room_for_output(memory_bytes(config.type, count, source.dim, params), destination.parent,
                                            f"the index {destination}", make=True)
@@ -572,10 +614,10 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         with RowsWriter(work / ROWS, existing.schema) as rows:
             for table, start in zip(existing.tables(), existing.starts.tolist()):
                 rows.write(_with_rows_now(table, start, *rows_now), str(path / ROWS))
-            label = _add_files(backend, source, adding, info["count"], rows, on_rows, held)
+            label = _add_files(_Window(backend, on_rows), source, adding, info["count"], rows, held)
             measured = _append_recall(info, backend, dead, held, params, recall_queries)
             if len(held.positions):
-                _add(backend, np.concatenate(held.vectors), pa.concat_tables(held.rows), label, rows, "held-out rows")
+                _add_held(backend, held, label, rows, on_rows)
         refreshed = [{**entry, **file_entry(file)} for entry, file, _, _ in same.values()]  # labels kept
         entries = [{**file_entry(f), "labels": labels} for f, labels
                    in zip(adding, _file_labels([f.rows for f in adding], held.positions, info["count"]))]
