@@ -367,11 +367,12 @@ class HnswlibBackend(Backend):
         self.count = self.index.get_current_count()
 
     def insertion_order(self, vectors: np.ndarray) -> np.ndarray:
-        """Near vectors one after another: sorted by their nearest of ~1,000 k-means centroids
-        (trained on the first window of enough vectors). An insert reads the graph around its
-        vector, thousands of vectors scattered over memory; the next insert, near it, and the other
-        threads' find most of them still in the cache. Labels keep the files' order; only the order
-        of insertion changes, within a window, whose vectors still see all the windows before."""
+        """Near vectors one after another: sorted by their nearest of up to 1,024 k-means centroids
+        (one for each `rows_per_cluster` vectors of the first window of enough of them). An insert
+        reads the graph around its vector, thousands of vectors scattered over memory; the next
+        insert, near it, and the other threads' find most of them still in the cache. Labels keep
+        the files' order; only the order of insertion changes, within a window, whose vectors still
+        see all the windows before."""
         if self.clusters is None:
             count = min(1024, len(vectors) // self.rows_per_cluster)
             if count < 16:  # too few to gain from it
