@@ -2,7 +2,7 @@
 
     create(directory, dim, capacity, params)    load(directory, dim, params, writable)
     train(sample)   prepare(directory, new_rows)   add(vectors, labels)   hide(labels)   show(labels)
-    save(directory)
+    save(directory)                             insertion_order(vectors): how a build orders a window
     search(queries, k) -> (scores, labels)       set_search(params)     set_threads(n)
     vectors(labels) -> the stored vectors        search_among(queries, labels, k): exact, over those
 
