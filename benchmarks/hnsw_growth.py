@@ -49,6 +49,7 @@ from rich.table import Table
 from build_threads import cpu_model
 from vsearch.indexes.backends import HnswlibBackend, exact_top_k
 from vsearch.indexes.bench import clip_like
+from vsearch.indexes.store import InsertionWindow
 
 ENGINES = ("hnswlib", "vsearch", "faiss", "faiss-fp16", "faiss-sq8")
 EF_SEARCH = (32, 64, 128, 256)
@@ -80,11 +81,9 @@ def insert(index: Any, vectors: np.ndarray, start: int) -> None:
     if isinstance(index, hnswlib.Index):
         index.add_items(vectors, np.arange(start, start + len(vectors)))
     elif isinstance(index, HnswlibBackend):  # as a build adds them: a window at a time, near vectors first
-        labels = np.arange(start, start + len(vectors))
-        for first in range(0, len(vectors), index.insertion_window):
-            window = slice(first, first + index.insertion_window)
-            order = index.insertion_order(vectors[window])
-            index.add(vectors[window][order], labels[window][order])
+        window = InsertionWindow(index)
+        window.add(vectors, np.arange(start, start + len(vectors)))
+        window.flush()
     else:
         index.add(vectors)
 

@@ -79,7 +79,7 @@ class HeldOut:
     rows: list[pa.Table] = field(default_factory=list)
 
 
-class _Window:
+class InsertionWindow:
     """Vectors on their way into `backend`, gathered until it has `insertion_window` of them, then
     added in its `insertion_order` (hnswlib's: near vectors one after another, so that each insert
     finds the part of the graph it reads still in the cache), a chunk at a time for the progress
@@ -103,18 +103,20 @@ class _Window:
     def flush(self) -> None:
         if not self.labels:
             return
-        vectors, labels = np.concatenate(self.vectors), np.concatenate(self.labels)
+        vectors, labels = (parts[0] if len(parts) == 1 else np.concatenate(parts)  # one batch: no copy
+                           for parts in (self.vectors, self.labels))
         self.vectors, self.labels = [], []
-        order = self.backend.insertion_order(vectors)
-        for start in range(0, len(order), self.CHUNK):
-            part = order[start:start + self.CHUNK]
+        # A backend that gathers no window takes its batches as they come: sliced, not gathered.
+        order = self.backend.insertion_order(vectors) if self.backend.insertion_window else None
+        for start in range(0, len(labels), self.CHUNK):
+            part = slice(start, start + self.CHUNK) if order is None else order[start:start + self.CHUNK]
             self.backend.add(np.ascontiguousarray(vectors[part], dtype=np.float32), labels[part])
-            self.on_rows(len(part))
+            self.on_rows(len(labels[part]))
         self.after()
 
 
-def _add(window: _Window, vectors: np.ndarray, rows: pa.Table, first_label: int, out: RowsWriter,
-         origin: str) -> int:
+def _add(window: InsertionWindow, vectors: np.ndarray, rows: pa.Table, first_label: int,
+         out: RowsWriter, origin: str) -> int:
     """Add `rows` and their `vectors` as labels from `first_label` on; returns the next label. Labels
     the backend holds already (a resumed build's graph) get their rows only, counted at once."""
     if not len(rows):  # a batch wholly held out or left out
@@ -128,8 +130,8 @@ def _add(window: _Window, vectors: np.ndarray, rows: pa.Table, first_label: int,
     return first_label + len(rows)
 
 
-def _add_files(window: _Window, source: VectorSource, files: list[VectorFile], first_label: int,
-               out: RowsWriter, held: HeldOut | None = None) -> int:
+def _add_files(window: InsertionWindow, source: VectorSource, files: list[VectorFile],
+               first_label: int, out: RowsWriter, held: HeldOut | None = None) -> int:
     """Stream `files` into the backend and the row file, one record batch at a time (float32 only
     for a chunk at a time), setting `held` rows aside; returns the next label. Labels follow the
     files' order; the rows held out, added last, are counted then."""
@@ -153,7 +155,7 @@ def _add_files(window: _Window, source: VectorSource, files: list[VectorFile], f
 def _add_held(backend: Backend, held: HeldOut, first_label: int, out: RowsWriter,
               on_rows: Callable[[int], None]) -> None:
     """Add the rows `held` out, recall measured with them, as labels from `first_label` on."""
-    window = _Window(backend, on_rows)
+    window = InsertionWindow(backend, on_rows)
     _add(window, np.concatenate(held.vectors), pa.concat_tables(held.rows), first_label, out, "held-out rows")
     window.flush()
 
@@ -415,7 +417,7 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         target = config.target_recall if tuned and cls.search_params else None
         measured = None
         with RowsWriter(work / ROWS, source.row_schema) as rows:
-            window = _Window(backend, on_rows, after=lambda: checkpoints.save_if_due(backend))
+            window = InsertionWindow(backend, on_rows, after=lambda: checkpoints.save_if_due(backend))
             label = _add_files(window, source, source.files, 0, rows, held)
             if len(held.positions):
                 measured = _measured(config.type, backend, params, np.concatenate(held.vectors),
@@ -614,7 +616,7 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         with RowsWriter(work / ROWS, existing.schema) as rows:
             for table, start in zip(existing.tables(), existing.starts.tolist()):
                 rows.write(_with_rows_now(table, start, *rows_now), str(path / ROWS))
-            label = _add_files(_Window(backend, on_rows), source, adding, info["count"], rows, held)
+            label = _add_files(InsertionWindow(backend, on_rows), source, adding, info["count"], rows, held)
             measured = _append_recall(info, backend, dead, held, params, recall_queries)
             if len(held.positions):
                 _add_held(backend, held, label, rows, on_rows)
