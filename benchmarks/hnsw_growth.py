@@ -47,9 +47,8 @@ from rich.console import Console
 from rich.table import Table
 
 from build_threads import cpu_model
-from vsearch.indexes.backends import HnswlibBackend, exact_top_k
+from vsearch.indexes.backends import HnswlibBackend, InsertionWindow, exact_top_k
 from vsearch.indexes.bench import clip_like
-from vsearch.indexes.store import InsertionWindow
 
 ENGINES = ("hnswlib", "vsearch", "faiss", "faiss-fp16", "faiss-sq8")
 EF_SEARCH = (32, 64, 128, 256)

@@ -67,6 +67,17 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
 
 
 @pytest.fixture
+def every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint after each batch added to an hnswlib graph (an index build's record batch, the
+    cbvs10m-HNSW job's batch of texts): one due every time, and the insertion windows a batch each."""
+    from vsearch.indexes import resume
+    from vsearch.indexes.backends import HnswlibBackend
+
+    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
+    monkeypatch.setattr(HnswlibBackend, "insertion_window", 1)
+
+
+@pytest.fixture
 def cli(workspace: Workspace, capsys: pytest.CaptureFixture):
     """Run `vsearch ARGS...` in-process against the test workspace; return code and output."""
 

@@ -32,13 +32,6 @@ def parts(tmp_path):
     return tmp_path / "parts", vectors
 
 
-@pytest.fixture
-def every_batch(monkeypatch):
-    """A checkpoint after each record batch: one due every time, and hnswlib's windows a batch each."""
-    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
-    monkeypatch.setattr(HnswlibBackend, "insertion_window", 1)
-
-
 def counting_adds(monkeypatch, backend, stop_at=None, labels_added=None):
     """The rows each call of `backend.add` gets (and their labels, into `labels_added`); Ctrl-C on call `stop_at`."""
     added, add = [], backend.add

@@ -403,9 +403,10 @@ def test_list_shows_what_the_workspace_holds_and_which_folders_are_the_defaults(
     assert cli("list").code == 0
 
 
-def test_list_shows_the_checkpoints_a_stopped_build_left_until_it_is_run_again(cli, workspace, tmp_path, monkeypatch):
+def test_list_shows_the_checkpoints_a_stopped_build_left_until_it_is_run_again(cli, workspace, tmp_path, monkeypatch,
+                                                                              every_batch):
     from vsearch.files import lock_folder
-    from vsearch.indexes import BuildConfig, resume
+    from vsearch.indexes import BuildConfig
     from vsearch.indexes.backends import HnswlibBackend
     from vsearch.indexes.vectors import open_source
     from tests.test_build_resume import stopped_build
@@ -415,8 +416,6 @@ def test_list_shows_the_checkpoints_a_stopped_build_left_until_it_is_run_again(c
     for number in range(3):
         write_parquet(tmp_path / "parts", vectors[number * 1000:(number + 1) * 1000], number * 1000,
                       f"part-{number}.parquet")
-    monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)  # a checkpoint after every batch,
-    monkeypatch.setattr(HnswlibBackend, "insertion_window", 1)  # each batch a window of its own
     index = workspace.index_dir("mine")
     stopped_build(monkeypatch, HnswlibBackend, BuildConfig(), open_source(tmp_path / "parts"), index)
     [entry] = json.loads(cli("list", "--json").stdout)["checkpoints"]

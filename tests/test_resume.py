@@ -19,10 +19,14 @@ from tests.conftest import write_cbvs_covers
 ROWS, SHARD = 60_000, 1_000
 
 
-def vsearch(*arguments):
-    """`vsearch ARGUMENTS…` started in a process of its own, its output captured."""
+def vsearch(*arguments, window=None):
+    """`vsearch ARGUMENTS…` started in a process of its own, its output captured; hnswlib graphs
+    inserted `window` vectors at a time where it is given."""
+    python = ["-c", "from vsearch.indexes.backends import HnswlibBackend; "
+                    f"HnswlibBackend.insertion_window = {window}; from vsearch.cli import main; main()"] \
+        if window else ["-m", "vsearch"]
     # Ctrl-C must reach it even where the test runner was started with SIGINT ignored (a background job).
-    return subprocess.Popen([sys.executable, "-m", "vsearch", *arguments], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *python, *arguments], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -118,7 +122,8 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_completes_the_job(workers, tmp_
     assert len(ids) == len(set(ids)) == ROWS
 
 
-TEXTS = 20_000  # ten of the job's batches; its first checkpoint follows the first
+TEXTS = 20_000  # ten of the job's batches of 2,048
+WINDOW = 4_096  # texts inserted at a time: two batches; the first checkpoint follows the first window
 
 
 def write_ocr_texts(workspace):
@@ -131,7 +136,7 @@ def write_ocr_texts(workspace):
 
 def hard_negatives(workspace):
     return vsearch("--workspace", str(workspace.root), "build-index", "--layout", "cbvs10m-hnsw",
-                   "--dataset", "cbvs10m", "--model", "lexical")
+                   "--dataset", "cbvs10m", "--model", "lexical", window=WINDOW)
 
 
 def wait_for_checkpoint(process, graph):
@@ -161,7 +166,7 @@ def test_a_stopped_cbvs10m_hnsw_job_resumes_from_its_last_checkpoint(stop, works
     assert resumed.returncode == 0, err
     said = "".join(err.split())  # the console wraps long paths
     saved = int(said.split(f"resumingthestoppedrunin{partial}:")[1].split("texts")[0].replace(",", ""))
-    assert 0 < saved < TEXTS and saved % 2048 == 0  # whole batches, from the checkpoint
+    assert 0 < saved < TEXTS and saved % WINDOW == 0  # whole windows, from the checkpoint
     lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
     assert [fields[0] for fields in lines] == texts
     assert all(len(fields) == 11 and fields[0] not in fields[1:] for fields in lines)

@@ -17,7 +17,7 @@ import errno
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -141,6 +141,43 @@ class Backend:
     def release_file(self) -> None:
         """Stop reading from the file the index was loaded from, which is about to be replaced: a
         mapping would keep its disk space taken (none map it after a writable load but hnswlib)."""
+
+
+class InsertionWindow:
+    """Vectors on their way into `backend`, gathered until it has `insertion_window` of them, then
+    added in its `insertion_order` (hnswlib's: near vectors one after another, so that each insert
+    finds the part of the graph it reads still in the cache), a chunk at a time for the progress
+    bar. `after()` runs between windows only (an HNSW build, and the cbvs10m-HNSW job, save their
+    checkpoints there): the index then holds every label below some point and no other, as a resumed
+    run expects."""
+
+    CHUNK = 16_384
+
+    def __init__(self, backend: Backend, on_rows: Callable[[int], None] = lambda n: None,
+                 after: Callable[[], None] = lambda: None):
+        self.backend, self.on_rows, self.after = backend, on_rows, after
+        self.vectors: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        self.vectors.append(vectors)
+        self.labels.append(labels)
+        if sum(map(len, self.labels)) >= self.backend.insertion_window:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.labels:
+            return
+        vectors, labels = (parts[0] if len(parts) == 1 else np.concatenate(parts)  # one batch: no copy
+                           for parts in (self.vectors, self.labels))
+        self.vectors, self.labels = [], []
+        # A backend that gathers no window takes its batches as they come: sliced, not gathered.
+        order = self.backend.insertion_order(vectors) if self.backend.insertion_window else None
+        for start in range(0, len(labels), self.CHUNK):
+            part = slice(start, start + self.CHUNK) if order is None else order[start:start + self.CHUNK]
+            self.backend.add(np.ascontiguousarray(vectors[part], dtype=np.float32), labels[part])
+            self.on_rows(len(labels[part]))
+        self.after()
 
 
 def _faiss_reason(exc: RuntimeError) -> str:

@@ -3,16 +3,18 @@ OCR-semantic head: one line per distinct OCR text of the dataset,
 `ocr_text \\t neighbour_1 \\t ... \\t neighbour_10`, the 10 nearest other OCR texts found with an
 HNSW index over their text vectors.
 
-Everything streams: texts are read, deduplicated, encoded and added to the graph in batches, and
-the neighbours are written batch by batch, so 10 million lines need memory for the graph and the
-distinct texts only.
+Everything streams: texts are read, deduplicated and encoded in batches and added to the graph a
+window at a time, as an index build adds vectors (`InsertionWindow`: 2^18 texts, near ones one after
+another), and the neighbours are written batch by batch, so 10 million lines need memory for the
+graph, the distinct texts and one window's float16 vectors only.
 
-A run at the real size takes hours, so it keeps its work in `<out>.partial/` and a stopped run (Ctrl-C,
-a crash, `kill -9`) goes on from its last checkpoint when the same command runs again: the graph as
-hnswlib saves it, the float16 vectors of its texts and `checkpoint.json`. The texts are not stored: they
-are the dataset's first distinct ones, read again (not encoded) on resuming, and a digest of them says
-whether the dataset still begins with them. Checkpoints are spaced as `resume.py` says (at 10M texts
-a save of about 20 GB); the folder is removed once the file is written.
+A run at the real size takes hours, so it keeps its work in `<out>.partial/` and a stopped run
+(Ctrl-C, a crash, `kill -9`) goes on from its last checkpoint, taken between windows, when the same
+command runs again: the graph as hnswlib saves it, the float16 vectors of its texts and
+`checkpoint.json`. The texts are not stored: they are the dataset's first distinct ones, read again
+(not encoded) on resuming, and a digest of them says whether the dataset still begins with them.
+Checkpoints are spaced as `resume.py` says (at 10M texts a save of about 20 GB); the folder is
+removed once the file is written.
 
 Before writing, `ef_search` is tuned as an index build tunes it: recall@10 of the neighbour lists
 of a sample of texts against exact search over all of them, the cheapest setting that reaches the
@@ -37,7 +39,8 @@ from vsearch.embeddings.datasets import Dataset
 from vsearch.embeddings.encoders import Encoder
 from vsearch.errors import VsearchError
 from vsearch.files import errors_naming, fsync_file
-from vsearch.indexes.backends import exact_top_k, loaded_hnswlib_graph, new_hnswlib_graph, save_hnswlib_graph
+from vsearch.indexes.backends import (HnswlibBackend, InsertionWindow, exact_top_k, loaded_hnswlib_graph,
+                                      new_hnswlib_graph, save_hnswlib_graph)
 from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.hugepages import huge_pages_for_new_regions
 from vsearch.indexes.tuning import check_overrides, memory_bytes, recall, sample_positions, tune_search
@@ -220,25 +223,33 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             index, pending, texts = new_hnswlib_graph(encoder.dim, FIRST_CAPACITY, params), texts, []
         if threads > 0:  # hnswlib reads -1 there as one thread: its few-rows check compares it unsigned
             index.set_num_threads(threads)
+        # Inserted as an index build inserts them (`InsertionWindow`): near texts one after another.
+        graph = HnswlibBackend(index, index.ef)
+        graph.set_threads(threads)
         lines_reported = 0
         # The vectors again, beside the graph, for the queries and the exact search that tunes them:
         # hnswlib hands them back only as Python lists (get_items, about 23 µs a vector: 4 minutes at
         # 10M). The graph holds the same float16 values, so that exact and graph scores of a pair agree.
         with run.vectors(len(texts)) as spilled:
+
+            def checkpoint_if_due() -> None:  # between windows, when the graph holds every text read
+                if run.folder.due():
+                    run.checkpoint(index, spilled, texts)
+
+            window = InsertionWindow(graph, after=checkpoint_if_due)
             source = chain(pending, stream)
             while chunk := list(islice(source, batch)):
                 if len(texts) + len(chunk) > index.get_max_elements():
                     with huge_pages_for_new_regions(2 * index.get_max_elements() * encoder.dim * 4):
                         index.resize_index(2 * index.get_max_elements())
                 vectors = encoder.encode_texts(chunk).astype(np.float16)
-                index.add_items(vectors.astype(np.float32), np.arange(len(texts), len(texts) + len(chunk)))
                 with errors_naming(run.spilled):
                     spilled.write(vectors.tobytes())
                 texts += chunk
                 on_lines(dataset.read - lines_reported)
                 lines_reported = dataset.read
-                if run.folder.due():
-                    run.checkpoint(index, spilled, texts)
+                window.add(vectors, np.arange(len(texts) - len(chunk), len(texts)))
+            window.flush()
             on_lines(dataset.read - lines_reported)
             counting.join()  # a count arriving after the last line would empty the filled bar again
             if len(texts) < 2:

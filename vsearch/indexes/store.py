@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 from vsearch.errors import VsearchError, counted
 from vsearch.files import check_room, fsync_file, write_json_atomic
-from vsearch.indexes.backends import Backend, backend_class
+from vsearch.indexes.backends import Backend, InsertionWindow, backend_class
 from vsearch.indexes.deleted import (DELETED, delete_by_id, deleted_again, held_labels, mark_superseded,
                                      read_deleted, retire, still_deleted, write_deleted)
 from vsearch.indexes.index import FORMAT, MANIFEST, Deletes, deletes_of, read_index_manifest, search_live
@@ -77,42 +77,6 @@ class HeldOut:
     positions: np.ndarray  # sorted row positions in the source
     vectors: list[np.ndarray] = field(default_factory=list)
     rows: list[pa.Table] = field(default_factory=list)
-
-
-class InsertionWindow:
-    """Vectors on their way into `backend`, gathered until it has `insertion_window` of them, then
-    added in its `insertion_order` (hnswlib's: near vectors one after another, so that each insert
-    finds the part of the graph it reads still in the cache), a chunk at a time for the progress
-    bar. `after()` runs between windows only (an HNSW build saves its checkpoint there): the index
-    then holds every label below some point and no other, as a resumed build expects."""
-
-    CHUNK = 16_384
-
-    def __init__(self, backend: Backend, on_rows: Callable[[int], None] = lambda n: None,
-                 after: Callable[[], None] = lambda: None):
-        self.backend, self.on_rows, self.after = backend, on_rows, after
-        self.vectors: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-
-    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
-        self.vectors.append(vectors)
-        self.labels.append(labels)
-        if sum(map(len, self.labels)) >= self.backend.insertion_window:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.labels:
-            return
-        vectors, labels = (parts[0] if len(parts) == 1 else np.concatenate(parts)  # one batch: no copy
-                           for parts in (self.vectors, self.labels))
-        self.vectors, self.labels = [], []
-        # A backend that gathers no window takes its batches as they come: sliced, not gathered.
-        order = self.backend.insertion_order(vectors) if self.backend.insertion_window else None
-        for start in range(0, len(labels), self.CHUNK):
-            part = slice(start, start + self.CHUNK) if order is None else order[start:start + self.CHUNK]
-            self.backend.add(np.ascontiguousarray(vectors[part], dtype=np.float32), labels[part])
-            self.on_rows(len(labels[part]))
-        self.after()
 
 
 def _add(window: InsertionWindow, vectors: np.ndarray, rows: pa.Table, first_label: int,
