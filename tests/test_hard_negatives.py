@@ -217,7 +217,7 @@ def test_a_stopped_run_goes_on_from_its_last_checkpoint(tmp_path, workspace, eve
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cbvs10m-HNSW", source.name, "reference"]
 
 
-def test_its_texts_go_in_a_window_at_a_time_near_ones_first_and_a_stop_resumes_from_the_end_of_one(
+def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first_and_a_stop_resumes_from_the_end_of_one(
         tmp_path, workspace, monkeypatch):
     import hnswlib
     import numpy as np
@@ -228,12 +228,17 @@ def test_its_texts_go_in_a_window_at_a_time_near_ones_first_and_a_stop_resumes_f
     monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
     monkeypatch.setattr(HnswlibBackend, "insertion_window", 200)  # a window every four batches of 50
     monkeypatch.setattr(HnswlibBackend, "rows_per_cluster", 8)
-    inserted = []
+    inserted, searched = [], []
 
     class Recorded(hnswlib.Index):
         def add_items(self, data, ids=None, *args, **kwargs):
             inserted.append(np.asarray(ids).copy())
             return super().add_items(data, ids, *args, **kwargs)
+
+        def knn_query(self, data, *args, **kwargs):
+            labels, distances = super().knn_query(data, *args, **kwargs)
+            searched.append(labels[:, 0].copy())  # each text is its own nearest
+            return labels, distances
 
     monkeypatch.setattr(hnswlib, "Index", Recorded)
     topics = ["大宅门 演员表", "原神 攻略", "周杰伦 个人资料", "红烧肉 做法"]
@@ -252,9 +257,20 @@ def test_its_texts_go_in_a_window_at_a_time_near_ones_first_and_a_stop_resumes_f
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=50, note=notes.append)
     assert notes == [f"resuming the stopped run in {tmp_path / 'cbvs10m-HNSW.partial'}: 200 texts already in its graph"]
     assert sum(len(chunk) for chunk in encoder.encoded) == 200 and written.texts == 400 and written.recall >= 0.95
+    # Searched for in the same way, a window at a time, near texts one after another ...
+    order = np.concatenate(searched[-8:])  # the last 8 batches of 50, after the tuning: the lists' two windows
+    assert [sorted(order[:200]), sorted(order[200:])] == [list(range(200)), list(range(200, 400))]
+    assert np.mean(topic[order[1:] % 200] == topic[order[:-1] % 200]) > 0.9
+    # ... and written in the file's order, each text with its own nearest others.
+    texts = [f"{topics[i % 4]} 第{i}期" for i in range(400)]
     lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [fields[0] for fields in lines] == [f"{topics[i % 4]} 第{i}期" for i in range(400)]
-    assert all(fields[1].startswith(fields[0].split(" 第")[0]) for fields in lines)  # the nearest: of its topic
+    assert [fields[0] for fields in lines] == texts
+    vectors = encoder.inner.encode_texts(texts)
+    scores = vectors @ vectors.T
+    np.fill_diagonal(scores, -np.inf)
+    nearest = scores.max(axis=1)
+    position = {text: i for i, text in enumerate(texts)}
+    assert all(scores[i, position[fields[1]]] >= nearest[i] - 1e-5 for i, fields in enumerate(lines))
 
 
 def test_a_run_stopped_while_saving_its_graph_goes_on_from_the_graph_saved_before(tmp_path, workspace, monkeypatch,
