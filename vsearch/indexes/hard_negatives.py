@@ -92,21 +92,7 @@ def read_as_trained(encoder: Encoder) -> Encoder:
     return encoder
 
 
-class _Graph:
-    """The hnswlib index as `tune_search` sees an index backend."""
-
-    def __init__(self, index):
-        self.index = index
-
-    def set_search(self, setting: dict[str, int]) -> None:
-        self.index.set_ef(setting["ef_search"])
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        labels, distances = self.index.knn_query(queries, k=k)
-        return 1 - distances, labels.astype(np.int64)  # hnswlib's "ip" distance is 1 - inner product
-
-
-def _chosen_ef(index, vectors: np.ndarray, target: float, ef_search: int | None) -> tuple[int, float]:
+def _chosen_ef(graph: HnswlibBackend, vectors: np.ndarray, target: float, ef_search: int | None) -> tuple[int, float]:
     """`ef_search`, or where that is None the cheapest whose neighbour lists reach `target` recall@10
     on a sample of the indexed `vectors` (else the best tried); and the recall at it. Each text is
     left out of its own list."""
@@ -118,9 +104,9 @@ def _chosen_ef(index, vectors: np.ndarray, target: float, ef_search: int | None)
               for start in range(0, count, EXACT_CHUNK))
     truth = exact_top_k(queries, chunks, k + 1)
     if ef_search is not None:
-        index.set_ef(ef_search)
-        return ef_search, recall(_Graph(index).search, queries, positions, truth, k)
-    chosen, sweep = tune_search("hnsw", _Graph(index), {}, queries, positions, truth, target, k)
+        graph.set_search({"ef_search": ef_search})
+        return ef_search, recall(graph.search, queries, positions, truth, k)
+    chosen, sweep = tune_search("hnsw", graph, {}, queries, positions, truth, target, k)
     ef = chosen["ef_search"]
     return ef, next(s["recall@10"] for s in sweep if s["ef_search"] == ef)
 
@@ -131,10 +117,10 @@ def _neighbours_of(graph: HnswlibBackend, queries: np.ndarray, batch: int,
     time in the order the graph inserts them: near queries one after another read the same part of
     the graph, still in the cache (1.3 times as fast at 550k texts, benchmarks/RESULTS.md)."""
     order = graph.insertion_order(queries)
-    found = np.empty((len(queries), min(NEIGHBOURS + 1, graph.count)), np.uint64)
+    found = np.empty((len(queries), min(NEIGHBOURS + 1, len(graph))), np.int64)
     for start in range(0, len(queries), batch):
         part = order[start:start + batch]
-        found[part] = graph.index.knn_query(np.asarray(queries[part], np.float32), k=found.shape[1])[0]
+        found[part] = graph.search(np.asarray(queries[part], np.float32), found.shape[1])[1]
         on_searched(len(part))
     return found
 
@@ -238,7 +224,8 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             index, pending, texts = new_hnswlib_graph(encoder.dim, FIRST_CAPACITY, params), texts, []
         if threads > 0:  # hnswlib reads -1 there as one thread: its few-rows check compares it unsigned
             index.set_num_threads(threads)
-        # Inserted as an index build inserts them (`InsertionWindow`): near texts one after another.
+        # Added and searched as an index build's graph is (`InsertionWindow`: near texts one after
+        # another).
         graph = HnswlibBackend(index, index.ef)
         graph.set_threads(threads)
         lines_reported = 0
@@ -274,7 +261,7 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             with errors_naming(run.spilled):
                 spilled.flush()
             queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
-            params["ef_search"], reached = _chosen_ef(index, queries, target_recall, params.get("ef_search"))
+            params["ef_search"], reached = _chosen_ef(graph, queries, target_recall, params.get("ef_search"))
             with errors_naming(temporary), open(temporary, "w", encoding="utf-8") as handle:
                 for start in range(0, len(texts), graph.insertion_window):
                     found = _neighbours_of(graph, queries[start:start + graph.insertion_window], batch, on_written)
