@@ -228,6 +228,7 @@ def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first
     monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
     monkeypatch.setattr(HnswlibBackend, "insertion_window", 200)  # a window every four batches of 50
     monkeypatch.setattr(HnswlibBackend, "rows_per_cluster", 8)
+    monkeypatch.setattr(HnswlibBackend, "skeleton", 50)
     inserted, searched = [], []
 
     class Recorded(hnswlib.Index):
@@ -248,15 +249,19 @@ def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the second window
         write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=5), out, batch=50)
     (labels,) = inserted
-    assert sorted(labels) == list(range(200)) and list(labels) != sorted(labels)  # all of them, in another order
+    assert list(labels[:50]) == list(range(50))  # the graph's skeleton, in the file's order: every topic
+    rest = labels[50:]
+    assert sorted(rest) == list(range(50, 200)) and list(rest) != sorted(rest)  # the rest in another order
     # Inserted in that order, texts of a topic follow each other, as they never do in the file.
     topic = np.arange(200) % 4
-    assert np.mean(topic[labels[1:]] == topic[labels[:-1]]) > 0.9
+    assert np.mean(topic[rest[1:]] == topic[rest[:-1]]) > 0.9
 
     encoder, notes = Stopping(), []
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=50, note=notes.append)
     assert notes == [f"resuming the stopped run in {tmp_path / 'cbvs10m-HNSW.partial'}: 200 texts already in its graph"]
     assert sum(len(chunk) for chunk in encoder.encoded) == 200 and written.texts == 400 and written.recall >= 0.95
+    (second,) = inserted[1:]  # into a graph past its skeleton: all of the window near texts first
+    assert sorted(second) == list(range(200, 400)) and np.mean(topic[second[1:] % 200] == topic[second[:-1] % 200]) > 0.9
     # Searched for in the same way, a window at a time, near texts one after another ...
     order = np.concatenate(searched[-8:])  # the last 8 batches of 50, after the tuning: the lists' two windows
     assert [sorted(order[:200]), sorted(order[200:])] == [list(range(200)), list(range(200, 400))]

@@ -5,9 +5,9 @@ HNSW index over their text vectors.
 
 Everything streams: texts are read, deduplicated and encoded in batches and added to the graph a
 window at a time, as an index build adds vectors (`InsertionWindow`: 2^18 texts, near ones one after
-another), and the neighbours are searched for a window at a time in that order too and written in
-the texts' order, so 10 million lines need memory for the graph, the distinct texts and one window's
-float16 vectors only.
+another once the graph holds its first 32,768), and the neighbours are searched for a window at a
+time, near ones together too, and written in the texts' order, so 10 million lines need memory
+for the graph, the distinct texts and one window's float16 vectors only.
 
 A run at the real size takes hours, so it keeps its work in `<out>.partial/` and a stopped run
 (Ctrl-C, a crash, `kill -9`) goes on from its last checkpoint, taken between windows, when the same
@@ -114,9 +114,9 @@ def _chosen_ef(graph: HnswlibBackend, vectors: np.ndarray, target: float, ef_sea
 def _neighbours_of(graph: HnswlibBackend, queries: np.ndarray, batch: int,
                    on_searched: Callable[[int], None]) -> np.ndarray:
     """The labels nearest each of `queries` (itself among them, as a rule), searched `batch` at a
-    time in the order the graph inserts them: near queries one after another read the same part of
-    the graph, still in the cache (1.3 times as fast at 550k texts, benchmarks/RESULTS.md)."""
-    order = graph.insertion_order(queries)
+    time, near ones one after another as the graph inserts its later windows: they read the same
+    part of the graph, still in the cache (1.3 times as fast at 550k texts, benchmarks/RESULTS.md)."""
+    order = graph.near_first(queries)
     found = np.empty((len(queries), min(NEIGHBOURS + 1, len(graph))), np.int64)
     for start in range(0, len(queries), batch):
         part = order[start:start + batch]
