@@ -12,8 +12,9 @@ from memory. The engines:
 - `hnswlib`: hnswlib's own calls;
 - `vsearch`: the same graph as vsearch builds it: its memory on huge pages
   (vsearch/indexes/hugepages.py), so that the page tables stay in the cache, and its vectors
-  inserted a window at a time, near ones one after another (`HnswlibBackend.insertion_order`), so
-  that the graph an insert reads is in the cache from the inserts before it;
+  inserted a window at a time, near ones one after another once the graph holds its skeleton
+  (`HnswlibBackend.insertion_order`), so that the graph an insert reads is in the cache from the
+  inserts before it;
 - `faiss`, `faiss-fp16`, `faiss-sq8`: FAISS's HNSW over float32, float16 and 8-bit vectors, which read
   a half or a quarter of the bytes for each distance. vsearch builds only the first; the others are
   candidates, and this says whether their rate holds up as the graph grows, and what recall they
