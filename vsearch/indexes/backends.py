@@ -411,8 +411,8 @@ class HnswlibBackend(Backend):
         insert, near it, and the other threads' find most of them still in the cache. But each vector
         links to those inserted before it, and a graph begun cluster by cluster links its clusters
         poorly (1.5-2 points of recall@10 at the same ef_search on near-duplicate OCR texts); begun
-        from a sample of the whole collection, most of that comes back, for a tenth of the speed
-        (benchmarks/RESULTS.md). Labels keep the files' order; only the order of insertion changes."""
+        from a sample of the whole collection, most of that comes back, at a cost of 2-12% of the
+        speed (benchmarks/RESULTS.md). Labels keep the files' order; only the order of insertion changes."""
         head = min(len(vectors), max(0, self.skeleton - len(self)))
         return np.concatenate([np.arange(head), head + self.near_first(vectors[head:])])
 

@@ -224,8 +224,8 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             index, pending, texts = new_hnswlib_graph(encoder.dim, FIRST_CAPACITY, params), texts, []
         if threads > 0:  # hnswlib reads -1 there as one thread: its few-rows check compares it unsigned
             index.set_num_threads(threads)
-        # Added and searched as an index build's graph is (`InsertionWindow`: near texts one after
-        # another).
+        # Added as an index build's graph is (`InsertionWindow`: near texts one after another once
+        # the graph holds its skeleton).
         graph = HnswlibBackend(index, index.ef)
         graph.set_threads(threads)
         lines_reported = 0
