@@ -1,6 +1,7 @@
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import faiss
 import hnswlib
@@ -171,6 +172,20 @@ def test_ivfpq_takes_the_disk_space_of_its_vectors_before_writing_them(tmp_path)
     backend.prepare(tmp_path, 50_000)
     kept = (tmp_path / "vectors-00000.npy").stat()
     assert kept.st_size >= 50_000 * 64 * 2 and kept.st_blocks * 512 >= kept.st_size
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails as a full disk's")
+@pytest.mark.parametrize("count", [10, 5000], ids=["within-stdio-buffer", "past-it"])
+def test_a_faiss_index_the_disk_cannot_take_is_an_error_naming_its_file(count, tmp_path):
+    from vsearch.indexes.backends import FlatBackend
+
+    backend = FlatBackend.create(tmp_path, 64, count, {})
+    backend.add(clustered(count), np.arange(count))
+    path = tmp_path / FlatBackend.file_name
+    path.symlink_to("/dev/full")  # every write fails, as on a full disk
+    with pytest.raises(OSError) as raised:
+        backend.save(tmp_path)
+    assert (raised.value.strerror, raised.value.filename) == ("No space left on device", str(path))
 
 
 @pytest.mark.slow

@@ -224,10 +224,11 @@ class FaissBackend(Backend):
 
     def save(self, directory: Path) -> None:
         path = directory / self.file_name
-        try:
-            _faiss().write_index(self.index, str(path))
-        except RuntimeError as exc:  # a short write (a full disk); one within stdio's buffer it only prints
-            raise OSError(errno.EIO, _faiss_reason(exc), str(path)) from None
+        faiss = _faiss()
+        # Through a Python file: FAISS's own writer reports a full disk only when a write overflows
+        # stdio's buffer, and the last buffer's failure, the whole of a small index, it only prints.
+        with errors_naming(path), open(path, "wb") as handle:
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
 
 
 class FlatBackend(FaissBackend):
