@@ -383,7 +383,7 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
     encoder, notes = Stopping(), []
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 12 texts already in its graph")
-    assert len(notes) == 2 and notes[1].startswith(f"1.0 KiB free in {partial}, a checkpoint needs about")
+    assert len(notes) == 2 and notes[1].startswith(f"1000 B free in {partial}, a checkpoint needs about")
     assert notes[1].endswith("going on without; a run stopped from here resumes from the last one (12 texts)")
     assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15
 

@@ -23,7 +23,9 @@ def counted(count: int, noun: str) -> str:
 
 
 def human_size(size: float) -> str:
-    """Bytes for a message: "1.50 GiB", "45.2 MiB", "3.0 KiB"."""
+    """Bytes for a message: "1.50 GiB", "45.2 MiB", "3.0 KiB", "940 B"."""
     if size >= 2**30:
         return f"{size / 2**30:.2f} GiB"
-    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**10:.1f} KiB" if size >= 2**10 else f"{size:.0f} B"
