@@ -16,7 +16,7 @@ from vsearch.embeddings.datasets import Row, open_dataset, url_id
 from vsearch.embeddings.job import EmbedConfig, run_embed, text_processes
 from vsearch.embeddings import datasets, shards
 from vsearch.embeddings.shards import MANIFEST, Manifest
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, human_size
 from vsearch.files import sha256_of, write_json_atomic
 from vsearch.workspace import Workspace
 from tests.conftest import edit_lines, random_cover_line, write_cbvs_covers
@@ -166,6 +166,50 @@ def test_a_shard_the_disk_cannot_take_is_one_line_naming_it_and_a_rerun_resumes(
     again = run_embed(config, workspace)
     assert again.shards_written + again.shards_skipped == 3 and again.shards_written >= 1
     assert rows_of(config.out) == rows_of(run_embed(replace(config, workers=0, out=tmp_path / "whole"), workspace).directory)
+
+
+def disk_with_free(monkeypatch, free):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+def test_a_writer_forecasts_the_room_its_rows_to_come_need_from_the_bytes_a_row_its_shards_took(tmp_path, monkeypatch):
+    notes = []
+    fresh = Manifest(dataset="d", source="d.txt", encoder={"spec": "lexical"}, dim=4, shard_size=100)
+    columns = {"id": [f"r{i}" for i in range(90)], "vector": np.eye(4, dtype=np.float32)[np.arange(90) % 4],
+               "title": ["标题"] * 90, "ocr": [None] * 90, "uri": [f"{i}.jpg" for i in range(90)]}
+    failed = [{"id": f"f{i}", "uri": f"f{i}.jpg", "reason": "unreadable"} for i in range(10)]
+    with shards.ShardWriter.open(tmp_path, fresh, note=notes.append) as writer:
+        writer.write("cover", 0, columns, failed)
+        written = writer.manifest.shards[0]["bytes"]
+        disk_with_free(monkeypatch, 9 * written)  # room for the 900 rows left, at a hundredth of the shard a row
+        writer.expect_rows(1000)
+        assert notes == []
+        disk_with_free(monkeypatch, 7 * written - 1)
+        writer.write("cover", 1, columns, failed)  # the count in: each shard forecasts, and says it once
+        writer.write("cover", 2, columns, failed)
+        assert [entry["bytes"] for entry in writer.manifest.shards] == [written] * 3
+    assert notes == [
+        f"{tmp_path} looks short of room: at the {human_size(written / 100)} a row its shards take, the 800 rows left "
+        f"need about {human_size(8 * written)}, and its disk has {human_size(7 * written - 1)} free. The job "
+        "goes on until the disk is full and keeps what it wrote: free some space and run the same command again to "
+        "finish, or start over with --out on a larger disk"]
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["one process", "two processes"])
+def test_a_disk_too_small_for_the_rest_of_an_embed_is_said_once_and_the_job_goes_on(workers, tmp_path, workspace,
+                                                                                     monkeypatch):
+    source = write_cbvs_covers(tmp_path / "c.txt", 120)
+    config = EmbedConfig(model="lexical", dataset=str(source), shard_size=20, workers=workers, out=tmp_path / "shards")
+    notes = []
+    roomy = run_embed(replace(config, out=tmp_path / "roomy"), workspace, note=notes.append)
+    assert notes == [] and roomy.rows_written == 120
+    disk_with_free(monkeypatch, 0)
+    result = run_embed(config, workspace, note=notes.append)
+    assert result.rows_written == 120 and rows_of(config.out) == rows_of(roomy.directory)
+    assert len(notes) == 1 and notes[0].startswith(f"{config.out} looks short of room: at the ")
+    notes.clear()
+    assert run_embed(config, workspace, note=notes.append).shards_skipped == 6 and notes == []  # nothing left to come
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails as a full disk's")

@@ -135,7 +135,8 @@ def embed(
         bars = [f"embed {dataset} ({kind})"] + (["read cover text (--ocr)"] if ocr else [])
         with progress_bars(bars, limit, unit=unit) as shown:
             result = run_embed(config, ctx.obj, shown[0], on_text=shown[-1] if ocr else lambda n: None,
-                               on_total=expect_on_all(shown), on_done=shown[0].skip)
+                               on_total=expect_on_all(shown), on_done=shown[0].skip,
+                               note=lambda line: stderr.print(line))
     except KeyboardInterrupt:
         stderr.print("the shards finished are kept: run the same command again to resume")
         raise

@@ -626,11 +626,13 @@ def _run_here(encoder: Encoder, dataset: Dataset, kinds: tuple[str, ...], config
 def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int], None] = lambda n: None,
               encoder: Encoder | None = None, on_text: Callable[[int], None] = lambda n: None,
               on_total: Callable[[int], None] = lambda n: None,
-              on_done: Callable[[int], None] = lambda n: None) -> EmbedResult:
+              on_done: Callable[[int], None] = lambda n: None,
+              note: Callable[[str], None] = lambda line: None) -> EmbedResult:
     """Embed `config.dataset`; `on_rows(n)` as rows are written, `on_done(n)` with the rows of each
     shard found already written (a resumed job), `on_text(n)` as `--ocr` reads covers, `on_total(n)`
     once with the rows to expect at most, done ones included (from another thread, where they can
-    be counted cheaply); pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
+    be counted cheaply), `note(line)` where the disk looks too small for the rest (see `ShardWriter`);
+    pass `encoder` to reuse a loaded model (it must be `config.model`'s)."""
     if config.kind not in KINDS:
         raise VsearchError(f"unknown --kind {config.kind!r}: use cover, clip or both")
     if config.decode not in ("auto", "device", "workers", "both"):
@@ -654,14 +656,19 @@ def run_embed(config: EmbedConfig, workspace: Workspace, on_rows: Callable[[int]
     # device process loads its own, so it stays on the CPU rather than take GPU 0's memory twice.
     encoder = encoder or load_encoder(spec, devices[0] if len(devices) == 1 else "cpu")
     check_encodable(encoder, dataset, kinds, config.ocr)
-    # 10 million lines take a few seconds to count: counted while the job starts.
-    counting = in_background(lambda: expected_rows(dataset, kinds, config.limit), on_total)
     directory = Path(config.out) if config.out else workspace.embeddings_dir(dataset.name)
     fresh = Manifest(dataset=dataset.name, source=dataset.source,
                      encoder={"spec": encoder.spec, "fingerprint": encoder.fingerprint},
                      dim=encoder.dim, shard_size=config.shard_size, ocr=OCR_ENGINE if config.ocr else None)
-    with ShardWriter.open(directory, fresh, getattr(encoder, "extra_columns", None), config.overwrite) as writer:
+    with ShardWriter.open(directory, fresh, getattr(encoder, "extra_columns", None), config.overwrite, note) as writer:
         result = EmbedResult(directory, writer.manifest)
+
+        def expect(rows: int) -> None:
+            on_total(rows)
+            writer.expect_rows(rows)
+
+        # 10 million lines take a few seconds to count: counted while the job starts.
+        counting = in_background(lambda: expected_rows(dataset, kinds, config.limit), expect)
         rows_seen = 0
 
         def progress(rows: int) -> None:

@@ -43,6 +43,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vsearch.embeddings.datasets import Row, file_version, is_registered, is_remote
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, human_size
 from vsearch.files import errors_naming, fsync_file, lock_folder, sha256_of, write_json_atomic
 
 FORMAT = "vsearch-shards/1"
@@ -203,22 +205,33 @@ class Manifest:
 
 
 class ShardWriter:
-    """Writes numbered shards of one dataset into a directory, resuming where a run stopped."""
+    """Writes numbered shards of one dataset into a directory, resuming where a run stopped.
 
-    def __init__(self, directory: Path, manifest: Manifest, extra: dict[str, pa.DataType] | None = None):
+    Given the rows to come (`expect_rows`) and a `note`, it says once, as soon as the shards written
+    tell, when the folder's disk will not hold the rest at the bytes a row they have taken: at 10M
+    rows the disk would otherwise fill hours into the job (which then stops, keeping its shards)."""
+
+    def __init__(self, directory: Path, manifest: Manifest, extra: dict[str, pa.DataType] | None = None,
+                 note: Callable[[str], None] = lambda line: None):
         self.directory = directory
         self.manifest = manifest
         self.schema = shard_schema(manifest.dim, extra)
+        self.note = note
         self._done = {(s["kind"], s["number"]): s for s in manifest.shards}
         self._written_at = time.monotonic()
         self._write_seconds = 0.0
         self._unwritten = False
         self._lock: IO[str] | None = None
+        # The count comes from another thread than the shards: whichever comes last forecasts.
+        self._forecasting = threading.Lock()
+        self._rows_to_come: int | None = None
+        self._room_said = False
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._room_said = True  # a count that comes after the job has nothing left to forecast
         try:
             self.flush()
             # A job cut short (Ctrl-C stops its processes mid-write) leaves no partial file behind.
@@ -241,13 +254,13 @@ class ShardWriter:
 
     @classmethod
     def open(cls, directory: Path, fresh: Manifest, extra: dict[str, pa.DataType] | None = None,
-             overwrite: bool = False) -> "ShardWriter":
+             overwrite: bool = False, note: Callable[[str], None] = lambda line: None) -> "ShardWriter":
         """Start or resume writing, holding the folder's lock until the writer is closed; refuse to mix
         in shards made by another encoder or dataset."""
         directory.mkdir(parents=True, exist_ok=True)
         lock = lock_folder(directory, "vsearch embed")
         try:
-            writer = cls(directory, _resumed_manifest(directory, fresh, overwrite), extra)
+            writer = cls(directory, _resumed_manifest(directory, fresh, overwrite), extra, note)
         except BaseException:
             lock.close()
             raise
@@ -276,6 +289,28 @@ class ShardWriter:
         self.manifest.failed.extend(dict(f, shard=entry["name"]) for f in failed)
         self._done[(entry["kind"], entry["number"])] = entry
         self._changed()
+        self._forecast_room()
+
+    def expect_rows(self, rows: int) -> None:
+        """The dataset rows the job reads in all, at most (its lines, repeats included)."""
+        self._rows_to_come = rows
+        self._forecast_room()
+
+    def _forecast_room(self) -> None:
+        with self._forecasting:
+            shards = list(self.manifest.shards)
+            done = sum(s["input_rows"] for s in shards)
+            if self._room_said or self._rows_to_come is None or not done or done >= self._rows_to_come:
+                return
+            left, per_row = self._rows_to_come - done, sum(s["bytes"] for s in shards) / done
+            free = shutil.disk_usage(self.directory).free
+            if free >= left * per_row:
+                return
+            self._room_said = True
+        self.note(f"{self.directory} looks short of room: at the {human_size(per_row)} a row its shards take, the "
+                  f"{left:,} rows left need about {human_size(left * per_row)}, and its disk has {human_size(free)} "
+                  "free. The job goes on until the disk is full and keeps what it wrote: free some space and run "
+                  "the same command again to finish, or start over with --out on a larger disk")
 
     def remove_beyond(self, kind: str, count: int) -> int:
         """Delete the shards of `kind` numbered `count` and up, left from a dataset that had more
