@@ -57,7 +57,8 @@ def huge_pages_for_new_regions(least_bytes: int) -> Iterator[list[tuple[int, int
     block: a library's one big allocation. Yields a list, filled with those (start, end) when the
     block ends. Pages it has touched already keep their size (`collapse_in_background` moves
     them). Where the system cannot (no /proc, no transparent huge pages), nothing changes and
-    nothing fails."""
+    nothing fails. An allocation that malloc serves from memory the process holds already (a
+    long-lived one that has freed more than that) is no new mapping and keeps its pages' size."""
     before = anonymous_regions()
     advised: list[tuple[int, int]] = []
     yield advised
