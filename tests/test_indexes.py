@@ -22,7 +22,7 @@ from vsearch.indexes.index import read_index_manifest
 from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
-from tests.conftest import can_collapse, huge_page_advised_bytes, needs_huge_pages, write_cbvs_covers
+from tests.conftest import can_collapse, needs_huge_pages, write_cbvs_covers
 
 TYPES = [("flat", None), ("hnsw", None), ("hnsw", "faiss"), ("ivfpq", None)]
 
