@@ -379,11 +379,12 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
     assert sum(len(chunk) for chunk in encoder.encoded) == 12
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 1000, 1000))
+    # Room for the file (3.6 KiB), none for a checkpoint (34 KiB)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 8000, 8000))
     encoder, notes = Stopping(), []
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 12 texts already in its graph")
-    assert len(notes) == 2 and notes[1].startswith(f"1000 B free in {partial}, a checkpoint needs about")
+    assert len(notes) == 2 and notes[1].startswith(f"7.8 KiB free in {partial}, a checkpoint needs about")
     assert notes[1].endswith("going on without; a run stopped from here resumes from the last one (12 texts)")
     assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15
 
@@ -433,6 +434,68 @@ def test_a_file_the_disk_cannot_take_names_itself_and_the_run_resumes_from_its_c
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 15 texts already in its graph") and encoder.encoded == []
     assert written.texts == 15 and len(out.read_text(encoding="utf-8").splitlines()) == 15
+
+
+# OCR texts long enough that their file outweighs the graph's checkpoint, as at scale (about 2.3 KB a
+# text for the graph at 512-d, a line of 11 texts for the file).
+LONG_LINES = [f"标题{i}\thttp://c/{i}.jpg\t{'大宅门演员表现在都怎么样了' * 20} 第{i}期" for i in range(15)]
+
+
+def disk_short_of_the_file_by(monkeypatch, short_by):
+    """The disk's free space, once the file's size is estimated, `short_by(graph bytes)` under it;
+    return the estimates."""
+    import shutil
+
+    from vsearch.indexes import hard_negatives
+
+    estimate, estimates, usage = hard_negatives.lists_bytes, [], shutil.disk_usage
+
+    def estimated(graph, queries, texts):
+        estimates.append(estimate(graph, queries, texts))
+        free = estimates[-1] - short_by(graph.index.index_file_size())
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=free))
+        return estimates[-1]
+
+    monkeypatch.setattr(hard_negatives, "lists_bytes", estimated)
+    return estimates
+
+
+def test_the_file_takes_the_room_of_the_checkpoints_graph_where_the_disk_needs_it(tmp_path, workspace, monkeypatch,
+                                                                                  every_batch):
+    source = write_lines(tmp_path / "cbvs10m.txt", LONG_LINES)
+    out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
+    reference = tmp_path / "reference"
+    write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), reference, batch=4)
+    estimates = disk_short_of_the_file_by(monkeypatch, lambda graph: graph // 2)
+    notes = []
+    write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4, note=notes.append)
+    assert len(notes) == 1 and notes[0].startswith(f"removing the checkpoint in {partial} (")
+    assert notes[0].endswith(f") to make room for the file {out}; a run stopped from here starts over")
+    assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")  # its vectors were kept to the end
+    assert estimates == [reference.stat().st_size]  # 15 texts: the sample is all of them
+    assert not partial.exists()
+
+
+def test_a_file_the_disk_has_no_room_for_stops_the_run_before_its_lists_and_keeps_the_checkpoint(
+        tmp_path, workspace, monkeypatch, every_batch):
+    import pytest
+    from vsearch.errors import VsearchError
+
+    source = write_lines(tmp_path / "cbvs10m.txt", LONG_LINES)
+    out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
+    with monkeypatch.context() as small_disk:
+        disk_short_of_the_file_by(small_disk, lambda graph: graph + 1000)
+        with pytest.raises(VsearchError, match=rf"^no room for the file {out}: it needs about [\d.]+ KiB, and "
+                                               rf"{tmp_path} has [\d.]+ KiB free and [\d.]+ KiB in the checkpoint in "
+                                               rf"{partial}, which it would replace; the checkpoint is kept: free some "
+                                               "space and run the same command again to resume from it$"):
+            write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4)
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+    encoder, notes = Stopping(), []
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
+    assert notes == [f"resuming the stopped run in {partial}: 15 texts already in its graph"] and encoder.encoded == []
+    assert written.texts == 15 and not partial.exists()
 
 
 def test_a_stopped_runs_checkpoint_is_listed_with_the_workspace(tmp_path, workspace, every_batch):

@@ -125,6 +125,20 @@ def _neighbours_of(graph: HnswlibBackend, queries: np.ndarray, batch: int,
     return found
 
 
+def _line(texts: list[str], label: int, found: np.ndarray) -> str:
+    """The file's line of text `label`: it and the nearest others of the labels `found` for it."""
+    return "\t".join([texts[label], *[texts[j] for j in found if j != label][:NEIGHBOURS]]) + "\n"
+
+
+def lists_bytes(graph: HnswlibBackend, queries: np.ndarray, texts: list[str]) -> int:
+    """About the size of the file: the lines of a sample of the texts, scaled up. Not from the texts'
+    average length: the texts most often listed as neighbours are shorter (16% over at 60k texts)."""
+    positions = sample_positions(len(texts), RECALL_SAMPLE, seed=2)
+    found = graph.search(np.asarray(queries[positions], np.float32), min(NEIGHBOURS + 1, len(texts)))[1]
+    sample = sum(len(_line(texts, int(label), row).encode()) for label, row in zip(positions, found))
+    return sample * len(texts) // len(positions)
+
+
 def _digest_of(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
@@ -262,12 +276,16 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                 spilled.flush()
             queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
             params["ef_search"], reached = _chosen_ef(graph, queries, target_recall, params.get("ef_search"))
+            # Now rather than when the disk fills partway through the lists (minutes of search at 10M).
+            # The checkpoint's graph, which the file supersedes, goes first where that makes room; its
+            # vectors are the queries still.
+            run.folder.room_for_output(lists_bytes(graph, queries, texts), out.parent, f"the file {out}", make=True,
+                                       keep=(run.spilled.name,))
             with errors_naming(temporary), open(temporary, "w", encoding="utf-8") as handle:
                 for start in range(0, len(texts), graph.insertion_window):
                     found = _neighbours_of(graph, queries[start:start + graph.insertion_window], batch, on_written)
                     for label, row in enumerate(found, start):
-                        others = [texts[j] for j in row if j != label][:NEIGHBOURS]
-                        handle.write("\t".join([texts[label], *others]) + "\n")
+                        handle.write(_line(texts, label, row))
         fsync_file(temporary)
         os.replace(temporary, out)
     except BaseException:

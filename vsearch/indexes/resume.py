@@ -31,9 +31,9 @@ CHECKPOINT_SHARE = 0.02  # of a run's time spent saving checkpoints, about (over
 STATE = "checkpoint.json"
 
 
-def held_bytes(folder: Path) -> int:
-    """The disk space a checkpoint folder's work takes."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != LOCK_FILE)
+def held_bytes(folder: Path, keep: tuple[str, ...] = ()) -> int:
+    """The disk space a checkpoint folder's work takes, less its files named in `keep`."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name not in (LOCK_FILE, *keep))
 
 
 def partial_folder(out: Path) -> Path:
@@ -87,12 +87,13 @@ class CheckpointFolder:
         self.note(f"{reason}: going on without; a run stopped from here {stopped_then}")
         self.saving_seconds = math.inf
 
-    def room_for_output(self, needed: int, directory: Path, output: str, make: bool) -> None:
+    def room_for_output(self, needed: int, directory: Path, output: str, make: bool, keep: tuple[str, ...] = ()) -> None:
         """Stop unless the disk of `directory` can take the job's `output`, about `needed` bytes,
         counting the space of the checkpoint, which the output supersedes, as free. With `make`
         (the output is about to be written), remove the checkpoint where its space is needed: the
-        alternative is a run that has done all its work failing at its last step."""
-        held = held_bytes(self.path)
+        alternative is a run that has done all its work failing at its last step. Files named in
+        `keep` the job still reads while writing its output: they are neither counted nor removed."""
+        held = held_bytes(self.path, keep)
         then = ("the checkpoint is kept: free some space and run the same command again to resume from it"
                 if make and held else "free some space or write elsewhere")
         if not check_room(directory, needed, output, (held, f"the checkpoint in {self.path}"), then) or not make:
@@ -102,7 +103,7 @@ class CheckpointFolder:
         for child in self.path.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
-            elif child.name != LOCK_FILE:
+            elif child.name not in (LOCK_FILE, *keep):
                 child.unlink()
 
     def write_state(self, state: dict[str, Any]) -> None:
