@@ -2,7 +2,7 @@
 covers, each timed alone (median over batches, the device synchronised around each), then run
 as the job runs them, the next batch prepared on a thread while the model encodes this one.
 
-    python benchmarks/embed_stages.py [--covers 4096] [--batch-size 512] [--device cuda]
+    python benchmarks/embed_stages.py [--covers 4096] [--batch-size 512] [--device cuda] [--model SPEC]
 
 Steps: reading the files (the readers' work, here in this process), JPEG decoding on the device
 (host time of the call beside its device time: the part of decoding the host does), resizing the
@@ -31,8 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from embed_throughput import covers_and_checkpoint, encode_in_flight
-from vsearch.embeddings import load_encoder
+from embed_throughput import RANDOM_MODEL, covers_and_encoder, encode_in_flight
 from vsearch.embeddings.reader import decode_jpegs, jpeg_tensor, transform_by_size
 from vsearch.overlap import read_ahead
 
@@ -104,12 +103,12 @@ def main() -> None:
     parser.add_argument("--covers", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default=None, help=f"an image model's spec (default: {RANDOM_MODEL})")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "embed_stages.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        covers, spec = covers_and_checkpoint(Path(scratch), args.covers)
-        encoder = load_encoder(spec, args.device)
+        covers, encoder = covers_and_encoder(Path(scratch), args.covers, args.model, args.device)
         files = sorted(covers.iterdir())
         read_runs, batches = [], []
         for start in range(0, len(files), args.batch_size):
@@ -153,7 +152,8 @@ def main() -> None:
         for step, (whole, preparing) in overlapped.items():
             table.add_row(step, f"{preparing:.1f}", f"{whole:.1f}", f"{size / whole * 1e3:,.0f}")
         Console().print(table)
-        report = {"date": time.strftime("%Y-%m-%d"), "device": name, "batch_size": size, "batches": len(batches),
+        report = {"date": time.strftime("%Y-%m-%d"), "device": name, "model": args.model or RANDOM_MODEL,
+                  "batch_size": size, "batches": len(batches),
                   "steps_ms": {step: {"host": round(h, 2), "device": round(d, 2)} for step, (h, d) in steps.items()},
                   "overlapped_ms": {step: {"batch": round(ms, 2), "preparing": round(preparing, 2)}
                                     for step, (ms, preparing) in overlapped.items()}}

@@ -1,9 +1,10 @@
 """Embedding throughput: covers/s end to end (JPEG files -> Parquet shards) next to the model alone
 (pre-made tensors already on the device) and the readers alone (the job's input side with no model
-to wait for), for UniCLIP ViT-B/16 with random weights.
+to wait for), for UniCLIP ViT-B/16 with random weights, or the image model `--model` names (its
+checkpoint: uniclip:PATH, open_clip:ARCH:PATH).
 
     python benchmarks/embed_throughput.py [--covers 2048] [--device auto] [--batch-size 256] [--workers 8]
-                                          [--decode auto|both|device|workers[,...]]
+                                          [--decode auto|both|device|workers[,...]] [--model SPEC]
 
 Prints a table and writes JSON (default benchmarks/out/embed_throughput.json). The pipeline's goal
 is at least 90% of model-only throughput: decoding and resizing must keep the device busy.
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from vsearch.embeddings.datasets import Row
 from vsearch.embeddings.job import EmbedConfig, encode_media_shards, one_in_flight, run_embed, total_workers
 from vsearch.embeddings.torch_encoder import PendingOutputs
 from vsearch.embeddings.uniclip import UniClip, UniClipConfig
+from vsearch.errors import VsearchError
 from vsearch.workspace import Workspace
 
 SIZES = [(640, 360), (360, 640), (480, 480), (720, 405)]  # typical cover shapes
@@ -58,19 +61,30 @@ def random_checkpoint(path: Path) -> None:
     torch.save({"state_dict": UniClip(UniClipConfig()).state_dict()}, path)
 
 
-def covers_and_checkpoint(scratch: Path, count: int) -> tuple[Path, str]:
-    """`count` covers in a folder of `scratch` and a UniCLIP checkpoint with random weights beside
-    them: (the covers' folder, the encoder spec)."""
+RANDOM_MODEL = "UniCLIP ViT-B/16 (random weights)"
+
+
+def covers_and_encoder(scratch: Path, count: int, model: str | None, device: str) -> tuple[Path, Any]:
+    """`count` covers in a folder of `scratch`, and the encoder of `model` (a spec; None: UniCLIP
+    with random weights, its checkpoint saved in `scratch`) on `device`."""
+    if model is None:
+        random_checkpoint(scratch / "uniclip-random.pt")
+    try:
+        encoder = load_encoder(model or f"uniclip:{scratch / 'uniclip-random.pt'}", device)
+    except VsearchError as exc:
+        raise SystemExit(f"--model {model}: {exc}") from None
+    if not hasattr(encoder, "encode_pixels"):
+        raise SystemExit(f"--model {model}: covers need an image model (uniclip:PATH or open_clip:ARCH:PATH)")
     (scratch / "covers").mkdir()
     make_covers(scratch / "covers", count)
-    random_checkpoint(scratch / "uniclip-random.pt")
-    return scratch / "covers", f"uniclip:{scratch / 'uniclip-random.pt'}"
+    return scratch / "covers", encoder
 
 
 def model_only(encoder, covers: int, batch_size: int) -> float:
     """Covers/s of the encoder alone on pre-made pixels already on its device, each batch queued
     before the one before it is read back, as the job does."""
-    pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=encoder.device)
+    shape = encoder.pixels([Image.new("RGB", SIZES[0])]).shape[1:]  # the model's input size
+    pixels = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, device=encoder.device)
     encoder.encode_pixels(pixels)  # warm-up: kernels, autotuning
     batches = max(1, covers // batch_size)
     if encoder.device.type == "cuda":
@@ -175,13 +189,13 @@ def main() -> None:
     parser.add_argument("--decode", default="auto",
                         help="where JPEGs are decoded: auto, both, device or workers; several, comma-separated, "
                              "are each run on the same covers")
+    parser.add_argument("--model", default=None, help=f"an image model's spec (default: {RANDOM_MODEL})")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "embed_throughput.json")
     args = parser.parse_args()
 
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
-        covers, spec = covers_and_checkpoint(Path(scratch), args.covers)
-        encoder = load_encoder(spec, args.device)
+        covers, encoder = covers_and_encoder(Path(scratch), args.covers, args.model, args.device)
         alone = model_only(encoder, args.covers, args.batch_size)
         for decode in args.decode.split(","):
             reading = readers_only(encoder, covers, args, decode)
@@ -201,7 +215,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else platform.processor() or "cpu"
     report = {
-        "date": time.strftime("%Y-%m-%d"), "device": device, "model": "UniCLIP ViT-B/16 (random weights)",
+        "date": time.strftime("%Y-%m-%d"), "device": device, "model": args.model or RANDOM_MODEL,
         "covers": args.covers, "batch_size": args.batch_size, "workers": args.workers,
         "model_only_covers_per_s": round(alone, 1), "runs": runs,
     }

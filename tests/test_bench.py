@@ -94,14 +94,22 @@ def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
             "input_s", "model_s", "output_s", "decoding_s"}
 
 
-def test_embed_stages_times_each_step_of_a_batch(tmp_path):
+def test_embed_stages_times_each_step_of_a_batch_of_the_model_named(tmp_path, tiny_uniclip):
     out = tmp_path / "stages.json"
-    run_script("embed_stages.py", "--covers", "8", "--batch-size", "4", "--device", "cpu", "--out", str(out))
+    run_script("embed_stages.py", "--covers", "8", "--batch-size", "4", "--device", "cpu",
+               "--model", f"uniclip:{tiny_uniclip}", "--out", str(out))
     report = json.loads(out.read_text())
-    assert report["batches"] == 2
+    assert report["batches"] == 2 and report["model"] == f"uniclip:{tiny_uniclip}"
     assert set(report["steps_ms"]) == {"read files", "decode JPEGs", "resize", "model"}
     assert all(0 < step["host"] <= step["device"] for step in report["steps_ms"].values())
     assert report["overlapped_ms"] == {}  # the loop's overlap is the GPU's alone
+
+
+def test_the_embed_benchmarks_refuse_a_model_without_an_image_tower(tmp_path):
+    done = run_script("embed_stages.py", "--covers", "8", "--device", "cpu", "--model", "lexical",
+                      "--out", str(tmp_path / "stages.json"), returncode=1)
+    assert done.stderr.strip() == "--model lexical: covers need an image model (uniclip:PATH or open_clip:ARCH:PATH)"
+    assert not (tmp_path / "stages.json").exists()
 
 
 def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count(tmp_path):
