@@ -4,12 +4,13 @@ the recall@10 of the lists in the file, checked here against exact search over a
 listed neighbour scoring as high as the exact 10th counts as found) on a sample of other texts.
 
     python benchmarks/hard_negatives.py [--lines 300000] [--phrases N] [--model lexical] [--sample 1000]
-                                        [--m 32] [--ef-construction 200]
+                                        [--m 32] [--ef-construction 200] [--ef-search N]
 
 The job's checkpoints (see `vsearch/indexes/hard_negatives.py`) are counted with the time they took,
 and the whole time is split into its phases: the graph (reading, encoding and inserting every text),
-the tuning of its search (`ef_search`), and the neighbour lists (searched and written; from the end
-of their first batch, which the tuning's time includes).
+the tuning of its search (`ef_search`; its time includes the checkpoint of the whole graph taken
+before it), and the neighbour lists (searched and written; from the end of their first batch, which
+the tuning's time includes).
 
 The file is made from real query texts (`../shared/data/cbvs20k.txt`, else the demo titles): a
 title and an OCR text of two queries each, every fifth OCR text `\\N`, so texts repeat and share
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--m", type=int, default=GRAPH["M"], help="the graph's M")
     parser.add_argument("--ef-construction", type=int, default=GRAPH["ef_construction"])
+    parser.add_argument("--ef-search", type=int, help="search the lists at this ef_search, measured, not tuned: "
+                                                      "runs alike in the lists' work (default: tuned to the target)")
     parser.add_argument("--sample", type=int, default=1000, help="texts whose neighbours are checked")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/hard_negatives.json"))
     args = parser.parse_args()
@@ -103,7 +106,8 @@ def main() -> None:
             return lambda n: marks.setdefault(name, time.perf_counter() - started)
 
         written = write_hard_negatives(dataset, encoder, out, target_recall=args.target_recall,
-                                       params={"M": args.m, "ef_construction": args.ef_construction},
+                                       params={"M": args.m, "ef_construction": args.ef_construction,
+                                               **({"ef_search": args.ef_search} if args.ef_search else {})},
                                        on_texts=mark("graph"), on_written=mark("tuned"))
         seconds = time.perf_counter() - started
         phases = {"graph": marks["graph"], "tuning": marks["tuned"] - marks["graph"], "lists": seconds - marks["tuned"]}

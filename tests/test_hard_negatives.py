@@ -1,5 +1,7 @@
 """The cbvs10m-HNSW file UniCLIP's trainer reads: one line per distinct OCR text and its 10 nearest others."""
 
+import pytest
+
 from vsearch.embeddings.datasets import open_dataset
 from vsearch.embeddings import load_encoder
 from vsearch.indexes.hard_negatives import read_as_trained, write_hard_negatives
@@ -423,13 +425,15 @@ def test_a_file_the_disk_cannot_take_names_itself_and_the_run_resumes_from_its_c
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full, a file every write to fails as a full disk's")
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
-    out = tmp_path / "cbvs10m-HNSW"
-    out.with_name(out.name + ".tmp").symlink_to("/dev/full")  # where the file is written: every write fails
+    out, lists = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial" / "lists.tmp"
+    lists.parent.mkdir()
+    lists.symlink_to("/dev/full")  # where the file's lines are written: every write fails
     with pytest.raises(OSError) as raised:
         write_hard_negatives(open_dataset(str(source), workspace), Stopping(), out, batch=4)
-    assert (raised.value.strerror, raised.value.filename) == ("No space left on device", f"{out}.tmp")
-    assert not out.exists() and not out.with_name(out.name + ".tmp").is_symlink()
+    assert (raised.value.strerror, raised.value.filename) == ("No space left on device", str(lists))
+    assert not out.exists()
 
+    lists.unlink()  # room made
     encoder, notes = Stopping(), []
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 15 texts already in its graph") and encoder.encoded == []
@@ -496,6 +500,68 @@ def test_a_file_the_disk_has_no_room_for_stops_the_run_before_its_lists_and_keep
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes == [f"resuming the stopped run in {partial}: 15 texts already in its graph"] and encoder.encoded == []
     assert written.texts == 15 and not partial.exists()
+
+
+def stopped_in_its_lists(monkeypatch, workspace, source, out, windows_written):
+    """Run the job on `source` with lists of 4 lines a window, stopped (Ctrl-C) once `windows_written`
+    windows of lines are written."""
+    import pytest
+    from vsearch.indexes import hard_negatives
+
+    searched, search = [], hard_negatives._neighbours_of
+
+    def stopping(graph, queries, batch, on_searched):
+        searched.append(len(queries))
+        if len(searched) > windows_written:
+            raise KeyboardInterrupt
+        return search(graph, queries, batch, on_searched)
+
+    with monkeypatch.context() as stop:
+        stop.setattr(hard_negatives, "_neighbours_of", stopping)
+        with pytest.raises(KeyboardInterrupt):
+            write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4)
+
+
+def test_a_run_stopped_in_its_lists_goes_on_from_the_last_window_of_lines_written(tmp_path, workspace, monkeypatch):
+    from vsearch.indexes.backends import HnswlibBackend
+
+    monkeypatch.setattr(HnswlibBackend, "insertion_window", 4)  # the 15 texts' lines in windows of 4, 4, 4 and 3
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out, partial, reference = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial", tmp_path / "reference"
+    write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), reference, batch=4)
+    lines = reference.read_text(encoding="utf-8").splitlines(keepends=True)
+    stopped_in_its_lists(monkeypatch, workspace, source, out, windows_written=2)
+    assert (partial / "lists.tmp").read_text(encoding="utf-8") == "".join(lines[:8])
+    with open(partial / "lists.tmp", "a", encoding="utf-8") as cut_short:  # as a kill -9 mid-window leaves it
+        cut_short.write(lines[8][:5])
+
+    encoder, notes, written_lines = Stopping(), [], []
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append,
+                                   on_written=written_lines.append)
+    assert notes == [f"resuming the stopped run in {partial}: 15 texts already in its graph",
+                     "resuming its lists: 8 of the 15 texts' lines already written"]
+    assert encoder.encoded == [] and written_lines == [8, 4, 3]  # nothing encoded, inserted or listed again
+    assert out.read_text(encoding="utf-8") == "".join(lines) and written.recall == 1.0 and not partial.exists()
+
+
+@pytest.mark.parametrize("change", ["a text added", "another target recall"])
+def test_lines_searched_otherwise_now_are_written_again(change, tmp_path, workspace, monkeypatch):
+    from vsearch.indexes.backends import HnswlibBackend
+
+    monkeypatch.setattr(HnswlibBackend, "insertion_window", 4)
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out, reference = tmp_path / "cbvs10m-HNSW", tmp_path / "reference"
+    stopped_in_its_lists(monkeypatch, workspace, source, out, windows_written=2)
+    if change == "a text added":  # every list may change
+        write_lines(source, [*LINES, "新的\thttp://c/new.jpg\t大宅门 新的一集"])
+    target = 0.9 if change == "another target recall" else 0.95  # the lines' ef_search is tuned again
+    notes = []
+    write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), out, batch=4,
+                         target_recall=target, note=notes.append)
+    assert notes == [f"resuming the stopped run in {tmp_path / 'cbvs10m-HNSW.partial'}: 15 texts already in its graph"]
+    write_hard_negatives(open_dataset(str(source), workspace), load_encoder("lexical"), reference, batch=4,
+                         target_recall=target)
+    assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")
 
 
 def test_a_stopped_runs_checkpoint_is_listed_with_the_workspace(tmp_path, workspace, every_batch):

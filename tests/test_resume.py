@@ -157,7 +157,7 @@ def test_a_stopped_cbvs10m_hnsw_job_resumes_from_its_last_checkpoint(stop, works
     _, err = process.communicate(timeout=60)
     if stop == signal.SIGINT:
         assert process.returncode == 130 and "Traceback" not in err
-        assert "".join(err.split()).endswith(f"thetextsencodeduptothelastcheckpointarekeptin{partial}:"
+        assert "".join(err.split()).endswith(f"thetextsencodedandthelineswrittenuptothelastcheckpointarekeptin{partial}:"
                                              "runthesamecommandagaintoresumevsearch:interrupted")
     assert not out.exists()
 

@@ -251,7 +251,7 @@ def _write_hard_negatives(ws: Workspace, dataset: str | None, model: str, out: P
                                            on_texts=listed.expect, on_written=listed,
                                            note=lambda line: stderr.print(line))
     except KeyboardInterrupt:
-        _say_where_the_work_is_kept(destination, "the texts encoded up to the last checkpoint")
+        _say_where_the_work_is_kept(destination, "the texts encoded and the lines written up to the last checkpoint")
         raise
     stderr.print(f"{written.texts:,} OCR texts with their nearest neighbours (recall@10 {written.recall:.3f} against "
                  f"exact search at ef_search={written.ef_search}) -> {destination}")

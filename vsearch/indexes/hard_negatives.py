@@ -14,8 +14,11 @@ A run at the real size takes hours, so it keeps its work in `<out>.partial/` and
 command runs again: the graph as hnswlib saves it, the float16 vectors of its texts and
 `checkpoint.json`. The texts are not stored: they are the dataset's first distinct ones, read again
 (not encoded) on resuming, and a digest of them says whether the dataset still begins with them.
-Checkpoints are spaced as `resume.py` says (at 10M texts a save of about 20 GB); the folder is
-removed once the file is written.
+Checkpoints are spaced as `resume.py` says (at 10M texts a save of about 20 GB), and one more is
+taken when the graph holds every text. The lines are written there too (`lists.tmp`), a window at
+a time, each recorded once synced, so that a run stopped in them (at 10M, more than half of the
+run) searches again only the window it was in, with the same `ef_search`. The file is moved into
+place once its last line is written, and the folder removed.
 
 Before writing, `ef_search` is tuned as an index build tunes it: recall@10 of the neighbour lists
 of a sample of texts against exact search over all of them, the cheapest setting that reaches the
@@ -139,6 +142,23 @@ def lists_bytes(graph: HnswlibBackend, queries: np.ndarray, texts: list[str]) ->
     return sample * len(texts) // len(positions)
 
 
+def _write_lists(run: _PartialRun, graph: HnswlibBackend, queries: np.ndarray, texts: list[str],
+                 listed: dict[str, Any], batch: int, on_written: Callable[[int], None]) -> None:
+    """Write the lines of `texts` to `run.lists` from line `listed["lines"]` on (those before are in it
+    already), a window at a time, each recorded once written for a stopped run to go on from."""
+    with errors_naming(run.lists), open(run.lists, "r+b" if listed["lines"] else "w+b") as handle:
+        if listed["lines"]:
+            handle.truncate(listed["bytes"])  # a window a stop cut short
+            handle.seek(listed["bytes"])
+            on_written(listed["lines"])
+        for start in range(listed["lines"], len(texts), graph.insertion_window):
+            found = _neighbours_of(graph, queries[start:start + graph.insertion_window], batch, on_written)
+            for label, row in enumerate(found, start):
+                handle.write(_line(texts, label, row).encode())
+            listed = {**listed, "lines": start + len(found), "bytes": handle.tell()}
+            run.record_lines(handle, listed)
+
+
 def _digest_of(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
@@ -154,7 +174,9 @@ class _PartialRun:
         self.folder = CheckpointFolder(out, "vsearch build-index --layout cbvs10m-hnsw", made_with, note)
         self.dim, self.params, self.note = encoder.dim, params, note
         self.graph, self.spilled = self.folder.path / "graph.hnsw", self.folder.path / "vectors.f16"
+        self.lists = self.folder.path / "lists.tmp"  # the file's lines, until they are all written
         self.saved: dict[str, str] = {}  # texts in the graph on disk -> the digest of those texts
+        self.listed: dict[str, Any] = {}  # the lines in `lists` of the stopped run: see `lists_to_resume`
 
     def resumed(self, stream: Iterator[str]) -> tuple[Any, list[str]]:
         """The graph of a stopped run and its texts, read again from `stream`; or None and the texts
@@ -179,7 +201,31 @@ class _PartialRun:
             return None, texts
         self.note(f"resuming the stopped run in {self.folder.path}: {count:,} texts already in its graph")
         self.saved = {str(count): state["saved"][str(count)]}
+        self.listed = state.get("lists", {})
         return index, texts
+
+    def holds_graph_of(self, count: int) -> bool:
+        """Whether the checkpoint on disk is the graph of the first `count` texts."""
+        return str(count) in self.saved and self.graph.exists()
+
+    def lists_to_resume(self, count: int, chosen_by: dict[str, Any]) -> dict[str, Any] | None:
+        """What the stopped run wrote of the lines of these `count` texts, searched with the graph on
+        disk and an ef_search `chosen_by` the same setting: {texts, chosen_by, ef_search, recall,
+        lines, bytes}; None where it wrote none of theirs."""
+        listed = self.listed
+        if (not self.holds_graph_of(count) or listed.get("texts") != count or listed.get("chosen_by") != chosen_by
+                or not self.lists.exists() or self.lists.stat().st_size < listed["bytes"]):
+            return None
+        return listed
+
+    def record_lines(self, handle: IO[bytes], listed: dict[str, Any]) -> None:
+        """Sync the lines in `handle` and record them (`listed`) beside the graph they were searched in,
+        unless that graph is no longer on disk (removed to make room for the file)."""
+        with errors_naming(self.lists):
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self.holds_graph_of(listed["texts"]):
+            self.folder.write_state({"saved": self.saved, "lists": listed})
 
     def vectors(self, count: int) -> IO[bytes]:
         """The file of the graph's float16 vectors, open for adding to its first `count`."""
@@ -216,8 +262,8 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                          on_texts: Callable[[int], None] = lambda n: None,
                          on_written: Callable[[int], None] = lambda n: None,
                          note: Callable[[str], None] = lambda line: None) -> HardNegatives:
-    """Write the file for `dataset` to `out` (via a temporary file), going on from a stopped run's
-    checkpoint where there is one. Progress: `on_lines(n)` as lines of the dataset are read and
+    """Write the file for `dataset` to `out` (its lines gathered in the checkpoint folder, then moved),
+    going on from a stopped run's checkpoint where there is one. Progress: `on_lines(n)` as lines of the dataset are read and
     their new texts encoded (a resumed run's texts are read, not encoded), `on_line_count(n)` once
     with the lines of a local file (counted on another thread), `on_texts(n)` once with the number
     of distinct texts, `on_written(n)` as their neighbour lines are written (at 10M, minutes of
@@ -227,7 +273,6 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
         raise VsearchError(f"dataset {dataset.name} has no OCR texts (format {dataset.format})")
     params = graph_params(params or {})
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
     run = _PartialRun(out, encoder, params, note)
     try:
         counting = in_background(dataset.expected_rows, on_line_count)
@@ -275,22 +320,26 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             with errors_naming(run.spilled):
                 spilled.flush()
             queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
-            params["ef_search"], reached = _chosen_ef(graph, queries, target_recall, params.get("ef_search"))
+            if not run.holds_graph_of(len(texts)) and run.folder.due(spaced=False):
+                run.checkpoint(index, spilled, texts)  # the whole graph, for a run stopped in its lists to go on from
+            chosen_by = ({"ef_search": params["ef_search"]} if "ef_search" in params
+                         else {"target_recall": target_recall})
+            listed = run.lists_to_resume(len(texts), chosen_by)
+            if listed is None:
+                ef_search, reached = _chosen_ef(graph, queries, target_recall, params.get("ef_search"))
+                listed = {"texts": len(texts), "chosen_by": chosen_by, "ef_search": ef_search, "recall": reached,
+                          "lines": 0, "bytes": 0}
+            else:
+                graph.set_search({"ef_search": listed["ef_search"]})
+                note(f"resuming its lists: {listed['lines']:,} of the {len(texts):,} texts' lines already written")
+            params["ef_search"], reached = listed["ef_search"], listed["recall"]
             # Now rather than when the disk fills partway through the lists (minutes of search at 10M).
             # The checkpoint's graph, which the file supersedes, goes first where that makes room; its
-            # vectors are the queries still.
-            run.folder.room_for_output(lists_bytes(graph, queries, texts), out.parent, f"the file {out}", make=True,
-                                       keep=(run.spilled.name,))
-            with errors_naming(temporary), open(temporary, "w", encoding="utf-8") as handle:
-                for start in range(0, len(texts), graph.insertion_window):
-                    found = _neighbours_of(graph, queries[start:start + graph.insertion_window], batch, on_written)
-                    for label, row in enumerate(found, start):
-                        handle.write(_line(texts, label, row))
-        fsync_file(temporary)
-        os.replace(temporary, out)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+            # vectors are the queries still, and the lines written are the file's.
+            run.folder.room_for_output(lists_bytes(graph, queries, texts) - listed["bytes"], out.parent,
+                                       f"the file {out}", make=True, keep=(run.spilled.name, run.lists.name))
+            _write_lists(run, graph, queries, texts, listed, batch, on_written)
+        os.replace(run.lists, out)
     finally:
         run.folder.close()
     run.folder.remove()

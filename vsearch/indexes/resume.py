@@ -68,7 +68,11 @@ class CheckpointFolder:
                                    "it to resume it, or delete the folder to start over")
         return state
 
-    def due(self) -> bool:
+    def due(self, spaced: bool = True) -> bool:
+        """Whether to save a checkpoint now: when spaced as the module says or, not `spaced`, whenever
+        the run still saves them (it goes on without once one found no room or failed)."""
+        if not spaced:
+            return self.saving_seconds != math.inf
         return self.saving_seconds <= CHECKPOINT_SHARE * (time.monotonic() - self.saved_at)
 
     def has_room(self, needed: int, last_saved: str | None) -> bool:
