@@ -262,13 +262,14 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                          on_texts: Callable[[int], None] = lambda n: None,
                          on_written: Callable[[int], None] = lambda n: None,
                          note: Callable[[str], None] = lambda line: None) -> HardNegatives:
-    """Write the file for `dataset` to `out` (its lines gathered in the checkpoint folder, then moved),
-    going on from a stopped run's checkpoint where there is one. Progress: `on_lines(n)` as lines of the dataset are read and
-    their new texts encoded (a resumed run's texts are read, not encoded), `on_line_count(n)` once
-    with the lines of a local file (counted on another thread), `on_texts(n)` once with the number
-    of distinct texts, `on_written(n)` as their neighbour lines are written (at 10M, minutes of
-    graph search); `note(line)` says what became of a stopped run. `params` as `graph_params`
-    takes them; `threads` as a build's (-1: every core)."""
+    """Write the file for `dataset` to `out` (its lines gathered in the checkpoint folder, then
+    moved), going on from a stopped run's checkpoint where there is one. Progress: `on_lines(n)` as
+    lines of the dataset are read and their new texts encoded (a resumed run's texts are read, not
+    encoded), `on_line_count(n)` once with the lines of a local file (counted on another thread),
+    `on_texts(n)` once with the number of distinct texts, `on_written(n)` as their neighbour lines
+    are written (at 10M, minutes of graph search; a resumed run's written lines at once);
+    `note(line)` says what became of a stopped run. `params` as `graph_params` takes them;
+    `threads` as a build's (-1: every core)."""
     if not dataset.has_text:
         raise VsearchError(f"dataset {dataset.name} has no OCR texts (format {dataset.format})")
     params = graph_params(params or {})
