@@ -6,6 +6,7 @@ import json
 import platform
 import random
 import re
+import shutil
 import socket
 import threading
 import time
@@ -43,6 +44,12 @@ def huge_page_advised_bytes() -> int:
         elif line.startswith("VmFlags:") and " hg" in line:
             total += size
     return total
+
+
+def disk_with_free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """`shutil.disk_usage` says every disk has `free` bytes free."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
 
 
 @dataclass

@@ -5,7 +5,7 @@ import pytest
 from vsearch.embeddings.datasets import open_dataset
 from vsearch.embeddings import load_encoder
 from vsearch.indexes.hard_negatives import read_as_trained, write_hard_negatives
-from tests.conftest import huge_page_advised_bytes, needs_huge_pages
+from tests.conftest import disk_with_free, huge_page_advised_bytes, needs_huge_pages
 
 LINES = [
     "大宅门演员表\thttp://c/1.jpg\t大宅门 演员表",
@@ -448,16 +448,13 @@ LONG_LINES = [f"标题{i}\thttp://c/{i}.jpg\t{'大宅门演员表现在都怎么
 def disk_short_of_the_file_by(monkeypatch, short_by):
     """The disk's free space, once the file's size is estimated, `short_by(graph bytes)` under it;
     return the estimates."""
-    import shutil
-
     from vsearch.indexes import hard_negatives
 
-    estimate, estimates, usage = hard_negatives.lists_bytes, [], shutil.disk_usage
+    estimate, estimates = hard_negatives.lists_bytes, []
 
     def estimated(graph, queries, texts):
         estimates.append(estimate(graph, queries, texts))
-        free = estimates[-1] - short_by(graph.index.index_file_size())
-        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=free))
+        disk_with_free(monkeypatch, estimates[-1] - short_by(graph.index.index_file_size()))
         return estimates[-1]
 
     monkeypatch.setattr(hard_negatives, "lists_bytes", estimated)

@@ -19,7 +19,7 @@ from vsearch.embeddings.shards import MANIFEST, Manifest
 from vsearch.errors import VsearchError, human_size
 from vsearch.files import sha256_of, write_json_atomic
 from vsearch.workspace import Workspace
-from tests.conftest import edit_lines, random_cover_line, write_cbvs_covers
+from tests.conftest import disk_with_free, edit_lines, random_cover_line, write_cbvs_covers
 
 
 def rows_of(directory):
@@ -166,11 +166,6 @@ def test_a_shard_the_disk_cannot_take_is_one_line_naming_it_and_a_rerun_resumes(
     again = run_embed(config, workspace)
     assert again.shards_written + again.shards_skipped == 3 and again.shards_written >= 1
     assert rows_of(config.out) == rows_of(run_embed(replace(config, workers=0, out=tmp_path / "whole"), workspace).directory)
-
-
-def disk_with_free(monkeypatch, free):
-    real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
 
 
 def test_a_writer_forecasts_the_room_its_rows_to_come_need_from_the_bytes_a_row_its_shards_took(tmp_path, monkeypatch):
