@@ -73,10 +73,10 @@ def run_script(script: str, *args: str, returncode: int = 0) -> subprocess.Compl
     return done
 
 
-def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path):
+def test_embed_throughput_compares_the_pipeline_with_the_model_alone(tmp_path, tiny_uniclip):
     out = tmp_path / "embed.json"
     run_script("embed_throughput.py", "--covers", "12", "--batch-size", "4", "--workers", "1", "--device", "cpu",
-               "--decode", "workers,both", "--out", str(out))
+               "--decode", "workers,both", "--model", f"uniclip:{tiny_uniclip}", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["covers"] == 12 and report["model_only_covers_per_s"] > 0
     workers, both = report["runs"]
