@@ -123,7 +123,6 @@ def test_by_default_its_graph_is_built_and_searched_on_every_core(tmp_path, work
     import threading
 
     import hnswlib
-    import pytest
 
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: nothing to spread over")
@@ -196,8 +195,6 @@ def write_lines(path, lines):
 
 
 def test_a_stopped_run_goes_on_from_its_last_checkpoint(tmp_path, workspace, every_batch):
-    import pytest
-
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out = tmp_path / "cbvs10m-HNSW"
     out.write_text("the file of an earlier run\n", encoding="utf-8")
@@ -223,7 +220,6 @@ def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first
         tmp_path, workspace, monkeypatch):
     import hnswlib
     import numpy as np
-    import pytest
     from vsearch.indexes import resume
     from vsearch.indexes.backends import HnswlibBackend
 
@@ -283,7 +279,6 @@ def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first
 def test_a_run_stopped_while_saving_its_graph_goes_on_from_the_graph_saved_before(tmp_path, workspace, monkeypatch,
                                                                                    every_batch):
     import hnswlib
-    import pytest
 
     saves = []
 
@@ -308,7 +303,6 @@ def test_a_run_stopped_while_saving_its_graph_goes_on_from_the_graph_saved_befor
 
 
 def test_a_stopped_run_is_not_mixed_with_other_settings_or_other_texts(tmp_path, workspace, every_batch):
-    import pytest
     from vsearch.errors import VsearchError
     from vsearch.files import lock_folder
 
@@ -337,8 +331,6 @@ def test_a_stopped_run_is_not_mixed_with_other_settings_or_other_texts(tmp_path,
 
 
 def test_lines_added_to_the_dataset_after_a_stop_are_taken_on_resuming(tmp_path, workspace, every_batch):
-    import pytest
-
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out = tmp_path / "cbvs10m-HNSW"
     with pytest.raises(KeyboardInterrupt):
@@ -351,7 +343,6 @@ def test_lines_added_to_the_dataset_after_a_stop_are_taken_on_resuming(tmp_path,
 
 
 def test_too_few_texts_leave_no_stopped_run_behind(tmp_path, workspace):
-    import pytest
     from vsearch.errors import VsearchError
 
     source = write_lines(tmp_path / "cbvs10m.txt", LINES[:1])
@@ -364,8 +355,6 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
                                                                               every_batch):
     import shutil
     from collections import namedtuple
-
-    import pytest
 
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
@@ -394,8 +383,6 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
 def test_a_checkpoint_the_disk_cannot_take_leaves_the_last_one(tmp_path, workspace, every_batch):
     import os
 
-    import pytest
-
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full, a file every write to fails as a full disk's")
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
@@ -419,8 +406,6 @@ def test_a_checkpoint_the_disk_cannot_take_leaves_the_last_one(tmp_path, workspa
 def test_a_file_the_disk_cannot_take_names_itself_and_the_run_resumes_from_its_checkpoint(tmp_path, workspace,
                                                                                           every_batch):
     import os
-
-    import pytest
 
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full, a file every write to fails as a full disk's")
@@ -479,7 +464,6 @@ def test_the_file_takes_the_room_of_the_checkpoints_graph_where_the_disk_needs_i
 
 def test_a_file_the_disk_has_no_room_for_stops_the_run_before_its_lists_and_keeps_the_checkpoint(
         tmp_path, workspace, monkeypatch, every_batch):
-    import pytest
     from vsearch.errors import VsearchError
 
     source = write_lines(tmp_path / "cbvs10m.txt", LONG_LINES)
@@ -502,7 +486,6 @@ def test_a_file_the_disk_has_no_room_for_stops_the_run_before_its_lists_and_keep
 def stopped_in_its_lists(monkeypatch, workspace, source, out, windows_written):
     """Run the job on `source` with lists of 4 lines a window, stopped (Ctrl-C) once `windows_written`
     windows of lines are written."""
-    import pytest
     from vsearch.indexes import hard_negatives
 
     searched, search = [], hard_negatives._neighbours_of
@@ -562,7 +545,6 @@ def test_lines_searched_otherwise_now_are_written_again(change, tmp_path, worksp
 
 
 def test_a_stopped_runs_checkpoint_is_listed_with_the_workspace(tmp_path, workspace, every_batch):
-    import pytest
     from vsearch.listing import checkpoints_listing
 
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
