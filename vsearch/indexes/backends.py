@@ -511,7 +511,10 @@ class IvfPqBackend(FaissBackend):
 
     @staticmethod
     def factory_string(dim: int, params: dict[str, int]) -> str:
-        quantiser = f"IVF{params['nlist']},PQ{params['m']}x{params['nbits']}"
+        # "np": no polysemous training, which FAISS's factory does by default. It orders the PQ
+        # centroids for Hamming-distance filtering, which vsearch never searches with, and took a
+        # quarter of the training time on 50k x 512 and nine tenths on the tests' 3,000 x 64.
+        quantiser = f"IVF{params['nlist']},PQ{params['m']}x{params['nbits']}np"
         return f"OPQ{params['m']}_{dim},{quantiser}" if params["opq"] else quantiser
 
     @classmethod
