@@ -105,11 +105,15 @@ def test_embed_stages_times_each_step_of_a_batch_of_the_model_named(tmp_path, ti
     assert report["overlapped_ms"] == {}  # the loop's overlap is the GPU's alone
 
 
-def test_the_embed_benchmarks_refuse_a_model_without_an_image_tower(tmp_path):
-    done = run_script("embed_stages.py", "--covers", "8", "--device", "cpu", "--model", "lexical",
-                      "--out", str(tmp_path / "stages.json"), returncode=1)
-    assert done.stderr.strip() == "--model lexical: covers need an image model (uniclip:PATH or open_clip:ARCH:PATH)"
-    assert not (tmp_path / "stages.json").exists()
+def test_the_embed_benchmarks_refuse_a_model_without_an_image_tower(tmp_path, monkeypatch):
+    # Both scripts take their covers and encoder from here; in this process, it spares a start of torch.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from embed_throughput import covers_and_encoder
+
+    with pytest.raises(SystemExit) as refused:
+        covers_and_encoder(tmp_path, 8, "lexical", "cpu")
+    assert str(refused.value) == "--model lexical: covers need an image model (uniclip:PATH or open_clip:ARCH:PATH)"
+    assert list(tmp_path.iterdir()) == []  # no covers made
 
 
 def test_build_threads_compares_the_hnsw_build_with_hnswlib_at_each_thread_count(tmp_path):
