@@ -52,7 +52,14 @@ def make_cover(folder: Path, index: int) -> None:
 
 
 def make_covers(folder: Path, count: int) -> None:
-    with multiprocessing.get_context("spawn").Pool() as pool:  # tens of thousands for a GPU run
+    # A cover takes about 3 ms and a spawned worker's start (this script, torch, open_clip) about
+    # 5 s: workers only where each has 2,048 or more to make (a GPU run's tens of thousands).
+    workers = min(multiprocessing.cpu_count(), count // 2048)
+    if workers < 2:
+        for index in range(count):
+            make_cover(folder, index)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         pool.map(functools.partial(make_cover, folder), range(count), chunksize=256)
 
 
