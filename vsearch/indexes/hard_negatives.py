@@ -120,12 +120,17 @@ def _neighbours_of(graph: HnswlibBackend, queries: np.ndarray, batch: int,
     time, near ones one after another as the graph inserts its later windows: they read the same
     part of the graph, still in the cache (1.3 times as fast at 550k texts, benchmarks/RESULTS.md)."""
     order = graph.near_first(queries)
-    found = np.empty((len(queries), min(NEIGHBOURS + 1, len(graph))), np.int64)
+    found = np.empty((len(queries), _search_width(len(graph))), np.int64)
     for start in range(0, len(queries), batch):
         part = order[start:start + batch]
         found[part] = graph.search(np.asarray(queries[part], np.float32), found.shape[1])[1]
         on_searched(len(part))
     return found
+
+
+def _search_width(texts: int) -> int:
+    """How many labels to search for, a text's nearest others and, as a rule, itself."""
+    return min(NEIGHBOURS + 1, texts)
 
 
 def _line(texts: list[str], label: int, found: np.ndarray) -> str:
@@ -137,7 +142,7 @@ def lists_bytes(graph: HnswlibBackend, queries: np.ndarray, texts: list[str]) ->
     """About the size of the file: the lines of a sample of the texts, scaled up. Not from the texts'
     average length: the texts most often listed as neighbours are shorter (16% over at 60k texts)."""
     positions = sample_positions(len(texts), RECALL_SAMPLE, seed=2)
-    found = graph.search(np.asarray(queries[positions], np.float32), min(NEIGHBOURS + 1, len(texts)))[1]
+    found = graph.search(np.asarray(queries[positions], np.float32), _search_width(len(texts)))[1]
     sample = sum(len(_line(texts, int(label), row).encode()) for label, row in zip(positions, found))
     return sample * len(texts) // len(positions)
 
@@ -321,7 +326,7 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
             with errors_naming(run.spilled):
                 spilled.flush()
             queries = np.memmap(spilled, np.float16, mode="r", shape=(len(texts), encoder.dim))
-            if not run.holds_graph_of(len(texts)) and run.folder.due(spaced=False):
+            if not run.holds_graph_of(len(texts)) and run.folder.saves_checkpoints:
                 run.checkpoint(index, spilled, texts)  # the whole graph, for a run stopped in its lists to go on from
             chosen_by = ({"ef_search": params["ef_search"]} if "ef_search" in params
                          else {"target_recall": target_recall})

@@ -68,12 +68,14 @@ class CheckpointFolder:
                                    "it to resume it, or delete the folder to start over")
         return state
 
-    def due(self, spaced: bool = True) -> bool:
-        """Whether to save a checkpoint now: when spaced as the module says or, not `spaced`, whenever
-        the run still saves them (it goes on without once one found no room or failed)."""
-        if not spaced:
-            return self.saving_seconds != math.inf
+    def due(self) -> bool:
+        """Whether to save a checkpoint now, spaced as the module says."""
         return self.saving_seconds <= CHECKPOINT_SHARE * (time.monotonic() - self.saved_at)
+
+    @property
+    def saves_checkpoints(self) -> bool:
+        """Whether the run still saves checkpoints: it goes on without once one found no room or failed."""
+        return self.saving_seconds != math.inf
 
     def has_room(self, needed: int, last_saved: str | None) -> bool:
         """Whether the disk has `needed` bytes free for the next checkpoint. Where it has not, the run goes
