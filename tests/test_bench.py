@@ -196,6 +196,21 @@ def test_loaded_hnsw_compares_vsearchs_load_with_hnswlibs_own(tmp_path):
     assert all(ratio > 0 for ratio in report["time_over_hnswlib"].values())
 
 
+def test_coarse_lists_compares_the_centroid_scan_with_the_hnsw_graph(tmp_path):
+    out = tmp_path / "coarse.json"
+    run_script("coarse_lists.py", "--lists", "256,512", "--nprobe", "4,16", "--dim", "32", "--queries", "20",
+               "--assign", "500", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert [r["lists"] for r in results] == [256, 512]
+    for result in results:
+        assert [row["nprobe"] for row in result["search"]] == [4, 16]
+        assert all(row["scan_ms"] > 0 and row["graph_ms"] > 0 and row["lists_shared"] >= 0.9
+                   for row in result["search"])
+        assert result["assign"]["vectors"] == 500 and result["assign"]["same_list"] >= 0.9
+    done = run_script("coarse_lists.py", "--lists", "4k", returncode=2)
+    assert "--lists and --nprobe take comma-separated whole numbers" in done.stderr
+
+
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):
     out = tmp_path / "latency.json"
     run_script("query_latency.py", "--queries", "5", "--synthetic", "3000", "--device", "cpu", "--out", str(out))

@@ -283,14 +283,52 @@ def test_ivfpq_builds_on_a_dimension_no_usual_code_size_divides(tmp_path):
     assert (ids[:, 0] == [f"doc{i}" for i in range(20)]).mean() >= 0.9
 
 
-def test_ivfpq_asked_for_every_vector_probes_every_list(tmp_path):
+@pytest.mark.parametrize("coarse_hnsw", [0, 1])
+def test_ivfpq_asked_for_every_vector_ranks_every_one(coarse_hnsw, tmp_path):
     vectors = clustered(300)
-    build_index(BuildConfig(type="ivfpq", params={"nprobe": 1}), open_source(write_parquet(tmp_path / "byo", vectors)),
-                tmp_path / "index")
+    build_index(BuildConfig(type="ivfpq", params={"nprobe": 1, "coarse_hnsw": coarse_hnsw}),
+                open_source(write_parquet(tmp_path / "byo", vectors)), tmp_path / "index")
     delete_ids(tmp_path / "index", [f"doc{i}" for i in range(0, 300, 3)])
     scores, ids = load_index(tmp_path / "index").search(vectors[:2], 200)  # the 200 left, wherever they are
     assert all(sorted(row) == sorted(f"doc{i}" for i in range(300) if i % 3) for row in ids)
     assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_ivfpq_finds_its_lists_through_an_hnsw_graph_from_about_ten_million_vectors():
+    from vsearch.indexes.backends import IvfPqBackend
+    from vsearch.indexes.tuning import choose_build_params
+
+    def chosen(count):
+        return choose_build_params("ivfpq", IvfPqBackend.build_params, count, 512, {}, None, 0.95)
+
+    ten, fewer = chosen(10_000_000), chosen(1_000_000)
+    assert (ten.params["nlist"], ten.params["coarse_hnsw"]) == (16384, 1)
+    assert "coarse_hnsw=1: the 16,384 lists found through an HNSW graph of their centroids, not a scan of them all" \
+        in ten.reasons
+    assert (fewer.params["nlist"], fewer.params["coarse_hnsw"]) == (4096, 0)
+    assert "coarse_hnsw=0: the 4,096 lists' centroids scanned, few enough" in fewer.reasons
+    assert IvfPqBackend.factory_string(512, ten.params) == "OPQ64_512,IVF16384_HNSW32,PQ64x8np"
+
+
+def test_ivfpq_lists_found_through_an_hnsw_graph_serve_search_append_and_deletes(byo, tmp_path):
+    folder, vectors = byo
+    info = build_index(BuildConfig(type="ivfpq", params={"coarse_hnsw": 1}), open_source(folder), tmp_path / "index")
+    assert info["recall"]["recall@10"] >= 0.95
+    raw = faiss.read_index(str(tmp_path / "index" / "index.faiss"))  # plain FAISS reads the graph too
+    graph = faiss.downcast_index(faiss.extract_index_ivf(raw).quantizer)
+    assert isinstance(graph, faiss.IndexHNSWFlat) and graph.ntotal == info["params"]["nlist"]
+    index = load_index(tmp_path / "index")
+    index.set_search(nprobe=info["params"]["nlist"])  # every list: what a scan of the centroids would find
+    _, ids = index.search(vectors[:50], 10)
+    assert np.mean([len(set(row) & {f"doc{i}" for i in truth}) / 10
+                    for row, truth in zip(ids, exact(vectors, vectors[:50], 10))]) >= 0.95
+    write_parquet(tmp_path / "more", clustered(500, seed=3), 3000)
+    append_index(tmp_path / "index", open_source(tmp_path / "more"))
+    assert delete_ids(tmp_path / "index", ["doc3000", "doc0"]) == (2, [])
+    index = load_index(tmp_path / "index")
+    _, ids = index.search(clustered(500, seed=3)[:5], 3)  # the appended doc3000 to doc3004
+    assert len(index) == 3498 and "doc3000" not in ids.ravel()
+    assert list(ids[1:, 0]) == ["doc3001", "doc3002", "doc3003", "doc3004"]
 
 
 def test_too_few_vectors_to_train_ivfpq_is_a_clear_error(tmp_path):

@@ -40,13 +40,18 @@ EXACT_BATCH = 16_384
 EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
 NPROBE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
+# From this many IVF lists on (N about 10M), an HNSW graph finds a query's lists (backends.COARSE_HNSW_M);
+# at 4,096 lists (1M) it saved nothing over a scan of the centroids. COARSE_GRAPH_BYTES is its
+# memory per list, about the 64 links each holds at its base level.
+COARSE_HNSW_LISTS, COARSE_GRAPH_BYTES = 16_384, 64 * 4
 
 T = TypeVar("T")
 
 
 # Each parameter's least (and greatest, where it has one) value; every other parameter is at least
 # 1. The libraries fail badly outside them: hnswlib crashes the process on M=0.
-PARAM_RANGES: dict[str, tuple[int, int | None]] = {"M": (2, None), "opq": (0, 1), "nbits": (1, 16)}
+PARAM_RANGES: dict[str, tuple[int, int | None]] = {"M": (2, None), "opq": (0, 1), "nbits": (1, 16),
+                                                   "coarse_hnsw": (0, 1)}
 
 
 def check_params(params: dict[str, int]) -> None:
@@ -79,7 +84,8 @@ def memory_bytes(index_type: str, count: int, dim: int, params: dict[str, int]) 
     if index_type == "hnsw":
         return count * (dim * 4 + params["M"] * 2 * 4 + 64)
     rotation = dim * dim * 4 if params.get("opq") else 0
-    return count * (params["m"] + 8) + params["nlist"] * dim * 4 + rotation
+    centroids = params["nlist"] * (dim * 4 + (COARSE_GRAPH_BYTES if params.get("coarse_hnsw") else 0))
+    return count * (params["m"] + 8) + centroids + rotation
 
 
 def refinement_bytes(index_type: str, count: int, dim: int) -> int:
@@ -158,11 +164,15 @@ def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | Non
     # and no OPQ rotation, which would cost more to train than it could win back.
     nbits = max(1, min(8, int(math.log2(max(train, 2) / 39)) if train >= 78 else 1))
     opq = int(nbits == 8)
-    choice.params.update(nlist=nlist, m=m, nbits=nbits, opq=opq, train_size=train)
+    coarse_hnsw = int(nlist >= COARSE_HNSW_LISTS)
+    choice.params.update(nlist=nlist, m=m, nbits=nbits, opq=opq, train_size=train, coarse_hnsw=coarse_hnsw)
     choice.reasons += [f"nlist={nlist}: about 4*sqrt(N) inverted lists for N={count:,}",
                        f"train_size={train:,}: vectors sampled to train the quantisers", why,
                        f"nbits={nbits}, opq={opq}: " + ("8-bit codes behind a learned OPQ rotation" if opq else
                                                         "too few vectors for 8-bit codes and an OPQ rotation"),
+                       f"coarse_hnsw={coarse_hnsw}: " + (f"the {nlist:,} lists found through an HNSW graph of their "
+                                                         "centroids, not a scan of them all" if coarse_hnsw else
+                                                         f"the {nlist:,} lists' centroids scanned, few enough"),
                        "refinement re-scores k*k_factor candidates on the float16 vectors, read from disk"]
 
 
