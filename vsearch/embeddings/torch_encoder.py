@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from vsearch.embeddings.encoders import DEVICES, l2_normalise
@@ -34,6 +35,11 @@ def resolve_device(device: str) -> torch.device:
         if (resolved.index or 0) >= count:
             raise VsearchError(f"--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return resolved
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB: a preprocessing step that reader processes unpickle from this light module."""
+    return image.convert("RGB")
 
 
 def split_preprocess(preprocess: Callable) -> tuple[Callable, Normalize | None]:
