@@ -353,9 +353,6 @@ def test_too_few_texts_leave_no_stopped_run_behind(tmp_path, workspace):
 
 def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(tmp_path, workspace, monkeypatch,
                                                                               every_batch):
-    import shutil
-    from collections import namedtuple
-
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)
     out, partial = tmp_path / "cbvs10m-HNSW", tmp_path / "cbvs10m-HNSW.partial"
     with pytest.raises(KeyboardInterrupt):
@@ -369,9 +366,7 @@ def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(t
     assert notes[0].endswith("): starting over")
     assert sum(len(chunk) for chunk in encoder.encoded) == 12
 
-    usage = namedtuple("usage", "total used free")
-    # Room for the file (3.6 KiB), none for a checkpoint (34 KiB)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 8000, 8000))
+    disk_with_free(monkeypatch, 8000)  # room for the file (3.6 KiB), none for a checkpoint (34 KiB)
     encoder, notes = Stopping(), []
     written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=4, note=notes.append)
     assert notes[0].endswith(": 12 texts already in its graph")

@@ -22,7 +22,7 @@ from vsearch.indexes.index import read_index_manifest
 from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at
 from vsearch.indexes.vectors import open_source
-from tests.conftest import can_collapse, needs_huge_pages, write_cbvs_covers
+from tests.conftest import can_collapse, disk_with_free, needs_huge_pages, write_cbvs_covers
 
 TYPES = [("flat", None), ("hnsw", None), ("hnsw", "faiss"), ("ivfpq", None)]
 
@@ -360,16 +360,13 @@ def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
 
 
 def test_an_append_without_room_for_the_index_leaves_it_as_it_was(byo, tmp_path, monkeypatch):
-    from collections import namedtuple
-
     folder, vectors = byo
     first = tmp_path / "first"
     write_parquet(first, vectors[:1500], 0, "part-0.parquet")
     path = tmp_path / "index"
     build_index(BuildConfig(), open_source(first), path)
     write_parquet(first, vectors[1500:], 1500, "part-1.parquet")
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage(1 << 30, (1 << 30) - 2**20, 2**20))
+    disk_with_free(monkeypatch, 2**20)
     # The graph of 3,000 vectors is written anew beside the old one.
     with pytest.raises(VsearchError, match=rf"^no room for the index {path}: it needs about 1.6 MiB, and {tmp_path} has "
                                            r"1.0 MiB free; free some space or write elsewhere$"):
