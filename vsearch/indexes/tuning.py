@@ -26,7 +26,7 @@ from typing import TypeVar
 import numpy as np
 
 from vsearch.errors import VsearchError, human_size
-from vsearch.indexes.backends import exact_top_k, merged_top_k
+from vsearch.indexes.backends import COARSE_HNSW_M, exact_top_k, merged_top_k
 from vsearch.indexes.vectors import VectorFile, VectorSource
 
 RECALL_K = 10
@@ -41,9 +41,8 @@ EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
 NPROBE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
 # From this many IVF lists on (N about 10M), an HNSW graph finds a query's lists (backends.COARSE_HNSW_M);
-# at 4,096 lists (1M) it saved nothing over a scan of the centroids. COARSE_GRAPH_BYTES is its
-# memory per list, about the 64 links each holds at its base level.
-COARSE_HNSW_LISTS, COARSE_GRAPH_BYTES = 16_384, 64 * 4
+# at 4,096 lists (1M) it saved nothing over a scan of the centroids.
+COARSE_HNSW_LISTS = 16_384
 
 T = TypeVar("T")
 
@@ -84,7 +83,8 @@ def memory_bytes(index_type: str, count: int, dim: int, params: dict[str, int]) 
     if index_type == "hnsw":
         return count * (dim * 4 + params["M"] * 2 * 4 + 64)
     rotation = dim * dim * 4 if params.get("opq") else 0
-    centroids = params["nlist"] * (dim * 4 + (COARSE_GRAPH_BYTES if params.get("coarse_hnsw") else 0))
+    graph = 2 * COARSE_HNSW_M * 4 if params.get("coarse_hnsw") else 0  # a list's links at the graph's base level
+    centroids = params["nlist"] * (dim * 4 + graph)
     return count * (params["m"] + 8) + centroids + rotation
 
 
