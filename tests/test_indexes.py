@@ -310,6 +310,21 @@ def test_ivfpq_finds_its_lists_through_an_hnsw_graph_from_about_ten_million_vect
     assert IvfPqBackend.factory_string(512, ten.params) == "OPQ64_512,IVF16384_HNSW32,PQ64x8np"
 
 
+def test_ivfpq_trains_on_the_39_vectors_per_list_faiss_asks_for_however_many_lists_there_are():
+    from vsearch.indexes.backends import IvfPqBackend
+    from vsearch.indexes.tuning import choose_build_params
+
+    def chosen(count, **overrides):
+        return choose_build_params("ivfpq", IvfPqBackend.build_params, count, 512, overrides, None, 0.95)
+
+    assert chosen(10_000_000).params["train_size"] == 655_360  # 16,384 lists
+    assert chosen(1_000_000).params["train_size"] == 163_840  # 4,096 lists
+    yours = chosen(1_000_000, nlist=16384)  # what follows from nlist follows the user's nlist
+    assert (yours.params["train_size"], yours.params["coarse_hnsw"]) == (655_360, 1)
+    assert [r for r in yours.reasons if r.startswith("nlist=")] == ["nlist=16384: set by you"]
+    assert chosen(1_000_000, nlist=16384, train_size=200_000).params["train_size"] == 200_000
+
+
 def test_ivfpq_lists_found_through_an_hnsw_graph_serve_search_append_and_deletes(byo, tmp_path):
     folder, vectors = byo
     info = build_index(BuildConfig(type="ivfpq", params={"coarse_hnsw": 1}), open_source(folder), tmp_path / "index")

@@ -105,7 +105,7 @@ def choose_build_params(index_type: str, defaults: dict[str, int], count: int, d
     if index_type == "hnsw":
         _choose_hnsw(choice, target_recall)
     elif index_type == "ivfpq":
-        _choose_ivfpq(choice, count, dim, memory_budget, target_recall)
+        _choose_ivfpq(choice, count, dim, memory_budget, target_recall, overrides.get("nlist"))
     for key, value in overrides.items():
         choice.params[key] = value
         choice.reasons.append(f"{key}={value}: set by you")
@@ -144,10 +144,15 @@ def shortfall_hint(index_type: str, params: dict[str, int], dim: int) -> str:
     return f"{more_bytes}--param k_factor={2 * params['k_factor']} (more candidates re-scored) may reach it"
 
 
-def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | None, target: float) -> None:
-    # About 4 * sqrt(N) lists, with at least 39 training points per list as FAISS asks.
-    nlist = max(1, min(_power_of_two(4 * math.sqrt(count)), 65536, _power_of_two(count / 39 / 2)))
-    train = min(count, max(40 * nlist, 50_000), 500_000)
+def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | None, target: float,
+                  nlist: int | None) -> None:
+    """IVF-PQ's parameters for `nlist` lists (the user's), or for about 4 * sqrt(N) of them."""
+    if nlist is None:
+        nlist = max(1, min(_power_of_two(4 * math.sqrt(count)), 65536, _power_of_two(count / 39 / 2)))
+        choice.reasons.append(f"nlist={nlist}: about 4*sqrt(N) inverted lists for N={count:,}")
+    # FAISS's k-means asks for 39 points per list and warns on fewer: at 10M vectors (16,384 lists)
+    # a sample capped at 500k gave it 30 (655k vectors of 512-d are 1.3 GB while training).
+    train = min(count, max(40 * nlist, 50_000))
     divisors = _pq_sizes(dim)
     m = max((x for x in divisors if x <= dim // 8), default=divisors[0])
     why = f"m={m}: {m} bytes per vector ({dim // m} dims per sub-quantiser)"
@@ -166,8 +171,7 @@ def _choose_ivfpq(choice: Choice, count: int, dim: int, memory_budget: int | Non
     opq = int(nbits == 8)
     coarse_hnsw = int(nlist >= COARSE_HNSW_LISTS)
     choice.params.update(nlist=nlist, m=m, nbits=nbits, opq=opq, train_size=train, coarse_hnsw=coarse_hnsw)
-    choice.reasons += [f"nlist={nlist}: about 4*sqrt(N) inverted lists for N={count:,}",
-                       f"train_size={train:,}: vectors sampled to train the quantisers", why,
+    choice.reasons += [f"train_size={train:,}: vectors sampled to train the quantisers", why,
                        f"nbits={nbits}, opq={opq}: " + ("8-bit codes behind a learned OPQ rotation" if opq else
                                                         "too few vectors for 8-bit codes and an OPQ rotation"),
                        f"coarse_hnsw={coarse_hnsw}: " + (f"the {nlist:,} lists found through an HNSW graph of their "
