@@ -199,9 +199,10 @@ def test_loaded_hnsw_compares_vsearchs_load_with_hnswlibs_own(tmp_path):
 def test_coarse_lists_compares_the_centroid_scan_with_the_hnsw_graph(tmp_path):
     out = tmp_path / "coarse.json"
     run_script("coarse_lists.py", "--lists", "256,512", "--nprobe", "4,16", "--dim", "32", "--queries", "20",
-               "--assign", "500", "--out", str(out))
-    results = json.loads(out.read_text())["results"]
-    assert [r["lists"] for r in results] == [256, 512]
+               "--assign", "500", "--kmeans-iterations", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert [r["lists"] for r in results] == [256, 512] and report["kmeans_iterations"] == 2
     for result in results:
         assert [row["nprobe"] for row in result["search"]] == [4, 16]
         assert all(row["scan_ms"] > 0 and row["graph_ms"] > 0 and row["lists_shared"] >= 0.9
@@ -209,6 +210,8 @@ def test_coarse_lists_compares_the_centroid_scan_with_the_hnsw_graph(tmp_path):
         assert result["assign"]["vectors"] == 500 and result["assign"]["same_list"] >= 0.9
     done = run_script("coarse_lists.py", "--lists", "4k", returncode=2)
     assert "--lists and --nprobe take comma-separated whole numbers" in done.stderr
+    assert "--kmeans-iterations must be at least 1" in run_script("coarse_lists.py", "--kmeans-iterations", "0",
+                                                                 returncode=2).stderr
 
 
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):

@@ -16,7 +16,7 @@ from vsearch.embeddings.datasets import url_id
 from vsearch.embeddings.job import EmbedConfig, run_embed
 from vsearch.errors import VsearchError
 from vsearch.indexes import BuildConfig, append_index, build_index, delete_ids, load_index
-from vsearch.indexes.backends import HnswlibBackend
+from vsearch.indexes.backends import COARSE_EF_CONSTRUCTION, HnswlibBackend
 from vsearch.indexes.hugepages import huge_page_bytes
 from vsearch.indexes.index import read_index_manifest
 from vsearch.indexes.rows import Rows
@@ -332,6 +332,7 @@ def test_ivfpq_lists_found_through_an_hnsw_graph_serve_search_append_and_deletes
     raw = faiss.read_index(str(tmp_path / "index" / "index.faiss"))  # plain FAISS reads the graph too
     graph = faiss.downcast_index(faiss.extract_index_ivf(raw).quantizer)
     assert isinstance(graph, faiss.IndexHNSWFlat) and graph.ntotal == info["params"]["nlist"]
+    assert graph.hnsw.efConstruction == COARSE_EF_CONSTRUCTION  # not FAISS's 40, which sends vectors to far lists
     index = load_index(tmp_path / "index")
     index.set_search(nprobe=info["params"]["nlist"])  # every list: what a scan of the centroids would find
     _, ids = index.search(vectors[:50], 10)
