@@ -1,4 +1,5 @@
-"""A stopped HNSW build goes on from its last checkpoint when run again (see vsearch/indexes/resume.py)."""
+"""A stopped HNSW build goes on from its last checkpoint when run again, an IVF-PQ build from its training (see
+vsearch/indexes/resume.py)."""
 
 import json
 import re
@@ -6,6 +7,7 @@ import shutil
 from collections import namedtuple
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from vsearch.errors import VsearchError
 from vsearch.files import lock_folder
 from vsearch.indexes import BuildConfig, build_index, load_index, resume
-from vsearch.indexes.backends import FaissHnswBackend, HnswlibBackend, IvfPqBackend
+from vsearch.indexes.backends import FaissHnswBackend, FlatBackend, HnswlibBackend, IvfPqBackend
 from vsearch.indexes.rows import Rows
 from vsearch.indexes.tuning import memory_bytes, sample_positions
 from vsearch.indexes.vectors import open_source
@@ -114,6 +116,53 @@ def test_a_stopped_build_goes_on_from_its_last_checkpoint(engine, backend, parts
     _, ids = load_index(out).search(vectors[:50], 10)
     found = np.mean([len({int(i[3:]) for i in row} & set(t)) / 10 for row, t in zip(ids, exact(vectors, vectors[:50], 10))])
     assert found >= 0.95
+
+
+def lists_centroids(index):
+    ivf = faiss.extract_index_ivf(index)
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def test_a_stopped_ivfpq_build_goes_on_from_its_trained_index_without_training_again(parts, tmp_path, monkeypatch):
+    folder, vectors = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    config = BuildConfig(type="ivfpq")
+    stopped_build(monkeypatch, IvfPqBackend, config, open_source(folder), out)
+    trained = faiss.read_index(str(partial / "index.faiss"))
+    assert not out.exists() and trained.is_trained and trained.ntotal == 0
+    with pytest.raises(VsearchError, match=r"made with nlist=64, not 32"):
+        build_index(BuildConfig(type="ivfpq", params={"nlist": 32}), open_source(folder), out)
+
+    trainings, notes = [], []
+    monkeypatch.setattr(IvfPqBackend, "train", lambda self, sample: trainings.append(len(sample)))
+    added = counting_adds(monkeypatch, IvfPqBackend)
+    info = build_index(config, open_source(folder), out, note=notes.append)
+    assert f"resuming the stopped build in {partial}: its quantisers already trained" in notes
+    assert trainings == [] and not any(n.startswith("training on") for n in notes)
+    assert sum(added) == FILES * ROWS and info["resumed_vectors"] == 0 and not partial.exists()
+
+    monkeypatch.undo()
+    reference = build_index(config, open_source(folder), tmp_path / "reference")
+    centroids = [lists_centroids(faiss.read_index(str(path / "index.faiss"))) for path in (out, tmp_path / "reference")]
+    assert np.array_equal(centroids[0], lists_centroids(trained))
+    assert np.array_equal(*centroids)  # the sample it trained on, and so the lists, are a fresh build's
+    assert info["recall"]["recall@10"] == reference["recall"]["recall@10"] >= 0.95
+    assert np.array_equal(load_index(out).search(vectors[:50], 10)[1], load_index(tmp_path / "reference").search(vectors[:50], 10)[1])
+
+
+def test_ctrl_c_in_an_ivfpq_build_says_its_training_is_kept_and_the_same_command_goes_on_from_it(
+        parts, tmp_path, monkeypatch, cli):
+    folder, _ = parts
+    command = ("build-index", "--type", "ivfpq", "--embeddings", str(folder), "--out", str(tmp_path / "index"))
+    with monkeypatch.context() as patch:
+        counting_adds(patch, IvfPqBackend, stop_at=2)
+        stopped = cli(*command)
+    assert stopped.code == 130 and "".join(stopped.stderr.split()).endswith(
+        f"thetrainedquantisersarekeptin{tmp_path / 'index.partial'}:runthesamecommandagaintoresumevsearch:interrupted")
+    resumed = cli(*command)
+    assert resumed.code == 0 and "trainingon" not in "".join(resumed.stderr.split())
+    assert f"resumingthestoppedbuildin{tmp_path / 'index.partial'}:itsquantisersalreadytrained" in "".join(resumed.stderr.split())
+    assert len(load_index(tmp_path / "index")) == FILES * ROWS and not (tmp_path / "index.partial").exists()
 
 
 def test_a_stopped_build_is_not_mixed_with_other_settings(parts, tmp_path, monkeypatch, every_batch):
@@ -266,8 +315,15 @@ def test_a_checkpoint_the_disk_cannot_take_leaves_the_last_one_and_the_build_goe
 
 def test_a_build_that_saved_no_checkpoint_leaves_no_folder_for_one(parts, tmp_path, monkeypatch):
     folder, _ = parts
-    stopped_build(monkeypatch, IvfPqBackend, BuildConfig(type="ivfpq", params={"nlist": 16, "m": 8}),
-                  open_source(folder), tmp_path / "index", stop_at=2)
+    stopped_build(monkeypatch, FlatBackend, BuildConfig(type="flat"), open_source(folder), tmp_path / "index", stop_at=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+
+    def interrupted(self, sample):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IvfPqBackend, "train", interrupted)  # Ctrl-C before its training was saved
+    with pytest.raises(KeyboardInterrupt):
+        build_index(BuildConfig(type="ivfpq"), open_source(folder), tmp_path / "index")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
 
 

@@ -291,7 +291,7 @@ def build_index_command(
     device: Annotated[str, typer.Option(help="Device for loading --model.")] = "auto",
     threads: Annotated[int, typer.Option(help="Threads for building, appending or writing the cbvs10m-HNSW file (-1: all cores).")] = -1,
 ) -> None:
-    """Build an index from embedding shards (or add to one with --append); a stopped HNSW build resumes."""
+    """Build an index from embedding shards (or add to one with --append); a stopped HNSW or IVF-PQ build resumes."""
     from vsearch.console import progress, stderr
     from vsearch.indexes import BuildConfig, append_index, build_index
     from vsearch.indexes.backends import backend_class
@@ -342,7 +342,8 @@ def build_index_command(
         with progress(f"build {type} index", source.count, unit="vectors") as advance:
             info = build_index(config, source, destination, advance, note=lambda line: stderr.print(line))
     except KeyboardInterrupt:
-        _say_where_the_work_is_kept(destination, "the vectors indexed up to the last checkpoint")
+        _say_where_the_work_is_kept(destination, "the trained quantisers" if backend_class(type, engine).trains
+                                    else "the vectors indexed up to the last checkpoint")
         raise
     stderr.print(f"{info['count']:,} vectors indexed ({type}, {info['engine']}) in {info['build_seconds']:.1f}s, "
                  f"recall@10 {info['recall']['recall@10']} -> {destination}")

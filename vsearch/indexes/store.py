@@ -17,8 +17,8 @@
 
 An index is built (or appended to) in a temporary folder beside its destination and renamed into
 place, so a failed build never replaces a good index; the next build removes what a killed one left.
-An HNSW build also saves its graph as it grows to `<name>.partial/` (see resume.py), from which the
-same build, run again after it stopped, goes on.
+An HNSW build also saves its graph as it grows to `<name>.partial/` (see resume.py), an IVF-PQ build
+its index once trained, from which the same build, run again after it stopped, goes on.
 `index.py` loads one for search.
 """
 
@@ -291,7 +291,10 @@ class _BuildCheckpoints:
     """A build's checkpoint folder (see resume.py). Types whose backend can go on adding to a
     loaded index (`resumable`: the HNSW graphs, whose insertion takes most of an hour at 10M) save
     their index there as it grows; the rows need no saving, being the source's, read again on
-    resuming. Any type refuses a stopped build made with other settings."""
+    resuming. Types that train (IVF-PQ) save their index once trained, before a vector is added:
+    at 10M its k-means over 16,384 lists and its OPQ rotation take most of the build, where adding
+    the vectors again costs less than saving the codes as they grow would. Any type refuses a
+    stopped build made with other settings."""
 
     def __init__(self, cls: type[Backend], destination: Path, source: VectorSource, params: dict[str, int],
                  note: Notes):
@@ -308,7 +311,8 @@ class _BuildCheckpoints:
         """The index of a stopped build of the same vectors, to go on adding to; None where there is none
         to go on from (none saved, one of other vectors, or one that cannot be read)."""
         state = self.folder.saved()  # refuses another type's too
-        if state is None or not self.cls.resumable or not (self.folder.path / self.cls.file_name).exists():
+        if (state is None or not (self.cls.resumable or self.cls.trains)
+                or not (self.folder.path / self.cls.file_name).exists()):
             return None
         if state["built_from"] != self.built_from:
             self.note(f"{self.folder.path} holds a stopped build of other vectors: starting over")
@@ -320,12 +324,17 @@ class _BuildCheckpoints:
             return None
         backend.release_file()  # the next checkpoint replaces it
         self.saved = len(backend)
-        self.note(f"resuming the stopped build in {self.folder.path}: {len(backend):,} vectors already in its index")
+        self.note(f"resuming the stopped build in {self.folder.path}: " + (
+            f"{len(backend):,} vectors already in its index" if self.cls.resumable else
+            "its quantisers already trained"))
         return backend
 
     def save_if_due(self, backend: Backend) -> None:
-        if not self.cls.resumable or not self.folder.due():
-            return
+        if self.cls.resumable and self.folder.due():
+            self.save(backend)
+
+    def save(self, backend: Backend) -> None:
+        """Save `backend` as the checkpoint, unless the disk has no room for it (said once)."""
         last = f"{self.saved:,} vectors" if self.saved is not None else None
         if not self.folder.has_room(memory_bytes(self.cls.type, len(backend), self.dim, self.params), last):
             return
@@ -368,13 +377,15 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         needed = memory_bytes(config.type, count, source.dim, params) + refinement_bytes(config.type, count, source.dim)
         checkpoints.folder.room_for_output(needed, destination.parent, f"the index {destination}", make=False)
         backend = checkpoints.resumed()
+        resuming = backend is not None
         if backend is None:
             backend = cls.create(work, source.dim, count, params)
         resumed = len(backend)
         backend.set_threads(config.threads)
-        if cls.trains:
+        if cls.trains and not resuming:
             note(f"training on {min(params['train_size'], count):,} sampled vectors")
             backend.train(gather(source, sample_positions(count, params["train_size"])))
+            checkpoints.save(backend)
         backend.prepare(work, count - resumed)
         held = HeldOut(sample_positions(count, min(config.recall_queries, count // 10), seed=1))
         tuned = not set(cls.search_params) & set(config.params)
