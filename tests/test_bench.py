@@ -214,6 +214,20 @@ def test_coarse_lists_compares_the_centroid_scan_with_the_hnsw_graph(tmp_path):
                                                                  returncode=2).stderr
 
 
+def test_file_order_builds_the_same_vectors_in_random_and_topic_order_and_sweeps_their_recall(tmp_path):
+    out = tmp_path / "order.json"
+    run_script("file_order.py", "--count", "3000", "--dim", "32", "--queries", "20", "--scratch", str(tmp_path / "s"),
+               "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [r["order"] for r in report["results"]] == ["random", "by topic"] and report["count"] == 3000
+    for result in report["results"]:
+        assert result["build_seconds"] > 0 and result["tuned_ef_search"] >= 16
+        assert [row["ef_search"] for row in result["sweep"]] == [16, 32, 64, 128, 256]
+        assert result["sweep"][-1]["recall@10"] >= 0.95
+    assert list((tmp_path / "s").iterdir()) == []  # its files and indexes removed
+    assert "--count must be at least 1000" in run_script("file_order.py", "--count", "10", returncode=2).stderr
+
+
 def test_query_latency_reports_each_stage_with_and_without_reranking_and_filters(tmp_path):
     out = tmp_path / "latency.json"
     run_script("query_latency.py", "--queries", "5", "--synthetic", "3000", "--device", "cpu", "--out", str(out))

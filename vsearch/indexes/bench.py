@@ -44,6 +44,7 @@ SWEEPS = {"hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)],
           "ivfpq": [{"nprobe": p} for p in (4, 8, 16, 32, 64, 128)], "flat": [{}]}
 CHUNK = 100_000
 LATENT = 64
+TOPICS = 256
 
 
 MIN_SIZE = 1000
@@ -71,13 +72,19 @@ def clip_like(count: int, dim: int, seed: int) -> Iterator[np.ndarray]:
 def clip_like_chunk(rows: int, dim: int, seed: int, number: int) -> np.ndarray:
     """Chunk `number` of `clip_like`: each chunk draws from its own stream, so that chunks can be
     made in parallel and still be the same for the same seed."""
+    return clip_like_topics(rows, dim, seed, number)[0]
+
+
+def clip_like_topics(rows: int, dim: int, seed: int, number: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk `number` of `clip_like`, and the topic (one of TOPICS centres) each vector was drawn around."""
     model = np.random.default_rng(1234)  # the distribution is fixed; seed only picks the draws
     mixing = (model.standard_normal((LATENT, dim)) / np.sqrt(LATENT)).astype(np.float32)
-    centres = 1.5 * model.standard_normal((256, LATENT)).astype(np.float32)
+    centres = 1.5 * model.standard_normal((TOPICS, LATENT)).astype(np.float32)
     rng = np.random.default_rng((seed, number))
-    latent = centres[rng.integers(0, len(centres), rows)] + rng.standard_normal((rows, LATENT), np.float32)
+    topics = rng.integers(0, TOPICS, rows)
+    latent = centres[topics] + rng.standard_normal((rows, LATENT), np.float32)
     vectors = latent @ mixing + 0.15 * rng.standard_normal((rows, dim), np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), topics
 
 
 def clip_like_table(ids: list[str], dim: int, seed: int, number: int) -> pa.Table:

@@ -1,0 +1,127 @@
+"""Whether the order of the rows in the files matters to an HNSW build: the same CLIP-like vectors
+written in random order and sorted by topic (a dataset listed category by category, or a crawl
+that moves from one subject to the next), each built by vsearch from its Parquet files as
+`vsearch build-index --type hnsw --embeddings DIR` builds it. For each order: the build's time,
+the ef_search it tuned and the recall@10 it measured, then recall@10 of other queries against
+exact search over a sweep of ef_search.
+
+    python benchmarks/file_order.py [--count 1000000] [--dim 512] [--queries 1000]
+                                    [--engine hnswlib|faiss] [--scratch DIR]
+
+A graph's first vectors decide how its regions are linked: hnswlib's, and vsearch's skeleton (the
+first 32,768 in the files' order, `HnswlibBackend.skeleton`), which spans the collection only
+where the files mix their topics. Prints a table and writes JSON (default
+benchmarks/out/file_order.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+
+from build_threads import cpu_model
+from vsearch.embeddings.shards import write_vectors_parquet
+from vsearch.indexes import BuildConfig, build_index, load_index
+from vsearch.indexes.backends import exact_top_k
+from vsearch.indexes.bench import CHUNK, TOPICS, clip_like_chunk, clip_like_topics
+from vsearch.indexes.tuning import RECALL_K, recall_at
+from vsearch.indexes.vectors import open_source
+
+EF_SEARCH = (16, 32, 64, 128, 256)
+ORDERS = ("random", "by topic")
+
+
+def collection(count: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` CLIP-like vectors, rounded to float16 as the files hold them, and each one's topic."""
+    parts = [clip_like_topics(min(CHUNK, count - start), dim, 0, number)
+             for number, start in enumerate(range(0, count, CHUNK))]
+    vectors = np.concatenate([v for v, _ in parts]).astype(np.float16).astype(np.float32)
+    return vectors, np.concatenate([t for _, t in parts])
+
+
+def write_files(folder: Path, vectors: np.ndarray, order: np.ndarray) -> None:
+    """The vectors in `order`, CHUNK rows a file, each keeping its id (`v` and its place in the collection)."""
+    folder.mkdir(parents=True)
+    for number, start in enumerate(range(0, len(order), CHUNK)):
+        rows = order[start:start + CHUNK]
+        table = pa.table({"id": [f"v{row}" for row in rows], "vector": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors[rows].astype(np.float16).ravel()), vectors.shape[1])})
+        write_vectors_parquet(table, folder / f"part-{number:05d}.parquet")
+
+
+def exact(vectors: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's exact 10 nearest vectors: (scores, ids)."""
+    chunks = ((np.arange(start, start + CHUNK), vectors[start:start + CHUNK]) for start in range(0, len(vectors), CHUNK))
+    scores, labels = exact_top_k(queries, chunks, RECALL_K)
+    return scores, np.vectorize(lambda label: f"v{label}")(labels)
+
+
+def measure(order: str, folder: Path, engine: str, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray]) -> dict:
+    started = time.perf_counter()
+    info = build_index(BuildConfig(type="hnsw", engine=engine), open_source(folder), folder.with_name(folder.name + "-index"))
+    seconds = time.perf_counter() - started
+    index = load_index(folder.with_name(folder.name + "-index"))
+    sweep = []
+    for ef in EF_SEARCH:
+        index.set_search(ef_search=ef)
+        sweep.append({"ef_search": ef, "recall@10": round(recall_at(RECALL_K, index.search(queries, RECALL_K), truth), 4)})
+    return {"order": order, "build_seconds": round(seconds, 1), "tuned_ef_search": info["params"]["ef_search"],
+            "recall@10_at_build": info["recall"]["recall@10"], "sweep": sweep}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--engine", choices=("hnswlib", "faiss"), default="hnswlib")
+    parser.add_argument("--scratch", type=Path, help="where the files and indexes go (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "file_order.json")
+    args = parser.parse_args()
+    if args.count < 1000 or args.queries < 1:
+        parser.error("--count must be at least 1000 and --queries at least 1")
+    vectors, topics = collection(args.count, args.dim)
+    queries = clip_like_chunk(args.queries, args.dim, seed=2, number=0)
+    truth = exact(vectors, queries)
+    orders = {"random": np.random.default_rng(3).permutation(args.count), "by topic": np.argsort(topics, kind="stable")}
+    if args.scratch is not None:
+        args.scratch.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=args.scratch))
+    results = []
+    try:
+        for order in ORDERS:
+            folder = scratch / order.replace(" ", "-")
+            write_files(folder, vectors, orders[order])
+            results.append(measure(order, folder, args.engine, queries, truth))
+            shutil.rmtree(folder.with_name(folder.name + "-index"))
+            shutil.rmtree(folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    table = Table(title=f"HNSW ({args.engine}), {args.count:,} x {args.dim} vectors of {TOPICS} topics: "
+                        f"recall@10 of {args.queries:,} queries by ef_search")
+    for column in ("order", "build s", "tuned ef", "at build", *(f"ef {ef}" for ef in EF_SEARCH)):
+        table.add_column(column, justify="right")
+    for result in results:
+        table.add_row(result["order"], f"{result['build_seconds']:.1f}", str(result["tuned_ef_search"]),
+                      f"{result['recall@10_at_build']:.3f}", *(f"{row['recall@10']:.3f}" for row in result["sweep"]))
+    Console().print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
+                                    "count": args.count, "dim": args.dim, "queries": args.queries,
+                                    "engine": args.engine, "topics": TOPICS, "results": results}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
