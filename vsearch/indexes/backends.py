@@ -77,6 +77,7 @@ class Backend:
     resumable: ClassVar[bool] = False  # `load(writable=True)` gives an index that takes more vectors
     full_results: ClassVar[bool] = False  # search always fills k columns with real labels when k <= count
     insertion_window: ClassVar[int] = 0  # vectors a build gathers before `add`, in `insertion_order`
+    skeleton: ClassVar[int] = 0  # vectors sampled across the files that a new index takes first (store._skeleton)
 
     @classmethod
     def create(cls, directory: Path, dim: int, capacity: int, params: dict[str, int]) -> "Backend":
@@ -349,12 +350,11 @@ class HnswlibBackend(Backend):
     search_params = {"ef_search": 128}
     resumable = True
     full_results = True  # where hnswlib cannot find k, search falls back to exact search
-    # A window of 2^18 vectors in clusters of about 256 (`insertion_order`), after a skeleton of 2^15
-    # in the files' order: at 1M×512 on 2 cores the graph built 2.8x faster than in the files' order,
-    # with the same recall.
+    # A window of 2^18 vectors in clusters of about 256 (`insertion_order`), after a skeleton of 2^15:
+    # at 1M×512 on 2 cores the graph built 2.8x faster than in the files' order, with the same recall.
     insertion_window = 1 << 18
     rows_per_cluster = 256
-    skeleton = 1 << 15  # vectors a new graph takes in the files' order before any sorted (`insertion_order`)
+    skeleton = 1 << 15  # vectors a new graph takes in the order given before any sorted (`insertion_order`)
 
     def __init__(self, index: Any, ef_search: int, saved: np.ndarray | None = None):
         self.index, self.ef_search, self.threads = index, ef_search, -1
@@ -407,13 +407,15 @@ class HnswlibBackend(Backend):
         self.count = self.index.get_current_count()
 
     def insertion_order(self, vectors: np.ndarray) -> np.ndarray:
-        """The graph's first `skeleton` vectors in the files' order, then `near_first`. An insert
+        """The graph's first `skeleton` vectors in the order given, then `near_first`. An insert
         reads the graph around its vector, thousands of vectors scattered over memory; the next
         insert, near it, and the other threads' find most of them still in the cache. But each vector
         links to those inserted before it, and a graph begun cluster by cluster links its clusters
         poorly (1.5-2 points of recall@10 at the same ef_search on near-duplicate OCR texts); begun
         from a sample of the whole collection, most of that comes back, at a cost of 2-12% of the
-        speed (benchmarks/RESULTS.md). Labels keep the files' order; only the order of insertion changes."""
+        speed (benchmarks/RESULTS.md): a build gives it one sampled across all its files
+        (store._skeleton), the cbvs10m-HNSW job the dataset's first texts. Labels keep the files'
+        order; only the order of insertion changes."""
         head = min(len(vectors), max(0, self.skeleton - len(self)))
         return np.concatenate([np.arange(head), head + self.near_first(vectors[head:])])
 

@@ -79,38 +79,54 @@ class HeldOut:
     rows: list[pa.Table] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class InIndex:
+    """The labels an index holds before files are streamed into it, whose rows the stream writes
+    without adding their vectors again: a new graph's skeleton, inserted first, and the first
+    `others` labels outside it (a resumed build's graph, whose windows took the files' order)."""
+
+    others: int
+    skeleton: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # sorted labels
+
+    def holds(self, labels: np.ndarray) -> np.ndarray:
+        # Outside the skeleton, a label's place among the other labels is itself less the skeleton's before it.
+        return (labels - np.searchsorted(self.skeleton, labels) < self.others) | np.isin(labels, self.skeleton)
+
+
 def _add(window: InsertionWindow, vectors: np.ndarray, rows: pa.Table, first_label: int,
-         out: RowsWriter, origin: str) -> int:
+         out: RowsWriter, origin: str, inside: InIndex) -> int:
     """Add `rows` and their `vectors` as labels from `first_label` on; returns the next label. Labels
-    the backend holds already (a resumed build's graph) get their rows only, counted at once."""
+    the backend holds already (`inside`) get their rows only, counted at once."""
     if not len(rows):  # a batch wholly held out or left out
         return first_label
-    done = min(max(len(window.backend) - first_label, 0), len(rows))
-    if done:
-        window.on_rows(done)
-    if done < len(rows):
-        window.add(vectors[done:], np.arange(first_label + done, first_label + len(rows), dtype=np.int64))
+    labels = np.arange(first_label, first_label + len(rows), dtype=np.int64)
+    there = inside.holds(labels)
+    if there.any():  # most batches hold none: they go in whole, with no copy
+        window.on_rows(int(there.sum()))
+        vectors, labels = vectors[~there], labels[~there]
+    if len(labels):
+        window.add(vectors, labels)
     out.write(rows, origin)
     return first_label + len(rows)
 
 
 def _add_files(window: InsertionWindow, source: VectorSource, files: list[VectorFile],
-               first_label: int, out: RowsWriter, held: HeldOut | None = None) -> int:
+               first_label: int, out: RowsWriter, inside: InIndex, held: HeldOut | None = None) -> int:
     """Stream `files` into the backend and the row file, one record batch at a time (float32 only
     for a chunk at a time), setting `held` rows aside; returns the next label. Labels follow the
     files' order; the rows held out, added last, are counted then."""
     label, position = first_label, 0
     for file, rows, vectors in source.file_batches(files, metadata=True):
         size = len(rows)
-        inside = held.positions[(held.positions >= position) & (held.positions < position + size)] \
+        held_here = held.positions[(held.positions >= position) & (held.positions < position + size)] \
             if held is not None else []
-        if len(inside):  # most batches hold none: they go in whole, with no copy
+        if len(held_here):  # most batches hold none: they go in whole, with no copy
             keep = np.ones(size, bool)
-            keep[inside - position] = False
+            keep[held_here - position] = False
             held.vectors.append(np.asarray(vectors[~keep], np.float32))
             held.rows.append(conform(rows.filter(pa.array(~keep)), out.schema, str(file.path)))
             vectors, rows = vectors[keep], rows.filter(pa.array(keep))
-        label = _add(window, vectors, rows, label, out, str(file.path))
+        label = _add(window, vectors, rows, label, out, str(file.path), inside)
         position += size
     window.flush()
     return label
@@ -120,8 +136,21 @@ def _add_held(backend: Backend, held: HeldOut, first_label: int, out: RowsWriter
               on_rows: Callable[[int], None]) -> None:
     """Add the rows `held` out, recall measured with them, as labels from `first_label` on."""
     window = InsertionWindow(backend, on_rows)
-    _add(window, np.concatenate(held.vectors), pa.concat_tables(held.rows), first_label, out, "held-out rows")
+    _add(window, np.concatenate(held.vectors), pa.concat_tables(held.rows), first_label, out, "held-out rows",
+         InIndex(first_label))
     window.flush()
+
+
+def _skeleton(cls: type[Backend], count: int, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row positions, labels) of the vectors a new graph of `cls` takes before any other, `cls.skeleton`
+    of them sampled across all the files, rows `held` out left out: the graph's first links span
+    the collection however the files are ordered. A graph begun with the files' first vectors, in
+    files sorted by topic, linked its regions poorly: recall@10 stopped near 0.99 at 1M, where
+    a sampled skeleton reaches 1.000 (benchmarks/RESULTS.md)."""
+    if not cls.skeleton:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    labels = sample_positions(count - len(held), cls.skeleton, seed=2)
+    return np.delete(np.arange(count), held)[labels], labels
 
 
 def _holds(folder: Path, source: VectorSource) -> bool:
@@ -302,9 +331,11 @@ class _BuildCheckpoints:
                      **{name: params[name] for name in cls.build_params}}
         self.folder = CheckpointFolder(destination, "vsearch build-index", made_with, note)
         self.cls, self.dim, self.params, self.note = cls, source.dim, params, note
-        # What the labels stand for: the same files, less the same ids left out.
+        # What the labels stand for: the same files, less the same ids left out; and, for a graph
+        # begun with a skeleton, that it was sampled (before 2026-12-07 a graph began with the files' first).
         self.built_from = {"shards": [file_entry(f) for f in source.files],
-                           "excluded": hashlib.sha256("\n".join(sorted(source.excluded)).encode()).hexdigest()}
+                           "excluded": hashlib.sha256("\n".join(sorted(source.excluded)).encode()).hexdigest(),
+                           **({"skeleton": "sampled"} if cls.skeleton else {})}
         self.saved: int | None = None  # vectors in the index saved by this run
 
     def resumed(self) -> Backend | None:
@@ -315,7 +346,9 @@ class _BuildCheckpoints:
                 or not (self.folder.path / self.cls.file_name).exists()):
             return None
         if state["built_from"] != self.built_from:
-            self.note(f"{self.folder.path} holds a stopped build of other vectors: starting over")
+            earlier = state["built_from"].keys() != self.built_from.keys()
+            self.note(f"{self.folder.path} holds a stopped build " + ("that an earlier vsearch began, which this one "
+                      "cannot go on from" if earlier else "of other vectors") + ": starting over")
             return None
         try:
             backend = self.cls.load(self.folder.path, self.dim, self.params, writable=True)
@@ -391,9 +424,16 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         tuned = not set(cls.search_params) & set(config.params)
         target = config.target_recall if tuned and cls.search_params else None
         measured = None
+        positions, skeleton = _skeleton(cls, count, held.positions)
         with RowsWriter(work / ROWS, source.row_schema) as rows:
             window = InsertionWindow(backend, on_rows, after=lambda: checkpoints.save_if_due(backend))
-            label = _add_files(window, source, source.files, 0, rows, held)
+            if len(skeleton) and not len(backend):  # its rows are counted as the files reach them
+                note(f"beginning the graph with {len(skeleton):,} vectors sampled across the files")
+                first = InsertionWindow(backend, after=lambda: checkpoints.save_if_due(backend))
+                first.add(gather(source, positions), skeleton)
+                first.flush()
+            inside = InIndex(len(backend) - len(skeleton), skeleton)
+            label = _add_files(window, source, source.files, 0, rows, inside, held)
             if len(held.positions):
                 measured = _measured(config.type, backend, params, np.concatenate(held.vectors),
                                      np.full(len(held.positions), -1), _held_out_truth(source, held), target,
@@ -591,7 +631,8 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
         with RowsWriter(work / ROWS, existing.schema) as rows:
             for table, start in zip(existing.tables(), existing.starts.tolist()):
                 rows.write(_with_rows_now(table, start, *rows_now), str(path / ROWS))
-            label = _add_files(InsertionWindow(backend, on_rows), source, adding, info["count"], rows, held)
+            label = _add_files(InsertionWindow(backend, on_rows), source, adding, info["count"], rows,
+                               InIndex(info["count"]), held)
             measured = _append_recall(info, backend, dead, held, params, recall_queries)
             if len(held.positions):
                 _add_held(backend, held, label, rows, on_rows)
