@@ -222,6 +222,21 @@ def test_a_stopped_build_of_other_vectors_or_an_unreadable_index_starts_over(par
     assert sum(added) == FILES * ROWS and info["resumed_vectors"] == 0 and not partial.exists()
 
 
+def test_a_stopped_build_whose_graph_began_with_the_files_first_vectors_starts_over(parts, tmp_path, monkeypatch,
+                                                                                     every_batch):
+    folder, _ = parts
+    out, partial = tmp_path / "index", tmp_path / "index.partial"
+    stopped_build(monkeypatch, HnswlibBackend, BuildConfig(), open_source(folder), out)
+    state = json.loads((partial / "checkpoint.json").read_text())
+    del state["built_from"]["skeleton"]  # as vsearch wrote it before its skeleton was sampled
+    (partial / "checkpoint.json").write_text(json.dumps(state))
+    added, notes = counting_adds(monkeypatch, HnswlibBackend), []
+    info = build_index(BuildConfig(), open_source(folder), out, note=notes.append)
+    assert f"{partial} holds a stopped build that an earlier vsearch began, which this one cannot go on from: " \
+           "starting over" in notes
+    assert sum(added) == FILES * ROWS and info["resumed_vectors"] == 0 and not partial.exists()
+
+
 class Disk:
     """A disk of `size` bytes holding the files under `root` but the source's (`parts`), as
     `shutil.disk_usage` sees it; `others` bytes written by someone else."""
