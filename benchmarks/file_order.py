@@ -3,10 +3,11 @@ written in random order and sorted by topic (a dataset listed category by catego
 that moves from one subject to the next), each built by vsearch from its Parquet files as
 `vsearch build-index --type hnsw --embeddings DIR` builds it. For each order: the build's time,
 the ef_search it tuned and the recall@10 it measured, then recall@10 of other queries against
-exact search over a sweep of ef_search.
+exact search over a sweep of ef_search. With `--raw`, hnswlib's own `add_items` too, on the same
+vectors in the same order and with the same M and ef_construction (vsearch's defaults).
 
     python benchmarks/file_order.py [--count 1000000] [--dim 512] [--queries 1000]
-                                    [--engine hnswlib|faiss] [--scratch DIR]
+                                    [--engine hnswlib|faiss] [--raw] [--scratch DIR]
 
 A graph's first vectors decide how its regions are linked: hnswlib's, and vsearch's skeleton (the
 first 32,768 in the files' order, `HnswlibBackend.skeleton`), which spans the collection only
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import hnswlib
 import numpy as np
 import pyarrow as pa
 from rich.console import Console
@@ -32,7 +34,7 @@ from rich.table import Table
 from build_threads import cpu_model
 from vsearch.embeddings.shards import write_vectors_parquet
 from vsearch.indexes import BuildConfig, build_index, load_index
-from vsearch.indexes.backends import exact_top_k
+from vsearch.indexes.backends import HnswlibBackend, exact_top_k
 from vsearch.indexes.bench import CHUNK, TOPICS, clip_like_chunk, clip_like_topics
 from vsearch.indexes.tuning import RECALL_K, recall_at
 from vsearch.indexes.vectors import open_source
@@ -75,8 +77,29 @@ def measure(order: str, folder: Path, engine: str, queries: np.ndarray, truth: t
     for ef in EF_SEARCH:
         index.set_search(ef_search=ef)
         sweep.append({"ef_search": ef, "recall@10": round(recall_at(RECALL_K, index.search(queries, RECALL_K), truth), 4)})
-    return {"order": order, "build_seconds": round(seconds, 1), "tuned_ef_search": info["params"]["ef_search"],
-            "recall@10_at_build": info["recall"]["recall@10"], "sweep": sweep}
+    return {"order": order, "built_by": f"vsearch ({engine})", "build_seconds": round(seconds, 1),
+            "tuned_ef_search": info["params"]["ef_search"], "recall@10_at_build": info["recall"]["recall@10"],
+            "sweep": sweep}
+
+
+def measure_raw(order: str, vectors: np.ndarray, rows: np.ndarray, queries: np.ndarray,
+                truth: tuple[np.ndarray, np.ndarray]) -> dict:
+    """hnswlib's own calls: the `vectors` of `rows`, in that order, a file's worth at a time."""
+    index = hnswlib.Index(space="ip", dim=vectors.shape[1])
+    params = HnswlibBackend.build_params
+    index.init_index(max_elements=len(rows), M=params["M"], ef_construction=params["ef_construction"])
+    started = time.perf_counter()
+    for start in range(0, len(rows), CHUNK):
+        index.add_items(vectors[rows[start:start + CHUNK]], rows[start:start + CHUNK])
+    seconds = time.perf_counter() - started
+    sweep = []
+    for ef in EF_SEARCH:
+        index.set_ef(ef)
+        labels, distances = index.knn_query(queries, k=RECALL_K)
+        found = (1 - distances, np.vectorize(lambda label: f"v{label}")(labels))
+        sweep.append({"ef_search": ef, "recall@10": round(recall_at(RECALL_K, found, truth), 4)})
+    return {"order": order, "built_by": "hnswlib add_items", "build_seconds": round(seconds, 1),
+            "tuned_ef_search": None, "recall@10_at_build": None, "sweep": sweep}
 
 
 def main() -> None:
@@ -85,6 +108,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--engine", choices=("hnswlib", "faiss"), default="hnswlib")
+    parser.add_argument("--raw", action="store_true", help="also build with hnswlib's own add_items")
     parser.add_argument("--scratch", type=Path, help="where the files and indexes go (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "file_order.json")
     args = parser.parse_args()
@@ -103,18 +127,21 @@ def main() -> None:
             folder = scratch / order.replace(" ", "-")
             write_files(folder, vectors, orders[order])
             results.append(measure(order, folder, args.engine, queries, truth))
+            if args.raw:
+                results.append(measure_raw(order, vectors, orders[order], queries, truth))
             shutil.rmtree(folder.with_name(folder.name + "-index"))
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    table = Table(title=f"HNSW ({args.engine}), {args.count:,} x {args.dim} vectors of {TOPICS} topics: "
-                        f"recall@10 of {args.queries:,} queries by ef_search")
-    for column in ("order", "build s", "tuned ef", "at build", *(f"ef {ef}" for ef in EF_SEARCH)):
+    table = Table(title=f"HNSW, {args.count:,} x {args.dim} vectors of {TOPICS} topics: "
+                        f"recall@10 of {args.queries:,} queries at each ef_search")
+    for column in ("order", "by", "build s", "tuned ef", *(str(ef) for ef in EF_SEARCH)):
         table.add_column(column, justify="right")
     for result in results:
-        table.add_row(result["order"], f"{result['build_seconds']:.1f}", str(result["tuned_ef_search"]),
-                      f"{result['recall@10_at_build']:.3f}", *(f"{row['recall@10']:.3f}" for row in result["sweep"]))
+        tuned = "" if result["tuned_ef_search"] is None else str(result["tuned_ef_search"])
+        table.add_row(result["order"].removeprefix("by "), result["built_by"].split()[0],
+                      f"{result['build_seconds']:.1f}", tuned, *(f"{row['recall@10']:.3f}" for row in result["sweep"]))
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
