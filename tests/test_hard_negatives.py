@@ -245,7 +245,9 @@ def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first
                                                     for i in range(400)])  # the topics take turns
     out = tmp_path / "cbvs10m-HNSW"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the second window
-        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=5), out, batch=50)
+        # One thread: a graph built on several differs from run to run, and 400 near-duplicate
+        # texts are few enough for one of them to miss a text's own nearest.
+        write_hard_negatives(open_dataset(str(source), workspace), Stopping(stop_at=5), out, batch=50, threads=1)
     (labels,) = inserted
     assert list(labels[:50]) == list(range(50))  # the graph's skeleton, in the file's order: every topic
     rest = labels[50:]
@@ -255,16 +257,15 @@ def test_its_texts_go_in_and_are_searched_for_a_window_at_a_time_near_ones_first
     assert np.mean(topic[rest[1:]] == topic[rest[:-1]]) > 0.9
 
     encoder, notes = Stopping(), []
-    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=50, note=notes.append)
+    written = write_hard_negatives(open_dataset(str(source), workspace), encoder, out, batch=50, threads=1,
+                                   note=notes.append)
     assert notes == [f"resuming the stopped run in {tmp_path / 'cbvs10m-HNSW.partial'}: 200 texts already in its graph"]
     assert sum(len(chunk) for chunk in encoder.encoded) == 200 and written.texts == 400 and written.recall >= 0.95
     (second,) = inserted[1:]  # into a graph past its skeleton: all of the window near texts first
     assert sorted(second) == list(range(200, 400)) and np.mean(topic[second[1:] % 200] == topic[second[:-1] % 200]) > 0.9
     # Searched for in the same way, a window at a time, near texts one after another ...
     order = np.concatenate(searched[-8:])  # the last 8 batches of 50, after the tuning: the lists' two windows
-    # (each text found as its own nearest, but for the odd miss of a graph built on several threads)
-    assert len(set(order[:200].tolist()) & set(range(200))) >= 195
-    assert len(set(order[200:].tolist()) & set(range(200, 400))) >= 195
+    assert [sorted(order[:200]), sorted(order[200:])] == [list(range(200)), list(range(200, 400))]
     assert np.mean(topic[order[1:] % 200] == topic[order[:-1] % 200]) > 0.9
     # ... and written in the file's order, each text with its own nearest others.
     texts = [f"{topics[i % 4]} 第{i}期" for i in range(400)]
