@@ -145,8 +145,8 @@ def _skeleton(cls: type[Backend], count: int, held: np.ndarray) -> tuple[np.ndar
     """(row positions, labels) of the vectors a new graph of `cls` takes before any other, `cls.skeleton`
     of them sampled across all the files, rows `held` out left out: the graph's first links span
     the collection however the files are ordered. A graph begun with the files' first vectors, in
-    files sorted by topic, linked its regions poorly: recall@10 stopped near 0.99 at 1M, where
-    a sampled skeleton reaches 1.000 (benchmarks/RESULTS.md)."""
+    files sorted by topic, linked its regions poorly: at 1M, recall@10 stopped at 0.994 at
+    ef_search 256, where a sampled skeleton reaches 0.999-1.000 (benchmarks/RESULTS.md)."""
     if not cls.skeleton:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     labels = sample_positions(count - len(held), cls.skeleton, seed=2)
