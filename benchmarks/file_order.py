@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hnswlib
@@ -32,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from build_threads import cpu_model
+from hnsw_growth import chunks
 from vsearch.embeddings.shards import write_vectors_parquet
 from vsearch.indexes import BuildConfig, build_index, load_index
 from vsearch.indexes.backends import HnswlibBackend, exact_top_k
@@ -61,25 +63,36 @@ def write_files(folder: Path, vectors: np.ndarray, order: np.ndarray) -> None:
         write_vectors_parquet(table, folder / f"part-{number:05d}.parquet")
 
 
+def ids_of(labels: np.ndarray) -> np.ndarray:
+    """The ids the files give the vectors at these places in the collection."""
+    return np.vectorize(lambda label: f"v{label}")(labels)
+
+
 def exact(vectors: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each query's exact 10 nearest vectors: (scores, ids)."""
-    chunks = ((np.arange(start, start + CHUNK), vectors[start:start + CHUNK]) for start in range(0, len(vectors), CHUNK))
-    scores, labels = exact_top_k(queries, chunks, RECALL_K)
-    return scores, np.vectorize(lambda label: f"v{label}")(labels)
+    scores, labels = exact_top_k(queries, chunks(vectors, CHUNK), RECALL_K)
+    return scores, ids_of(labels)
+
+
+def swept(search: Callable[[int], tuple[np.ndarray, np.ndarray]], truth: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+    """Recall@10 at each ef_search of `search(ef_search) -> (scores, ids)` of the queries."""
+    return [{"ef_search": ef, "recall@10": round(recall_at(RECALL_K, search(ef), truth), 4)} for ef in EF_SEARCH]
 
 
 def measure(order: str, folder: Path, engine: str, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray]) -> dict:
+    """vsearch's build from the files in `folder / "files"` into `folder / "index"`."""
     started = time.perf_counter()
-    info = build_index(BuildConfig(type="hnsw", engine=engine), open_source(folder), folder.with_name(folder.name + "-index"))
+    info = build_index(BuildConfig(type="hnsw", engine=engine), open_source(folder / "files"), folder / "index")
     seconds = time.perf_counter() - started
-    index = load_index(folder.with_name(folder.name + "-index"))
-    sweep = []
-    for ef in EF_SEARCH:
+    index = load_index(folder / "index")
+
+    def search(ef: int) -> tuple[np.ndarray, np.ndarray]:
         index.set_search(ef_search=ef)
-        sweep.append({"ef_search": ef, "recall@10": round(recall_at(RECALL_K, index.search(queries, RECALL_K), truth), 4)})
+        return index.search(queries, RECALL_K)
+
     return {"order": order, "built_by": f"vsearch ({engine})", "build_seconds": round(seconds, 1),
             "tuned_ef_search": info["params"]["ef_search"], "recall@10_at_build": info["recall"]["recall@10"],
-            "sweep": sweep}
+            "sweep": swept(search, truth)}
 
 
 def measure_raw(order: str, vectors: np.ndarray, rows: np.ndarray, queries: np.ndarray,
@@ -92,14 +105,14 @@ def measure_raw(order: str, vectors: np.ndarray, rows: np.ndarray, queries: np.n
     for start in range(0, len(rows), CHUNK):
         index.add_items(vectors[rows[start:start + CHUNK]], rows[start:start + CHUNK])
     seconds = time.perf_counter() - started
-    sweep = []
-    for ef in EF_SEARCH:
+
+    def search(ef: int) -> tuple[np.ndarray, np.ndarray]:
         index.set_ef(ef)
         labels, distances = index.knn_query(queries, k=RECALL_K)
-        found = (1 - distances, np.vectorize(lambda label: f"v{label}")(labels))
-        sweep.append({"ef_search": ef, "recall@10": round(recall_at(RECALL_K, found, truth), 4)})
+        return 1 - distances, ids_of(labels)
+
     return {"order": order, "built_by": "hnswlib add_items", "build_seconds": round(seconds, 1),
-            "tuned_ef_search": None, "recall@10_at_build": None, "sweep": sweep}
+            "tuned_ef_search": None, "recall@10_at_build": None, "sweep": swept(search, truth)}
 
 
 def main() -> None:
@@ -125,12 +138,11 @@ def main() -> None:
     try:
         for order in ORDERS:
             folder = scratch / order.replace(" ", "-")
-            write_files(folder, vectors, orders[order])
+            write_files(folder / "files", vectors, orders[order])
             results.append(measure(order, folder, args.engine, queries, truth))
             if args.raw:
                 results.append(measure_raw(order, vectors, orders[order], queries, truth))
-            shutil.rmtree(folder.with_name(folder.name + "-index"))
-            shutil.rmtree(folder)
+            shutil.rmtree(folder)  # before the next order's files and index take as much room
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

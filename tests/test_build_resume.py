@@ -65,9 +65,14 @@ def skeleton_labels(size):
     return sample_positions(FILES * ROWS - len(HELD), size, seed=2)
 
 
+def labels_of_files(files):
+    """How many labels a build gives the rows of the first `files` files (less those held out, labelled last)."""
+    return files * ROWS - int(np.sum(HELD < files * ROWS))
+
+
 def labels_in_graph(backend, files):
     """How many vectors a build's index holds once its skeleton (hnswlib's) and its first `files` files are in."""
-    prefix = files * ROWS - int(np.sum(HELD < files * ROWS))
+    prefix = labels_of_files(files)
     return len(np.union1d(skeleton_labels(backend.skeleton), np.arange(prefix))) if backend.skeleton else prefix
 
 
@@ -90,8 +95,7 @@ def test_hnswlib_takes_a_skeleton_sampled_across_the_files_then_windows_of_near_
     quarters = np.bincount(skeleton * FILES // (FILES * ROWS - len(HELD)), minlength=FILES)
     assert quarters.min() > 40
     # Then the first two files' other rows, less those held out, in another order than theirs.
-    first_two = 2 * ROWS - int(np.sum(HELD < 2 * ROWS))
-    assert sorted(window) == sorted(set(range(first_two)) - set(skeleton)) and list(window) != sorted(window)
+    assert sorted(window) == sorted(set(range(labels_of_files(2))) - set(skeleton)) and list(window) != sorted(window)
     # Inserted in that order, they lie in runs of the same cluster: each vector's neighbour in the
     # order is nearer, on average, than its neighbour in the files.
     kept = np.delete(vectors, HELD, axis=0)
@@ -101,7 +105,7 @@ def test_hnswlib_takes_a_skeleton_sampled_across_the_files_then_windows_of_near_
 
     notes, added = [], counting_adds(monkeypatch, HnswlibBackend)
     info = build_index(BuildConfig(type="hnsw"), open_source(folder), out, note=notes.append)
-    in_graph = len(np.union1d(skeleton, window))
+    in_graph = labels_in_graph(HnswlibBackend, files=2)
     assert f"resuming the stopped build in {tmp_path / 'index.partial'}: {in_graph:,} vectors already in its index" in notes
     assert info["resumed_vectors"] == in_graph and sum(added) == FILES * ROWS - in_graph
     assert info["recall"]["recall@10"] >= 0.95

@@ -101,7 +101,7 @@ def _add(window: InsertionWindow, vectors: np.ndarray, rows: pa.Table, first_lab
         return first_label
     labels = np.arange(first_label, first_label + len(rows), dtype=np.int64)
     there = inside.holds(labels)
-    if there.any():  # most batches hold none: they go in whole, with no copy
+    if there.any():  # a new graph's skeleton, or a resumed graph's first labels
         window.on_rows(int(there.sum()))
         vectors, labels = vectors[~there], labels[~there]
     if len(labels):
@@ -141,16 +141,15 @@ def _add_held(backend: Backend, held: HeldOut, first_label: int, out: RowsWriter
     window.flush()
 
 
-def _skeleton(cls: type[Backend], count: int, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row positions, labels) of the vectors a new graph of `cls` takes before any other, `cls.skeleton`
-    of them sampled across all the files, rows `held` out left out: the graph's first links span
+def _skeleton(cls: type[Backend], count: int, held: np.ndarray) -> np.ndarray:
+    """The labels of the vectors a new graph of `cls` takes before any other, `cls.skeleton` of them
+    sampled across all the files, rows `held` out left out: the graph's first links span
     the collection however the files are ordered. A graph begun with the files' first vectors, in
     files sorted by topic, linked its regions poorly: at 1M, recall@10 stopped at 0.994 at
     ef_search 256, where a sampled skeleton reaches 0.999-1.000 (benchmarks/RESULTS.md)."""
     if not cls.skeleton:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    labels = sample_positions(count - len(held), cls.skeleton, seed=2)
-    return np.delete(np.arange(count), held)[labels], labels
+        return np.empty(0, np.int64)
+    return sample_positions(count - len(held), cls.skeleton, seed=2)
 
 
 def _holds(folder: Path, source: VectorSource) -> bool:
@@ -424,12 +423,13 @@ def build_index(config: BuildConfig, source: VectorSource, destination: Path,
         tuned = not set(cls.search_params) & set(config.params)
         target = config.target_recall if tuned and cls.search_params else None
         measured = None
-        positions, skeleton = _skeleton(cls, count, held.positions)
+        skeleton = _skeleton(cls, count, held.positions)
         with RowsWriter(work / ROWS, source.row_schema) as rows:
             window = InsertionWindow(backend, on_rows, after=lambda: checkpoints.save_if_due(backend))
             if len(skeleton) and not len(backend):  # its rows are counted as the files reach them
                 note(f"beginning the graph with {len(skeleton):,} vectors sampled across the files")
-                first = InsertionWindow(backend, after=lambda: checkpoints.save_if_due(backend))
+                first = InsertionWindow(backend, after=window.after)
+                positions = np.delete(np.arange(count), held.positions)[skeleton]  # held rows have no label
                 first.add(gather(source, positions), skeleton)
                 first.flush()
             inside = InIndex(len(backend) - len(skeleton), skeleton)
