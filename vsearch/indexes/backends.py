@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from vsearch.errors import VsearchError, counted, human_size
-from vsearch.files import errors_naming
+from vsearch.files import errors_naming, fsync_file
 from vsearch.indexes.hugepages import collapse_in_background, huge_pages_for_new_regions
 
 FAISS_FILE = "index.faiss"
@@ -521,8 +521,8 @@ class IvfPqBackend(FaissBackend):
         self.dim = index.d
         self.segments: list[np.ndarray] = []
         self.nprobe, self.k_factor = self.search_params["nprobe"], self.search_params["k_factor"]
-        self._open: np.ndarray | None = None
-        self._filled = 0
+        self._writing: Path | None = None  # the segment `add` writes into, and the offset of its next row
+        self._rows_at = 0
 
     @staticmethod
     def factory_string(dim: int, params: dict[str, int]) -> str:
@@ -570,13 +570,14 @@ class IvfPqBackend(FaissBackend):
 
     def prepare(self, directory: Path, new_rows: int) -> None:
         path = directory / f"vectors-{len(self.segments):05d}.npy"
-        self._open = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(new_rows, self.dim))
-        if hasattr(os, "posix_fallocate"):  # not on macOS
-            # Its blocks taken now: a write into a mapped hole the disk has no room for is a SIGBUS, a crash.
-            with errors_naming(path), open(path, "r+b") as handle:
-                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-        self._filled = 0
-        self.segments.append(self._open)
+        with errors_naming(path):
+            header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(new_rows, self.dim)).offset
+            if hasattr(os, "posix_fallocate"):  # not on macOS
+                # Its blocks taken now: the disk filling up hours into a build fails it at the start instead.
+                with open(path, "r+b") as handle:
+                    os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        self._writing, self._rows_at = path, header
+        self.segments.append(np.load(path, mmap_mode="r"))
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         graph = self._coarse_graph()
@@ -588,12 +589,17 @@ class IvfPqBackend(FaissBackend):
                 super().add(vectors, labels)
             finally:
                 graph.hnsw.efSearch = searching
-        self._open[self._filled:self._filled + len(vectors)] = vectors
-        self._filled += len(vectors)
+        # Written, not stored through a writable map: a map's written pages stay in the build's resident
+        # memory, which at 10M x 512 grew by the whole 10 GB segment. Searches read it through the map.
+        rows = np.ascontiguousarray(vectors, dtype=np.float16)
+        with errors_naming(self._writing), open(self._writing, "r+b") as handle:
+            handle.seek(self._rows_at)
+            handle.write(rows)
+        self._rows_at += rows.nbytes
 
     def save(self, directory: Path) -> None:
-        if self._open is not None:
-            self._open.flush()
+        if self._writing is not None:
+            fsync_file(self._writing)
         super().save(directory)
 
     def set_search(self, params: dict[str, int]) -> None:
