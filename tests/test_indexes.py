@@ -179,8 +179,7 @@ def test_ivfpq_keeps_float16_vectors_on_disk_and_its_index_small(byo, tmp_path):
 
 
 def test_ivfpq_takes_the_disk_space_of_its_vectors_before_writing_them(tmp_path):
-    # A write into a hole of a mapped file that the disk has no room for is a SIGBUS: the process
-    # dies without a word. With the blocks taken first, a full disk is an OSError at the start.
+    # With the blocks taken first, a full disk stops the build as it starts, not hours into it.
     from vsearch.indexes.backends import IvfPqBackend
 
     backend = IvfPqBackend.create(tmp_path, 64, 50_000, {**IvfPqBackend.build_params, "m": 8, "nlist": 16})
@@ -1014,6 +1013,8 @@ def test_hnswlib_returns_every_neighbour_asked_for_even_where_its_graph_cannot_r
     ("hnsw", None, lambda d: (d / "index.hnsw").write_bytes((d / "index.hnsw").read_bytes()[:1000]), "is damaged"),
     ("hnsw", None, lambda d: (d / "rows.arrow").write_bytes((d / "rows.arrow").read_bytes()[:500]), "is damaged"),
     ("ivfpq", None, lambda d: (d / "vectors-00000.npy").unlink(), "vectors-\\*.npy files hold 0 of the 3,000"),
+    ("ivfpq", None, lambda d: (d / "vectors-00000.npy").write_bytes((d / "vectors-00000.npy").read_bytes()[:5000]),
+     "is damaged \\(vectors-00000.npy: mmap length is greater than file size"),
 ])
 def test_a_damaged_index_is_a_clear_error(index_type, engine, damage, message, byo, tmp_path):
     build_index(BuildConfig(type=index_type, engine=engine), open_source(byo[0]), tmp_path / "index")

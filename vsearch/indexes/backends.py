@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vsearch.errors import VsearchError, counted, human_size
+from vsearch.errors import VsearchError, counted, first_line, human_size
 from vsearch.files import errors_naming, fsync_file
 from vsearch.indexes.hugepages import collapse_in_background, huge_pages_for_new_regions
 
@@ -553,7 +553,11 @@ class IvfPqBackend(FaissBackend):
     @classmethod
     def load(cls, directory: Path, dim: int, params: dict[str, int], writable: bool = False) -> "IvfPqBackend":
         loaded = super().load(directory, dim, params, writable)
-        loaded.segments = [np.load(path, mmap_mode="r") for path in sorted(directory.glob("vectors-*.npy"))]
+        for path in sorted(directory.glob("vectors-*.npy")):
+            try:
+                loaded.segments.append(np.load(path, mmap_mode="r"))
+            except ValueError as exc:  # a file shorter than its header says, or no .npy header at all
+                raise VsearchError(f"index {directory} is damaged ({path.name}: {first_line(exc)}); rebuild it") from None
         kept = sum(len(segment) for segment in loaded.segments)
         if kept != loaded.index.ntotal:
             raise VsearchError(f"index {directory} is damaged: its vectors-*.npy files hold {kept:,} of the "
