@@ -3,7 +3,7 @@ CBVS-10M-format file of `--lines` rows, the ef_search it chose and the recall@10
 the recall@10 of the lists in the file, checked here against exact search over all its texts (a
 listed neighbour scoring as high as the exact 10th counts as found) on a sample of other texts.
 
-    python benchmarks/hard_negatives.py [--lines 300000] [--phrases N] [--model lexical] [--sample 1000]
+    python benchmarks/hard_negatives.py [--lines 300000] [--phrases N] [--sorted] [--model lexical] [--sample 1000]
                                         [--m 32] [--ef-construction 200] [--ef-search N]
 
 The job's checkpoints (see `vsearch/indexes/hard_negatives.py`) are counted with the time they took,
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -55,13 +57,20 @@ def phrases(count: int | None = None, seed: int = 0) -> list[str]:
     return sorted(random.Random(seed).sample(every, count))
 
 
-def write_cbvs10m_file(path: Path, lines: int, words: list[str] | None = None, seed: int = 0) -> None:
+def write_cbvs10m_file(path: Path, lines: int, words: list[str] | None = None, seed: int = 0,
+                       by_ocr: bool = False) -> None:
+    """A CBVS-10M-format file of `lines` rows; `by_ocr`: its lines sorted by their OCR text, as a
+    table exported in that column's order would be, so that texts sharing their first words follow
+    each other (sorted by `sort`, so that this process's peak memory stays the job's)."""
     rng = random.Random(seed)
     words = words or phrases()
     with open(path, "w", encoding="utf-8") as handle:
         for i in range(lines):
             ocr = "\\N" if i % 5 == 0 else f"{rng.choice(words)} {rng.choice(words)}"
             handle.write(f"{rng.choice(words)} {rng.randrange(1000)}\thttp://covers.example/{i}.jpg\t{ocr}\n")
+    if by_ocr:
+        subprocess.run(["sort", "-t", "\t", "-k3,3", "-o", str(path), str(path)], check=True,
+                       env={**os.environ, "LC_ALL": "C"})
 
 
 def neighbour_recall(path: Path, encoder, sample: int, seed: int = 0) -> float:
@@ -90,6 +99,7 @@ def main() -> None:
     parser.add_argument("--ef-construction", type=int, default=GRAPH["ef_construction"])
     parser.add_argument("--ef-search", type=int, help="search the lists at this ef_search, measured, not tuned: "
                                                       "runs alike in the lists' work (default: tuned to the target)")
+    parser.add_argument("--sorted", action="store_true", help="the file's lines in the order of their OCR texts")
     parser.add_argument("--sample", type=int, default=1000, help="texts whose neighbours are checked")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/hard_negatives.json"))
     args = parser.parse_args()
@@ -97,7 +107,7 @@ def main() -> None:
     encoder = read_as_trained(load_encoder(args.model, args.device))
     with tempfile.TemporaryDirectory() as scratch:
         source, out = Path(scratch) / "cbvs10m.txt", Path(scratch) / "cbvs10m-HNSW"
-        write_cbvs10m_file(source, args.lines, words)
+        write_cbvs10m_file(source, args.lines, words, by_ocr=args.sorted)
         started = time.perf_counter()
         dataset = open_dataset(str(source), Workspace.resolve(Path(scratch) / "ws"))
         marks: dict[str, float] = {}  # when every text is in the graph, and when its first lists are searched
@@ -113,14 +123,16 @@ def main() -> None:
         phases = {"graph": marks["graph"], "tuning": marks["tuned"] - marks["graph"], "lists": seconds - marks["tuned"]}
         peak = peak_resident_bytes()
         checked = neighbour_recall(out, encoder, args.sample)
-    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "lines": args.lines, "phrases": len(words),
+    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "lines": args.lines, "sorted": args.sorted,
+              "phrases": len(words),
               "texts": written.texts, "M": written.params["M"], "ef_construction": written.params["ef_construction"],
               "seconds": round(seconds, 1), **{f"{name}_seconds": round(t, 1) for name, t in phases.items()},
               "texts_per_second": round(written.texts / seconds),
               "peak_rss_mib": peak >> 20, "ef_search": written.ef_search, "recall@10_measured": round(written.recall, 4),
               "recall@10_checked": round(checked, 4), "checkpoints": written.checkpoints,
               "checkpoint_seconds": round(written.checkpoint_seconds, 1)}
-    table = Table(title=f"cbvs10m-HNSW from {args.lines:,} lines ({args.model})")
+    order = ", sorted by OCR text" if args.sorted else ""
+    table = Table(title=f"cbvs10m-HNSW from {args.lines:,} lines{order} ({args.model})")
     for column in ("distinct OCR texts", "seconds", "graph / tuning / lists", "texts/s", "peak MiB", "ef_search",
                    "recall@10 measured", "recall@10 checked", "checkpoints (s)"):
         table.add_column(column, justify="right")
