@@ -594,7 +594,7 @@ class IvfPqBackend(FaissBackend):
             finally:
                 graph.hnsw.efSearch = searching
         # Written, not stored through a writable map: a map's written pages stay in the build's resident
-        # memory, which at 10M x 512 grew by the whole 10 GB segment. Searches read it through the map.
+        # memory (at 1M x 512 its peak fell from 2.5 to 2.0 GB without them). Searches read it through a map.
         rows = np.ascontiguousarray(vectors, dtype=np.float16)
         with errors_naming(self._writing), open(self._writing, "r+b") as handle:
             handle.seek(self._rows_at)
