@@ -112,22 +112,21 @@ def write_synthetic(folder: Path, count: int, dim: int, seed: int) -> VectorSour
     return open_source(folder)
 
 
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (`VmHWM`, `RssAnon`); None where there
+    is no /proc (macOS)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines()
+                if line.startswith(f"{field}:"))
+
+
 def peak_resident_bytes() -> int:
     """This process's peak resident memory. Not ru_maxrss: Linux carries that across exec, so a
     spawned child would report its parent's peak."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _anonymous_bytes() -> int | None:
-    status = Path("/proc/self/status")
-    if not status.exists():  # macOS
-        return None
-    return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("RssAnon:"))
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class AnonymousPeak:
@@ -145,7 +144,7 @@ class AnonymousPeak:
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, _anonymous_bytes() or 0)
+            self.peak = max(self.peak, _status_bytes("RssAnon") or 0)
             if self._stop.wait(self.interval):
                 return
 
@@ -159,7 +158,7 @@ class AnonymousPeak:
 
     @property
     def bytes(self) -> int:
-        return self.peak if _anonymous_bytes() is not None else peak_resident_bytes()
+        return self.peak or peak_resident_bytes()  # no sample above 0: no /proc
 
 
 def _build_child(index_type: str, engine: str | None, source: VectorSource, path: Path, results: Any,
