@@ -140,6 +140,33 @@ def test_clip_vectors_are_the_mean_of_normalised_frame_vectors(workspace, tiny_u
     np.testing.assert_allclose(np.asarray(first["vector"], np.float32), want, atol=2e-3)
 
 
+def test_covers_and_clips_the_model_gives_no_finite_vector_are_recorded_as_failed(workspace, tiny_uniclip,
+                                                                                   monkeypatch):
+    from vsearch.embeddings.uniclip import UniClipEncoder
+
+    real = UniClipEncoder._encode_pixels
+
+    def overflowing(self, pixels):  # the first image of every batch, as an fp16 overflow would leave it
+        outputs = real(self, pixels)
+        outputs["vector"][0] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(UniClipEncoder, "_encode_pixels", overflowing)
+    result = embed_demo(workspace, tiny_uniclip, kind="both", batch_size=48, frames=4, shard_size=64)
+    covers, clips = table(result.directory, "cover"), table(result.directory, "clip")
+    demo = open_dataset("demo", workspace)
+    ids = [row.id for row in demo.rows()]
+    failed = {(f["kind"], f["id"]) for f in result.manifest.failed
+              if f["reason"] == "the model gave a vector with NaN or infinite values"}
+    # Batches of 48 covers never span a shard of 64; a batch of 48 // 4 clips holds all 10 of them.
+    first_clip = next(demo.clip_rows()).id
+    assert failed == {("cover", ids[i]) for i in (0, 48, 64, 112, 128, 176, 192)} | {("clip", first_clip)}
+    assert covers.num_rows == 199 - 7 and clips.num_rows == 9 and len(result.manifest.failed) == 8
+    assert np.isfinite(np.array(covers.column("vector").to_pylist())).all()
+    assert covers.column("ocr_presence").null_count == 0
+    assert not {ids[0], ids[48]} & set(covers.column("id").to_pylist())
+
+
 def test_dataloader_workers_give_the_same_shards(workspace, tiny_uniclip, tmp_path):
     serial = embed_demo(workspace, tiny_uniclip, limit=40, shard_size=16)
     parallel = run_embed(EmbedConfig(dataset="demo", model=f"uniclip:{tiny_uniclip}", device="cpu", workers=2,

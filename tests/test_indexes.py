@@ -824,6 +824,22 @@ def test_k_larger_than_the_index_pads_with_none(index_type, tmp_path):
     assert np.isneginf(scores[0][3:]).all()
 
 
+@pytest.mark.parametrize("index_type, engine", TYPES)
+def test_vectors_with_nan_or_infinite_values_are_refused_and_the_index_in_place_is_kept(index_type, engine, byo,
+                                                                                         tmp_path):
+    folder, _ = byo
+    build_index(BuildConfig(type="flat"), open_source(folder), tmp_path / "index")
+    spoiled = clustered(300, seed=2)
+    spoiled[40], spoiled[41, 3], spoiled[250, 0] = np.nan, np.inf, -np.inf
+    write_parquet(folder, spoiled, start=3000, name="part-2.parquet", dtype=np.float16)
+    refused = r"part-2.parquet: 3 vectors hold NaN or infinite values \(the first: id 'doc3040'\); re-embed or drop"
+    with pytest.raises(VsearchError, match=refused):
+        build_index(BuildConfig(type=index_type, engine=engine), open_source(folder), tmp_path / "index")
+    with pytest.raises(VsearchError, match=refused):
+        append_index(tmp_path / "index", open_source(folder))
+    assert len(load_index(tmp_path / "index")) == 3000
+
+
 def test_query_dimension_mismatch_is_a_clear_error(byo, tmp_path):
     build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
     with pytest.raises(VsearchError, match="dim 256.*dim 64"):
@@ -894,7 +910,7 @@ def test_bring_your_own_vectors_may_be_plain_lists_of_one_length(list_type, tmp_
     assert load_index(tmp_path / "index").search(vectors[7:8], 1)[1][0, 0] == "doc7"
     ragged = pa.array([list(v) for v in vectors[:3]] + [list(vectors[3][:63])], list_type(pa.float32()))
     pq.write_table(pa.table({"id": ["a", "b", "c", "short"], "embedding": ragged}), tmp_path / "part-1.parquet")
-    with pytest.raises(VsearchError, match=r"part-1.parquet: 1 vectors do not have 64 values .*'short' has 63"):
+    with pytest.raises(VsearchError, match=r"part-1.parquet: 1 vector does not have 64 values .*'short' has 63"):
         build_index(BuildConfig(type="flat"), open_source(tmp_path), tmp_path / "index")
     assert len(load_index(tmp_path / "index")) == 300
 

@@ -177,6 +177,24 @@ def test_a_query_that_cannot_be_searched_is_answered_with_its_error_and_the_batc
     assert bad.code == 1 and bad.stdout == "" and "bad --where predicate" in bad.stderr
 
 
+def test_a_query_the_model_gives_no_finite_vector_for_is_answered_with_that_error(demo, tmp_path, monkeypatch):
+    from vsearch.embeddings.lexical import LexicalEncoder
+
+    real = LexicalEncoder.encode_texts
+
+    def overflowing(self, texts):  # as fp16 can overflow on one query
+        vectors = real(self, texts)
+        vectors[["周杰伦" in text for text in texts]] = np.inf
+        return vectors
+
+    monkeypatch.setattr(LexicalEncoder, "encode_texts", overflowing)
+    queries = tmp_path / "queries.txt"
+    queries.write_text("大宅门演员表\n周杰伦个人资料\n", encoding="utf-8")
+    lines = [json.loads(line) for line in demo("query", "--file", str(queries), "-k", "2").stdout.splitlines()]
+    assert len(lines[0]["results"]) == 2 and "results" not in lines[1]
+    assert re.fullmatch(r"\S+ gave a vector with NaN or infinite values for query '周杰伦个人资料'", lines[1]["error"])
+
+
 def test_ids_to_delete_come_from_a_file_or_standard_input(demo, workspace, tmp_path):
     hits = [h["id"] for h in results(demo, "大宅门演员表", "-k", "4", "--no-rerank")["results"]]
     listed = tmp_path / "ids.txt"

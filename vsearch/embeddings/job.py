@@ -191,8 +191,21 @@ def encode_text_shard(encoder: Encoder, number: int, rows: list[Row], batch_size
     empty = np.linalg.norm(vectors, axis=1) == 0
     failed += [_failure(r, "cover", "no letters or digits in title or OCR text")
                for r, e in zip(rows_with_text, empty) if e]
-    kept = [r for r, e in zip(rows_with_text, empty) if not e]
-    return EncodedShard("cover", number, _columns(kept, vectors[~empty]), failed)
+    kept, outputs, unusable = _finite_only("cover", [r for r, e in zip(rows_with_text, empty) if not e],
+                                           {"vector": vectors[~empty]})
+    return EncodedShard("cover", number, _columns(kept, outputs.pop("vector"), outputs), failed + unusable)
+
+
+def _finite_only(kind: str, rows: list[Row], outputs: dict[str, np.ndarray]
+                 ) -> tuple[list[Row], dict[str, np.ndarray], list[dict[str, Any]]]:
+    """The rows whose vector the model gave with finite values, their outputs, and the others as
+    failures: fp16 can overflow on an input, and a NaN vector would spoil an index built on it."""
+    finite = np.isfinite(outputs["vector"]).all(axis=1)
+    if finite.all():
+        return rows, outputs, []
+    failed = [_failure(row, kind, "the model gave a vector with NaN or infinite values")
+              for row, ok in zip(rows, finite) if not ok]
+    return [row for row, ok in zip(rows, finite) if ok], {name: value[finite] for name, value in outputs.items()}, failed
 
 
 class OomBackoff:
@@ -302,8 +315,11 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
         if outputs is not None:
             with times.timing("model"):
                 arrays = outputs()
-            shard.outputs.append(arrays if kind == "cover" else {"vector": mean_pool(arrays["vector"], config.frames)})
+            arrays = arrays if kind == "cover" else {"vector": mean_pool(arrays["vector"], config.frames)}
+            rows, arrays, unusable = _finite_only(kind, rows, arrays)
+            shard.outputs.append(arrays)
             shard.rows += rows
+            shard.failed += unusable
         on_rows(len(batch.rows) + len(batch.failed))
     if shard is not None:
         yield shard.finished(encoder.dim)

@@ -139,6 +139,8 @@ class Searcher:
         vector = self.encoder.encode_texts([text])
         if not np.any(vector):
             raise QueryTextError(f"query {text!r} has no letters or digits to match")
+        if not np.isfinite(vector).all():  # fp16 overflow, or damaged weights: its results would be noise
+            raise QueryTextError(f"{self.encoder.spec} gave a vector with NaN or infinite values for query {text!r}")
         return vector
 
     @property
