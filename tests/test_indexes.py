@@ -840,6 +840,18 @@ def test_vectors_with_nan_or_infinite_values_are_refused_and_the_index_in_place_
     assert len(load_index(tmp_path / "index")) == 3000
 
 
+def test_rows_without_an_id_are_refused(tmp_path):
+    vectors = clustered(300)
+    write_parquet(tmp_path / "byo", vectors[:100])
+    ids = pa.array([None if row in (7, 150) else f"doc{100 + row}" for row in range(200)])
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors[100:].ravel()), 64)
+    pq.write_table(pa.table({"id": ids, "embedding": column}), tmp_path / "byo" / "part-1.parquet")
+    with pytest.raises(VsearchError, match=r"part-1.parquet: 2 rows have no 'id' \(the first: row 7, counting from "
+                                           r"0\); give every vector an id"):
+        build_index(BuildConfig(type="flat"), open_source(tmp_path / "byo"), tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
 def test_query_dimension_mismatch_is_a_clear_error(byo, tmp_path):
     build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "index")
     with pytest.raises(VsearchError, match="dim 256.*dim 64"):

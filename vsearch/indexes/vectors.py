@@ -151,9 +151,18 @@ class VectorSource:
             try:
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
                     ids = batch.column(self.id_column).cast(pa.string())
+                    if ids.null_count:  # a search hands back None for "no row": an id must never be
+                        raise self._without_id(file)
                     yield file, pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present]), batch
             except (pa.ArrowException, OSError) as exc:  # a shard damaged after it was written
                 raise VsearchError(f"cannot read {file.path}: {exc}") from None
+
+    def _without_id(self, file: VectorFile) -> VsearchError:
+        ids = pq.read_table(file.path, columns=[self.id_column]).column(0)
+        count, first = ids.null_count, pc.index(pc.is_null(ids), True).as_py()
+        one = count == 1
+        return VsearchError(f"{file.path}: {counted(count, 'row')} {'has' if one else 'have'} no {self.id_column!r} "
+                            f"({'' if one else 'the first: '}row {first:,}, counting from 0); give every vector an id")
 
     def info(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "embeddings": str(self.directory.resolve()), "encoder": self.encoder}
