@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -455,6 +456,22 @@ def test_files_that_are_not_images_fail_for_one_reason_that_names_each_file(tmp_
             decode_image(data, str(tmp_path / name))
         reasons.append(str(raised.value).replace(str(tmp_path / name), "…"))
     assert reasons == ["cannot decode image …: not in an image format Pillow reads"] * 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_too_large_to_decode_safely_is_recorded_and_the_job_goes_on(workers, tmp_path, workspace,
+                                                                             tiny_uniclip):
+    folder = tmp_path / "covers"
+    folder.mkdir()
+    for row in list(open_dataset("demo", workspace).rows())[:3]:
+        shutil.copy(row.uri, folder / Path(row.uri).name)
+    # 225 million pixels in 27 KB: past Pillow's decompression-bomb limit, which it raises as no OSError.
+    PIL.Image.new("1", (15000, 15000)).save(folder / "huge.png")
+    result = run_embed(EmbedConfig(dataset=str(folder), model=f"uniclip:{tiny_uniclip}", device="cpu",
+                                   workers=workers), workspace)
+    assert table(result.directory, "cover").num_rows == 3
+    [failed] = result.manifest.failed
+    assert failed["id"] == "huge" and "225000000 pixels" in failed["reason"] and "exceeds limit" in failed["reason"]
 
 
 def test_a_corrupt_jpeg_decoded_on_the_device_is_recorded(tmp_path, workspace, tiny_uniclip):

@@ -77,7 +77,7 @@ def decode_image(data: bytes, uri: str | None) -> Image.Image:
             image = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:  # whose message names the BytesIO object, different each time
         raise MediaError(f"cannot decode image {uri}: not in an image format Pillow reads") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MediaError(f"cannot decode image {uri}: {exc}") from None
     return image.convert("RGB")
 
@@ -89,7 +89,7 @@ def is_turned(data: bytes) -> bool:
         return False
     try:
         return Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation, 1) != 1
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
 
 
