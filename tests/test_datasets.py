@@ -148,3 +148,6 @@ def test_unrecognised_file_format_is_a_clear_error(tmp_path, workspace):
     source.write_text("just one column\n" * 3)
     with pytest.raises(VsearchError, match="cannot tell the format"):
         open_dataset(str(source), workspace)
+    source.write_text("\n\n")
+    with pytest.raises(VsearchError, match=r"dataset .*weird.txt is empty: no line of it holds any text$"):
+        open_dataset(str(source), workspace)

@@ -316,6 +316,7 @@ def is_registered(name: str) -> bool:
 
 def _sniff(source: str) -> str:
     """Tell CBVS-20K (4 fields, label last) from CBVS-5M/10M (3 fields) by the first lines."""
+    count = -1
     for count, fields in enumerate(_lines(source)):
         if fields is None:
             continue
@@ -325,6 +326,8 @@ def _sniff(source: str) -> str:
             return "cbvs-covers"
         if count >= 100:
             break
+    if count < 0:
+        raise VsearchError(f"dataset {source} is empty: no line of it holds any text")
     raise VsearchError(
         f"cannot tell the format of {source}: expected CBVS-5M/10M lines "
         "(title\\turl\\tocr) or CBVS-20K lines (query\\tdocid\\turl\\tlabel)"
