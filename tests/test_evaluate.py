@@ -44,6 +44,27 @@ def test_the_published_scores_reproduce_the_papers_uniclip_row(cli):
     assert abs(metrics["PNR"] - PAPER_UNICLIP["PNR"]) < 0.002
     table = cli("eval", "--scores", str(GOLDEN))
     assert "paper (UniCLIP)" in table.stdout and "3.069" in table.stdout
+    assert "no CBVS-20K file at" in table.stderr  # the workspace has none
+    checked = cli("eval", "--dataset", str(SHARED / "data" / "cbvs20k.txt"), "--scores", str(GOLDEN), "--json")
+    assert checked.code == 0 and checked.stderr == ""  # every pair scored, with CBVS-20K's labels
+
+
+def test_scores_that_leave_out_add_or_relabel_pairs_are_said_not_comparable_with_the_paper(cli, tmp_path):
+    source = tmp_path / "cbvs20k.txt"
+    source.write_text("".join(f"q{i // 3}\td{i}\thttp://x/{i}.jpg\t{i % 3}\n" for i in range(9)), encoding="utf-8")
+    scores = tmp_path / "scores.txt"
+    scores.write_text("".join(f"{i % 3}\tq{i // 3}\td{i}\t0.{i}\n" for i in range(9)), encoding="utf-8")
+    assert cli("eval", "--dataset", str(source), "--scores", str(scores)).stderr == ""
+    lines = scores.read_text(encoding="utf-8").splitlines()
+    scores.write_text("\n".join(lines[:6] + ["2\tq2\td7\t0.7", "1\tq9\td9\t0.9"]) + "\n", encoding="utf-8")
+    result = cli("eval", "--dataset", str(source), "--scores", str(scores))
+    assert result.code == 0 and "NDCG@1" in result.stdout
+    assert [line for line in "".join(result.stderr.split()).split("note:") if line] == [
+        "".join(line.split()) for line in (
+            f"the scores leave out 2 of the 9 distinct pairs of {source}",
+            f"1 scored pair is not in {source}",
+            f"1 scored pair carries another label than {source} gives it (the metrics use the scores file's)",
+            "the metrics are therefore not comparable with the paper's, which are over every pair of CBVS-20K")]
 
 
 def test_a_model_scores_the_pairs_and_ranks_the_pool(cli, workspace, tiny_uniclip, tmp_path):

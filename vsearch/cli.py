@@ -532,22 +532,29 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as a JSON object.")] = False,
 ) -> None:
     """CBVS-20K ranking metrics (PNR, NDCG@k, MAP; R@k with a model), beside the paper's UniCLIP row."""
-    from vsearch.console import progress
+    from vsearch.console import progress, stderr
     from vsearch.query import evaluate
 
     ws: Workspace = ctx.obj
     if (scores is None) == (model is None):
         raise VsearchError("give either --scores FILE or --model SPEC with --images DIR")
     extra: dict[str, object] = {}
+    source = ws.datasets / "cbvs20k.txt" if dataset == "cbvs20k" else Path(dataset)
     if scores is not None:
-        metrics = evaluate.ranking_metrics(evaluate.read_scores(scores))
+        scored_pairs = evaluate.read_scores(scores)
+        if source.is_file() or dataset != "cbvs20k":
+            notes = evaluate.coverage_notes(scored_pairs, evaluate.read_pairs(source), source)
+        else:
+            notes = [f"no CBVS-20K file at {source}: whether the scores cover its pairs is not checked"]
+        for line in notes:
+            stderr.print(f"note: {line}")
+        metrics = evaluate.ranking_metrics(scored_pairs)
     else:
         if images is None or not images.is_dir():
             raise VsearchError(f"--model needs --images DIR, a folder of covers named <docid>.jpg (got {images})")
         from vsearch.embeddings import load_encoder
         from vsearch.embeddings.job import resolve_model
 
-        source = ws.datasets / "cbvs20k.txt" if dataset == "cbvs20k" else Path(dataset)
         _refuse_overwriting(out, source, "the CBVS-20K file: writing the scores would erase it")
         encoder = load_encoder(resolve_model(model, ws), device)
         pairs = evaluate.read_pairs(source)

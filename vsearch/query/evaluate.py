@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, counted
 from vsearch.files import text_lines, write_text_atomic
 
 # The CBVS paper's UniCLIP ViT-B/16 row (fine-tuned on CBVS-5M).
@@ -157,6 +157,26 @@ def read_pairs(path: Path) -> list[Pair]:
                 continue
             pairs.append(Pair(fields[0].strip(), fields[1].strip(), int(fields[3]), math.nan))
     return pairs
+
+
+def coverage_notes(scored: list[Pair], pairs: list[Pair], source: Path) -> list[str]:
+    """What keeps metrics of `scored` from being comparable with the paper's, which are over every
+    pair of CBVS-20K (`pairs`, read from `source`) with its labels: pairs left out or added, labels
+    changed. Queries and docids are compared stripped, as `read_pairs` reads them (one of the
+    released scores' queries ends in a no-break space that the CBVS-20K file lacks)."""
+    labels = {(p.query, p.docid): p.label for p in pairs}
+    given = {(p.query.strip(), p.docid.strip()): p.label for p in scored}
+    left_out = len(labels.keys() - given.keys())
+    added = len(given.keys() - labels.keys())
+    relabelled = sum(labels[key] != label for key, label in given.items() if key in labels)
+    notes = [f"the scores leave out {left_out:,} of the {len(labels):,} distinct pairs of {source}" if left_out else "",
+             f"{counted(added, 'scored pair')} {'is' if added == 1 else 'are'} not in {source}" if added else "",
+             f"{counted(relabelled, 'scored pair')} {'carries' if relabelled == 1 else 'carry'} another label than "
+             f"{source} gives it (the metrics use the scores file's)" if relabelled else ""]
+    notes = [note for note in notes if note]
+    if notes:
+        notes.append("the metrics are therefore not comparable with the paper's, which are over every pair of CBVS-20K")
+    return notes
 
 
 @dataclass
