@@ -273,6 +273,17 @@ def test_a_recall_below_the_target_is_said_with_what_to_raise(byo, tmp_path):
         in "\n".join(notes)
 
 
+def test_ivfpq_codes_about_8_dims_a_byte_whatever_the_dimension():
+    from vsearch.indexes.backends import IvfPqBackend
+    from vsearch.indexes.tuning import choose_build_params
+
+    def m(dim):
+        return choose_build_params("ivfpq", IvfPqBackend.build_params, 100_000, dim, {}, None, 0.95).params["m"]
+
+    assert [m(dim) for dim in (512, 768, 3072, 4096, 64)] == [64, 96, 256, 256, 8]  # the usual code sizes
+    assert [m(dim) for dim in (1000, 600, 200, 100, 97, 8)] == [125, 75, 25, 10, 97, 1]  # any divisor
+
+
 def test_ivfpq_builds_on_a_dimension_no_usual_code_size_divides(tmp_path):
     vectors = clustered(2000, dim=100)
     info = build_index(BuildConfig(type="ivfpq"), open_source(write_parquet(tmp_path / "byo", vectors)),
