@@ -205,7 +205,8 @@ def _finite_only(kind: str, rows: list[Row], outputs: dict[str, np.ndarray]
         return rows, outputs, []
     failed = [_failure(row, kind, "the model gave a vector with NaN or infinite values")
               for row, ok in zip(rows, finite) if not ok]
-    return [row for row, ok in zip(rows, finite) if ok], {name: value[finite] for name, value in outputs.items()}, failed
+    kept = [row for row, ok in zip(rows, finite) if ok]
+    return kept, {name: value[finite] for name, value in outputs.items()}, failed
 
 
 class OomBackoff:
