@@ -291,6 +291,26 @@ def test_uniclip_heads_rerank_within_the_image_budget(uniclip_demo, tiny_uniclip
         encoder.match(["大宅门演员表"] * len(covers), covers).tolist(), abs=1e-5)
 
 
+def test_candidates_from_another_engine_are_reranked_as_vsearch_query_reranks_its_own(uniclip_demo, workspace,
+                                                                                     tiny_uniclip):
+    # As README's "Serving from another engine" does it, with an exact search over the shards as the engine.
+    from vsearch.query.rerank import Candidate, Weights, rerank
+
+    shards = pa.concat_tables(pq.read_table(path) for path in sorted((workspace.embeddings / "demo").glob("*.parquet")))
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
+    vector = encoder.encode_texts(["大宅门演员表"])[0]
+    scores = np.asarray(shards.column("vector").to_pylist(), np.float32) @ vector
+    best = np.argsort(-scores)[:20]
+    candidates = [Candidate(row["id"], float(scores[i]), row["title"], row["ocr"], row["uri"])
+                  for i, row in zip(best, shards.take(best).to_pylist())]
+    ranked, notes = rerank(encoder, "大宅门演员表", candidates, Weights(), image_budget=6)
+    ours = results(uniclip_demo, "大宅门演员表", "-k", "10", "--candidates", "20", "--rerank-images", "6",
+                   "--device", "cpu")["results"]
+    assert [c.id for c in ranked[:10]] == [hit["id"] for hit in ours]
+    assert [c.score for c in ranked[:10]] == pytest.approx([hit["score"] for hit in ours], abs=1e-4)
+    assert notes == [] and {"ann", "lexical", "semantic", "presence"} == set(ranked[0].parts)
+
+
 def test_the_image_budget_goes_to_the_candidates_the_cheap_parts_rank_best(uniclip_demo):
     # Random weights make the ANN order arbitrary; the covers carrying the query's words must still
     # be the ones whose images are read.
