@@ -403,6 +403,19 @@ def test_list_shows_what_the_workspace_holds_and_which_folders_are_the_defaults(
     assert cli("list").code == 0
 
 
+def test_an_index_built_while_embed_still_writes_its_shards_says_it_holds_those_written_so_far(cli, workspace):
+    from vsearch.files import lock_folder
+
+    assert cli("embed", "--dataset", "demo", "--model", "lexical", "--shard-size", "50").code == 0
+    with lock_folder(workspace.embeddings / "demo", "vsearch embed"):
+        result = cli("build-index", "--type", "flat")
+    assert result.code == 0
+    assert ("note: vsearch embed is still writing " + str(workspace.embeddings / "demo") + ": this takes the 4 "
+            "shards written so far, and build-index --append the rest later").replace(" ", "") in \
+        "".join(result.stderr.split())
+    assert "still writing" not in cli("build-index", "--type", "flat").stderr
+
+
 def test_list_shows_the_checkpoints_a_stopped_build_left_until_it_is_run_again(cli, workspace, tmp_path, monkeypatch,
                                                                               every_batch):
     from vsearch.files import lock_folder

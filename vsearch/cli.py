@@ -293,6 +293,7 @@ def build_index_command(
 ) -> None:
     """Build an index from embedding shards (or add to one with --append); a stopped HNSW or IVF-PQ build resumes."""
     from vsearch.console import progress, stderr
+    from vsearch.files import is_locked
     from vsearch.indexes import BuildConfig, append_index, build_index
     from vsearch.indexes.backends import backend_class
     from vsearch.indexes.vectors import open_source
@@ -318,6 +319,9 @@ def build_index_command(
     if kind not in ("cover", "clip"):
         raise VsearchError(f"unknown --kind {kind!r}: use cover or clip")
     source = open_source(_embeddings_dir(ws, dataset, embeddings), kind, id_column, vector_column)
+    if is_locked(source.directory):
+        stderr.print(f"note: vsearch embed is still writing {source.directory}: this takes the "
+                     f"{counted(len(source.files), 'shard')} written so far, and build-index --append the rest later")
     if model is not None:
         from vsearch.embeddings import load_encoder
         from vsearch.embeddings.job import resolve_model
