@@ -370,6 +370,24 @@ def test_a_memory_budget_too_small_is_a_clear_error(byo, tmp_path):
         build_index(BuildConfig(type="hnsw", memory_budget=100_000), open_source(byo[0]), tmp_path / "index")
 
 
+def test_an_index_past_the_machines_memory_is_refused_unless_a_budget_says_it_is_for_a_larger_one(byo, tmp_path,
+                                                                                                  monkeypatch):
+    import vsearch.indexes.tuning as tuning
+
+    monkeypatch.setattr(tuning, "machine_memory", lambda: (1 << 20, 1 << 19))  # 3,000 graph nodes take 1.6 MiB
+    with pytest.raises(VsearchError, match=r"hnsw with 3,000 x 64-d vectors needs about 1.6 MiB, more than this "
+                                           r"machine's 1.0 MiB of memory; ivfpq fits far more vectors in the same "
+                                           r"memory; to build it for a larger machine, give its --memory-budget$"):
+        build_index(BuildConfig(type="hnsw"), open_source(byo[0]), tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+    build_index(BuildConfig(type="hnsw", memory_budget=4 << 20), open_source(byo[0]), tmp_path / "index")
+    notes = []
+    monkeypatch.setattr(tuning, "machine_memory", lambda: (16 << 20, 1 << 19))
+    build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "flat", note=notes.append)
+    assert "that is more than the 512.0 KiB of memory free now (of 16.0 MiB): the build may slow down, or be " \
+           "stopped for memory" in notes
+
+
 def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
     folder, vectors = byo
     first = tmp_path / "first"

@@ -276,7 +276,7 @@ def build_index_command(
     param: Annotated[list[str], typer.Option(
         help="Parameter KEY=VALUE, repeatable. hnsw (--layout cbvs10m-hnsw too): M, ef_construction, ef_search; "
              "ivfpq: nlist, m, nbits, opq, train_size, opq_iterations, nprobe, k_factor.")] = [],
-    memory_budget: Annotated[Optional[str], typer.Option(help="Memory the loaded index may use, e.g. 8GiB.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Memory the loaded index may use, e.g. 8GiB (default: this machine's).")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 the chosen parameters must reach.")] = 0.95,
     append: Annotated[bool, typer.Option(
         help="Add shards the index has not seen, and shards that changed, instead of rebuilding "

@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -110,12 +111,43 @@ def choose_build_params(index_type: str, defaults: dict[str, int], count: int, d
         choice.params[key] = value
         choice.reasons.append(f"{key}={value}: set by you")
     size = memory_bytes(index_type, count, dim, choice.params)
+    needs = f"{index_type} with {count:,} x {dim}-d vectors needs about {human_size(size)}"
+    hint = "; ivfpq fits far more vectors in the same memory" if index_type != "ivfpq" else ""
     if memory_budget is not None and size > memory_budget:
-        hint = "; ivfpq fits far more vectors in the same memory" if index_type != "ivfpq" else ""
-        raise VsearchError(f"{index_type} with {count:,} x {dim}-d vectors needs about {human_size(size)}, "
-                           f"over the memory budget of {human_size(memory_budget)}{hint}")
+        raise VsearchError(f"{needs}, over the memory budget of {human_size(memory_budget)}{hint}")
     choice.reasons.append(f"estimated memory {human_size(size)} for {count:,} vectors")
+    if memory_budget is None:  # this machine's memory is the budget: past it, a build of hours is killed
+        total, available = machine_memory()
+        if size > total:
+            raise VsearchError(f"{needs}, more than this machine's {human_size(total)} of memory{hint}; to build "
+                               "it for a larger machine, give its --memory-budget")
+        if available is not None and size > available:
+            choice.reasons.append(f"that is more than the {human_size(available)} of memory free now (of "
+                                  f"{human_size(total)}): the build may slow down, or be stopped for memory")
     return choice
+
+
+def machine_memory() -> tuple[int, int | None]:
+    """This machine's memory, in bytes, and how much of it is free now (None where the system does
+    not say), within the memory limit of the container it runs in: a pod on a large host has its
+    share only."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            available = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")),
+                             None)
+    except OSError:
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            bytes_ = int(Path(limit).read_text(encoding="ascii"))
+        except (OSError, ValueError):  # none, or v2's "max": no limit
+            continue
+        total = min(total, bytes_)
+        available = None if available is None else min(available, bytes_)
+        break
+    return total, available
 
 
 def _choose_hnsw(choice: Choice, target: float) -> None:
