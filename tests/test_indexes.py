@@ -381,11 +381,17 @@ def test_an_index_past_the_machines_memory_is_refused_unless_a_budget_says_it_is
         build_index(BuildConfig(type="hnsw"), open_source(byo[0]), tmp_path / "index")
     assert not (tmp_path / "index").exists()
     build_index(BuildConfig(type="hnsw", memory_budget=4 << 20), open_source(byo[0]), tmp_path / "index")
+    write_parquet(byo[0], clustered(3000, seed=3), 3000, "part-2.parquet")
+    monkeypatch.setattr(tuning, "machine_memory", lambda: (3 << 20, 1 << 21))  # 6,000 nodes take 3.3 MiB
+    with pytest.raises(VsearchError, match=r"hnsw with 6,000 x 64-d vectors needs about 3.3 MiB, more than this "
+                                           r"machine's 3.0 MiB .*; append on a machine with more memory$"):
+        append_index(tmp_path / "index", open_source(byo[0]))
+    assert len(load_index(tmp_path / "index")) == 3000
     notes = []
     monkeypatch.setattr(tuning, "machine_memory", lambda: (16 << 20, 1 << 19))
     build_index(BuildConfig(type="flat"), open_source(byo[0]), tmp_path / "flat", note=notes.append)
-    assert "that is more than the 512.0 KiB of memory free now (of 16.0 MiB): the build may slow down, or be " \
-           "stopped for memory" in notes
+    assert "that is more than the 512.0 KiB of memory free now (of 16.0 MiB): it may slow down, or be stopped " \
+           "for memory" in notes
 
 
 def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):

@@ -48,7 +48,7 @@ from vsearch.indexes.deleted import (DELETED, delete_by_id, deleted_again, held_
 from vsearch.indexes.index import FORMAT, MANIFEST, Deletes, deletes_of, read_index_manifest, search_live
 from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
-from vsearch.indexes.tuning import (RECALL_K, choose_build_params, exact_neighbours, gather,
+from vsearch.indexes.tuning import (RECALL_K, check_machine_memory, choose_build_params, exact_neighbours, gather,
                                     memory_bytes, recall, refinement_bytes, sample_positions,
                                     shortfall_hint, tune_search)
 from vsearch.indexes.vectors import VectorFile, VectorSource, file_entry
@@ -604,6 +604,9 @@ def append_index(path: Path, source: VectorSource, on_rows: Callable[[int], None
     started = time.perf_counter()
 
     def fill(work: Path) -> dict[str, Any]:
+        for line in check_machine_memory(info["type"], info["count"] + sum(f.rows for f in new), info["dim"],
+                                         info["params"], "append on a machine with more memory"):
+            note(line)
         for name in [p.name for p in path.glob("vectors-*.npy")] + [DELETED]:
             if (path / name).exists():
                 os.link(path / name, work / name)  # unchanged files: share them, don't copy

@@ -111,20 +111,36 @@ def choose_build_params(index_type: str, defaults: dict[str, int], count: int, d
         choice.params[key] = value
         choice.reasons.append(f"{key}={value}: set by you")
     size = memory_bytes(index_type, count, dim, choice.params)
-    needs = f"{index_type} with {count:,} x {dim}-d vectors needs about {human_size(size)}"
-    hint = "; ivfpq fits far more vectors in the same memory" if index_type != "ivfpq" else ""
     if memory_budget is not None and size > memory_budget:
-        raise VsearchError(f"{needs}, over the memory budget of {human_size(memory_budget)}{hint}")
+        raise VsearchError(f"{_needs(index_type, count, dim, size)}, over the memory budget of "
+                           f"{human_size(memory_budget)}{_smaller(index_type)}")
     choice.reasons.append(f"estimated memory {human_size(size)} for {count:,} vectors")
     if memory_budget is None:  # this machine's memory is the budget: past it, a build of hours is killed
-        total, available = machine_memory()
-        if size > total:
-            raise VsearchError(f"{needs}, more than this machine's {human_size(total)} of memory{hint}; to build "
-                               "it for a larger machine, give its --memory-budget")
-        if available is not None and size > available:
-            choice.reasons.append(f"that is more than the {human_size(available)} of memory free now (of "
-                                  f"{human_size(total)}): the build may slow down, or be stopped for memory")
+        choice.reasons += check_machine_memory(index_type, count, dim, choice.params, "to build it for a larger "
+                                               "machine, give its --memory-budget")
     return choice
+
+
+def _needs(index_type: str, count: int, dim: int, size: int) -> str:
+    return f"{index_type} with {count:,} x {dim}-d vectors needs about {human_size(size)}"
+
+
+def _smaller(index_type: str) -> str:
+    return "; ivfpq fits far more vectors in the same memory" if index_type != "ivfpq" else ""
+
+
+def check_machine_memory(index_type: str, count: int, dim: int, params: dict[str, int], otherwise: str) -> list[str]:
+    """Refuse an index of `count` vectors larger than this machine's memory (saying what to do
+    `otherwise`); the note to give where it is larger than the memory free now."""
+    size = memory_bytes(index_type, count, dim, params)
+    total, available = machine_memory()
+    if size > total:
+        raise VsearchError(f"{_needs(index_type, count, dim, size)}, more than this machine's {human_size(total)} "
+                           f"of memory{_smaller(index_type)}; {otherwise}")
+    if available is not None and size > available:
+        return [f"that is more than the {human_size(available)} of memory free now (of {human_size(total)}): it "
+                "may slow down, or be stopped for memory"]
+    return []
 
 
 def machine_memory() -> tuple[int, int | None]:
