@@ -204,6 +204,23 @@ def test_corrupt_covers_and_videos_are_recorded_and_the_job_goes_on(tmp_path, wo
                        ("cover", "cannot decode image"), ("cover", "image not found")]
 
 
+def test_a_job_whose_first_thousand_rows_all_fail_says_so_while_it_goes_on(tmp_path, workspace, tiny_uniclip):
+    source = tmp_path / "moved.txt"  # covers downloaded elsewhere: every row's image is missing
+    source.write_text("".join(f"封面{i}\tcovers/{i}.jpg\t文字{i}\n" for i in range(1100)), encoding="utf-8")
+    notes = []
+    config = EmbedConfig(dataset=str(source), model=f"uniclip:{tiny_uniclip}", device="cpu", workers=0, shard_size=600)
+    result = run_embed(config, workspace, note=notes.append)
+    assert result.rows_failed == 1100 and result.rows_written == 0
+    assert notes == ["the first 1,100 rows all failed, 1,100 of them for one reason: image not found: …. The job "
+                     "goes on; Ctrl-C stops it, keeping what it wrote"]
+    cover = tmp_path / "covers"
+    cover.mkdir()
+    shutil.copy(next(open_dataset("demo", workspace).rows()).uri, cover / "3.jpg")
+    notes.clear()
+    run_embed(replace(config, overwrite=True), workspace, note=notes.append)
+    assert notes == []  # one cover of the first shard was read
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_covers_are_fetched_over_http_and_unreachable_ones_recorded(workers, cover_server, tmp_path, workspace,
                                                                     tiny_uniclip, monkeypatch):

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -165,8 +164,9 @@ def embed(
 def _commonest_failure(failed: list[dict]) -> str:
     """The reason most of a shard folder's failed rows share (each names its row's file, left out
     here): a job whose covers all failed for one cause says so without a look into the manifest."""
-    reasons = Counter(f["reason"].replace(f["uri"], "…") if f.get("uri") else f["reason"] for f in failed)
-    reason, count = reasons.most_common(1)[0]
+    from vsearch.embeddings.shards import commonest_failure
+
+    reason, count = commonest_failure(failed)
     return (f"commonest failure ({count:,} of the folder's {len(failed):,} failed rows): {reason} "
             "(--retry-failed tries failed rows again)")
 

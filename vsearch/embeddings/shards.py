@@ -46,6 +46,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -63,6 +64,7 @@ FORMAT = "vsearch-shards/1"
 MANIFEST = "_manifest.json"
 KINDS = ("cover", "clip")
 MANIFEST_SHARE = 0.05
+ALL_FAILED_NOTE_ROWS = 1000  # failed rows, none written yet, after which a run says so
 METADATA_COLUMNS = ("title", "ocr", "uri", "cover")
 
 
@@ -75,6 +77,12 @@ def shard_schema(dim: int, extra: dict[str, pa.DataType] | None = None) -> pa.Sc
         *(pa.field(name, dtype) for name, dtype in (extra or {}).items()),
     ]
     return pa.schema(fields, metadata={"vsearch.format": FORMAT, "vsearch.dim": str(dim)})
+
+
+def commonest_failure(failed: list[dict[str, Any]]) -> tuple[str, int]:
+    """The reason most of the `failed` rows share, each row's own file left out of it, and how many share it."""
+    reasons = Counter(f["reason"].replace(f["uri"], "…") if f.get("uri") else f["reason"] for f in failed)
+    return reasons.most_common(1)[0]
 
 
 def shard_name(kind: str, number: int) -> str:
@@ -226,6 +234,7 @@ class ShardWriter:
         self._forecasting = threading.Lock()
         self._rows_to_come: int | None = None
         self._room_said = False
+        self._failed_first: list[dict[str, Any]] | None = []  # this run's failures while none has a vector
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -290,6 +299,22 @@ class ShardWriter:
         self._done[(entry["kind"], entry["number"])] = entry
         self._changed()
         self._forecast_room()
+        self._say_if_all_failed(entry["rows"], failed)
+
+    def _say_if_all_failed(self, rows: int, failed: list[dict[str, Any]]) -> None:
+        """Say, once, that the first rows of a run all failed: a model giving NaN on every cover, or
+        covers that are error pages, would otherwise fail the whole dataset before the job says why."""
+        if self._failed_first is None:
+            return
+        if rows:
+            self._failed_first = None
+            return
+        self._failed_first += failed
+        if len(self._failed_first) >= ALL_FAILED_NOTE_ROWS:
+            reason, count = commonest_failure(self._failed_first)
+            self.note(f"the first {len(self._failed_first):,} rows all failed, {count:,} of them for one reason: "
+                      f"{reason}. The job goes on; Ctrl-C stops it, keeping what it wrote")
+            self._failed_first = None
 
     def expect_rows(self, rows: int) -> None:
         """The dataset rows the job reads in all, at most (its lines, repeats included)."""
