@@ -394,6 +394,17 @@ def test_an_index_past_the_machines_memory_is_refused_unless_a_budget_says_it_is
            "for memory" in notes
 
 
+def test_an_hnswlib_graph_larger_than_the_machines_memory_is_refused_before_it_is_read(byo, tmp_path, monkeypatch):
+    import vsearch.indexes.backends as backends
+
+    build_index(BuildConfig(type="hnsw"), open_source(byo[0]), tmp_path / "index")
+    monkeypatch.setattr(backends, "machine_memory", lambda: (1 << 20, 1 << 20))
+    with pytest.raises(VsearchError, match=r"index .*index takes about 1.5 MiB of memory once loaded \(hnswlib reads "
+                                           r"its graph whole\), more than this machine's 1.0 MiB: search it on a "
+                                           r"larger machine, or build an ivfpq index of its vectors"):
+        load_index(tmp_path / "index")
+
+
 def test_append_adds_new_files_without_a_rebuild(byo, tmp_path):
     folder, vectors = byo
     first = tmp_path / "first"

@@ -26,6 +26,7 @@ import numpy as np
 from vsearch.errors import VsearchError, counted, first_line, human_size
 from vsearch.files import errors_naming, fsync_file
 from vsearch.indexes.hugepages import collapse_in_background, huge_pages_for_new_regions
+from vsearch.memory import machine_memory
 
 FAISS_FILE = "index.faiss"
 
@@ -336,8 +337,13 @@ def loaded_hnswlib_graph(path: Path, dim: int) -> tuple[Any, threading.Thread | 
     RuntimeError."""
     import hnswlib
 
+    size, (total, _) = path.stat().st_size, machine_memory()
+    if size > total:  # hnswlib reads it into memory whole: past the machine's, it would be killed reading it
+        raise VsearchError(f"index {path.parent} takes about {human_size(size)} of memory once loaded (hnswlib reads "
+                           f"its graph whole), more than this machine's {human_size(total)}: search it on a larger "
+                           "machine, or build an ivfpq index of its vectors, which takes a small part of that")
     index = hnswlib.Index(space="ip", dim=dim)
-    with huge_pages_for_new_regions(path.stat().st_size // 2) as graph:  # its vectors and links, most of the file
+    with huge_pages_for_new_regions(size // 2) as graph:  # its vectors and links, most of the file
         index.load_index(str(path))
     return index, collapse_in_background(graph, index)
 

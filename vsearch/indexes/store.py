@@ -48,8 +48,8 @@ from vsearch.indexes.deleted import (DELETED, delete_by_id, deleted_again, held_
 from vsearch.indexes.index import FORMAT, MANIFEST, Deletes, deletes_of, read_index_manifest, search_live
 from vsearch.indexes.resume import CheckpointFolder
 from vsearch.indexes.rows import ROWS, Rows, RowsWriter, conform
-from vsearch.indexes.tuning import (RECALL_K, check_machine_memory, choose_build_params, exact_neighbours, gather,
-                                    memory_bytes, recall, refinement_bytes, sample_positions,
+from vsearch.indexes.tuning import (RECALL_K, check_machine_memory, choose_build_params, exact_neighbours,
+                                    gather, memory_bytes, recall, refinement_bytes, sample_positions,
                                     shortfall_hint, tune_search)
 from vsearch.indexes.vectors import VectorFile, VectorSource, file_entry
 

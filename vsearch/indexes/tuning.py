@@ -21,7 +21,6 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -29,6 +28,7 @@ import numpy as np
 from vsearch.errors import VsearchError, human_size
 from vsearch.indexes.backends import COARSE_HNSW_M, exact_top_k, merged_top_k
 from vsearch.indexes.vectors import VectorFile, VectorSource
+from vsearch.memory import machine_memory
 
 RECALL_K = 10
 # Two scores of one pair of float16 vectors, summed in different orders by different libraries,
@@ -141,29 +141,6 @@ def check_machine_memory(index_type: str, count: int, dim: int, params: dict[str
         return [f"that is more than the {human_size(available)} of memory free now (of {human_size(total)}): it "
                 "may slow down, or be stopped for memory"]
     return []
-
-
-def machine_memory() -> tuple[int, int | None]:
-    """This machine's memory, in bytes, and how much of it is free now (None where the system does
-    not say), within the memory limit of the container it runs in: a pod on a large host has its
-    share only."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    available = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            available = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")),
-                             None)
-    except OSError:
-        pass
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
-        try:
-            bytes_ = int(Path(limit).read_text(encoding="ascii"))
-        except (OSError, ValueError):  # none, or v2's "max": no limit
-            continue
-        total = min(total, bytes_)
-        available = None if available is None else min(available, bytes_)
-        break
-    return total, available
 
 
 def _choose_hnsw(choice: Choice, target: float) -> None:
