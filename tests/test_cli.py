@@ -114,6 +114,7 @@ ERRORS = [
     (["embed", "--dataset", "cbvs10m"], "dataset cbvs10m not found"),
     (["embed", "--dataset", "s3://covers/cbvs10m.txt"], "cannot open s3://covers/cbvs10m.txt: Install s3fs"),
     (["embed", "--dataset", "demo", "--images", "gs://covers/"], "cannot open gs://covers/: Please install gcsfs"),
+    (["embed", "--dataset", "demo", "--images", "/no/such/covers"], "--images /no/such/covers: no such folder"),
     (["embed", "--dataset", "demo", "--model", "clip-9000"], "unknown model spec 'clip-9000'"),
     (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:{garbage}"], "unreadable checkpoint"),
     (["embed", "--dataset", "demo", "--model", "open_clip:ViT-B-32:/no/such.pt"], "open_clip checkpoint not found"),

@@ -48,8 +48,9 @@ def test_images_folder_convention_overrides_urls(tmp_path, workspace):
     (tmp_path / "covers-images").mkdir()
     (row,) = open_dataset(str(source), workspace).rows()
     assert row.uri == f"{tmp_path}/covers-images/{url_id('http://a/1.jpg')}.jpg"
-    (row,) = open_dataset(str(source), workspace, images="/elsewhere").rows()
-    assert row.uri == f"/elsewhere/{url_id('http://a/1.jpg')}.jpg"
+    (tmp_path / "elsewhere").mkdir()
+    (row,) = open_dataset(str(source), workspace, images=str(tmp_path / "elsewhere")).rows()
+    assert row.uri == f"{tmp_path}/elsewhere/{url_id('http://a/1.jpg')}.jpg"
 
 
 def test_cbvs20k_format_one_row_per_docid(tmp_path, workspace):

@@ -225,8 +225,9 @@ def _image_locator(source: str, images: str | None) -> Callable[[str, str | None
     if images is None:
         default = _join(base, PurePosixPath(source).stem + "-images")
         images = default if _isdir(default) else None
+    elif not _isdir(images):  # else every row fails, "image not found"; a filesystem package missing fails here too
+        raise VsearchError(f"--images {images}: no such folder")
     if images is not None:
-        url_to_fs(images)  # its filesystem package missing fails here, not on every row
         folder = images
         return lambda id_, url: _join(folder, f"{id_}.jpg")
 
