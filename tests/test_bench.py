@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,29 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
         assert result["overhead"]["batch"] > 0 and result["sweep"]
     assert "| 3,000 | hnsw (hnswlib) |" in written["markdown"].read_text()
     assert written["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_index_too_large_for_the_machines_memory_is_skipped_and_the_others_measured(tmp_path, monkeypatch):
+    import vsearch.indexes.bench as bench
+    from vsearch.errors import TooLargeForMemory, VsearchError
+
+    real = bench._build
+    too_large = "flat with 3,000 x 32-d vectors needs about 375.0 KiB, more than this machine's 300.0 KiB of memory"
+
+    def build(index_type, engine, source, path):  # the check runs in the build's own process, out of reach here
+        if index_type == "flat":
+            raise TooLargeForMemory(too_large)
+        return real(index_type, engine, source, path)
+
+    monkeypatch.setattr(bench, "_build", build)
+    said = []
+    config = BenchConfig(sizes=[3000], dim=32, queries=60, latency_queries=10, indexes=["flat", "hnsw"],
+                         out=tmp_path / "ann")
+    written = run_bench(config, tmp_path / "scratch", say=said.append)
+    assert [r["type"] for r in json.loads(written["json"].read_text())["results"]] == ["hnsw"]
+    assert f"skipped flat: {too_large}" in said
+    with pytest.raises(VsearchError, match="no index was measured: none fits this machine's memory"):
+        run_bench(replace(config, indexes=["flat"]), tmp_path / "scratch", say=said.append)
 
 
 def test_bench_makes_its_scratch_folder(cli, tmp_path):

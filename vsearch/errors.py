@@ -6,6 +6,10 @@ class VsearchError(Exception):
     """
 
 
+class TooLargeForMemory(VsearchError):
+    """An index larger than this machine's memory: the one such error a benchmark skips an index for."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a library's error message (or its type, where it has none), for a one-line error."""
     text = str(exc).strip()

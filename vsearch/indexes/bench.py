@@ -25,7 +25,7 @@ import resource
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from vsearch.embeddings.shards import write_vectors_parquet
-from vsearch.errors import VsearchError
+from vsearch.errors import TooLargeForMemory, VsearchError
 from vsearch.indexes.backends import ENGINES, HnswlibBackend, IvfPqBackend
 from vsearch.indexes.index import Index, load_index
 from vsearch.indexes.store import BuildConfig, build_index
@@ -273,7 +273,10 @@ def _open_seconds(path: Path, repeats: int = 3) -> float:
     return best
 
 
-def bench_size(config: BenchConfig, count: int, scratch: Path) -> list[dict[str, Any]]:
+def bench_size(config: BenchConfig, count: int, scratch: Path, say: Callable[[str], None] = print
+               ) -> list[dict[str, Any]]:
+    """A row of results for each index of `config` at `count` vectors; an index too large for this
+    machine's memory is skipped, said why, so that the others are measured."""
     if config.embeddings:
         source = open_source(config.embeddings)
         count = source.count
@@ -289,7 +292,11 @@ def bench_size(config: BenchConfig, count: int, scratch: Path) -> list[dict[str,
     for spec in config.indexes:
         index_type, _, engine = spec.partition(":")
         path = scratch / f"index-{count}-{index_type}-{engine or 'default'}"
-        info, peaks = _build(index_type, engine or None, source, path)
+        try:
+            info, peaks = _build(index_type, engine or None, source, path)
+        except TooLargeForMemory as exc:
+            say(f"skipped {spec}: {exc}")
+            continue
         open_seconds = _open_seconds(path)
         index = load_index(path)
         index.settle()  # every setting timed at full speed, as a serving process runs
@@ -367,7 +374,9 @@ def run_bench(config: BenchConfig, scratch: Path, say=print) -> dict[str, Path]:
     results: list[dict[str, Any]] = []
     for count in config.sizes if not config.embeddings else [0]:
         say(f"benchmarking N={count:,}" if count else f"benchmarking {config.embeddings}")
-        results += bench_size(config, count, scratch)
+        results += bench_size(config, count, scratch, say)
+    if not results:
+        raise VsearchError("no index was measured: none fits this machine's memory at these sizes")
     config.out.parent.mkdir(parents=True, exist_ok=True)
     written = {"json": config.out.with_suffix(".json"), "markdown": config.out.with_suffix(".md")}
     meta = {"date": time.strftime("%Y-%m-%d"), "queries": config.queries, "cpus": multiprocessing.cpu_count()}

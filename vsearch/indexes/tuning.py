@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from vsearch.errors import VsearchError, human_size
+from vsearch.errors import TooLargeForMemory, VsearchError, human_size
 from vsearch.indexes.backends import COARSE_HNSW_M, exact_top_k, merged_top_k
 from vsearch.indexes.vectors import VectorFile, VectorSource
 from vsearch.memory import machine_memory
@@ -135,7 +135,7 @@ def check_machine_memory(index_type: str, count: int, dim: int, params: dict[str
     size = memory_bytes(index_type, count, dim, params)
     total, available = machine_memory()
     if size > total:
-        raise VsearchError(f"{_needs(index_type, count, dim, size)}, more than this machine's {human_size(total)} "
+        raise TooLargeForMemory(f"{_needs(index_type, count, dim, size)}, more than this machine's {human_size(total)} "
                            f"of memory{_smaller(index_type)}; {otherwise}")
     if available is not None and size > available:
         return [f"that is more than the {human_size(available)} of memory free now (of {human_size(total)}): it "
