@@ -127,6 +127,8 @@ ERRORS = [
     (["bench", "--sizes", "1000", "--dim", "0"], "--queries and --dim must be at least 1"),
     (["build-index", "--type", "annoy"], "unknown index type 'annoy'"),
     (["build-index"], "no embeddings under"),
+    (["build-index", "--name", "../../elsewhere"], "--name '../../elsewhere' is not an index name"),
+    (["build-index", "--name", ".hidden"], "--name '.hidden' is not an index name"),
     (["query", "大宅门"], "no index under"),
     (["query", "x", "--index", "/no/such/index"], "no index at /no/such/index"),
     (["query", "x", "--index", "nope"], "no index named 'nope' under"),

@@ -304,6 +304,9 @@ def build_index_command(
         raise VsearchError("--target-recall must be in (0, 1]")
     if threads == 0 or threads < -1:
         raise VsearchError("--threads must be at least 1, or -1 for all cores")
+    if name is not None and (name.startswith(".") or "/" in name or os.sep in name or not name):
+        raise VsearchError(f"--name {name!r} is not an index name, which names a folder of {ws.indexes}: give "
+                           "one without '/' or a leading '.', or --out DIR for a folder elsewhere")
     if layout is not None:
         if layout != "cbvs10m-hnsw" or type not in (None, "hnsw"):
             raise VsearchError(f"unknown layout {layout!r} for --type {type or 'hnsw'}: the one layout is cbvs10m-hnsw (hnsw)")
