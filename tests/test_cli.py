@@ -102,6 +102,15 @@ def test_workspace_option_overrides_the_environment(cli, tmp_path):
     assert (other / "indexes" / "demo-hnsw" / "index.json").is_file()
 
 
+def test_a_workspace_that_is_a_file_is_a_clear_error(cli, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    for command in ("demo", "list"):
+        result = cli("--workspace", str(tmp_path / "afile"), command)
+        assert result.code == 1 and "".join(result.stderr.split()) == "".join(
+            f"vsearch: error: workspace {tmp_path / 'afile'} is a file, not a folder (--workspace or VSEARCH_HOME)"
+            .split())
+
+
 @pytest.fixture
 def garbage_checkpoint(tmp_path):
     path = tmp_path / "garbage.pt"

@@ -46,6 +46,8 @@ def _root(
         print(ctx.get_help())
         raise typer.Exit(2)
     ctx.obj = Workspace.resolve(workspace)
+    if ctx.obj.root.exists() and not ctx.obj.root.is_dir():
+        raise VsearchError(f"workspace {ctx.obj.root} is a file, not a folder (--workspace or {ENV_VAR})")
 
 
 def _parse_params(pairs: list[str]) -> dict[str, int]:
