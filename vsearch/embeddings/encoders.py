@@ -91,7 +91,8 @@ def runs_on_device(spec: str) -> bool:
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    with np.errstate(invalid="ignore"):  # a row with NaN or infinity stays so, for its caller to refuse
+        return vectors / np.maximum(norms, 1e-12)
 
 
 def _lexical(args: str, device: str) -> Encoder:

@@ -307,7 +307,7 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
     # The next batch is read and prepared on the device (JPEGs decoded and resized) while the model
     # runs on this one, and queued on the device before this one's outputs are waited for.
     prepared = times.waited(read_ahead(map(with_pixels, batches)))
-    for (batch, _, rows, failed), outputs in one_in_flight(prepared, submitted):
+    for (batch, pixels, rows, failed), outputs in one_in_flight(prepared, submitted):
         if shard is not None and batch.number != shard.number:
             yield shard.finished(encoder.dim)
             shard = None
@@ -315,8 +315,8 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
         shard.failed += [_failure(row, kind, reason) for row, reason in failed]
         if outputs is not None:
             with times.timing("model"):
-                arrays = outputs()
-            arrays = arrays if kind == "cover" else {"vector": mean_pool(arrays["vector"], config.frames)}
+                arrays = _overflowed_in_fp32(encoder, kind, pixels, _pooled(kind, outputs(), config.frames),
+                                             config.frames)
             rows, arrays, unusable = _finite_only(kind, rows, arrays)
             shard.outputs.append(arrays)
             shard.rows += rows
@@ -324,6 +324,24 @@ def encode_media_shards(encoder: Any, kind: str, shards: Iterator[tuple[int, lis
         on_rows(len(batch.rows) + len(batch.failed))
     if shard is not None:
         yield shard.finished(encoder.dim)
+
+
+def _pooled(kind: str, outputs: dict[str, np.ndarray], frames: int) -> dict[str, np.ndarray]:
+    """A batch's outputs by row: for clips, each video's frame vectors pooled into one."""
+    return outputs if kind == "cover" else {"vector": mean_pool(outputs["vector"], frames)}
+
+
+def _overflowed_in_fp32(encoder: Any, kind: str, pixels: Any, outputs: dict[str, np.ndarray], frames: int
+                        ) -> dict[str, np.ndarray]:
+    """`outputs` (by row) with the rows whose vector is not finite encoded again in float32 from
+    their `pixels`: fp16 can overflow on an input where float32 does not."""
+    overflowed = np.flatnonzero(~np.isfinite(outputs["vector"]).all(axis=1))
+    if len(overflowed):
+        again = pixels[overflowed.tolist()]
+        redone = encoder.encode_pixels(again if kind == "cover" else again.flatten(0, 1), fp32=True)
+        for name, values in _pooled(kind, redone, frames).items():
+            outputs[name][overflowed] = values
+    return outputs
 
 
 def _kind_rows(dataset: Dataset, kind: str, limit: int | None) -> Iterator[Row]:

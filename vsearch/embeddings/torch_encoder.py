@@ -4,7 +4,7 @@ split between CPU-side preprocessing (run in DataLoader workers) and GPU-side en
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import pyarrow as pa
@@ -88,14 +88,15 @@ class TorchImageEncoder:
                                       for values in (self.normalisation.mean, self.normalisation.std))
         return self._normalising
 
-    def submit_pixels(self, pixels: torch.Tensor) -> "PendingOutputs":
-        """Start encoding a batch of pixels; on CUDA this returns once the work is queued."""
-        with torch.inference_mode(), self.autocast():
+    def submit_pixels(self, pixels: torch.Tensor, fp32: bool = False) -> "PendingOutputs":
+        """Start encoding a batch of pixels (in float32 throughout with `fp32`, no autocast); on CUDA
+        this returns once the work is queued."""
+        with torch.inference_mode(), nullcontext() if fp32 else self.autocast():
             return PendingOutputs(self._encode_pixels(self.model_input(pixels)))
 
-    def encode_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode_pixels(self, pixels: torch.Tensor, fp32: bool = False) -> dict[str, np.ndarray]:
         """Encode a batch of pixels; returns float32 arrays keyed by column name."""
-        return self.submit_pixels(pixels).result()
+        return self.submit_pixels(pixels, fp32).result()
 
     def pixels(self, images: Sequence) -> torch.Tensor:
         """A batch of pixels (`image_transform`ed images), on the CPU."""
