@@ -165,3 +165,31 @@ def test_a_head_of_the_wrong_shape_is_named(tiny_uniclip, tmp_path):
     torch.save(state, broken)
     with pytest.raises(VsearchError, match="does not fit UniCLIP: size mismatch for proj_ocr_presence"):
         load_encoder(f"uniclip:{broken}")
+
+
+def test_texts_that_overflow_in_fp16_are_encoded_again_in_float32(tiny_uniclip, monkeypatch):
+    import contextlib
+
+    from vsearch.embeddings.uniclip import UniClip, UniClipEncoder
+
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
+    texts = ["大宅门演员表", "周杰伦个人资料"]
+    want = encoder.encode_texts(texts)
+    in_fp16 = []
+    real = UniClip.encode_text
+
+    @contextlib.contextmanager
+    def autocast(self):  # as on CUDA, where queries are encoded in fp16
+        in_fp16.append(True)
+        yield
+        in_fp16.pop()
+
+    def overflowing(self, ids):
+        vectors = real(self, ids)
+        if in_fp16:
+            vectors[1] = float("inf")
+        return vectors
+
+    monkeypatch.setattr(UniClipEncoder, "autocast", autocast)
+    monkeypatch.setattr(UniClip, "encode_text", overflowing)
+    np.testing.assert_allclose(encoder.encode_texts(texts), want, atol=1e-6)

@@ -15,7 +15,6 @@ import open_clip
 import torch
 
 from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
-from vsearch.embeddings.encoders import l2_normalise
 from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device, split_preprocess
 from vsearch.errors import VsearchError
 
@@ -60,9 +59,8 @@ class OpenClipEncoder(TorchImageEncoder):
         self.dim = int(model.visual.output_dim)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        with torch.inference_mode(), self.autocast():
-            tokens = self.tokenizer(list(texts)).to(self.device)
-            return l2_normalise(self.model.encode_text(tokens).float().cpu().numpy())
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self._text_vectors(lambda: self.model.encode_text(tokens))
 
     def _encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"vector": self.model.encode_image(pixels)}

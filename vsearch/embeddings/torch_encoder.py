@@ -88,6 +88,16 @@ class TorchImageEncoder:
                                       for values in (self.normalisation.mean, self.normalisation.std))
         return self._normalising
 
+    def _text_vectors(self, encode: Callable[[], torch.Tensor]) -> np.ndarray:
+        """L2-normalised text vectors from `encode()`, in fp16 on CUDA; all of them again in float32
+        where fp16 overflowed on one (a query's batch is one text, and overflow is rare)."""
+        with torch.inference_mode():
+            with self.autocast():
+                vectors = l2_normalise(encode().float().cpu().numpy())
+            if not np.isfinite(vectors).all():
+                vectors = l2_normalise(encode().float().cpu().numpy())
+        return vectors
+
     def submit_pixels(self, pixels: torch.Tensor, fp32: bool = False) -> "PendingOutputs":
         """Start encoding a batch of pixels (in float32 throughout with `fp32`, no autocast); on CUDA
         this returns once the work is queued."""

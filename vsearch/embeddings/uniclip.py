@@ -39,7 +39,6 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from vsearch.embeddings.checkpoints import existing_file, file_fingerprint, load_strict, read_state_dict
-from vsearch.embeddings.encoders import l2_normalise
 from vsearch.embeddings.torch_encoder import TorchImageEncoder, resolve_device, rgb, split_preprocess
 from vsearch.errors import VsearchError
 
@@ -286,8 +285,7 @@ class UniClipEncoder(TorchImageEncoder):
 
     def encode_texts(self, texts: Sequence[str], context_length: int | None = None) -> np.ndarray:
         ids = self.tokenize(texts, context_length or self.context_length).to(self.device)
-        with torch.inference_mode(), self.autocast():
-            return l2_normalise(self.model.encode_text(ids).float().cpu().numpy())
+        return self._text_vectors(lambda: self.model.encode_text(ids))
 
     def _encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         vectors, tokens = self.model.encode_image_and_tokens(pixels)
