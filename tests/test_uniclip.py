@@ -193,3 +193,33 @@ def test_texts_that_overflow_in_fp16_are_encoded_again_in_float32(tiny_uniclip, 
     monkeypatch.setattr(UniClipEncoder, "autocast", autocast)
     monkeypatch.setattr(UniClip, "encode_text", overflowing)
     np.testing.assert_allclose(encoder.encode_texts(texts), want, atol=1e-6)
+
+
+def test_ocr_heads_that_overflow_in_fp16_are_run_again_in_float32(tiny_uniclip, monkeypatch):
+    import contextlib
+
+    from vsearch.embeddings.uniclip import UniClip, UniClipEncoder
+
+    encoder = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
+    pixels = encoder.pixels([Image.open(Path(demo_source()).parent / f"covers/{i:03d}.jpg") for i in (0, 7, 42)])
+    want = encoder.match_and_presence(["大宅门演员表"] * 3, pixels)
+    in_fp16 = []
+    real = UniClip.semantic_logits
+
+    @contextlib.contextmanager
+    def autocast(self):  # as on CUDA, where the reranker runs the heads in fp16
+        in_fp16.append(True)
+        yield
+        in_fp16.pop()
+
+    def overflowing(self, ids, tokens):
+        logits = real(self, ids, tokens)
+        if in_fp16:
+            logits[2] = float("inf")
+        return logits
+
+    monkeypatch.setattr(UniClipEncoder, "autocast", autocast)
+    monkeypatch.setattr(UniClip, "semantic_logits", overflowing)
+    got = encoder.match_and_presence(["大宅门演员表"] * 3, pixels)
+    for ours, theirs in zip(got, want):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)

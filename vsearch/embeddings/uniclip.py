@@ -23,6 +23,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -303,8 +304,12 @@ class UniClipEncoder(TorchImageEncoder):
         """`match` and `presence` from one pass of the image tower, for covers already read into
         `pixels` (a batch of `image_transform` outputs)."""
         ids = self.tokenize(texts, SEMANTIC_CONTEXT).to(self.device)
-        with torch.inference_mode(), self.autocast():
-            _, tokens = self.model.encode_image_and_tokens(self.model_input(pixels))
-            semantic = self.model.semantic_logits(ids, tokens).float().softmax(-1)[:, 1]
-            presence = self.model.presence_logits(tokens).float().softmax(-1)[:, 1]
+        with torch.inference_mode():
+            for fp32 in (False, True):  # in float32 again where fp16 overflowed
+                with nullcontext() if fp32 else self.autocast():
+                    _, tokens = self.model.encode_image_and_tokens(self.model_input(pixels))
+                    semantic = self.model.semantic_logits(ids, tokens).float().softmax(-1)[:, 1]
+                    presence = self.model.presence_logits(tokens).float().softmax(-1)[:, 1]
+                if torch.isfinite(semantic).all() and torch.isfinite(presence).all():
+                    break
         return semantic.cpu().numpy(), presence.cpu().numpy()
