@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -72,6 +73,36 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
     root = tmp_path / "workspace"
     monkeypatch.setenv(ENV_VAR, str(root))
     return Workspace.resolve(root)
+
+
+@pytest.fixture
+def overflow_in_fp16(monkeypatch: pytest.MonkeyPatch):
+    """`overflow(cls, name, row)`: the output of `cls.name` (a tensor, or its `vector` where it gives a
+    dict) holds infinity at `row` while UniCLIP runs under autocast, and only then. Autocast is made
+    to mark where it holds, as fp16 on CUDA would; on the CPU it changes nothing else."""
+    from vsearch.embeddings.uniclip import UniClipEncoder
+
+    in_fp16 = []
+
+    @contextlib.contextmanager
+    def autocast(self):
+        in_fp16.append(True)
+        yield
+        in_fp16.pop()
+
+    def overflow(cls: type, name: str, row: int) -> None:
+        real = getattr(cls, name)
+
+        def overflowing(self, *args):
+            outputs = real(self, *args)
+            if in_fp16:
+                (outputs["vector"] if isinstance(outputs, dict) else outputs)[row] = float("inf")
+            return outputs
+
+        monkeypatch.setattr(cls, name, overflowing)
+
+    monkeypatch.setattr(UniClipEncoder, "autocast", autocast)
+    return overflow
 
 
 @pytest.fixture

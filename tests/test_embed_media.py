@@ -168,30 +168,13 @@ def test_covers_and_clips_the_model_gives_no_finite_vector_are_recorded_as_faile
     assert not {ids[0], ids[48]} & set(covers.column("id").to_pylist())
 
 
-def test_covers_and_clips_that_overflow_in_fp16_are_encoded_again_in_float32(workspace, tiny_uniclip, monkeypatch):
-    import contextlib
-
+def test_covers_and_clips_that_overflow_in_fp16_are_encoded_again_in_float32(workspace, tiny_uniclip,
+                                                                              overflow_in_fp16):
     from vsearch.embeddings.uniclip import UniClipEncoder
-
-    in_fp16 = []
-    real = UniClipEncoder._encode_pixels
-
-    @contextlib.contextmanager
-    def autocast(self):  # as on CUDA, where the job encodes in fp16
-        in_fp16.append(True)
-        yield
-        in_fp16.pop()
-
-    def overflowing(self, pixels):  # the first image of every batch overflows in fp16 only
-        outputs = real(self, pixels)
-        if in_fp16:
-            outputs["vector"][0] = float("inf")
-        return outputs
 
     plain = embed_demo(workspace, tiny_uniclip, kind="both", batch_size=48, frames=4, shard_size=64,
                        out=workspace.root / "plain")
-    monkeypatch.setattr(UniClipEncoder, "autocast", autocast)
-    monkeypatch.setattr(UniClipEncoder, "_encode_pixels", overflowing)
+    overflow_in_fp16(UniClipEncoder, "_encode_pixels", 0)  # the first image of every batch
     redone = embed_demo(workspace, tiny_uniclip, kind="both", batch_size=48, frames=4, shard_size=64,
                         out=workspace.root / "redone")
     assert redone.manifest.failed == []

@@ -167,59 +167,23 @@ def test_a_head_of_the_wrong_shape_is_named(tiny_uniclip, tmp_path):
         load_encoder(f"uniclip:{broken}")
 
 
-def test_texts_that_overflow_in_fp16_are_encoded_again_in_float32(tiny_uniclip, monkeypatch):
-    import contextlib
-
-    from vsearch.embeddings.uniclip import UniClip, UniClipEncoder
+def test_texts_that_overflow_in_fp16_are_encoded_again_in_float32(tiny_uniclip, overflow_in_fp16):
+    from vsearch.embeddings.uniclip import UniClip
 
     encoder = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
     texts = ["大宅门演员表", "周杰伦个人资料"]
     want = encoder.encode_texts(texts)
-    in_fp16 = []
-    real = UniClip.encode_text
-
-    @contextlib.contextmanager
-    def autocast(self):  # as on CUDA, where queries are encoded in fp16
-        in_fp16.append(True)
-        yield
-        in_fp16.pop()
-
-    def overflowing(self, ids):
-        vectors = real(self, ids)
-        if in_fp16:
-            vectors[1] = float("inf")
-        return vectors
-
-    monkeypatch.setattr(UniClipEncoder, "autocast", autocast)
-    monkeypatch.setattr(UniClip, "encode_text", overflowing)
+    overflow_in_fp16(UniClip, "encode_text", 1)  # as a query can on CUDA
     np.testing.assert_allclose(encoder.encode_texts(texts), want, atol=1e-6)
 
 
-def test_ocr_heads_that_overflow_in_fp16_are_run_again_in_float32(tiny_uniclip, monkeypatch):
-    import contextlib
-
-    from vsearch.embeddings.uniclip import UniClip, UniClipEncoder
+def test_ocr_heads_that_overflow_in_fp16_are_run_again_in_float32(tiny_uniclip, overflow_in_fp16):
+    from vsearch.embeddings.uniclip import UniClip
 
     encoder = load_encoder(f"uniclip:{tiny_uniclip}", device="cpu")
     pixels = encoder.pixels([Image.open(Path(demo_source()).parent / f"covers/{i:03d}.jpg") for i in (0, 7, 42)])
     want = encoder.match_and_presence(["大宅门演员表"] * 3, pixels)
-    in_fp16 = []
-    real = UniClip.semantic_logits
-
-    @contextlib.contextmanager
-    def autocast(self):  # as on CUDA, where the reranker runs the heads in fp16
-        in_fp16.append(True)
-        yield
-        in_fp16.pop()
-
-    def overflowing(self, ids, tokens):
-        logits = real(self, ids, tokens)
-        if in_fp16:
-            logits[2] = float("inf")
-        return logits
-
-    monkeypatch.setattr(UniClipEncoder, "autocast", autocast)
-    monkeypatch.setattr(UniClip, "semantic_logits", overflowing)
+    overflow_in_fp16(UniClip, "semantic_logits", 2)  # as the reranker's heads can on CUDA
     got = encoder.match_and_presence(["大宅门演员表"] * 3, pixels)
     for ours, theirs in zip(got, want):
         np.testing.assert_allclose(ours, theirs, atol=1e-6)
