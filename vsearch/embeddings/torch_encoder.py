@@ -88,15 +88,20 @@ class TorchImageEncoder:
                                       for values in (self.normalisation.mean, self.normalisation.std))
         return self._normalising
 
-    def _text_vectors(self, encode: Callable[[], torch.Tensor]) -> np.ndarray:
-        """L2-normalised text vectors from `encode()`, in fp16 on CUDA; all of them again in float32
-        where fp16 overflowed on one (a query's batch is one text, and overflow is rare)."""
+    def _in_fp32_where_fp16_overflowed(self, compute: Callable[[], list[np.ndarray]]) -> list[np.ndarray]:
+        """`compute()`'s arrays, computed under autocast (fp16 on CUDA), and all of them again in
+        float32 where one holds a value that is not finite: fp16 overflows on rare inputs where
+        float32 does not, and a batch here is small (a query is one text)."""
         with torch.inference_mode():
             with self.autocast():
-                vectors = l2_normalise(encode().float().cpu().numpy())
-            if not np.isfinite(vectors).all():
-                vectors = l2_normalise(encode().float().cpu().numpy())
-        return vectors
+                arrays = compute()
+            if not all(np.isfinite(array).all() for array in arrays):
+                arrays = compute()
+        return arrays
+
+    def _text_vectors(self, encode: Callable[[], torch.Tensor]) -> np.ndarray:
+        """L2-normalised text vectors from `encode()` (see `_in_fp32_where_fp16_overflowed`)."""
+        return self._in_fp32_where_fp16_overflowed(lambda: [l2_normalise(encode().float().cpu().numpy())])[0]
 
     def submit_pixels(self, pixels: torch.Tensor, fp32: bool = False) -> "PendingOutputs":
         """Start encoding a batch of pixels (in float32 throughout with `fp32`, no autocast); on CUDA

@@ -23,7 +23,6 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -304,12 +303,11 @@ class UniClipEncoder(TorchImageEncoder):
         """`match` and `presence` from one pass of the image tower, for covers already read into
         `pixels` (a batch of `image_transform` outputs)."""
         ids = self.tokenize(texts, SEMANTIC_CONTEXT).to(self.device)
-        with torch.inference_mode():
-            for fp32 in (False, True):  # in float32 again where fp16 overflowed
-                with nullcontext() if fp32 else self.autocast():
-                    _, tokens = self.model.encode_image_and_tokens(self.model_input(pixels))
-                    semantic = self.model.semantic_logits(ids, tokens).float().softmax(-1)[:, 1]
-                    presence = self.model.presence_logits(tokens).float().softmax(-1)[:, 1]
-                if torch.isfinite(semantic).all() and torch.isfinite(presence).all():
-                    break
-        return semantic.cpu().numpy(), presence.cpu().numpy()
+
+        def heads() -> list[np.ndarray]:
+            _, tokens = self.model.encode_image_and_tokens(self.model_input(pixels))
+            return [self.model.semantic_logits(ids, tokens).float().softmax(-1)[:, 1].cpu().numpy(),
+                    self.model.presence_logits(tokens).float().softmax(-1)[:, 1].cpu().numpy()]
+
+        semantic, presence = self._in_fp32_where_fp16_overflowed(heads)
+        return semantic, presence
