@@ -1,4 +1,4 @@
-"""How much memory this machine has: what an index may take."""
+"""How much memory this machine has (what an index may take), and figures of it from /proc."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ def machine_memory() -> tuple[int, int | None]:
     not say), within the memory limit of the container it runs in: a pod on a large host has its
     share only."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    available = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            available = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")),
-                             None)
-    except OSError:
-        pass
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
     for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
         try:
             bytes_ = int(Path(limit).read_text(encoding="ascii"))
@@ -27,3 +21,13 @@ def machine_memory() -> tuple[int, int | None]:
         available = None if available is None else min(available, bytes_)
         break
     return total, available
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A figure in kB of a /proc file (`MemAvailable` of /proc/meminfo, `RssAnon` of
+    /proc/self/status), in bytes; None where the file or the field is missing (no /proc: macOS)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:  # a process name may be any text
+            return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(f"{field}:")), None)
+    except OSError:
+        return None

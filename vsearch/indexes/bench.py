@@ -40,6 +40,7 @@ from vsearch.indexes.index import Index, load_index
 from vsearch.indexes.store import BuildConfig, build_index
 from vsearch.indexes.tuning import exact_neighbours, gather, recall_at, sample_positions
 from vsearch.indexes.vectors import VectorSource, open_source
+from vsearch.memory import proc_bytes
 from vsearch.overlap import exit_with_parent
 
 SWEEPS = {"hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)],
@@ -112,20 +113,10 @@ def write_synthetic(folder: Path, count: int, dim: int, seed: int) -> VectorSour
     return open_source(folder)
 
 
-def _status_bytes(field: str) -> int | None:
-    """A memory figure of this process from /proc/self/status (`VmHWM`, `RssAnon`); None where there
-    is no /proc (macOS)."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines()
-                if line.startswith(f"{field}:"))
-
-
 def peak_resident_bytes() -> int:
     """This process's peak resident memory. Not ru_maxrss: Linux carries that across exec, so a
     spawned child would report its parent's peak."""
-    peak = _status_bytes("VmHWM")
+    peak = proc_bytes("/proc/self/status", "VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -144,7 +135,7 @@ class AnonymousPeak:
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, _status_bytes("RssAnon") or 0)
+            self.peak = max(self.peak, proc_bytes("/proc/self/status", "RssAnon") or 0)
             if self._stop.wait(self.interval):
                 return
 
