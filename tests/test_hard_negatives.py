@@ -354,6 +354,24 @@ def test_too_few_texts_leave_no_stopped_run_behind(tmp_path, workspace):
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
 
 
+def test_texts_the_model_gives_nan_vectors_for_stop_the_run_before_they_reach_the_graph(tmp_path, workspace):
+    from vsearch.errors import VsearchError
+
+    class Damaged(Stopping):  # NaN for texts of 原神, as damaged weights give even in float32
+        def encode_texts(self, texts):
+            vectors = super().encode_texts(texts)
+            vectors[[text.startswith("原神") for text in texts]] = float("nan")
+            return vectors
+
+    source = write_lines(tmp_path / "cbvs10m.txt", LINES)
+    out = write_lines(tmp_path / "cbvs10m-HNSW", ["the file of an earlier run"])
+    with pytest.raises(VsearchError) as error:
+        write_hard_negatives(open_dataset(str(source), workspace), Damaged(), out, batch=4)
+    assert str(error.value) == ("lexical gave a vector with NaN or infinite values for the OCR text '原神 攻略 第0期' "
+                                "(and 1 other in its batch of 4): its weights may be damaged")
+    assert out.read_text(encoding="utf-8") == "the file of an earlier run\n"
+
+
 def test_a_graph_that_cannot_be_read_or_saved_costs_the_checkpoint_not_the_run(tmp_path, workspace, monkeypatch,
                                                                               every_batch):
     source = write_lines(tmp_path / "cbvs10m.txt", LINES)

@@ -41,7 +41,7 @@ import numpy as np
 
 from vsearch.embeddings.datasets import Dataset
 from vsearch.embeddings.encoders import Encoder
-from vsearch.errors import VsearchError
+from vsearch.errors import VsearchError, counted
 from vsearch.files import errors_naming, fsync_file
 from vsearch.indexes.backends import (HnswlibBackend, InsertionWindow, exact_top_k, loaded_hnswlib_graph,
                                       new_hnswlib_graph, save_hnswlib_graph)
@@ -162,6 +162,14 @@ def _write_lists(run: _PartialRun, graph: HnswlibBackend, queries: np.ndarray, t
                 handle.write(_line(texts, label, row).encode())
             listed = {**listed, "lines": start + len(found), "bytes": handle.tell()}
             run.record_lines(handle, listed)
+
+
+def _not_finite(encoder: Encoder, texts: list[str], vectors: np.ndarray) -> VsearchError:
+    """The error for `encoder` giving vectors with NaN or infinite values for some of `texts`."""
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    more = f" (and {counted(len(bad) - 1, 'other')} in its batch of {len(texts):,})" if len(bad) > 1 else ""
+    return VsearchError(f"{encoder.spec} gave a vector with NaN or infinite values for the OCR text "
+                        f"{texts[bad[0]]!r}{more}: its weights may be damaged")
 
 
 def _digest_of(texts: list[str]) -> str:
@@ -309,7 +317,10 @@ def write_hard_negatives(dataset: Dataset, encoder: Encoder, out: Path, batch: i
                 if len(texts) + len(chunk) > index.get_max_elements():
                     with huge_pages_for_new_regions(2 * index.get_max_elements() * encoder.dim * 4):
                         index.resize_index(2 * index.get_max_elements())
-                vectors = encoder.encode_texts(chunk).astype(np.float16)
+                vectors = encoder.encode_texts(chunk)
+                if not np.isfinite(vectors).all():  # damaged weights: they would spoil every text's neighbours
+                    raise _not_finite(encoder, chunk, vectors)
+                vectors = vectors.astype(np.float16)
                 with errors_naming(run.spilled):
                     spilled.write(vectors.tobytes())
                 texts += chunk
