@@ -284,7 +284,7 @@ def test_bring_your_own_parquet_append_and_delete_from_the_cli(cli, workspace, t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = tmp_path / "clip-retrieval"
+    folder = tmp_path / "parquet"
     folder.mkdir()
     vectors = np.random.default_rng(0).standard_normal((400, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -339,6 +339,38 @@ def test_bring_your_own_embeddings_answer_text_queries_once_their_model_is_named
     assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0
     shards = cli("build-index", "--dataset", "demo", "--model", "lexical")
     assert shards.code == 1 and "--model is for bring-your-own embeddings" in shards.stderr
+
+
+def test_clip_retrieval_output_is_indexed_appended_to_and_shows_its_captions_and_urls(cli, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vsearch.embeddings import load_encoder
+
+    captions = ["大宅门演员表", "周杰伦个人资料", "艾尔登法环马怎么获得", "汪汪队立大功", "原神攻略"]
+    folder = tmp_path / "clip-retrieval"
+    for sub in ("img_emb", "metadata"):
+        (folder / sub).mkdir(parents=True)
+
+    def partition(number, rows):  # as clip-retrieval's webdataset run writes one: float16, key and url
+        vectors = load_encoder("lexical").encode_texts([captions[i] for i in rows])  # another pipeline's vectors
+        np.save(folder / "img_emb" / f"img_emb_{number}.npy", vectors.astype(np.float16))
+        pq.write_table(pa.table({"caption": [captions[i] for i in rows], "url": [f"http://c/{i}.jpg" for i in rows],
+                                 "key": [f"{i:09d}" for i in rows], "status": ["success"] * len(rows)}),
+                       folder / "metadata" / f"metadata_{number}.parquet")
+
+    partition(0, [0, 1, 2])
+    out = tmp_path / "index"
+    built = cli("build-index", "--type", "flat", "--embeddings", str(folder), "--out", str(out), "--model", "lexical")
+    assert built.code == 0 and "3 vectors indexed" in built.stderr
+    partition(1, [3, 4])
+    appended = cli("build-index", "--append", "--embeddings", str(folder), "--out", str(out))
+    assert appended.code == 0 and "appended 2 vectors from 1 file;" in appended.stderr
+    hits = json.loads(cli("query", "原神", "--index", str(out), "--json").stdout)["results"]
+    assert (hits[0]["id"], hits[0]["title"], hits[0]["uri"]) == ("000000004", "原神攻略", "http://c/4.jpg")
+    filtered = json.loads(cli("query", "周杰伦", "--index", str(out), "--json", "--where", "status = 'success'").stdout)
+    assert filtered["results"][0]["title"] == "周杰伦个人资料"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -94,6 +94,69 @@ def test_every_type_builds_from_bring_your_own_parquet_and_finds_neighbours(inde
     assert ids[0, 0] == "doc0" and abs(scores[0, 0] - 1.0) < 1e-3
 
 
+def write_clip_retrieval(folder, vectors, partitions=2, text=None):
+    """`folder` as clip-retrieval's inference writes it from a folder of images: float16 unit
+    vectors in img_emb/img_emb_N.npy (and `text`'s in text_emb/), row for row with
+    metadata/metadata_N.parquet (image_path, caption)."""
+    for sub in ("img_emb", "metadata") + (("text_emb",) if text is not None else ()):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for number, rows in enumerate(np.array_split(np.arange(len(vectors)), partitions)):
+        np.save(folder / "img_emb" / f"img_emb_{number}.npy", vectors[rows].astype(np.float16))
+        if text is not None:
+            np.save(folder / "text_emb" / f"text_emb_{number}.npy", text[rows].astype(np.float16))
+        pq.write_table(pa.table({"image_path": [f"/images/{i:05d}.jpg" for i in rows],
+                                 "caption": [f"caption {i}" for i in rows]}),
+                       folder / "metadata" / f"metadata_{number}.parquet")
+    return folder
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivfpq"])
+def test_clip_retrieval_output_is_indexed_as_it_lies(index_type, tmp_path):
+    vectors, text = clustered(3000), clustered(3000, seed=5)
+    folder = write_clip_retrieval(tmp_path / "clip-retrieval", vectors, partitions=3, text=text)
+    source = open_source(folder)
+    assert (source.id_column, source.vector_column, source.dim, len(source.files)) == ("image_path", "img_emb", 64, 3)
+    info = build_index(BuildConfig(type=index_type), source, tmp_path / "index")
+    assert info["count"] == 3000 and info["recall"]["recall@10"] >= 0.95
+    assert [s["name"] for s in info["shards"]] == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
+    index = load_index(tmp_path / "index")
+    _, ids = index.search(vectors[[0, 2999]], 1)
+    assert ids.tolist() == [["/images/00000.jpg"], ["/images/02999.jpg"]]
+    label = list(index.ids).index("/images/01234.jpg")
+    assert index.rows.take(np.array([label])).to_pylist()[0]["caption"] == "caption 1234"
+    texts = open_source(folder, id_column="caption", vector_column="text_emb")
+    build_index(BuildConfig(type="flat"), texts, tmp_path / "texts")
+    assert load_index(tmp_path / "texts").search(text[[7]], 1)[1].tolist() == [["caption 7"]]
+
+
+def test_clip_retrieval_output_that_does_not_line_up_is_a_clear_error(tmp_path):
+    folder = write_clip_retrieval(tmp_path / "out", clustered(100))
+
+    def error(**columns):
+        with pytest.raises(VsearchError) as raised:
+            open_source(folder, **columns)
+        return str(raised.value)
+
+    assert error(vector_column="text_emb") == f"{folder} has no text_emb/ folder of .npy vectors (it has img_emb/)"
+    assert error(id_column="key") == (f"{folder / 'metadata' / 'metadata_0.parquet'} has no id column 'key': its "
+                                      "columns are image_path, caption; pass --id-column")
+    pq.write_table(pa.table({"caption": ["x"] * 50}), folder / "metadata" / "metadata_0.parquet")
+    assert error() == (f"{folder / 'metadata' / 'metadata_0.parquet'} has no id column id, key or image_path: its "
+                       "columns are caption; pass --id-column")
+    write_clip_retrieval(folder, clustered(100))
+    np.save(folder / "img_emb" / "img_emb_1.npy", clustered(49))
+    assert error() == (f"{folder / 'img_emb' / 'img_emb_1.npy'} holds 49 vectors but "
+                       f"{folder / 'metadata' / 'metadata_1.parquet'} 50 rows: they must match row for row")
+    np.save(folder / "img_emb" / "img_emb_1.npy", clustered(50, dim=32))
+    assert error() == f"{folder / 'img_emb' / 'img_emb_1.npy'} holds 32-d vectors, not 64-d like img_emb_0.npy"
+    np.save(folder / "img_emb" / "img_emb_1.npy", np.arange(50))
+    assert error() == (f"{folder / 'img_emb' / 'img_emb_1.npy'} holds a int64 array of shape (50,), not a matrix "
+                       "of float vectors, one a row")
+    (folder / "img_emb" / "img_emb_1.npy").unlink()
+    assert error() == (f"{folder / 'metadata' / 'metadata_1.parquet'} has no vectors file of the same number in "
+                       f"{folder / 'img_emb'}: each .npy needs its .parquet, row for row")
+
+
 @pytest.mark.parametrize("index_type, engine", TYPES)
 def test_every_type_builds_from_demo_style_shards(index_type, engine, embedded, tmp_path):
     build_index(BuildConfig(type=index_type, engine=engine), open_source(embedded), tmp_path / "index")

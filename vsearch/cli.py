@@ -283,8 +283,10 @@ def build_index_command(
     append: Annotated[bool, typer.Option(
         help="Add shards the index has not seen, and shards that changed, instead of rebuilding "
              "(default index: the one built from these shards).")] = False,
-    id_column: Annotated[Optional[str], typer.Option(help="Id column of bring-your-own Parquet (default id).")] = None,
-    vector_column: Annotated[Optional[str], typer.Option(help="Vector column of bring-your-own Parquet.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(
+        help="Id column of bring-your-own embeddings (default id; in clip-retrieval's output id, key or image_path).")] = None,
+    vector_column: Annotated[Optional[str], typer.Option(
+        help="Vector column of bring-your-own Parquet; text_emb for clip-retrieval's text vectors.")] = None,
     layout: Annotated[Optional[str], typer.Option(
         help="cbvs10m-hnsw: write the OCR-text hard-negative file UniCLIP's trainer reads.")] = None,
     model: Annotated[Optional[str], typer.Option(

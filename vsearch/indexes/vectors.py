@@ -1,15 +1,23 @@
-"""Where an index's vectors come from: vsearch shards, or any folder of Parquet files.
+"""Where an index's vectors come from: vsearch shards, or a folder of your own embeddings.
 
 A vsearch shard folder has a `_manifest.json` (the encoder, dim and checksums come from it).
-Any other folder is "bring your own embeddings": every `*.parquet` file in it, read in name order,
-with an id column (`id`, or `--id-column`) and a vector column (a list of floats, fixed-size or of
-one length throughout, as pandas and Hugging Face datasets write them: `vector`, `embedding` or the
-only such column, or `--vector-column`), e.g. clip-retrieval's output.
-Its vectors are indexed L2-normalised, as vsearch's own are: scores are cosine similarities.
+Any other folder is "bring your own embeddings", in one of two layouts:
+
+* every `*.parquet` file in it, read in name order, with an id column (`id`, or `--id-column`) and
+  a vector column (a list of floats, fixed-size or of one length throughout, as pandas and Hugging
+  Face datasets write them: `vector`, `embedding` or the only such column, or `--vector-column`);
+* clip-retrieval's output (embedding-reader's "parquet_npy"; LAION's released embeddings too, their
+  metadata folder linked in as `metadata/`): `img_emb/*.npy` (or `text_emb/`, as `--vector-column
+  text_emb`), each a matrix whose rows line up with those of the `metadata/*.parquet` file of the
+  same number, which holds the ids (`id`, `key` or `image_path`, or `--id-column`) and the rest of
+  the columns.
+
+Their vectors are indexed L2-normalised, as vsearch's own are: scores are cosine similarities.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -28,14 +36,21 @@ from vsearch.files import sha256_of
 from vsearch.overlap import read_ahead
 
 VECTOR_NAMES = ("vector", "embedding", "embeddings", "emb")
+NPY_FOLDERS = ("img_emb", "text_emb")  # clip-retrieval's, image embeddings first
+NPY_ID_NAMES = ("id", "key", "image_path")  # webdataset input gives a key, a folder of images a path
 
 
 @dataclass
 class VectorFile:
     name: str
-    path: Path
+    path: Path  # the Parquet file: ids, other columns, and the vectors unless `vectors` holds them
     rows: int
     sha256: str
+    vectors: Path | None = None  # a .npy matrix of the vectors, row for row with `path` (clip-retrieval's)
+
+    @property
+    def vector_path(self) -> Path:
+        return self.vectors or self.path
 
 
 @dataclass
@@ -118,8 +133,7 @@ class VectorSource:
                  ) -> Iterator[tuple[VectorFile, pa.Table, np.ndarray]]:
         """(file, rows, float32 vectors as stored) of every record batch, the `excluded` ids left out."""
         wanted = self._excluded_ids
-        for file, rows, batch in self._read(files, batch_rows, names, vectors=True):
-            vectors = _dense(batch.column(self.vector_column), self.dim, file.path, rows.column("id"))
+        for file, rows, vectors in self._read(files, batch_rows, names, vectors=True):
             if wanted is not None:
                 keep = pc.invert(pc.is_in(rows.column("id"), value_set=wanted))
                 rows, vectors = rows.filter(keep), vectors[keep.to_numpy(zero_copy_only=False)]
@@ -134,26 +148,35 @@ class VectorSource:
                 first = rows.column("id")[int(np.argmax(bad))].as_py()
             count += int(bad.sum())
         one = count == 1
-        return VsearchError(f"{file.path}: {counted(count, 'vector')} {'holds' if one else 'hold'} NaN or infinite "
+        return VsearchError(f"{file.vector_path}: {counted(count, 'vector')} {'holds' if one else 'hold'} NaN or infinite "
                             f"values ({'' if one else 'the first: '}id {first!r}); re-embed or drop "
                             f"{'it: it' if one else 'them: they'} would spoil the index's results")
 
     def _read(self, files: list[VectorFile] | None = None, batch_rows: int = 65536, names: Sequence[str] = (),
-              vectors: bool = False) -> Iterator[tuple[VectorFile, pa.Table, pa.RecordBatch]]:
-        """(file, rows: `id` as a string and the `names` columns a file has, the record batch) of
-        every record batch, with the vector column when `vectors`."""
+              vectors: bool = False) -> Iterator[tuple[VectorFile, pa.Table, np.ndarray | None]]:
+        """(file, rows: `id` as a string and the `names` columns a file has, the batch's vectors as
+        stored when `vectors`, else None) of every record batch."""
         for file in files if files is not None else self.files:
-            if not file.path.is_file():
-                raise VsearchError(f"shard {file.path} is listed in the manifest but missing")
+            for path in dict.fromkeys([file.path, file.vector_path]):
+                if not path.is_file():
+                    listed = "in the manifest" if self.kind is not None else f"among the files of {self.directory}"
+                    raise VsearchError(f"{path} is listed {listed} but missing")
             parquet = _parquet(file.path)
             present = [n for n in names if n in parquet.schema_arrow.names]
-            columns = [self.id_column, *([self.vector_column] if vectors else []), *present]
+            in_parquet = vectors and file.vectors is None
+            columns = [self.id_column, *([self.vector_column] if in_parquet else []), *present]
+            matrix = _npy(file.vectors) if vectors and file.vectors is not None else None
+            start = 0
             try:
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
                     ids = batch.column(self.id_column).cast(pa.string())
                     if ids.null_count:  # a search hands back None for "no row": an id must never be
                         raise self._without_id(file)
-                    yield file, pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present]), batch
+                    rows = pa.table([ids, *(batch.column(n) for n in present)], names=["id", *present])
+                    stored = (_dense(batch.column(self.vector_column), self.dim, file.path, ids) if in_parquet
+                              else None if matrix is None else np.asarray(matrix[start:start + len(batch)]))
+                    yield file, rows, stored
+                    start += len(batch)
             except (pa.ArrowException, OSError) as exc:  # a shard damaged after it was written
                 raise VsearchError(f"cannot read {file.path}: {exc}") from None
 
@@ -256,7 +279,8 @@ def shard_source(directory: Path, kind: str) -> VectorSource:
 def parquet_source(directory: Path, id_column: str | None = None, vector_column: str | None = None) -> VectorSource:
     paths = sorted(directory.glob("*.parquet"))
     if not paths:
-        raise VsearchError(f"no embeddings in {directory}: no {MANIFEST} and no *.parquet files")
+        raise VsearchError(f"no embeddings in {directory}: no {MANIFEST}, no *.parquet files, and no img_emb/ and "
+                           "metadata/ folders as clip-retrieval writes")
     schema = _parquet(paths[0]).schema_arrow
     column = _vector_column(schema, vector_column, paths[0])
     id_name = id_column or "id"
@@ -278,11 +302,71 @@ def parquet_source(directory: Path, id_column: str | None = None, vector_column:
     return VectorSource(directory, directory.name, dim, files, None, id_name, column)
 
 
+def _npy(path: Path) -> np.ndarray:
+    """The .npy matrix at `path`, mapped (a batch at a time is read)."""
+    try:
+        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise VsearchError(f"cannot read {path}: {exc}") from None
+    if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.floating):
+        raise VsearchError(f"{path} holds a {matrix.dtype} array of shape {matrix.shape}, not a matrix of "
+                           "float vectors, one a row")
+    return matrix
+
+
+def _numbered(folder: Path, pattern: str) -> dict[str, Path]:
+    """The files of `folder` matching `pattern` by their number, the part of the name after the last `_`
+    (`img_emb_007.npy` and `metadata_007.parquet` are partition 007)."""
+    return {path.stem.rsplit("_", 1)[-1]: path for path in sorted(folder.glob(pattern))}
+
+
+def npy_source(directory: Path, id_column: str | None = None, vector_column: str | None = None) -> VectorSource:
+    """clip-retrieval's layout: `img_emb/*.npy` (or `vector_column`, `text_emb`) beside `metadata/*.parquet`."""
+    present = [name for name in NPY_FOLDERS if (directory / name).is_dir()]
+    folder = vector_column or present[0]
+    if folder not in present:
+        raise VsearchError(f"{directory} has no {folder}/ folder of .npy vectors (it has {', '.join(present)}/)")
+    vectors, metadata = _numbered(directory / folder, "*.npy"), _numbered(directory / "metadata", "*.parquet")
+    if not vectors:
+        raise VsearchError(f"no embeddings in {directory / folder}: no *.npy files")
+    unpaired = sorted(set(vectors) ^ set(metadata))
+    if unpaired:
+        number = unpaired[0]
+        alone = vectors.get(number) or metadata[number]
+        raise VsearchError(f"{alone} has no {'metadata' if number in vectors else 'vectors'} file of the same number "
+                           f"in {directory / ('metadata' if number in vectors else folder)}: each .npy needs its "
+                           ".parquet, row for row")
+    schema = _parquet(metadata[min(metadata)]).schema_arrow
+    id_name = id_column or next((name for name in NPY_ID_NAMES if name in schema.names), None)
+    if id_name not in schema.names:
+        wanted = repr(id_column) if id_column else f"{', '.join(NPY_ID_NAMES[:-1])} or {NPY_ID_NAMES[-1]}"
+        raise VsearchError(f"{metadata[min(metadata)]} has no id column {wanted}: its columns are "
+                           f"{', '.join(schema.names)}; pass --id-column")
+    dim, files = None, []
+    for number in sorted(vectors):
+        matrix, parquet = _npy(vectors[number]), _parquet(metadata[number])
+        if matrix.shape[0] != parquet.metadata.num_rows:
+            raise VsearchError(f"{vectors[number]} holds {counted(matrix.shape[0], 'vector')} but "
+                               f"{metadata[number]} {counted(parquet.metadata.num_rows, 'row')}: they must match "
+                               "row for row")
+        if dim is not None and matrix.shape[1] != dim:
+            raise VsearchError(f"{vectors[number]} holds {matrix.shape[1]}-d vectors, not {dim}-d like "
+                               f"{vectors[min(vectors)].name}")
+        dim = matrix.shape[1]
+        digest = hashlib.sha256((sha256_of(metadata[number]) + sha256_of(vectors[number])).encode()).hexdigest()
+        files.append(VectorFile(vectors[number].name, metadata[number], matrix.shape[0], digest, vectors[number]))
+    return VectorSource(directory, directory.name, dim, files, None, id_name, folder)
+
+
 def open_source(directory: Path, kind: str = "cover", id_column: str | None = None,
                 vector_column: str | None = None) -> VectorSource:
-    """Vectors from a vsearch shard folder, or else from any folder of Parquet files."""
+    """Vectors from a vsearch shard folder, or else from a folder of Parquet files, or else from
+    clip-retrieval's output folder."""
     if not directory.is_dir():
         raise VsearchError(f"no embeddings at {directory}")
     if (directory / MANIFEST).is_file():
         return shard_source(directory, kind)
+    if not any(directory.glob("*.parquet")) and (directory / "metadata").is_dir() and any(
+            (directory / name).is_dir() for name in NPY_FOLDERS):
+        return npy_source(directory, id_column, vector_column)
     return parquet_source(directory, id_column, vector_column)

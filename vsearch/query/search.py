@@ -218,7 +218,10 @@ class Searcher:
 
     @staticmethod
     def _as_candidates(rows: pa.Table, scores: np.ndarray) -> list[Candidate]:
-        return [Candidate(row["id"], float(score), row.get("title"), row.get("ocr"), row.get("uri"), row.get("cover"))
+        # Bring-your-own rows name them as clip-retrieval and LAION do: caption, url (image_path for a
+        # folder of images).
+        return [Candidate(row["id"], float(score), row.get("title", row.get("caption")), row.get("ocr"),
+                          row.get("uri", row.get("url", row.get("image_path"))), row.get("cover"))
                 for row, score in zip(rows.to_pylist(), scores)]
 
     def search(self, config: QueryConfig) -> Result:
