@@ -60,8 +60,8 @@ def huge_pages_for_new_regions(least_bytes: int) -> Iterator[list[tuple[int, int
     nothing fails. An allocation that malloc serves from memory the process holds already (a
     long-lived one that has freed more than that) is no new mapping and keeps its pages' size.
     One smaller than a huge page is left alone unread: it could not fill one, and in a process
-    with torch loaded each read of its mappings takes about 2 ms (a second over an update-heavy
-    test run's thousand small graphs)."""
+    with torch loaded each read of its mappings takes about 2 ms (3 s of the 6 an update-heavy
+    test spent on its thousand small graphs)."""
     advised: list[tuple[int, int]] = []
     if least_bytes < HUGE_PAGE:
         yield advised
