@@ -341,6 +341,13 @@ def test_bring_your_own_embeddings_answer_text_queries_once_their_model_is_named
     assert shards.code == 1 and "--model is for bring-your-own embeddings" in shards.stderr
 
 
+def test_a_note_ending_in_a_long_path_stays_one_line_when_piped(cli, tmp_path):
+    assert cli("embed", "--dataset", "demo", "--model", "lexical").code == 0
+    out = tmp_path / ("a-folder-whose-name-alone-would-push-the-line-past-eighty-columns" * 2) / "index"
+    built = cli("build-index", "--type", "flat", "--out", str(out))
+    assert built.code == 0 and built.stderr.splitlines()[-1].endswith(f"-> {out}")
+
+
 def test_clip_retrieval_output_is_indexed_appended_to_and_shows_its_captions_and_urls(cli, tmp_path):
     import numpy as np
     import pyarrow as pa

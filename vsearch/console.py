@@ -19,7 +19,9 @@ from vsearch.errors import human_size
 from vsearch.query import Hit
 
 stdout = Console(soft_wrap=False)
-stderr = Console(stderr=True)
+# Notes and summaries are lines of text, often ending in a path: one piped into a log or a script
+# stays one line (a terminal wraps it as it shows it); rich would cut it at 80 columns.
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 class CountColumn(ProgressColumn):
