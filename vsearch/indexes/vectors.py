@@ -148,8 +148,8 @@ class VectorSource:
                 first = rows.column("id")[int(np.argmax(bad))].as_py()
             count += int(bad.sum())
         one = count == 1
-        return VsearchError(f"{file.vector_path}: {counted(count, 'vector')} {'holds' if one else 'hold'} NaN or infinite "
-                            f"values ({'' if one else 'the first: '}id {first!r}); re-embed or drop "
+        return VsearchError(f"{file.vector_path}: {counted(count, 'vector')} {'holds' if one else 'hold'} NaN or "
+                            f"infinite values ({'' if one else 'the first: '}id {first!r}); re-embed or drop "
                             f"{'it: it' if one else 'them: they'} would spoil the index's results")
 
     def _read(self, files: list[VectorFile] | None = None, batch_rows: int = 65536, names: Sequence[str] = (),
